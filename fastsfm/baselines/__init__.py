@@ -1,0 +1,1 @@
+"""Baselines fastsfm compares against (real-image selections, linear gradient matching)."""
