@@ -14,6 +14,11 @@ non-target centre, ``mu_k - s_i`` the *synthetic* flow.  Choices the paper leave
 * the class statistics are constants of the real data: the fused path gives no gradient
   for them (and refuses means that require one); the reference paths differentiate them.
 
+Precision: the expanded paths (lean, triton) compute each flow's inner product and norm
+from GEMM entries.  Where a synthetic feature sits within about ``sqrt(machine eps) * |s|``
+of a *non-target* centre, that one term's cosine is a ratio of two tiny rounded numbers:
+``eps`` keeps it finite, but it is only accurate to the order of one term's weight.
+
 Implementations:
 
 * :func:`sfm_loss_literal`: the formula term by term; materialises (N, C-1, D) flows. Oracle.
@@ -37,7 +42,7 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 __all__ = ["FlowGeometry", "flow_geometry", "sfm_loss", "sfm_loss_literal", "sfm_loss_from_geometry",
-           "class_mean_features", "validate_inputs"]
+           "sfm_rows_lean", "class_mean_features", "validate_inputs"]
 
 
 @dataclass(frozen=True)
@@ -186,7 +191,7 @@ def sfm_loss_literal(features: Tensor, labels: Tensor, means: Tensor, weight: Te
     return (w * (1.0 - cos)).sum(1) / (c - 1)
 
 
-def _lean_rows(features: Tensor, labels: Tensor, geo: FlowGeometry, eps: float) -> Tensor:
+def sfm_rows_lean(features: Tensor, labels: Tensor, geo: FlowGeometry, eps: float) -> Tensor:
     """Per-row losses (N,) by the expansion: one (N, C) GEMM, O(N C) memory, autograd."""
     s = features.to(geo.centred.dtype) - geo.origin
     g = s @ geo.centred.T
@@ -277,7 +282,7 @@ def sfm_loss_from_geometry(features: Tensor, labels: Tensor, geo: FlowGeometry, 
             raise ValueError("backend='literal' needs the class means")
         rows = sfm_loss_literal(features, labels, means, weight, eps)
     elif chosen == "lean":
-        rows = _lean_rows(features, labels, geo, eps)
+        rows = sfm_rows_lean(features, labels, geo, eps)
     else:
         rows = _fused_rows(features, labels, geo, eps)
     return _reduce(rows, reduction)

@@ -67,7 +67,8 @@ def _row_terms(S, Y, M, O, KO, rows, rmask, D, stride_s, stride_m, BLOCK_N: tl.c
 
 @triton.jit
 def _flow_tile(S, M, KO, P, H, R, y, q, gself, rows, rmask, c0, C, D, stride_s, stride_m, stride_h, eps,
-               BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+               BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+               UPCAST: tl.constexpr):
     """One (BLOCK_N, BLOCK_C) tile: GEMM ``S @ M^T`` then the flow terms.
 
     Returns ``(ks, kmask, r, a, n)`` with ``r = R[y_i, k]`` (zero where k is padding or the
@@ -81,6 +82,9 @@ def _flow_tile(S, M, KO, P, H, R, y, q, gself, rows, rmask, c0, C, D, stride_s, 
         dmask = cols < D
         s = tl.load(S + rows[:, None] * stride_s + cols[None, :], mask=rmask[:, None] & dmask[None, :], other=0.0)
         mt = tl.load(M + ks[None, :] * stride_m + cols[:, None], mask=dmask[:, None] & kmask[None, :], other=0.0)
+        if UPCAST:
+            s = s.to(tl.float32)
+            mt = mt.to(tl.float32)
         acc = tl.dot(s, mt, acc, input_precision=PRECISION)
     g = acc - tl.load(KO + ks, mask=kmask, other=0.0)[None, :]
     p = tl.load(P + ks, mask=kmask, other=0.0)
@@ -94,14 +98,15 @@ def _flow_tile(S, M, KO, P, H, R, y, q, gself, rows, rmask, c0, C, D, stride_s, 
 
 @triton.jit
 def _sfm_fwd_kernel(S, Y, M, O, KO, P, H, R, WSUM, LOSS, N, C, D, stride_s, stride_m, stride_h, eps, inv_cm1,
-                    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+                    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+               UPCAST: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < N
     y, q, gself = _row_terms(S, Y, M, O, KO, rows, rmask, D, stride_s, stride_m, BLOCK_N, BLOCK_D)
     total = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for c0 in range(0, C, BLOCK_C):
         ks, kmask, r, a, n = _flow_tile(S, M, KO, P, H, R, y, q, gself, rows, rmask, c0, C, D, stride_s, stride_m,
-                                        stride_h, eps, BLOCK_N, BLOCK_C, BLOCK_D, PRECISION)
+                                        stride_h, eps, BLOCK_N, BLOCK_C, BLOCK_D, PRECISION, UPCAST)
         total += tl.sum(r * a / n, axis=1)
     wsum = tl.load(WSUM + y, mask=rmask, other=0.0)
     tl.store(LOSS + rows, (wsum - total) * inv_cm1, mask=rmask)
@@ -110,7 +115,7 @@ def _sfm_fwd_kernel(S, Y, M, O, KO, P, H, R, WSUM, LOSS, N, C, D, stride_s, stri
 @triton.jit
 def _sfm_bwd_kernel(S, Y, M, O, KO, P, H, R, GROW, DS, WS, N, C, D, stride_s, stride_m, stride_h, stride_ws, eps,
                     inv_cm1, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
-                    PRECISION: tl.constexpr):
+                    PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """dL/ds_i = -g_i/(C-1) [ A_i mu_y - B_i s_i + sum_k (beta_ik - alpha_ik) mu_k ].
 
     ``alpha = R / n``, ``beta = R a / n^3``, ``A = sum_k alpha``, ``B = sum_k beta`` and
@@ -129,12 +134,12 @@ def _sfm_bwd_kernel(S, Y, M, O, KO, P, H, R, GROW, DS, WS, N, C, D, stride_s, st
     bsum = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for c0 in range(0, C, BLOCK_C):
         ks, kmask, r, a, n = _flow_tile(S, M, KO, P, H, R, y, q, gself, rows, rmask, c0, C, D, stride_s, stride_m,
-                                        stride_h, eps, BLOCK_N, BLOCK_C, BLOCK_D, PRECISION)
+                                        stride_h, eps, BLOCK_N, BLOCK_C, BLOCK_D, PRECISION, UPCAST)
         alpha = r / n
         beta = alpha * a / (n * n)
         asum += tl.sum(alpha, axis=1)
         bsum += tl.sum(beta, axis=1)
-        coef = (beta - alpha).to(M.dtype.element_ty)
+        coef = beta - alpha
         for d0 in range(0, D, BLOCK_D):
             cols = d0 + tl.arange(0, BLOCK_D)
             dmask = cols < D
@@ -142,7 +147,9 @@ def _sfm_bwd_kernel(S, Y, M, O, KO, P, H, R, GROW, DS, WS, N, C, D, stride_s, st
             mu = tl.load(M + ks[:, None] * stride_m + cols[None, :], mask=kmask[:, None] & dmask[None, :], other=0.0)
             ws_ptr = WS + rows[:, None] * stride_ws + cols[None, :]
             part = tl.load(ws_ptr, mask=tmask, other=0.0)
-            tl.store(ws_ptr, tl.dot(coef, mu, part, input_precision=PRECISION), mask=tmask)
+            if UPCAST:
+                mu = mu.to(tl.float32)
+            tl.store(ws_ptr, tl.dot(coef.to(mu.dtype), mu, part, input_precision=PRECISION), mask=tmask)
     scale = -tl.load(GROW + rows, mask=rmask, other=0.0) * inv_cm1
     for d0 in range(0, D, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D)
@@ -185,10 +192,12 @@ def _precision(dtype: torch.dtype) -> str:
 
 def _launch(tuned, plain, n: int, *args, **kwargs) -> None:
     if interpreter_active():
+        # The interpreter's tl.dot returns garbage for bfloat16 operands (triton 3.8), so there
+        # the GEMM operands are upcast to float32; loads, casts and the epilogue stay as on GPU.
         cfg = _INTERPRETER_CONFIG
-        plain[(triton.cdiv(n, cfg["BLOCK_N"]),)](*args, **kwargs, **cfg)
+        plain[(triton.cdiv(n, cfg["BLOCK_N"]),)](*args, **kwargs, **cfg, UPCAST=True)
     else:
-        tuned[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](*args, **kwargs)
+        tuned[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](*args, **kwargs, UPCAST=False)
 
 
 def sfm_forward(s: torch.Tensor, y: torch.Tensor, m: torch.Tensor, o: torch.Tensor, ko: torch.Tensor,
