@@ -1,0 +1,221 @@
+"""``fastsfm`` command line: stats, distill, eval, demo.
+
+    fastsfm demo                                   # offline CPU demo on the embedded digits
+    fastsfm stats   --data DIR --backbone dinov2_vitb14 --out stats.safetensors
+    fastsfm distill --data DIR --stats stats.safetensors --backbone dinov2_vitb14 --ipc 1 --out runs/x
+    fastsfm eval    --synset runs/x/synset.safetensors --stats stats.safetensors --data DIR --test-data DIR \\
+                    --backbone dinov2_vitb14
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+import torch
+
+from . import __version__
+
+__all__ = ["main", "build_parser"]
+
+
+def _add_backbone(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("backbone")
+    g.add_argument("--backbone", default="dinov2_vitb14",
+                   help="timm model name or a paper alias (dinov2_vitb14, clip_vitb16, eva02_vitb14, mocov3_vitb16)")
+    w = g.add_mutually_exclusive_group()
+    w.add_argument("--weights", default=None, help="local weight file (.safetensors/.pth); default: timm's cache")
+    w.add_argument("--random-init", action="store_true", help="no pretrained weights: seeded random init")
+    g.add_argument("--image-size", type=int, default=None, help="backbone input size (default: the model's)")
+    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _backbone(args: argparse.Namespace):
+    from .backbones import load_backbone
+
+    pretrained = False if args.random_init else (args.weights or True)
+    return load_backbone(args.backbone, pretrained, args.image_size, device=args.device)
+
+
+def _add_data(p: argparse.ArgumentParser, required: bool, test: bool = False) -> None:
+    p.add_argument("--data", required=required, help="ImageFolder root of the training images, or 'digits'")
+    if test:
+        p.add_argument("--test-data", default=None, help="ImageFolder root of the test split (digits: built in)")
+
+
+def _data(args: argparse.Namespace, size: int):
+    from .data import load_data
+
+    return load_data(args.data, size, getattr(args, "test_data", None))
+
+
+def cmd_stats(args: argparse.Namespace) -> None:
+    from torch.utils.data import DataLoader
+
+    from .data import fingerprint
+
+    backbone = _backbone(args)
+    data = _data(args, backbone.input_size)
+    loader = DataLoader(data.train, batch_size=args.batch_size, num_workers=args.workers, shuffle=False)
+    from .stats import compute_stats
+
+    stats = compute_stats(backbone, loader, data.class_names, f"{data.name}:{fingerprint(data.train)}",
+                          classifier_epochs=args.classifier_epochs, device=args.device)
+    stats.save(args.out)
+    print(f"wrote {args.out}: {stats.num_classes} classes x {stats.feature_dim} dims, {stats.meta['num_images']} "
+          f"images, backbone {backbone.identity}")
+
+
+def cmd_distill(args: argparse.Namespace) -> None:
+    from .distill import DistillConfig, distill
+    from .stats import ClassStats
+
+    backbone = _backbone(args)
+    stats = ClassStats.load(args.stats)
+    cfg = DistillConfig(**{f.name: getattr(args, f.name) for f in fields(DistillConfig)})
+    real = objective = None
+    if cfg.init == "real" or cfg.method == "lgm":
+        if args.data is None:
+            raise SystemExit("--data is needed for --init real and --method lgm")
+        data = _data(args, cfg.resolution)
+        stats.check_compatible(num_classes=data.num_classes)
+        if cfg.init == "real":
+            from .baselines.reals import random_reals
+            from .data import images_of_class, labels_of
+
+            real = images_of_class(data.train, random_reals(labels_of(data.train), data.num_classes, cfg.ipc, cfg.seed))
+        if cfg.method == "lgm":
+            from .baselines.lgm import LGMObjective
+
+            objective = LGMObjective.from_dataset(backbone, data.train, data.num_classes, cfg, device=args.device)
+    distill(backbone, stats, cfg, args.out, real_images=real, objective=objective, resume=args.resume,
+            device=args.device)
+    print(f"wrote {Path(args.out) / 'synset.safetensors'} and {Path(args.out) / 'synset.png'}")
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from .baselines.reals import centroid_reals, random_reals
+    from .data import images_of_class, labels_of
+    from .evaluate import evaluate_images, summarise
+    from .probe import encode
+    from .stats import ClassStats
+    from .synset import SyntheticSet
+
+    backbone = _backbone(args)
+    stats = ClassStats.load(args.stats) if args.stats else None
+    if stats is not None and stats.meta.get("backbone") != backbone.identity:
+        print(f"note: statistics are of {stats.meta.get('backbone')}, the probe backbone is {backbone.identity}: "
+              "classifier inheritance is skipped")
+        stats = None
+    data = _data(args, backbone.input_size)
+    if data.test is None:
+        raise SystemExit("--test-data is needed (the real test split)")
+    test_x = torch.stack([data.test[i][0] for i in range(len(data.test))])
+    test_y = labels_of(data.test)
+    test_f = encode(backbone, test_x, device=args.device)
+    sets = {}
+    for path in args.synset:
+        images, labels, _ = SyntheticSet.load_images(path)
+        sets[str(path)] = (images, labels)
+    ipc = int(torch.bincount(next(iter(sets.values()))[1]).max()) if sets else args.ipc
+    if args.baselines:
+        train_y = labels_of(data.train)
+        sets[f"random real (IPC={ipc})"] = None
+        if stats is not None:
+            feats = encode(backbone, torch.stack([data.train[i][0] for i in range(len(data.train))]), device=args.device)
+            idx = centroid_reals(feats, train_y, stats.means.to(feats.device), ipc)
+            sets[f"centroid real (IPC={ipc})"] = (images_of_class(data.train, idx), train_y[idx])
+    scores = []
+    for seed in range(args.seeds):
+        for name, pair in sets.items():
+            if pair is None:  # random reals differ per seed
+                idx = random_reals(labels_of(data.train), data.num_classes, ipc, seed)
+                pair = (images_of_class(data.train, idx), labels_of(data.train)[idx])
+            scores.append(evaluate_images(backbone, pair[0], pair[1], test_f, test_y, stats, args.epochs, seed, name,
+                                          device=args.device, probe_lr=args.probe_lr))
+    table = summarise(scores)
+    print(json.dumps(table, indent=1))
+    if args.out:
+        Path(args.out).write_text(json.dumps(table, indent=1))
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from .demo import run_demo
+
+    run_demo(args.out, seeds=args.seeds, steps=args.steps, ipc=args.ipc, probe_epochs=args.probe_epochs)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .distill import DistillConfig
+
+    parser = argparse.ArgumentParser(prog="fastsfm", description="Statistical flow matching dataset distillation "
+                                     "for frozen pre-trained vision backbones.")
+    parser.add_argument("--version", action="version", version=f"fastsfm {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("stats", help="one pass over the real data: class means + real-data classifier")
+    _add_backbone(p)
+    _add_data(p, required=True)
+    p.add_argument("--out", required=True, help="statistics file to write (.safetensors)")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--classifier-epochs", type=int, default=100)
+    p.set_defaults(func=cmd_stats)
+
+    p = sub.add_parser("distill", help="distill a synthetic set with SFM (or the LGM baseline)")
+    _add_backbone(p)
+    _add_data(p, required=False)
+    p.add_argument("--stats", required=True, help="statistics file from `fastsfm stats` (same backbone)")
+    p.add_argument("--out", required=True, help="run folder: checkpoint, synset.safetensors, synset.png")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.safetensors")
+    defaults = DistillConfig()
+    choices = {"method": ["sfm", "lgm"], "param": ["pyramid", "pixels"], "init": ["noise", "real"],
+               "mode": ["sample", "class_mean"]}
+    for f in fields(DistillConfig):
+        flag = "--" + f.name.replace("_", "-")
+        default = getattr(defaults, f.name)
+        if isinstance(default, bool):
+            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default)
+        else:
+            kind = int if f.name == "chunk_size" else type(default)
+            p.add_argument(flag, dest=f.name, type=kind, default=default, choices=choices.get(f.name),
+                           help=f"default: {default}")
+    p.set_defaults(func=cmd_distill)
+
+    p = sub.add_parser("eval", help="linear probe + classifier inheritance on the real test split")
+    _add_backbone(p)
+    _add_data(p, required=True, test=True)
+    p.add_argument("--synset", nargs="*", default=[], help="synset.safetensors file(s) to evaluate")
+    p.add_argument("--stats", default=None, help="statistics of the probe backbone (enables inheritance, centroids)")
+    p.add_argument("--baselines", action="store_true", help="also evaluate random and centroid real images")
+    p.add_argument("--ipc", type=int, default=1, help="IPC of the baselines when no --synset is given")
+    p.add_argument("--epochs", type=int, default=1000, help="probe epochs (LGM: 1000)")
+    p.add_argument("--probe-lr", type=float, default=None, help="default: LGM's 1e-3 * batch / 256")
+    p.add_argument("--seeds", type=int, default=5)
+    p.add_argument("--out", default=None, help="write the table as JSON here")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("demo", help="the whole pipeline offline on CPU on the embedded digits data")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--steps", type=int, default=None, help="distillation steps (default 200)")
+    p.add_argument("--ipc", type=int, default=1)
+    p.add_argument("--probe-epochs", type=int, default=300)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (ValueError, FileNotFoundError, FileExistsError) as err:
+        print(f"fastsfm {args.command}: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from err
+
+
+if __name__ == "__main__":
+    main()

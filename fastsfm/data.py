@@ -1,0 +1,116 @@
+"""Dataset adapters: the embedded default (scikit-learn's digits), ImageFolder, tensors.
+
+Every dataset yields ``(image, label)`` with images as float tensors (3, H, W) in [0, 1]:
+normalisation belongs to the backbone (:mod:`fastsfm.backbones`), so statistics, synthetic
+images and probes all see pixels the same way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.data import Dataset, TensorDataset
+
+__all__ = ["ImageData", "digits", "image_folder", "load_data", "labels_of", "fingerprint", "images_of_class"]
+
+
+@dataclass
+class ImageData:
+    """A train/test pair of image datasets with their class names."""
+
+    train: Dataset
+    test: Dataset | None
+    class_names: list[str]
+    name: str
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+def digits(image_size: int = 32, test_fraction: float = 0.3, seed: int = 0) -> ImageData:
+    """scikit-learn's 8x8 handwritten digits (1,797 images, 10 classes), shipped in its wheel.
+
+    Grey levels 0..16 become RGB in [0, 1], upsampled bilinearly to ``image_size``; a
+    stratified split with a fixed ``seed`` keeps ``test_fraction`` of each class for testing.
+    """
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    images = torch.tensor(bunch.images, dtype=torch.float32).div(16.0).unsqueeze(1)
+    images = F.interpolate(images, size=(image_size, image_size), mode="bilinear", align_corners=False)
+    images = images.clamp(0, 1).expand(-1, 3, -1, -1).contiguous()
+    labels = torch.tensor(bunch.target, dtype=torch.int64)
+    gen = torch.Generator().manual_seed(seed)
+    test_idx = []
+    for c in range(10):
+        idx = torch.nonzero(labels == c).squeeze(1)
+        idx = idx[torch.randperm(len(idx), generator=gen)]
+        test_idx.append(idx[: int(round(len(idx) * test_fraction))])
+    is_test = torch.zeros(len(labels), dtype=torch.bool)
+    is_test[torch.cat(test_idx)] = True
+    return ImageData(TensorDataset(images[~is_test], labels[~is_test]), TensorDataset(images[is_test], labels[is_test]),
+                     [str(c) for c in range(10)], f"digits{image_size}")
+
+
+def image_folder(root: str | Path, image_size: int, test_root: str | Path | None = None) -> ImageData:
+    """ImageFolder dataset(s) resized (shorter side) and centre-cropped to ``image_size``."""
+    from torchvision import datasets
+    from torchvision.transforms import v2
+
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder {root} does not exist (expected root/<class>/<image> files)")
+    tf = v2.Compose([v2.ToImage(), v2.Resize(image_size, antialias=True), v2.CenterCrop(image_size),
+                     v2.ToDtype(torch.float32, scale=True), v2.Lambda(_to_rgb)])
+    train = datasets.ImageFolder(str(root), transform=tf)
+    test = None
+    if test_root is not None:
+        test = datasets.ImageFolder(str(test_root), transform=tf)
+        if test.classes != train.classes:
+            raise ValueError(f"test classes {test.classes[:5]}... differ from train classes {train.classes[:5]}...")
+    return ImageData(train, test, list(train.classes), root.name)
+
+
+def _to_rgb(x: Tensor) -> Tensor:
+    return x.expand(3, -1, -1) if x.shape[0] == 1 else x[:3]
+
+
+def load_data(spec: str, image_size: int, test_spec: str | None = None) -> ImageData:
+    """``"digits"`` for the embedded default, else an ImageFolder root (and optional test root)."""
+    if spec == "digits":
+        return digits(image_size)
+    return image_folder(spec, image_size, test_spec)
+
+
+def labels_of(dataset: Dataset) -> Tensor:
+    """All labels of a dataset as an int64 tensor, without loading any image."""
+    if isinstance(dataset, TensorDataset):
+        return dataset.tensors[1].long()
+    if hasattr(dataset, "targets"):
+        return torch.as_tensor(dataset.targets, dtype=torch.int64)
+    raise TypeError(f"cannot read labels of {type(dataset).__name__} without loading it; use ImageFolder or tensors")
+
+
+def images_of_class(dataset: Dataset, indices: Tensor) -> Tensor:
+    """Stack the images at ``indices`` into (K, 3, H, W)."""
+    return torch.stack([dataset[int(i)][0] for i in indices])
+
+
+def fingerprint(dataset: Dataset) -> str:
+    """Short content hash identifying a dataset (file list for ImageFolder, bytes for tensors)."""
+    h = hashlib.sha256()
+    if isinstance(dataset, TensorDataset):
+        for t in dataset.tensors:
+            h.update(t.contiguous().numpy().tobytes())
+    elif hasattr(dataset, "samples"):
+        for path, label in dataset.samples:
+            h.update(f"{Path(path).relative_to(dataset.root)}:{label};".encode())
+    else:
+        h.update(f"{type(dataset).__name__}:{len(dataset)}".encode())
+    return h.hexdigest()[:16]

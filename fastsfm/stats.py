@@ -1,0 +1,160 @@
+"""Class statistics of the real data: computed in one streaming pass, saved once.
+
+:class:`ClassStats` holds per-class feature means (C, D) and counts (C,) -- all the SFM
+loss needs -- plus the real-data linear classifier ``(W, b)`` reused by classifier
+inheritance, and metadata (backbone identity, input size, normalisation, class names,
+dataset fingerprint) that :meth:`ClassStats.check_compatible` uses to refuse statistics
+from another backbone or dataset.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from .backbones import Backbone
+from .probe import fit_linear_classifier
+
+__all__ = ["ClassStats", "compute_stats", "atomic_save_safetensors"]
+
+FORMAT = "fastsfm-stats-v1"
+
+
+def atomic_save_safetensors(tensors: dict[str, Tensor], path: str | Path, metadata: dict[str, str]) -> None:
+    """Write a safetensors file via a temporary file in the same folder and ``os.replace``:
+    a crash mid-write leaves the previous file intact, never a truncated one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+@dataclass
+class ClassStats:
+    """Real-data statistics for C classes of D-dimensional features.
+
+    Attributes:
+        means: (C, D) float32 class centres.
+        counts: (C,) int64 images per class.
+        classifier_weight: (C, D) float32, classifier_bias: (C,) float32 -- the linear
+            classifier fitted on the real features (classifier inheritance).
+        class_names: C names.
+        meta: backbone identity, input size, mean/std, dataset fingerprint, ...
+    """
+
+    means: Tensor
+    counts: Tensor
+    classifier_weight: Tensor
+    classifier_bias: Tensor
+    class_names: list[str]
+    meta: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int:
+        return self.means.shape[0]
+
+    @property
+    def feature_dim(self) -> int:
+        return self.means.shape[1]
+
+    def to(self, device: str | torch.device) -> "ClassStats":
+        return ClassStats(self.means.to(device), self.counts.to(device), self.classifier_weight.to(device),
+                          self.classifier_bias.to(device), self.class_names, dict(self.meta))
+
+    def save(self, path: str | Path) -> None:
+        """Atomic safetensors write; metadata as strings (class names JSON-encoded)."""
+        meta = {**self.meta, "format": FORMAT, "class_names": json.dumps(self.class_names)}
+        atomic_save_safetensors({"means": self.means, "counts": self.counts, "classifier_weight": self.classifier_weight,
+                                 "classifier_bias": self.classifier_bias}, path, meta)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ClassStats":
+        """Load and validate a statistics file; a clear ``ValueError`` for anything else."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"statistics file {path} does not exist; create it with `fastsfm stats`")
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(path), "pt") as fh:
+                meta = dict(fh.metadata() or {})
+            tensors = load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as err:
+            raise ValueError(f"{path} is not a readable safetensors statistics file: {err}") from err
+        if meta.get("format") != FORMAT:
+            raise ValueError(f"{path} is not a fastsfm statistics file (format {meta.get('format')!r}, "
+                             f"expected {FORMAT!r})")
+        names = json.loads(meta.pop("class_names"))
+        meta.pop("format")
+        stats = cls(tensors["means"], tensors["counts"], tensors["classifier_weight"], tensors["classifier_bias"],
+                    names, meta)
+        c, d = stats.means.shape
+        if stats.counts.shape != (c,) or stats.classifier_weight.shape != (c, d) or len(names) != c:
+            raise ValueError(f"{path}: inconsistent shapes (means {tuple(stats.means.shape)}, counts "
+                             f"{tuple(stats.counts.shape)}, classifier {tuple(stats.classifier_weight.shape)}, "
+                             f"{len(names)} class names)")
+        return stats
+
+    def check_compatible(self, backbone: Backbone | None = None, num_classes: int | None = None,
+                         dataset: str | None = None) -> None:
+        """Raise ``ValueError`` if these statistics do not belong to ``backbone``/classes/dataset."""
+        if backbone is not None:
+            if self.meta.get("backbone") != backbone.identity:
+                raise ValueError(f"statistics were computed with backbone {self.meta.get('backbone')!r}, "
+                                 f"not {backbone.identity!r}; recompute them with `fastsfm stats`")
+            if backbone.feature_dim != self.feature_dim:
+                raise ValueError(f"backbone gives D={backbone.feature_dim} features, statistics have D={self.feature_dim}")
+        if num_classes is not None and num_classes != self.num_classes:
+            raise ValueError(f"statistics have {self.num_classes} classes, the data has {num_classes}")
+        if dataset is not None and self.meta.get("dataset") != dataset:
+            raise ValueError(f"statistics are of dataset {self.meta.get('dataset')!r}, not {dataset!r}")
+
+
+@torch.no_grad()
+def compute_stats(backbone: Backbone, loader: DataLoader, class_names: list[str], dataset_id: str,
+                  classifier_epochs: int = 100, device: str | torch.device = "cpu",
+                  progress: bool = True) -> ClassStats:
+    """One pass over ``loader`` (images in [0, 1], int labels): per-class sums and counts by a
+    segmented reduction (``index_add_``), plus the real-data linear classifier fitted on the
+    features cached in float16 during the same pass (so images are read exactly once).
+    """
+    c, d = len(class_names), backbone.feature_dim
+    sums = torch.zeros(c, d, dtype=torch.float64, device=device)
+    counts = torch.zeros(c, dtype=torch.int64, device=device)
+    cached, cached_labels = [], []
+    for images, labels in tqdm(loader, desc="class statistics", disable=not progress, unit="batch"):
+        labels = labels.to(device)
+        if int(labels.min()) < 0 or int(labels.max()) >= c:
+            raise ValueError(f"labels must lie in [0, {c}), got [{int(labels.min())}, {int(labels.max())}]")
+        feats = backbone(images.to(device)).float()
+        sums.index_add_(0, labels, feats.double())
+        counts += torch.bincount(labels, minlength=c)
+        cached.append(feats.half().cpu())
+        cached_labels.append(labels.cpu())
+    if bool((counts == 0).any()):
+        missing = [class_names[i] for i in torch.nonzero(counts == 0).squeeze(1).tolist()]
+        raise ValueError(f"classes without any image: {missing[:10]}")
+    means = (sums / counts[:, None]).float()
+    head = fit_linear_classifier(torch.cat(cached), torch.cat(cached_labels), c, epochs=classifier_epochs,
+                                 device=device, progress=progress)
+    meta = {"backbone": backbone.identity, "input_size": str(backbone.input_size), "mean": json.dumps(backbone.mean),
+            "std": json.dumps(backbone.std), "dataset": dataset_id, "feature_dim": str(d),
+            "num_images": str(int(counts.sum()))}
+    return ClassStats(means.cpu(), counts.cpu(), head.weight.detach().cpu(), head.bias.detach().cpu(),
+                      list(class_names), meta)
