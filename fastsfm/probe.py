@@ -25,30 +25,41 @@ def new_head(dim: int, num_classes: int) -> nn.Linear:
     return head
 
 
-def fit_linear_classifier(features: Tensor, labels: Tensor, num_classes: int, epochs: int = 100,
-                          batch_size: int = 4096, lr: float = 1e-2, device: str | torch.device = "cpu",
-                          seed: int = 0, progress: bool = False) -> nn.Linear:
-    """Softmax regression on cached features (N, D) -> ``nn.Linear(D, C)``.
+def _minibatch_train(head: nn.Module, n: int, batch: int, epochs: int, lr: float, seed: int, features_of,
+                     labels: Tensor, device, desc: str | None = None) -> nn.Module:
+    """Adam + cosine annealing to 0 over ``epochs`` shuffled passes of ``n`` samples, cross-entropy.
 
-    Adam + cosine schedule over ``epochs`` passes on the raw backbone features (as the
-    head sees them at inference).  Runs with gradients enabled even inside ``no_grad``.
+    ``features_of(idx)`` returns the (B, D) inputs of the head for sample indices ``idx``.
+    Seeded (shuffling and any global-RNG use inside ``features_of``), gradients enabled even
+    under ``no_grad``.
     """
     gen = torch.Generator().manual_seed(seed)
-    head = new_head(features.shape[1], num_classes).to(device)
-    opt = torch.optim.Adam(head.parameters(), lr=lr)
-    steps_per_epoch = math.ceil(len(labels) / batch_size)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs * steps_per_epoch)
-    with torch.enable_grad():
-        for _ in tqdm(range(epochs), desc="real-data classifier", disable=not progress, unit="epoch"):
-            order = torch.randperm(len(labels), generator=gen)
-            for start in range(0, len(labels), batch_size):
-                idx = order[start:start + batch_size]
-                loss = F.cross_entropy(head(features[idx].to(device).float()), labels[idx].to(device))
+    head = head.to(device).train()
+    opt = torch.optim.Adam([p for p in head.parameters() if p.requires_grad], lr=lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs * math.ceil(n / batch))
+    with torch.random.fork_rng(devices=[]), torch.enable_grad():
+        torch.manual_seed(seed)
+        for _ in tqdm(range(epochs), desc=desc, disable=desc is None, unit="epoch"):
+            order = torch.randperm(n, generator=gen)
+            for start in range(0, n, batch):
+                idx = order[start:start + batch]
+                loss = F.cross_entropy(head(features_of(idx)), labels[idx].to(device))
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
                 sched.step()
     return head.eval()
+
+
+def fit_linear_classifier(features: Tensor, labels: Tensor, num_classes: int, epochs: int = 100,
+                          batch_size: int = 4096, lr: float = 1e-2, device: str | torch.device = "cpu",
+                          seed: int = 0, progress: bool = False) -> nn.Linear:
+    """Softmax regression on cached features (N, D) -> ``nn.Linear(D, C)``, on the raw
+    backbone features (as the head sees them at inference)."""
+    head = new_head(features.shape[1], num_classes)
+    return _minibatch_train(head, len(labels), batch_size, epochs, lr, seed,
+                            lambda idx: features[idx].to(device).float(), labels, device,
+                            "real-data classifier" if progress else None)
 
 
 @torch.no_grad()
@@ -59,34 +70,21 @@ def encode(backbone: nn.Module, images: Tensor, batch_size: int = 256, device: s
 
 def train_head_on_images(backbone: nn.Module, images: Tensor, labels: Tensor, head: nn.Module, augment: nn.Module,
                          epochs: int, device: str | torch.device = "cpu", seed: int = 0,
-                         lr: float | None = None, loss_fn=None) -> nn.Module:
+                         lr: float | None = None) -> nn.Module:
     """Train ``head`` (any module on features) on ``images`` (N, 3, H, W) in [0, 1].
 
     Every batch is augmented by ``augment`` and encoded by the frozen ``backbone``; LGM's
-    learning-rate rule and cosine schedule.  ``loss_fn(head_output, labels)`` defaults to
-    cross-entropy.  Used by linear probes and by classifier inheritance's projector.
+    batch ``min(100, N)``, learning rate ``1e-3 * batch / 256`` unless ``lr`` is given, and
+    cosine schedule.  Used by linear probes and by classifier inheritance's projector.
     """
-    gen = torch.Generator().manual_seed(seed)
     batch = min(100, len(images))
-    head = head.to(device).train()
-    opt = torch.optim.Adam([p for p in head.parameters() if p.requires_grad], lr=lr or 1e-3 * batch / 256)
-    steps = epochs * math.ceil(len(images) / batch)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-    loss_fn = loss_fn or F.cross_entropy
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        for _ in range(epochs):
-            order = torch.randperm(len(images), generator=gen)
-            for start in range(0, len(images), batch):
-                idx = order[start:start + batch]
-                with torch.no_grad():
-                    feats = backbone(augment(images[idx].to(device))).float()
-                loss = loss_fn(head(feats), labels[idx].to(device))
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                sched.step()
-    return head.eval()
+
+    def features_of(idx: Tensor) -> Tensor:
+        with torch.no_grad():
+            return backbone(augment(images[idx].to(device))).float()
+
+    return _minibatch_train(head, len(images), batch, epochs, lr or 1e-3 * batch / 256, seed, features_of, labels,
+                            device)
 
 
 @torch.no_grad()
