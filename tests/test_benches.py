@@ -15,3 +15,14 @@ def test_bench_loss_runs_on_cpu(tmp_path):
     assert {r["method"] for r in rows} == {"lean (eager)", "literal (eager)"}
     assert all(r["fwd+bwd ms"] > 0 for r in rows)
     assert (tmp_path / "loss.csv").read_text().startswith("C,IPC,N,D")
+
+
+def test_bench_distill_runs_on_cpu(tmp_path):
+    import bench_distill
+
+    rows = bench_distill.main(["--device", "cpu", "--backbone", "vit_tiny_patch16_224", "--image-size", "16",
+                               "--classes", "3", "--ipcs", "1", "--steps", "1", "--lgm-augs", "2", "--no-accuracy",
+                               "--out", str(tmp_path / "d.csv"), "--plot", str(tmp_path / "p.png")])
+    assert [r["method"] for r in rows] == ["sfm", "lgm"]
+    assert all(r["step ms"] > 0 and r["peak MiB"] > 0 for r in rows) and "time LGM/SFM" in rows[1]
+    assert (tmp_path / "p.png").exists()
