@@ -3,6 +3,7 @@
 from . import functional
 from .functional import sfm_loss
 from .loss import SFMLoss
+from .stats import ClassStats
 
-__all__ = ["SFMLoss", "sfm_loss", "functional"]
+__all__ = ["SFMLoss", "ClassStats", "sfm_loss", "functional"]
 __version__ = "0.1.0"
