@@ -46,18 +46,25 @@ def interpreter_active() -> bool:
 
 
 @triton.jit
+def _own_tile(S, M, O, y, rows, rmask, d0, D, stride_s, stride_m, BLOCK_D: tl.constexpr):
+    """float32 tiles of ``s_i``, ``o`` and ``M_{y_i}`` over columns ``d0 .. d0+BLOCK_D`` (+ their masks)."""
+    cols = d0 + tl.arange(0, BLOCK_D)
+    dmask = cols < D
+    tmask = rmask[:, None] & dmask[None, :]
+    s = tl.load(S + rows[:, None] * stride_s + cols[None, :], mask=tmask, other=0.0).to(tl.float32)
+    o = tl.load(O + cols, mask=dmask, other=0.0)
+    mu = tl.load(M + y[:, None] * stride_m + cols[None, :], mask=tmask, other=0.0).to(tl.float32)
+    return cols, tmask, s, o, mu
+
+
+@triton.jit
 def _row_terms(S, Y, M, O, KO, rows, rmask, D, stride_s, stride_m, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """Per-row ``q_i = |s_i - o|^2`` and ``g_{i y_i} = (s_i - o) . M_{y_i}`` in float32."""
     y = tl.load(Y + rows, mask=rmask, other=0)
     q = tl.zeros((BLOCK_N,), dtype=tl.float32)
     gself = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
-        cols = d0 + tl.arange(0, BLOCK_D)
-        dmask = cols < D
-        tmask = rmask[:, None] & dmask[None, :]
-        s = tl.load(S + rows[:, None] * stride_s + cols[None, :], mask=tmask, other=0.0).to(tl.float32)
-        o = tl.load(O + cols, mask=dmask, other=0.0)
-        mu = tl.load(M + y[:, None] * stride_m + cols[None, :], mask=tmask, other=0.0).to(tl.float32)
+        cols, tmask, s, o, mu = _own_tile(S, M, O, y, rows, rmask, d0, D, stride_s, stride_m, BLOCK_D)
         sc = s - o[None, :]
         q += tl.sum(sc * sc, axis=1)
         gself += tl.sum(s * mu, axis=1)
@@ -152,12 +159,7 @@ def _sfm_bwd_kernel(S, Y, M, O, KO, P, H, R, GROW, DS, WS, N, C, D, stride_s, st
             tl.store(ws_ptr, tl.dot(coef.to(mu.dtype), mu, part, input_precision=PRECISION), mask=tmask)
     scale = -tl.load(GROW + rows, mask=rmask, other=0.0) * inv_cm1
     for d0 in range(0, D, BLOCK_D):
-        cols = d0 + tl.arange(0, BLOCK_D)
-        dmask = cols < D
-        tmask = rmask[:, None] & dmask[None, :]
-        s = tl.load(S + rows[:, None] * stride_s + cols[None, :], mask=tmask, other=0.0).to(tl.float32)
-        o = tl.load(O + cols, mask=dmask, other=0.0)
-        mu = tl.load(M + y[:, None] * stride_m + cols[None, :], mask=tmask, other=0.0).to(tl.float32)
+        cols, tmask, s, o, mu = _own_tile(S, M, O, y, rows, rmask, d0, D, stride_s, stride_m, BLOCK_D)
         part = tl.load(WS + rows[:, None] * stride_ws + cols[None, :], mask=tmask, other=0.0)
         ds = scale[:, None] * (asum[:, None] * mu - bsum[:, None] * (s - o[None, :]) + part)
         tl.store(DS + rows[:, None] * stride_s + cols[None, :], ds.to(DS.dtype.element_ty), mask=tmask)
