@@ -132,7 +132,7 @@ def validate_inputs(features: Tensor, labels: Tensor, num_classes: int, dim: int
     if features.device != device or labels.device != device:
         raise ValueError(f"device mismatch: statistics on {device}, features on {features.device}, "
                          f"labels on {labels.device}; move them to one device")
-    lo, hi = int(labels.min()), int(labels.max())
+    lo, hi = torch.stack(torch.aminmax(labels)).tolist()  # one host sync for both bounds
     if lo < 0 or hi >= num_classes:
         raise ValueError(f"labels must lie in [0, {num_classes}), got values in [{lo}, {hi}]")
     if check_finite and not bool(torch.isfinite(features).all()):

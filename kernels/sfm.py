@@ -176,6 +176,11 @@ _GPU_CONFIGS = [
         (128, 128, 32, 8, 3),
         (64, 64, 128, 4, 2),
         (32, 64, 128, 4, 3),
+        # Small row blocks: one program per BLOCK_N rows sweeps all C, so at N ~ 10k the
+        # grid only fills the GPU's SMs with BLOCK_N <= 32.
+        (32, 128, 64, 4, 3),
+        (16, 128, 64, 4, 3),
+        (16, 64, 128, 4, 3),
     ]
 ]
 # The interpreter is slow: small tiles keep odd shapes multi-tile, larger D steps keep it quick.
