@@ -5,6 +5,7 @@
     fastsfm distill --data DIR --stats stats.safetensors --backbone dinov2_vitb14 --ipc 1 --out runs/x
     fastsfm eval    --synset runs/x/synset.safetensors --stats stats.safetensors --data DIR --test-data DIR \\
                     --backbone dinov2_vitb14
+    torchrun --nproc_per_node=8 -m fastsfm.cli distill ...   # stats and distill shard over ranks
 """
 
 from __future__ import annotations
@@ -52,18 +53,32 @@ def _data(args: argparse.Namespace, size: int):
     return load_data(args.data, size, getattr(args, "test_data", None))
 
 
+def _join_torchrun(args: argparse.Namespace) -> int:
+    """Under torchrun: join the process group, use this rank's device; return the rank."""
+    from .distributed import init_from_env, rank_world
+
+    device = init_from_env()
+    if device is not None:
+        args.device = str(device)
+    return rank_world()[0]
+
+
 def cmd_stats(args: argparse.Namespace) -> None:
     from torch.utils.data import DataLoader
 
     from .data import fingerprint
-
-    backbone = _backbone(args)
-    data = _data(args, backbone.input_size)
-    loader = DataLoader(data.train, batch_size=args.batch_size, num_workers=args.workers, shuffle=False)
+    from .distributed import rank_world, shard_dataset
     from .stats import compute_stats
 
+    rank = _join_torchrun(args)
+    backbone = _backbone(args)
+    data = _data(args, backbone.input_size)
+    shard = shard_dataset(data.train, *rank_world())
+    loader = DataLoader(shard, batch_size=args.batch_size, num_workers=args.workers, shuffle=False)
     stats = compute_stats(backbone, loader, data.class_names, f"{data.name}:{fingerprint(data.train)}",
                           classifier_epochs=args.classifier_epochs, device=args.device)
+    if rank != 0:
+        return
     stats.save(args.out)
     print(f"wrote {args.out}: {stats.num_classes} classes x {stats.feature_dim} dims, {stats.meta['num_images']} "
           f"images, backbone {backbone.identity}")
@@ -73,6 +88,7 @@ def cmd_distill(args: argparse.Namespace) -> None:
     from .distill import DistillConfig, distill
     from .stats import ClassStats
 
+    rank = _join_torchrun(args)
     backbone = _backbone(args)
     stats = ClassStats.load(args.stats)
     cfg = DistillConfig(**{f.name: getattr(args, f.name) for f in fields(DistillConfig)})
@@ -93,7 +109,8 @@ def cmd_distill(args: argparse.Namespace) -> None:
             objective = LGMObjective.from_dataset(backbone, data.train, data.num_classes, cfg, device=args.device)
     distill(backbone, stats, cfg, args.out, real_images=real, objective=objective, resume=args.resume,
             device=args.device)
-    print(f"wrote {Path(args.out) / 'synset.safetensors'} and {Path(args.out) / 'synset.png'}")
+    if rank == 0:
+        print(f"wrote {Path(args.out) / 'synset.safetensors'} and {Path(args.out) / 'synset.png'}")
 
 
 def cmd_eval(args: argparse.Namespace) -> None:

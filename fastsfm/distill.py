@@ -13,15 +13,17 @@ from pathlib import Path
 from typing import Protocol
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from .augment import SinglePassAugment
 from .backbones import Backbone
 from .checkpoint import load_checkpoint, save_checkpoint
+from .distributed import rank_world, shard_classes
 from .loss import SFMLoss
 from .stats import ClassStats
-from .synset import SyntheticSet, save_grid
+from .synset import SyntheticSet, save_grid, save_images
 
 __all__ = ["DistillConfig", "distill", "SFMObjective", "Objective"]
 
@@ -42,7 +44,7 @@ class DistillConfig:
     decorrelate: bool = True
     mode: str = "sample"           # SFM on every synthetic feature or on per-class means
     noise_std: float = 0.2         # augmentation noise (0 disables)
-    chunk_size: int | None = None  # images per backward chunk (rounded to whole classes); None = all
+    chunk_size: int | None = None  # images per backward chunk (whole classes); None = automatic
     lgm_augs: int = 10             # LGM only: augmented copies of the synthetic set (real batch: ipc*augs*C)
     seed: int = 0
     checkpoint_every: int = 100
@@ -63,7 +65,10 @@ class SFMObjective:
     With ``chunk_size`` the batch is processed in chunks of whole classes, each backward
     accumulating into the rendered images' gradient; the result equals the unchunked step
     (per-image augmentation draws happen in the same order, the backbone is per-image) while
-    peak memory is bounded by one chunk.
+    peak memory is bounded by one chunk.  ``chunk_size=None`` chooses automatically: no
+    chunking on CPU; on CUDA, at the first step, the peak memory of one class is measured
+    (outside the RNG stream, so seeded runs stay reproducible) and chunks take as many
+    classes as fit in 80 % of the free memory.
     """
 
     def __init__(self, backbone: Backbone, stats: ClassStats, augment: SinglePassAugment, ipc: int, mode: str = "sample",
@@ -72,11 +77,27 @@ class SFMObjective:
         self.loss = SFMLoss(stats, reduction="sum", mode=mode, backend=backend, check_finite=False)
         self.loss.to(stats.means.device)
         self.chunk = None if chunk_size is None else max(ipc, chunk_size // ipc * ipc)
+        self.auto = chunk_size is None
 
     def _sum(self, images: Tensor, labels: Tensor) -> Tensor:
         return self.loss(self.backbone(self.augment(images)), labels)
 
+    def _measure_chunk(self, images: Tensor, labels: Tensor) -> int | None:
+        if images.device.type != "cuda":
+            return None
+        probe = images[:self.ipc].detach().requires_grad_()
+        with torch.random.fork_rng(devices=[images.device]):
+            torch.cuda.synchronize(images.device)
+            base = torch.cuda.memory_allocated(images.device)
+            torch.cuda.reset_peak_memory_stats(images.device)
+            self._sum(probe, labels[:self.ipc]).backward()
+            per_class = torch.cuda.max_memory_allocated(images.device) - base
+        free, _ = torch.cuda.mem_get_info(images.device)
+        return max(1, int(0.8 * free / max(per_class, 1))) * self.ipc
+
     def backward(self, images: Tensor, labels: Tensor) -> float:
+        if self.auto:
+            self.chunk, self.auto = self._measure_chunk(images, labels), False
         rows = len(images) if self.mode == "sample" else len(torch.unique(labels))
         if self.chunk is None or self.chunk >= len(images):
             loss = self._sum(images, labels) / rows
@@ -115,22 +136,39 @@ def distill(backbone: Backbone, stats: ClassStats, config: DistillConfig, out_di
             checkpoint is an error (nothing is overwritten).
 
     Ctrl-C writes a checkpoint of the last completed step before re-raising.
+
+    Under ``torch.distributed`` (see :mod:`fastsfm.distributed`) each rank owns a contiguous
+    block of classes -- their images and optimiser state -- and seeds its RNG with
+    ``seed + rank``; the SFM loss of an image needs only the global statistics, so ranks do
+    not communicate while optimising.  Each rank checkpoints its shard
+    (``checkpoint.rank{r}of{w}.safetensors``), resuming needs the same world size, and rank 0
+    writes the merged ``synset.safetensors``/``synset.png``.  Returns this rank's shard.
     """
     stats.check_compatible(backbone)
+    rank, world = rank_world()
+    if world > 1 and objective is not None:
+        raise ValueError("only the SFM objective can be sharded over ranks (LGM matches one global gradient); "
+                         "run LGM in a single process")
+    classes = shard_classes(stats.num_classes, rank, world)
     out = Path(out_dir)
-    ckpt = out / "checkpoint.safetensors"
+    ckpt = out / ("checkpoint.safetensors" if world == 1 else f"checkpoint.rank{rank}of{world}.safetensors")
     identity = {**config.identity(), "stats_backbone": stats.meta.get("backbone", ""),
-                "stats_dataset": stats.meta.get("dataset", "")}
+                "stats_dataset": stats.meta.get("dataset", ""), "world_size": str(world)}
     if ckpt.exists() and not resume:
         raise FileExistsError(f"{ckpt} exists: pass resume=True (--resume) to continue it, or choose another output")
     if resume and not ckpt.exists():
-        raise FileNotFoundError(f"nothing to resume: {ckpt} does not exist")
+        others = sorted(p.name for p in out.glob("checkpoint*.safetensors"))
+        hint = f"; found {others}: resume with the world size that wrote them" if others else ""
+        raise FileNotFoundError(f"nothing to resume: {ckpt} does not exist{hint}")
     state = load_checkpoint(ckpt, identity) if resume else None
     out.mkdir(parents=True, exist_ok=True)
 
-    torch.manual_seed(config.seed)
-    synset = SyntheticSet(stats.num_classes, config.ipc, config.resolution, config.param, config.init, real_images,
-                          config.pyramid_start, config.pyramid_extent, config.decorrelate, config.seed).to(device)
+    torch.manual_seed(config.seed + rank)
+    if real_images is not None:
+        real_images = real_images[classes.start * config.ipc:classes.stop * config.ipc]
+    synset = SyntheticSet(len(classes), config.ipc, config.resolution, config.param, config.init, real_images,
+                          config.pyramid_start, config.pyramid_extent, config.decorrelate, config.seed + rank,
+                          first_class=classes.start).to(device)
     stats = stats.to(device)
     backbone = backbone.to(device)
     if objective is None:
@@ -147,8 +185,8 @@ def distill(backbone: Backbone, stats: ClassStats, config: DistillConfig, out_di
     meta = {"method": config.method, "backbone": backbone.identity, "dataset": stats.meta.get("dataset", ""),
             "class_names": json.dumps(stats.class_names), "config": json.dumps(asdict(config))}
     step = start
-    bar = tqdm(range(start, config.steps), desc=f"distill ({config.method})", disable=not progress, unit="step",
-               initial=start, total=config.steps)
+    bar = tqdm(range(start, config.steps), desc=f"distill ({config.method})", disable=not progress or rank != 0,
+               unit="step", initial=start, total=config.steps)
     try:
         for step in bar:
             if synset.grow(step):
@@ -165,8 +203,15 @@ def distill(backbone: Backbone, stats: ClassStats, config: DistillConfig, out_di
         print(f"\ninterrupted: checkpoint of step {step} written to {ckpt}; continue with --resume")
         raise
     save_checkpoint(ckpt, synset.level_tensors(), opt, step, identity)
-    synset.save(out / "synset.safetensors", meta)
     with torch.no_grad():
-        save_grid(synset.render().cpu(), synset.labels.cpu(), stats.class_names, out / "synset.png",
+        images, labels = synset.render().cpu(), synset.labels.cpu()
+    if world > 1:
+        shards = [None] * world
+        dist.all_gather_object(shards, (images, labels))
+        images, labels = torch.cat([i for i, _ in shards]), torch.cat([y for _, y in shards])
+    if rank == 0:
+        meta = {**meta, "ipc": str(config.ipc), "num_classes": str(stats.num_classes)}
+        save_images(out / "synset.safetensors", images, labels, meta)
+        save_grid(images, labels, stats.class_names, out / "synset.png",
                   title=f"{config.method.upper()} IPC={config.ipc}, {backbone.name}")
     return synset

@@ -40,7 +40,7 @@ def evaluate_images(backbone: Backbone, images: Tensor, labels: Tensor, test_fea
     """
     augment = SinglePassAugment(backbone.input_size, noise_std=0.0)
     c = int(labels.max()) + 1 if stats is None else stats.num_classes
-    head = train_head_on_images(backbone, images, labels, new_head(backbone.feature_dim, c), augment, epochs,
+    head = train_head_on_images(backbone, images, labels, new_head(backbone.feature_dim, c, seed), augment, epochs,
                                 device, seed, lr=probe_lr)
     inherit = None
     if stats is not None:

@@ -18,10 +18,13 @@ from tqdm.auto import tqdm
 __all__ = ["fit_linear_classifier", "train_head_on_images", "encode", "accuracy", "new_head"]
 
 
-def new_head(dim: int, num_classes: int) -> nn.Linear:
+def new_head(dim: int, num_classes: int, seed: int = 0) -> nn.Linear:
+    """LGM's probe head: weights N(0, 0.01^2) drawn from a generator seeded by ``seed``, zero bias."""
     head = nn.Linear(dim, num_classes)
-    nn.init.normal_(head.weight, std=0.01)
-    nn.init.zeros_(head.bias)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(num_classes, dim, generator=gen) * 0.01)
+        head.bias.zero_()
     return head
 
 
@@ -56,7 +59,7 @@ def fit_linear_classifier(features: Tensor, labels: Tensor, num_classes: int, ep
                           seed: int = 0, progress: bool = False) -> nn.Linear:
     """Softmax regression on cached features (N, D) -> ``nn.Linear(D, C)``, on the raw
     backbone features (as the head sees them at inference)."""
-    head = new_head(features.shape[1], num_classes)
+    head = new_head(features.shape[1], num_classes, seed)
     return _minibatch_train(head, len(labels), batch_size, epochs, lr, seed,
                             lambda idx: features[idx].to(device).float(), labels, device,
                             "real-data classifier" if progress else None)

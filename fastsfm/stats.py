@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
@@ -23,6 +24,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .backbones import Backbone
+from .distributed import interleave_shards, rank_world
 from .probe import fit_linear_classifier
 
 __all__ = ["ClassStats", "compute_stats", "atomic_save_safetensors"]
@@ -133,12 +135,18 @@ def compute_stats(backbone: Backbone, loader: DataLoader, class_names: list[str]
     """One pass over ``loader`` (images in [0, 1], int labels): per-class sums and counts by a
     segmented reduction (``index_add_``), plus the real-data linear classifier fitted on the
     features cached in float16 during the same pass (so images are read exactly once).
+
+    Under ``torch.distributed`` each rank passes a loader over
+    ``shard_dataset(dataset, rank, world)`` in order (no shuffling): sums and counts are
+    all-reduced and the cached features gathered back into dataset order, so every rank
+    returns the statistics a single process would compute.
     """
     c, d = len(class_names), backbone.feature_dim
     sums = torch.zeros(c, d, dtype=torch.float64, device=device)
     counts = torch.zeros(c, dtype=torch.int64, device=device)
     cached, cached_labels = [], []
-    for images, labels in tqdm(loader, desc="class statistics", disable=not progress, unit="batch"):
+    for images, labels in tqdm(loader, desc="class statistics", disable=not progress or rank_world()[0] != 0,
+                               unit="batch"):
         labels = labels.to(device)
         if int(labels.min()) < 0 or int(labels.max()) >= c:
             raise ValueError(f"labels must lie in [0, {c}), got [{int(labels.min())}, {int(labels.max())}]")
@@ -147,12 +155,21 @@ def compute_stats(backbone: Backbone, loader: DataLoader, class_names: list[str]
         counts += torch.bincount(labels, minlength=c)
         cached.append(feats.half().cpu())
         cached_labels.append(labels.cpu())
+    features, feature_labels = torch.cat(cached), torch.cat(cached_labels)
+    rank, world = rank_world()
+    if world > 1:
+        dist.all_reduce(sums)
+        dist.all_reduce(counts)
+        shards = [None] * world
+        dist.all_gather_object(shards, (features, feature_labels))
+        features = interleave_shards([f for f, _ in shards])
+        feature_labels = interleave_shards([y for _, y in shards])
     if bool((counts == 0).any()):
         missing = [class_names[i] for i in torch.nonzero(counts == 0).squeeze(1).tolist()]
         raise ValueError(f"classes without any image: {missing[:10]}")
     means = (sums / counts[:, None]).float()
-    head = fit_linear_classifier(torch.cat(cached), torch.cat(cached_labels), c, epochs=classifier_epochs,
-                                 device=device, progress=progress)
+    head = fit_linear_classifier(features, feature_labels, c, epochs=classifier_epochs, device=device,
+                                 progress=progress and rank == 0)
     meta = {"backbone": backbone.identity, "input_size": str(backbone.input_size), "mean": json.dumps(backbone.mean),
             "std": json.dumps(backbone.std), "dataset": dataset_id, "feature_dim": str(d),
             "num_images": str(int(counts.sum()))}

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["SyntheticSet", "COLOR_DECORRELATION", "save_grid"]
+__all__ = ["SyntheticSet", "COLOR_DECORRELATION", "save_grid", "save_images"]
 
 COLOR_DECORRELATION = torch.tensor([[0.26, 0.09, 0.02], [0.27, 0.00, -0.05], [0.27, -0.09, 0.03]])
 
@@ -37,7 +37,8 @@ def _level_sizes(start: int, resolution: int) -> list[int]:
 
 
 class SyntheticSet(nn.Module):
-    """``num_classes * ipc`` learnable images with labels ``[0]*ipc + [1]*ipc + ...``.
+    """``num_classes * ipc`` learnable images with labels ``[f]*ipc + [f+1]*ipc + ...``
+    (``f = first_class``, nonzero for a rank's shard of classes under torch.distributed).
 
     ``render()`` -> (N, 3, R, R) in [0, 1].  ``grow(step)`` adds a pyramid level when the
     schedule says so and returns True (the caller then resets its optimiser).
@@ -45,7 +46,7 @@ class SyntheticSet(nn.Module):
 
     def __init__(self, num_classes: int, ipc: int, resolution: int, param: str = "pyramid", init: str = "noise",
                  real_images: Tensor | None = None, start_res: int = 1, extent: int = 200, decorrelate: bool = True,
-                 seed: int = 0):
+                 seed: int = 0, first_class: int = 0):
         super().__init__()
         if param not in ("pyramid", "pixels"):
             raise ValueError(f"param must be 'pyramid' or 'pixels', got {param!r}")
@@ -56,7 +57,8 @@ class SyntheticSet(nn.Module):
         n = num_classes * ipc
         self.num_classes, self.ipc, self.resolution, self.param, self.extent = num_classes, ipc, resolution, param, extent
         self.sizes = [resolution] if param == "pixels" else _level_sizes(min(start_res, resolution), resolution)
-        self.register_buffer("labels", torch.arange(num_classes).repeat_interleave(ipc))
+        classes = torch.arange(first_class, first_class + num_classes)
+        self.register_buffer("labels", classes.repeat_interleave(ipc))
         decor = COLOR_DECORRELATION / COLOR_DECORRELATION.norm(dim=0).max()
         self.register_buffer("decor", decor if decorrelate else torch.eye(3))
         self.levels = nn.ParameterList()
@@ -116,12 +118,9 @@ class SyntheticSet(nn.Module):
 
     def save(self, path: str | Path, meta: dict[str, str]) -> None:
         """Export rendered images (N, 3, R, R) float32 and labels (N,) to safetensors."""
-        from .stats import atomic_save_safetensors
-
         with torch.no_grad():
-            images = self.render()
-        atomic_save_safetensors({"images": images, "labels": self.labels}, path,
-                                {**meta, "ipc": str(self.ipc), "num_classes": str(self.num_classes)})
+            save_images(path, self.render(), self.labels, {**meta, "ipc": str(self.ipc),
+                                                           "num_classes": str(self.num_classes)})
 
     @staticmethod
     def load_images(path: str | Path) -> tuple[Tensor, Tensor, dict[str, str]]:
@@ -131,6 +130,13 @@ class SyntheticSet(nn.Module):
         with safe_open(str(path), "pt") as fh:
             meta = dict(fh.metadata() or {})
             return fh.get_tensor("images"), fh.get_tensor("labels"), meta
+
+
+def save_images(path: str | Path, images: Tensor, labels: Tensor, meta: dict[str, str]) -> None:
+    """Atomically write an image set: ``images`` (N, 3, R, R), ``labels`` (N,), string metadata."""
+    from .stats import atomic_save_safetensors
+
+    atomic_save_safetensors({"images": images, "labels": labels}, path, meta)
 
 
 def save_grid(images: Tensor, labels: Tensor, class_names: list[str], path: str | Path, title: str = "") -> None:

@@ -26,3 +26,11 @@ def test_bench_distill_runs_on_cpu(tmp_path):
     assert [r["method"] for r in rows] == ["sfm", "lgm"]
     assert all(r["step ms"] > 0 and r["peak MiB"] > 0 for r in rows) and "time LGM/SFM" in rows[1]
     assert (tmp_path / "p.png").exists()
+
+
+def test_bench_scale_runs_on_cpu(tmp_path):
+    import bench_scale
+
+    rows = bench_scale.main(["--device", "cpu", "--image-size", "16", "--classes", "2", "--ipcs", "2", "--chunk", "2",
+                             "--steps", "1", "--out", str(tmp_path / "s.csv")])
+    assert [r["chunking"] for r in rows] == ["unchunked", "chunks of 2"] and all(r["images/s"] > 0 for r in rows)

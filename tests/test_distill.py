@@ -95,7 +95,7 @@ def test_chunked_step_equals_unchunked(setup, mode):
     images = torch.rand(6, 3, 16, 16)
     labels = torch.arange(3).repeat_interleave(2)
     grads, losses = [], []
-    for chunk in (None, 2, 5):  # 5 rounds down to whole classes (4 images)
+    for chunk in (100, 2, 5):  # 5 rounds down to whole classes (4 images)
         x = images.clone().requires_grad_()
         obj = SFMObjective(bb, stats, SinglePassAugment(16), ipc=2, mode=mode, chunk_size=chunk)
         torch.manual_seed(0)
@@ -132,3 +132,25 @@ def test_lgm_runs_through_the_shared_loop(setup, tmp_path):
     obj = LGMObjective.from_dataset(bb, toy_data(), 3, cfg)
     s = distill(bb, stats, cfg, tmp_path / "lgm", objective=obj, progress=False)
     assert s.render().shape == (6, 3, 16, 16)
+
+
+def test_automatic_chunk_size_is_whole_set_on_cpu(setup):
+    bb, stats = setup
+    obj = SFMObjective(bb, stats, SinglePassAugment(16), ipc=2)
+    obj.backward(torch.rand(6, 3, 16, 16, requires_grad=True) * 1.0, torch.arange(3).repeat_interleave(2))
+    assert obj.chunk is None and not obj.auto
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_automatic_chunk_size_on_cuda_keeps_rng_stream(setup):
+    bb, stats = setup
+    bb, stats = bb.cuda(), stats.to("cuda")
+    obj = SFMObjective(bb, stats, SinglePassAugment(16), ipc=2)
+    torch.manual_seed(0)
+    obj.backward(torch.rand(6, 3, 16, 16, device="cuda", requires_grad=True) * 1.0,
+                 torch.arange(3, device="cuda").repeat_interleave(2))
+    after = torch.rand(1)
+    torch.manual_seed(0)
+    SFMObjective(bb, stats, SinglePassAugment(16), ipc=2, chunk_size=6).backward(
+        torch.rand(6, 3, 16, 16, device="cuda", requires_grad=True) * 1.0, torch.arange(3, device="cuda").repeat_interleave(2))
+    assert obj.chunk >= 2 and obj.chunk % 2 == 0 and torch.equal(after, torch.rand(1))

@@ -1,0 +1,91 @@
+"""torch.distributed on CPU: 2 processes, gloo backend, spawned by torch.multiprocessing.
+
+(In production the processes come from ``torchrun``; the code paths are the same.)
+"""
+
+import os
+import socket
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from helpers import tiny_backbone, toy_data, toy_stats
+from safetensors.torch import load_file
+from torch.utils.data import DataLoader
+
+from fastsfm.distill import DistillConfig, distill
+from fastsfm.distributed import interleave_shards, shard_classes, shard_dataset
+from fastsfm.stats import ClassStats, compute_stats
+
+CFG = DistillConfig(ipc=2, steps=5, lr=0.05, resolution=16, pyramid_extent=2, checkpoint_every=2)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, job: str, tmp: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        globals()[job](rank, world, Path(tmp))
+    finally:
+        dist.destroy_process_group()
+
+
+def _stats_job(rank, world, tmp):
+    loader = DataLoader(shard_dataset(toy_data(), rank, world), batch_size=4)
+    stats = compute_stats(tiny_backbone(), loader, ["c0", "c1", "c2"], "toy", classifier_epochs=5, progress=False)
+    stats.save(tmp / f"stats{rank}.safetensors")
+
+
+def _distill_job(rank, world, tmp):
+    bb, stats = tiny_backbone(), ClassStats.load(tmp / "stats.safetensors")
+    direct = distill(bb, stats, CFG, tmp / "direct", progress=False)
+    distill(bb, stats, replace(CFG, steps=3), tmp / "resumed", progress=False)
+    resumed = distill(bb, stats, CFG, tmp / "resumed", resume=True, progress=False)
+    assert direct.labels.tolist() == [[0, 0, 1, 1], [2, 2]][rank]
+    for a, b in zip(direct.levels, resumed.levels, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def _spawn(job, tmp):
+    mp.spawn(_worker, args=(2, _free_port(), job, str(tmp)), nprocs=2, join=True)
+
+
+def test_shard_helpers():
+    assert [list(shard_classes(5, r, 2)) for r in range(2)] == [[0, 1, 2], [3, 4]]
+    with pytest.raises(ValueError, match="cannot shard 2 classes over 3 ranks"):
+        shard_classes(2, 0, 3)
+    data = list(range(7))
+    parts = [torch.tensor([data[i] for i in shard_dataset(data, r, 3).indices]) for r in range(3)]
+    assert interleave_shards(parts).tolist() == data
+
+
+def test_distributed_stats_equal_single_process(tmp_path):
+    _spawn("_stats_job", tmp_path)
+    single = toy_stats(tiny_backbone(), toy_data())
+    for rank in range(2):
+        got = ClassStats.load(tmp_path / f"stats{rank}.safetensors")
+        assert torch.equal(got.counts, single.counts) and got.meta == single.meta
+        torch.testing.assert_close(got.means, single.means, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got.classifier_weight, single.classifier_weight, rtol=1e-3, atol=1e-4)
+
+
+def test_distributed_distill_shards_classes_resumes_and_merges(tmp_path):
+    bb = tiny_backbone()
+    toy_stats(bb, toy_data()).save(tmp_path / "stats.safetensors")
+    _spawn("_distill_job", tmp_path)
+    merged = load_file(str(tmp_path / "direct" / "synset.safetensors"))
+    assert merged["labels"].tolist() == [0, 0, 1, 1, 2, 2] and merged["images"].shape == (6, 3, 16, 16)
+    assert {p.name for p in (tmp_path / "direct").glob("checkpoint*")} == {
+        "checkpoint.rank0of2.safetensors", "checkpoint.rank1of2.safetensors"}
+    stats = ClassStats.load(tmp_path / "stats.safetensors")
+    with pytest.raises(FileNotFoundError, match="resume with the world size that wrote them"):
+        distill(bb, stats, CFG, tmp_path / "direct", resume=True, progress=False)
