@@ -1,6 +1,7 @@
 """Microbenchmark of the SFM loss: forward + backward time and peak memory.
 
-Compares, in one run and on the same inputs: the fused Triton kernels, the eager literal
+Compares, in one run and on the same inputs: the fused Triton kernels (default backward,
+which stores the (N, C) coefficients, and the recomputing one), the eager literal
 reference (materialises N x C x D flows), the eager lean reference (N x C GEMM + autograd)
 and ``torch.compile`` of the lean reference.  Also times ``torch.matmul`` on the three GEMMs
 that fused forward+backward performs (S M^T forward, S M^T recomputed, G M), giving the
@@ -60,6 +61,8 @@ def bench_shape(c: int, ipc: int, d: int, dtype: torch.dtype, device: torch.devi
     if device.type == "cuda":
         methods["triton (fused)"] = lambda f: sfm_loss_from_geometry(f, labels, geo, backend="triton",
                                                                       check_finite=False)
+        methods["triton (recompute bwd)"] = lambda f: sfm_loss_from_geometry(
+            f, labels, geo, backend="triton", check_finite=False, fused_backward="recompute")
     rows = []
     base = {"C": c, "IPC": ipc, "N": n, "D": d, "dtype": str(dtype).replace("torch.", "")}
     for name, fn in methods.items():

@@ -23,7 +23,7 @@ Implementations:
 
 * :func:`sfm_loss_literal`: the formula term by term; materialises (N, C-1, D) flows. Oracle.
 * ``backend="lean"``: the algebraic expansion (one (N, C) GEMM plus per-row terms), autograd.
-* ``backend="triton"``: :mod:`fastsfm.kernels`, fused forward and backward, O(N) extra memory.
+* ``backend="triton"``: :mod:`fastsfm.kernels`, fused forward and backward; never (N, C, D).
 """
 
 from __future__ import annotations
@@ -206,12 +206,12 @@ class _FusedSFM(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, features: Tensor, labels: Tensor, centred: Tensor, origin: Tensor, origin_dot: Tensor,
-                sq_norm: Tensor, num: Tensor, inv: Tensor, wsum: Tensor, eps: float) -> Tensor:
+                sq_norm: Tensor, num: Tensor, inv: Tensor, wsum: Tensor, eps: float, strategy: str) -> Tensor:
         from fastsfm import kernels
 
         rows = kernels.sfm_forward(features, labels, centred, origin, origin_dot, sq_norm, num, inv, wsum, eps)
         ctx.save_for_backward(features, labels, centred, origin, origin_dot, sq_norm, num, inv)
-        ctx.eps = eps
+        ctx.eps, ctx.strategy = eps, strategy
         return rows
 
     @staticmethod
@@ -221,11 +221,11 @@ class _FusedSFM(torch.autograd.Function):
 
         features, labels, centred, origin, origin_dot, sq_norm, num, inv = ctx.saved_tensors
         grad = kernels.sfm_backward(features, labels, centred, origin, origin_dot, sq_norm, num, inv,
-                                    grad_rows.float().contiguous(), ctx.eps)
-        return (grad,) + (None,) * 9
+                                    grad_rows.float().contiguous(), ctx.eps, ctx.strategy)
+        return (grad,) + (None,) * 10
 
 
-def _fused_rows(features: Tensor, labels: Tensor, geo: FlowGeometry, eps: float) -> Tensor:
+def _fused_rows(features: Tensor, labels: Tensor, geo: FlowGeometry, eps: float, strategy: str) -> Tensor:
     if features.dtype not in _KERNEL_DTYPES:
         raise TypeError(f"the triton backend takes float32, bfloat16 or float16 features, got {features.dtype}; "
                         "use backend='lean' for float64")
@@ -241,7 +241,7 @@ def _fused_rows(features: Tensor, labels: Tensor, geo: FlowGeometry, eps: float)
     f32 = {k: v.float().contiguous() for k, v in geo.tensors().items()}
     return _FusedSFM.apply(features.contiguous(), labels.contiguous(),
                            f32["centred"].to(features.dtype).contiguous(), f32["origin"], f32["origin_dot"],
-                           f32["sq_norm"], f32["num"], f32["inv"], f32["wsum"], float(eps))
+                           f32["sq_norm"], f32["num"], f32["inv"], f32["wsum"], float(eps), strategy)
 
 
 def _resolve_backend(backend: str, features: Tensor) -> str:
@@ -264,10 +264,13 @@ def _reduce(rows: Tensor, reduction: str) -> Tensor:
 
 def sfm_loss_from_geometry(features: Tensor, labels: Tensor, geo: FlowGeometry, *, means: Tensor | None = None,
                            weight: Tensor | None = None, reduction: Reduction = "mean", mode: Mode = "sample",
-                           eps: float = 1e-8, backend: Backend = "auto", check_finite: bool = True) -> Tensor:
+                           eps: float = 1e-8, backend: Backend = "auto", check_finite: bool = True,
+                           fused_backward: str = "store") -> Tensor:
     """SFM loss with precomputed statistics geometry (what :class:`fastsfm.SFMLoss` calls).
 
-    ``means``/``weight`` are only needed by ``backend="literal"``.  With ``mode="class_mean"``
+    ``means``/``weight`` are only needed by ``backend="literal"``.  ``fused_backward`` picks
+    the Triton backward: ``"store"`` (an (N, C) coefficient matrix and a cuBLAS GEMM) or
+    ``"recompute"`` (nothing N x C stored); see :func:`fastsfm.kernels.sfm_backward`.  With ``mode="class_mean"``
     the rows are the classes present in ``labels`` (``reduction="none"`` returns one loss per
     present class, in increasing class order).
     """
@@ -284,7 +287,9 @@ def sfm_loss_from_geometry(features: Tensor, labels: Tensor, geo: FlowGeometry, 
     elif chosen == "lean":
         rows = sfm_rows_lean(features, labels, geo, eps)
     else:
-        rows = _fused_rows(features, labels, geo, eps)
+        if fused_backward not in ("store", "recompute"):
+            raise ValueError(f"fused_backward must be 'store' or 'recompute', got {fused_backward!r}")
+        rows = _fused_rows(features, labels, geo, eps, fused_backward)
     return _reduce(rows, reduction)
 
 

@@ -19,18 +19,21 @@ class SFMLoss(nn.Module):
     as buffers, so ``.to(device)`` moves it and each call costs only the fused GEMMs.
 
     The statistics are constants: no gradient reaches them.  See
-    :mod:`fastsfm.functional` for the formula, ``reduction``, ``mode`` and ``backend``.
+    :mod:`fastsfm.functional` for the formula, ``reduction``, ``mode``, ``backend`` and
+    ``fused_backward``.
     """
 
     def __init__(self, stats: "Tensor | object", weight: Tensor | None = None, *, reduction: Reduction = "mean",
-                 mode: Mode = "sample", eps: float = 1e-8, backend: Backend = "auto", check_finite: bool = True):
+                 mode: Mode = "sample", eps: float = 1e-8, backend: Backend = "auto", check_finite: bool = True,
+                 fused_backward: str = "store"):
         super().__init__()
         means = stats if isinstance(stats, Tensor) else getattr(stats, "means", None)
         if means is None:
             raise TypeError(f"SFMLoss expects a ClassStats or a (C, D) tensor of means, got {type(stats).__name__}")
         means = means.detach()
         _validate_stats(means, weight)
-        self.reduction, self.mode, self.eps, self.backend, self.check_finite = reduction, mode, eps, backend, check_finite
+        self.reduction, self.mode, self.eps, self.backend = reduction, mode, eps, backend
+        self.check_finite, self.fused_backward = check_finite, fused_backward
         self.register_buffer("means", means.clone())
         self.register_buffer("weight", None if weight is None else weight.detach().clone())
         self._geometry_names = []
@@ -50,7 +53,7 @@ class SFMLoss(nn.Module):
         """``features`` (N, D), ``labels`` (N,) -> scalar (or (N,) with ``reduction="none"``)."""
         return sfm_loss_from_geometry(features, labels, self.geometry(), means=self.means, weight=self.weight,
                                       reduction=self.reduction, mode=self.mode, eps=self.eps, backend=self.backend,
-                                      check_finite=self.check_finite)
+                                      check_finite=self.check_finite, fused_backward=self.fused_backward)
 
     def extra_repr(self) -> str:
         c, d = self.means.shape

@@ -21,9 +21,11 @@ With ``g_ik = (s_i - o) . M_k``, ``q_i = |s_i - o|^2`` the per-row loss is::
 The zero diagonal of ``R`` removes ``k = y_i`` without a branch; padded columns load
 ``R = 0``.  The translation by ``o`` (the mean of the class centres) leaves every flow
 unchanged but shrinks the magnitudes that the expansion subtracts, which is what keeps
-bfloat16 inputs accurate.  Nothing of size N x C x D, nor N x C, is ever stored: the
-forward is a tiled GEMM with the formula in its epilogue, and the backward recomputes
-the same tiles (flash-attention style) and feeds ``beta - alpha`` into a second GEMM.
+bfloat16 inputs accurate.  Nothing of size N x C x D is ever formed: the forward is a tiled
+GEMM over (rows, classes) blocks with the formula in its epilogue, reduced to per-block row
+partial sums (N x C/BLOCK_C floats).  The backward either stores the N x C coefficient
+matrix ``beta - alpha`` and lets cuBLAS multiply it by the centres ("store"), or recomputes
+the tiles per row block flash-attention style and stores nothing N x C ("recompute").
 
 This module holds only ``@triton.jit`` kernels and their launchers: no autograd, no
 validation (callers validate), no imports from the rest of fastsfm.
@@ -58,8 +60,11 @@ def _own_tile(S, M, O, y, rows, rmask, d0, D, stride_s, stride_m, BLOCK_D: tl.co
 
 
 @triton.jit
-def _row_terms(S, Y, M, O, KO, rows, rmask, D, stride_s, stride_m, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Per-row ``q_i = |s_i - o|^2`` and ``g_{i y_i} = (s_i - o) . M_{y_i}`` in float32."""
+def _row_terms_kernel(S, Y, M, O, KO, Q, GSELF, N, D, stride_s, stride_m, BLOCK_N: tl.constexpr,
+                      BLOCK_D: tl.constexpr):
+    """Per-row ``q_i = |s_i - o|^2`` and ``g_{i y_i} = (s_i - o) . M_{y_i}`` (float32, (N,) each)."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rmask = rows < N
     y = tl.load(Y + rows, mask=rmask, other=0)
     q = tl.zeros((BLOCK_N,), dtype=tl.float32)
     gself = tl.zeros((BLOCK_N,), dtype=tl.float32)
@@ -69,11 +74,12 @@ def _row_terms(S, Y, M, O, KO, rows, rmask, D, stride_s, stride_m, BLOCK_N: tl.c
         q += tl.sum(sc * sc, axis=1)
         gself += tl.sum(s * mu, axis=1)
     gself -= tl.load(KO + y, mask=rmask, other=0.0)
-    return y, q, gself
+    tl.store(Q + rows, q, mask=rmask)
+    tl.store(GSELF + rows, gself, mask=rmask)
 
 
 @triton.jit
-def _flow_tile(S, M, KO, P, H, R, y, q, gself, rows, rmask, c0, C, D, stride_s, stride_m, stride_h, eps,
+def _flow_tile(S, Y, M, KO, P, H, R, Q, GSELF, rows, rmask, c0, C, D, stride_s, stride_m, stride_h, eps,
                BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
                UPCAST: tl.constexpr):
     """One (BLOCK_N, BLOCK_C) tile: GEMM ``S @ M^T`` then the flow terms.
@@ -81,6 +87,9 @@ def _flow_tile(S, M, KO, P, H, R, y, q, gself, rows, rmask, c0, C, D, stride_s, 
     Returns ``(ks, kmask, r, a, n)`` with ``r = R[y_i, k]`` (zero where k is padding or the
     target class), ``a`` the flow inner product and ``n`` the synthetic flow norm.
     """
+    y = tl.load(Y + rows, mask=rmask, other=0)
+    q = tl.load(Q + rows, mask=rmask, other=0.0)
+    gself = tl.load(GSELF + rows, mask=rmask, other=0.0)
     ks = c0 + tl.arange(0, BLOCK_C)
     kmask = ks < C
     acc = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
@@ -104,35 +113,68 @@ def _flow_tile(S, M, KO, P, H, R, y, q, gself, rows, rmask, c0, C, D, stride_s, 
 
 
 @triton.jit
-def _sfm_fwd_kernel(S, Y, M, O, KO, P, H, R, WSUM, LOSS, N, C, D, stride_s, stride_m, stride_h, eps, inv_cm1,
+def _sfm_fwd_kernel(S, Y, M, KO, P, H, R, Q, GSELF, PART, N, C, D, stride_s, stride_m, stride_h, stride_part, eps,
                     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
-               UPCAST: tl.constexpr):
+                    UPCAST: tl.constexpr):
+    """Program (i, j): rows block i x classes block j -> ``PART[rows, j] = sum_k R a / n``."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < N
-    y, q, gself = _row_terms(S, Y, M, O, KO, rows, rmask, D, stride_s, stride_m, BLOCK_N, BLOCK_D)
-    total = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for c0 in range(0, C, BLOCK_C):
-        ks, kmask, r, a, n = _flow_tile(S, M, KO, P, H, R, y, q, gself, rows, rmask, c0, C, D, stride_s, stride_m,
-                                        stride_h, eps, BLOCK_N, BLOCK_C, BLOCK_D, PRECISION, UPCAST)
-        total += tl.sum(r * a / n, axis=1)
-    wsum = tl.load(WSUM + y, mask=rmask, other=0.0)
-    tl.store(LOSS + rows, (wsum - total) * inv_cm1, mask=rmask)
+    ks, kmask, r, a, n = _flow_tile(S, Y, M, KO, P, H, R, Q, GSELF, rows, rmask, tl.program_id(1) * BLOCK_C, C, D,
+                                    stride_s, stride_m, stride_h, eps, BLOCK_N, BLOCK_C, BLOCK_D, PRECISION, UPCAST)
+    tl.store(PART + rows * stride_part + tl.program_id(1), tl.sum(r * a / n, axis=1), mask=rmask)
 
 
 @triton.jit
-def _sfm_bwd_kernel(S, Y, M, O, KO, P, H, R, GROW, DS, WS, N, C, D, stride_s, stride_m, stride_h, stride_ws, eps,
-                    inv_cm1, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
-                    PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """dL/ds_i = -g_i/(C-1) [ A_i mu_y - B_i s_i + sum_k (beta_ik - alpha_ik) mu_k ].
-
-    ``alpha = R / n``, ``beta = R a / n^3``, ``A = sum_k alpha``, ``B = sum_k beta`` and
-    ``g_i`` the upstream gradient of row i.  The sum over k is accumulated in the float32
-    workspace ``WS`` (which is ``DS`` itself for float32 inputs): each program owns its rows,
-    so the read-modify-write needs no atomics.  The flow tiles are recomputed, not stored.
-    """
+def _sfm_coef_kernel(S, Y, M, KO, P, H, R, Q, GSELF, COEF, APART, BPART, N, C, D, stride_s, stride_m, stride_h,
+                     stride_coef, stride_part, eps, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+                     BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """Backward coefficients of one tile: ``COEF = beta - alpha`` (stored, N x C) and the
+    partial row sums of ``alpha = R/n`` and ``beta = R a/n^3`` for this classes block."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < N
-    y, q, gself = _row_terms(S, Y, M, O, KO, rows, rmask, D, stride_s, stride_m, BLOCK_N, BLOCK_D)
+    ks, kmask, r, a, n = _flow_tile(S, Y, M, KO, P, H, R, Q, GSELF, rows, rmask, tl.program_id(1) * BLOCK_C, C, D,
+                                    stride_s, stride_m, stride_h, eps, BLOCK_N, BLOCK_C, BLOCK_D, PRECISION, UPCAST)
+    alpha = r / n
+    beta = alpha * a / (n * n)
+    tl.store(APART + rows * stride_part + tl.program_id(1), tl.sum(alpha, axis=1), mask=rmask)
+    tl.store(BPART + rows * stride_part + tl.program_id(1), tl.sum(beta, axis=1), mask=rmask)
+    tl.store(COEF + rows[:, None] * stride_coef + ks[None, :], (beta - alpha).to(COEF.dtype.element_ty),
+             mask=rmask[:, None] & kmask[None, :])
+
+
+@triton.jit
+def _grad_tile(S, Y, M, O, GROW, ASUM, BSUM, PART, DS, rows, rmask, d0, D, stride_s, stride_m, stride_part, inv_cm1,
+               BLOCK_D: tl.constexpr):
+    """``ds = -g/(C-1) (A mu_y - B (s - o) + part)`` on one (rows, d0..d0+BLOCK_D) tile."""
+    y = tl.load(Y + rows, mask=rmask, other=0)
+    cols, tmask, s, o, mu = _own_tile(S, M, O, y, rows, rmask, d0, D, stride_s, stride_m, BLOCK_D)
+    scale = -tl.load(GROW + rows, mask=rmask, other=0.0) * inv_cm1
+    asum = tl.load(ASUM + rows, mask=rmask, other=0.0)
+    bsum = tl.load(BSUM + rows, mask=rmask, other=0.0)
+    part = tl.load(PART + rows[:, None] * stride_part + cols[None, :], mask=tmask, other=0.0).to(tl.float32)
+    ds = scale[:, None] * (asum[:, None] * mu - bsum[:, None] * (s - o[None, :]) + part)
+    tl.store(DS + rows[:, None] * stride_s + cols[None, :], ds.to(DS.dtype.element_ty), mask=tmask)
+
+
+@triton.jit
+def _sfm_grad_kernel(S, Y, M, O, GROW, ASUM, BSUM, PART, DS, N, D, stride_s, stride_m, stride_part, inv_cm1,
+                     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Epilogue of the stored-coefficient backward, ``PART = COEF @ M`` computed by cuBLAS."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    _grad_tile(S, Y, M, O, GROW, ASUM, BSUM, PART, DS, rows, rows < N, tl.program_id(1) * BLOCK_D, D, stride_s,
+               stride_m, stride_part, inv_cm1, BLOCK_D)
+
+
+@triton.jit
+def _sfm_bwd_recompute_kernel(S, Y, M, O, KO, P, H, R, Q, GSELF, GROW, DS, WS, N, C, D, stride_s, stride_m, stride_h,
+                              stride_ws, eps, inv_cm1, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+                              BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """Recomputing backward: one program per row block sweeps all classes, recomputing the
+    flow tiles and accumulating ``sum_k (beta - alpha) mu_k`` in the float32 workspace ``WS``
+    (``DS`` itself for float32 inputs; each program owns its rows, so no atomics).  Nothing
+    of size N x C is stored, at the price of a grid of only N / BLOCK_N programs."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rmask = rows < N
     for d0 in range(0, D, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D)
         tmask = rmask[:, None] & (cols < D)[None, :]
@@ -140,7 +182,7 @@ def _sfm_bwd_kernel(S, Y, M, O, KO, P, H, R, GROW, DS, WS, N, C, D, stride_s, st
     asum = tl.zeros((BLOCK_N,), dtype=tl.float32)
     bsum = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for c0 in range(0, C, BLOCK_C):
-        ks, kmask, r, a, n = _flow_tile(S, M, KO, P, H, R, y, q, gself, rows, rmask, c0, C, D, stride_s, stride_m,
+        ks, kmask, r, a, n = _flow_tile(S, Y, M, KO, P, H, R, Q, GSELF, rows, rmask, c0, C, D, stride_s, stride_m,
                                         stride_h, eps, BLOCK_N, BLOCK_C, BLOCK_D, PRECISION, UPCAST)
         alpha = r / n
         beta = alpha * a / (n * n)
@@ -157,37 +199,34 @@ def _sfm_bwd_kernel(S, Y, M, O, KO, P, H, R, GROW, DS, WS, N, C, D, stride_s, st
             if UPCAST:
                 mu = mu.to(tl.float32)
             tl.store(ws_ptr, tl.dot(coef.to(mu.dtype), mu, part, input_precision=PRECISION), mask=tmask)
-    scale = -tl.load(GROW + rows, mask=rmask, other=0.0) * inv_cm1
+    # The row sums go through the (N,) buffers Q and GSELF, which are no longer needed.
+    tl.store(Q + rows, asum, mask=rmask)
+    tl.store(GSELF + rows, bsum, mask=rmask)
     for d0 in range(0, D, BLOCK_D):
-        cols, tmask, s, o, mu = _own_tile(S, M, O, y, rows, rmask, d0, D, stride_s, stride_m, BLOCK_D)
-        part = tl.load(WS + rows[:, None] * stride_ws + cols[None, :], mask=tmask, other=0.0)
-        ds = scale[:, None] * (asum[:, None] * mu - bsum[:, None] * (s - o[None, :]) + part)
-        tl.store(DS + rows[:, None] * stride_s + cols[None, :], ds.to(DS.dtype.element_ty), mask=tmask)
+        _grad_tile(S, Y, M, O, GROW, Q, GSELF, WS, DS, rows, rmask, d0, D, stride_s, stride_m, stride_ws, inv_cm1,
+                   BLOCK_D)
 
 
-# GPU configurations; the backward holds two (BLOCK_N, BLOCK_C) tiles at once, hence the
-# smaller tiles among them.  Keyed on (C, D): N only changes the grid.
-_GPU_CONFIGS = [
-    triton.Config({"BLOCK_N": bn, "BLOCK_C": bc, "BLOCK_D": bd}, num_warps=w, num_stages=st)
-    for bn, bc, bd, w, st in [
-        (64, 64, 64, 4, 3),
-        (64, 128, 64, 4, 3),
-        (128, 64, 64, 8, 3),
-        (128, 128, 32, 8, 3),
-        (64, 64, 128, 4, 2),
-        (32, 64, 128, 4, 3),
-        # Small row blocks: one program per BLOCK_N rows sweeps all C, so at N ~ 10k the
-        # grid only fills the GPU's SMs with BLOCK_N <= 32.
-        (32, 128, 64, 4, 3),
-        (16, 128, 64, 4, 3),
-        (16, 64, 128, 4, 3),
-    ]
-]
+def _configs(shapes):
+    return [triton.Config({"BLOCK_N": bn, "BLOCK_C": bc, "BLOCK_D": bd}, num_warps=w, num_stages=st)
+            for bn, bc, bd, w, st in shapes]
+
+
+# Tile kernels (forward, coefficients): a GEMM-like 2-D grid over (rows, classes) blocks.
+_TILE_CONFIGS = _configs([(128, 128, 64, 8, 3), (128, 64, 64, 4, 3), (64, 128, 64, 4, 3), (64, 64, 64, 4, 4),
+                          (128, 128, 32, 8, 4), (64, 64, 128, 4, 3)])
+# The recomputing backward holds two (BLOCK_N, BLOCK_C) tiles at once and its grid is N / BLOCK_N
+# programs only, hence smaller row blocks among them.
+_ROW_CONFIGS = _configs([(64, 64, 64, 4, 3), (64, 128, 64, 4, 3), (128, 64, 64, 8, 3), (32, 64, 128, 4, 3),
+                         (32, 128, 64, 4, 3), (16, 128, 64, 4, 3)])
+_MIN_BLOCK_C = 16  # smallest BLOCK_C of any config (interpreter included): sizes the partial-sum buffers
 # The interpreter is slow: small tiles keep odd shapes multi-tile, larger D steps keep it quick.
 _INTERPRETER_CONFIG = {"BLOCK_N": 16, "BLOCK_C": 16, "BLOCK_D": 32}
+_ROWWISE = {"BLOCK_N": 32, "BLOCK_D": 64}  # the memory-bound row kernels
 
-_fwd_tuned = triton.autotune(_GPU_CONFIGS, key=["C", "D"])(_sfm_fwd_kernel)
-_bwd_tuned = triton.autotune(_GPU_CONFIGS, key=["C", "D"])(_sfm_bwd_kernel)
+_fwd_tuned = triton.autotune(_TILE_CONFIGS, key=["C", "D"])(_sfm_fwd_kernel)
+_coef_tuned = triton.autotune(_TILE_CONFIGS, key=["C", "D"])(_sfm_coef_kernel)
+_bwd_tuned = triton.autotune(_ROW_CONFIGS, key=["C", "D"])(_sfm_bwd_recompute_kernel)
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -197,43 +236,85 @@ def _precision(dtype: torch.dtype) -> str:
     return "tf32"
 
 
-def _launch(tuned, plain, n: int, *args, **kwargs) -> None:
-    if os.environ.get("FASTSFM_AUTOTUNE", "1") == "0" and not interpreter_active():
-        # One fixed GPU config: for test suites that sweep many shapes (autotuning each costs seconds).
-        cfg = _GPU_CONFIGS[0]
-        plain[(triton.cdiv(n, cfg.kwargs["BLOCK_N"]),)](*args, **kwargs, **cfg.kwargs, num_warps=cfg.num_warps,
-                                                       num_stages=cfg.num_stages, UPCAST=False)
-    elif interpreter_active():
+def _launch(tuned, plain, grid, *args, **kwargs) -> None:
+    """Autotuned on GPU; a fixed config under the interpreter or with ``FASTSFM_AUTOTUNE=0``.
+
+    ``grid(meta)`` gives the launch grid from the chosen block sizes.
+    """
+    if interpreter_active():
         # The interpreter's tl.dot returns garbage for bfloat16 operands (triton 3.8), so there
         # the GEMM operands are upcast to float32; loads, casts and the epilogue stay as on GPU.
         cfg = _INTERPRETER_CONFIG
-        plain[(triton.cdiv(n, cfg["BLOCK_N"]),)](*args, **kwargs, **cfg, UPCAST=True)
+        plain[grid(cfg)](*args, **kwargs, **cfg, UPCAST=True)
+    elif os.environ.get("FASTSFM_AUTOTUNE", "1") == "0":
+        # One fixed GPU config: for test suites that sweep many shapes (autotuning each costs seconds).
+        cfg = tuned.configs[0]
+        plain[grid(cfg.kwargs)](*args, **kwargs, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                                UPCAST=False)
     else:
-        tuned[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](*args, **kwargs, UPCAST=False)
+        tuned[grid](*args, **kwargs, UPCAST=False)
+
+
+def _row_terms(s, y, m, o, ko) -> tuple[torch.Tensor, torch.Tensor]:
+    n, d = s.shape
+    q = torch.empty(n, device=s.device, dtype=torch.float32)
+    gself = torch.empty_like(q)
+    _row_terms_kernel[(triton.cdiv(n, _ROWWISE["BLOCK_N"]),)](s, y, m, o, ko, q, gself, n, d, s.stride(0),
+                                                                m.stride(0), **_ROWWISE)
+    return q, gself
 
 
 def sfm_forward(s: torch.Tensor, y: torch.Tensor, m: torch.Tensor, o: torch.Tensor, ko: torch.Tensor,
                 p: torch.Tensor, h: torch.Tensor, r: torch.Tensor, wsum: torch.Tensor, eps: float) -> torch.Tensor:
-    """Per-row SFM losses, shape (N,) float32.  Inputs as in the module docstring, contiguous."""
-    n, d = s.shape
-    c = m.shape[0]
-    loss = torch.empty(n, device=s.device, dtype=torch.float32)
-    _launch(_fwd_tuned, _sfm_fwd_kernel, n, s, y, m, o, ko, p, h, r, wsum, loss, n, c, d, s.stride(0), m.stride(0),
-            h.stride(0), eps, 1.0 / (c - 1), PRECISION=_precision(s.dtype))
-    return loss
+    """Per-row SFM losses, shape (N,) float32.  Inputs as in the module docstring, contiguous.
 
-
-def sfm_backward(s: torch.Tensor, y: torch.Tensor, m: torch.Tensor, o: torch.Tensor, ko: torch.Tensor,
-                 p: torch.Tensor, h: torch.Tensor, r: torch.Tensor, grad_rows: torch.Tensor, eps: float) -> torch.Tensor:
-    """Gradient of ``sum_i grad_rows[i] * loss_i`` with respect to ``s``: (N, D) in ``s.dtype``.
-
-    For float32 inputs the accumulation happens in the output itself; for half inputs a
-    float32 (N, D) workspace is allocated (the only extra memory besides the output).
+    Extra memory: (N, ceil(C / 16)) float32 partial sums and two (N,) row terms.
     """
     n, d = s.shape
     c = m.shape[0]
+    q, gself = _row_terms(s, y, m, o, ko)
+    part = torch.zeros(n, triton.cdiv(c, _MIN_BLOCK_C), device=s.device, dtype=torch.float32)
+    _launch(_fwd_tuned, _sfm_fwd_kernel,
+            lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(c, meta["BLOCK_C"])),
+            s, y, m, ko, p, h, r, q, gself, part, n, c, d, s.stride(0), m.stride(0), h.stride(0), part.stride(0), eps,
+            PRECISION=_precision(s.dtype))
+    return (wsum[y] - part.sum(1)) / (c - 1)
+
+
+def sfm_backward(s: torch.Tensor, y: torch.Tensor, m: torch.Tensor, o: torch.Tensor, ko: torch.Tensor,
+                 p: torch.Tensor, h: torch.Tensor, r: torch.Tensor, grad_rows: torch.Tensor, eps: float,
+                 strategy: str = "store") -> torch.Tensor:
+    """Gradient of ``sum_i grad_rows[i] * loss_i`` with respect to ``s``: (N, D) in ``s.dtype``.
+
+    ``strategy="store"``: a GEMM-shaped kernel over (rows, classes) tiles writes the
+    coefficients ``beta - alpha`` as an (N, C) matrix in ``s.dtype``, cuBLAS multiplies it by
+    the centres, and a row kernel adds the per-row terms.  ``strategy="recompute"``: one
+    kernel per row block recomputes the tiles and never stores N x C (extra memory: an
+    (N, D) float32 workspace for half inputs, none for float32), but its grid has only
+    N / BLOCK_N programs.  ``benches/bench_loss.py`` measures both; see ``benches/RESULTS.md``.
+    """
+    n, d = s.shape
+    c = m.shape[0]
+    q, gself = _row_terms(s, y, m, o, ko)
     ds = torch.empty_like(s)
-    ws = ds if s.dtype == torch.float32 else torch.empty(n, d, device=s.device, dtype=torch.float32)
-    _launch(_bwd_tuned, _sfm_bwd_kernel, n, s, y, m, o, ko, p, h, r, grad_rows, ds, ws, n, c, d, s.stride(0),
-            m.stride(0), h.stride(0), ws.stride(0), eps, 1.0 / (c - 1), PRECISION=_precision(s.dtype))
+    inv_cm1 = 1.0 / (c - 1)
+    if strategy == "recompute":
+        ws = ds if s.dtype == torch.float32 else torch.empty(n, d, device=s.device, dtype=torch.float32)
+        _launch(_bwd_tuned, _sfm_bwd_recompute_kernel, lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),),
+                s, y, m, o, ko, p, h, r, q, gself, grad_rows, ds, ws, n, c, d, s.stride(0), m.stride(0), h.stride(0),
+                ws.stride(0), eps, inv_cm1, PRECISION=_precision(s.dtype))
+        return ds
+    if strategy != "store":
+        raise ValueError(f"strategy must be 'store' or 'recompute', got {strategy!r}")
+    coef = torch.empty(n, c, device=s.device, dtype=m.dtype)
+    apart = torch.zeros(n, triton.cdiv(c, _MIN_BLOCK_C), device=s.device, dtype=torch.float32)
+    bpart = torch.zeros_like(apart)
+    _launch(_coef_tuned, _sfm_coef_kernel,
+            lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(c, meta["BLOCK_C"])),
+            s, y, m, ko, p, h, r, q, gself, coef, apart, bpart, n, c, d, s.stride(0), m.stride(0), h.stride(0),
+            coef.stride(0), apart.stride(0), eps, PRECISION=_precision(s.dtype))
+    part = coef @ m
+    grid = (triton.cdiv(n, _ROWWISE["BLOCK_N"]), triton.cdiv(d, _ROWWISE["BLOCK_D"]))
+    _sfm_grad_kernel[grid](s, y, m, o, grad_rows, apart.sum(1), bpart.sum(1), part, ds, n, d, s.stride(0),
+                           m.stride(0), part.stride(0), inv_cm1, **_ROWWISE)
     return ds

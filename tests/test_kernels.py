@@ -9,17 +9,18 @@ import torch
 from conftest import make_problem
 
 from fastsfm import SFMLoss
-from fastsfm.functional import sfm_loss, sfm_loss_literal
+from fastsfm.functional import flow_geometry, sfm_loss, sfm_loss_from_geometry, sfm_loss_literal
 
 # (loss rtol, loss atol, gradient tolerance relative to the largest gradient entry)
 TOL = {torch.float32: (1e-4, 1e-5, 1e-4), torch.bfloat16: (2e-2, 2e-3, 3e-2), torch.float16: (5e-3, 5e-4, 5e-3)}
 
 
-def _check(n, c, d, dtype, device, weight=False, reduction="none", seed=0):
+def _check(n, c, d, dtype, device, weight=False, reduction="none", seed=0, strategy="store"):
     f, y, m = make_problem(n, c, d, dtype, device, seed)
     w = torch.rand(c, c, device=device) if weight else None
     x = f.clone().requires_grad_()
-    got = sfm_loss(x, y, m, w, backend="triton", reduction=reduction)
+    geo = flow_geometry(m, w)
+    got = sfm_loss_from_geometry(x, y, geo, reduction=reduction, backend="triton", fused_backward=strategy)
     # Oracle in float64 on the same (rounded) inputs.
     xr = f.double().clone().requires_grad_()
     want = sfm_loss(xr, y, m.double(), None if w is None else w.double(), backend="literal", reduction=reduction)
@@ -45,6 +46,18 @@ def test_kernel_matches_literal_float32(n, c, d, device):
 @pytest.mark.parametrize("n,c,d", [(7, 10, 64), (130, 33, 200), (1, 2, 3)])
 def test_kernel_matches_literal_half(n, c, d, dtype, device):
     _check(n, c, d, dtype, device)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n,c,d", [(1, 2, 3), (37, 17, 70), (130, 33, 200)])
+def test_recompute_backward_matches_literal(n, c, d, dtype, device):
+    _check(n, c, d, dtype, device, strategy="recompute")
+
+
+def test_unknown_backward_strategy_is_an_error(device):
+    f, y, m = make_problem(3, 2, 4, torch.float32, device)
+    with pytest.raises(ValueError, match="fused_backward must be"):
+        sfm_loss_from_geometry(f, y, flow_geometry(m), backend="triton", fused_backward="cache")
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
