@@ -100,9 +100,10 @@ def cmd_distill(args: argparse.Namespace) -> None:
         stats.check_compatible(num_classes=data.num_classes)
         if cfg.init == "real":
             from .baselines.reals import random_reals
-            from .data import images_of_class, labels_of
+            from .data import stack_images, labels_of
 
-            real = images_of_class(data.train, random_reals(labels_of(data.train), data.num_classes, cfg.ipc, cfg.seed))
+            picks = random_reals(labels_of(data.train), data.num_classes, cfg.ipc, cfg.seed)
+            real = stack_images(data.train, picks)
         if cfg.method == "lgm":
             from .baselines.lgm import LGMObjective
 
@@ -115,7 +116,7 @@ def cmd_distill(args: argparse.Namespace) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> None:
     from .baselines.reals import centroid_reals, random_reals
-    from .data import images_of_class, labels_of
+    from .data import stack_images, labels_of
     from .evaluate import evaluate_images, summarise
     from .probe import encode
     from .stats import ClassStats
@@ -142,15 +143,16 @@ def cmd_eval(args: argparse.Namespace) -> None:
         train_y = labels_of(data.train)
         sets[f"random real (IPC={ipc})"] = None
         if stats is not None:
-            feats = encode(backbone, torch.stack([data.train[i][0] for i in range(len(data.train))]), device=args.device)
+            all_train = torch.stack([data.train[i][0] for i in range(len(data.train))])
+            feats = encode(backbone, all_train, device=args.device)
             idx = centroid_reals(feats, train_y, stats.means.to(feats.device), ipc)
-            sets[f"centroid real (IPC={ipc})"] = (images_of_class(data.train, idx), train_y[idx])
+            sets[f"centroid real (IPC={ipc})"] = (stack_images(data.train, idx), train_y[idx])
     scores = []
     for seed in range(args.seeds):
         for name, pair in sets.items():
             if pair is None:  # random reals differ per seed
                 idx = random_reals(labels_of(data.train), data.num_classes, ipc, seed)
-                pair = (images_of_class(data.train, idx), labels_of(data.train)[idx])
+                pair = (stack_images(data.train, idx), labels_of(data.train)[idx])
             scores.append(evaluate_images(backbone, pair[0], pair[1], test_f, test_y, stats, args.epochs, seed, name,
                                           device=args.device, probe_lr=args.probe_lr))
     table = summarise(scores)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset, TensorDataset
 
-__all__ = ["ImageData", "digits", "image_folder", "load_data", "labels_of", "fingerprint", "images_of_class"]
+__all__ = ["ImageData", "digits", "image_folder", "load_data", "labels_of", "fingerprint", "stack_images"]
 
 
 @dataclass
@@ -97,7 +97,7 @@ def labels_of(dataset: Dataset) -> Tensor:
     raise TypeError(f"cannot read labels of {type(dataset).__name__} without loading it; use ImageFolder or tensors")
 
 
-def images_of_class(dataset: Dataset, indices: Tensor) -> Tensor:
+def stack_images(dataset: Dataset, indices: Tensor) -> Tensor:
     """Stack the images at ``indices`` into (K, 3, H, W)."""
     return torch.stack([dataset[int(i)][0] for i in indices])
 

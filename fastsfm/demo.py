@@ -55,7 +55,8 @@ def run_demo(out_dir: str | Path = "runs/demo", seeds: int = 3, steps: int | Non
     scores: list[Score] = []
     for seed in range(seeds):
         reals = random_reals(train_y, data.num_classes, ipc, seed)
-        sets = {"random real": (train_x[reals], train_y[reals]), "centroid real": (train_x[centroid], train_y[centroid])}
+        sets = {"random real": (train_x[reals], train_y[reals]),
+                "centroid real": (train_x[centroid], train_y[centroid])}
         for mode in modes:
             cfg = replace(base_cfg, seed=seed, mode=mode)
             run_dir = out / f"sfm-{mode}-seed{seed}"

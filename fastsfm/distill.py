@@ -71,8 +71,8 @@ class SFMObjective:
     classes as fit in 80 % of the free memory.
     """
 
-    def __init__(self, backbone: Backbone, stats: ClassStats, augment: SinglePassAugment, ipc: int, mode: str = "sample",
-                 chunk_size: int | None = None, backend: str = "auto"):
+    def __init__(self, backbone: Backbone, stats: ClassStats, augment: SinglePassAugment, ipc: int,
+                 mode: str = "sample", chunk_size: int | None = None, backend: str = "auto"):
         self.backbone, self.augment, self.ipc, self.mode = backbone, augment, ipc, mode
         self.loss = SFMLoss(stats, reduction="sum", mode=mode, backend=backend, check_finite=False)
         self.loss.to(stats.means.device)

@@ -82,8 +82,9 @@ class ClassStats:
     def save(self, path: str | Path) -> None:
         """Atomic safetensors write; metadata as strings (class names JSON-encoded)."""
         meta = {**self.meta, "format": FORMAT, "class_names": json.dumps(self.class_names)}
-        atomic_save_safetensors({"means": self.means, "counts": self.counts, "classifier_weight": self.classifier_weight,
-                                 "classifier_bias": self.classifier_bias}, path, meta)
+        tensors = {"means": self.means, "counts": self.counts, "classifier_weight": self.classifier_weight,
+                   "classifier_bias": self.classifier_bias}
+        atomic_save_safetensors(tensors, path, meta)
 
     @classmethod
     def load(cls, path: str | Path) -> "ClassStats":
@@ -121,7 +122,8 @@ class ClassStats:
                 raise ValueError(f"statistics were computed with backbone {self.meta.get('backbone')!r}, "
                                  f"not {backbone.identity!r}; recompute them with `fastsfm stats`")
             if backbone.feature_dim != self.feature_dim:
-                raise ValueError(f"backbone gives D={backbone.feature_dim} features, statistics have D={self.feature_dim}")
+                raise ValueError(f"backbone gives D={backbone.feature_dim} features, "
+                                 f"statistics have D={self.feature_dim}")
         if num_classes is not None and num_classes != self.num_classes:
             raise ValueError(f"statistics have {self.num_classes} classes, the data has {num_classes}")
         if dataset is not None and self.meta.get("dataset") != dataset:

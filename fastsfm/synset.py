@@ -55,7 +55,8 @@ class SyntheticSet(nn.Module):
         if num_classes < 1 or ipc < 1 or resolution < 1:
             raise ValueError(f"need num_classes, ipc, resolution >= 1, got {num_classes}, {ipc}, {resolution}")
         n = num_classes * ipc
-        self.num_classes, self.ipc, self.resolution, self.param, self.extent = num_classes, ipc, resolution, param, extent
+        self.num_classes, self.ipc, self.resolution = num_classes, ipc, resolution
+        self.param, self.extent = param, extent
         self.sizes = [resolution] if param == "pixels" else _level_sizes(min(start_res, resolution), resolution)
         classes = torch.arange(first_class, first_class + num_classes)
         self.register_buffer("labels", classes.repeat_interleave(ipc))
@@ -66,7 +67,8 @@ class SyntheticSet(nn.Module):
         if init == "real":
             if real_images is None or real_images.shape != (n, 3, resolution, resolution):
                 got = None if real_images is None else tuple(real_images.shape)
-                raise ValueError(f"init='real' needs real_images of shape ({n}, 3, {resolution}, {resolution}), got {got}")
+                raise ValueError(f"init='real' needs real_images of shape ({n}, 3, {resolution}, {resolution}), "
+                                 f"got {got}")
             for size in self.sizes[:-1]:
                 self.levels.append(nn.Parameter(torch.zeros(n, 3, size, size)))
             logits = 0.5 * torch.logit(real_images.float().clamp(1e-3, 1 - 1e-3))

@@ -152,5 +152,6 @@ def test_automatic_chunk_size_on_cuda_keeps_rng_stream(setup):
     after = torch.rand(1)
     torch.manual_seed(0)
     SFMObjective(bb, stats, SinglePassAugment(16), ipc=2, chunk_size=6).backward(
-        torch.rand(6, 3, 16, 16, device="cuda", requires_grad=True) * 1.0, torch.arange(3, device="cuda").repeat_interleave(2))
+        torch.rand(6, 3, 16, 16, device="cuda", requires_grad=True) * 1.0,
+        torch.arange(3, device="cuda").repeat_interleave(2))
     assert obj.chunk >= 2 and obj.chunk % 2 == 0 and torch.equal(after, torch.rand(1))

@@ -21,7 +21,7 @@ from torch.utils.data import Dataset
 
 from ..augment import SinglePassAugment
 from ..backbones import Backbone
-from ..data import images_of_class, labels_of
+from ..data import stack_images, labels_of
 
 __all__ = ["linear_ce_grad", "lgm_loss", "LGMObjective"]
 
@@ -57,7 +57,7 @@ class LGMObjective:
 
     def _real_batch(self) -> tuple[Tensor, Tensor]:
         idx = torch.randint(len(self.real), (self.ipc * self.augs * self.num_classes,))
-        return images_of_class(self.real, idx).to(self.device), self.labels[idx].to(self.device)
+        return stack_images(self.real, idx).to(self.device), self.labels[idx].to(self.device)
 
     def backward(self, images: Tensor, labels: Tensor) -> float:
         d = self.backbone.feature_dim
