@@ -76,3 +76,12 @@ def test_cli_demo_tiny(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "RANDOMLY INITIALISED" in out and "SFM (sample)" in out and "centroid real" in out
     assert (tmp_path / "demo" / "comparison.png").exists() and (tmp_path / "demo" / "results.json").exists()
+
+
+@pytest.mark.parametrize("command", ["stats", "distill", "eval", "demo"])
+def test_cli_help_lists_options(command, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main([command, "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "--out" in out and (command == "demo" or "--backbone" in out)
