@@ -12,9 +12,9 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 
-from .stats import atomic_save_safetensors
+from .io import atomic_save_safetensors, read_safetensors
 
 __all__ = ["save_checkpoint", "load_checkpoint", "CheckpointError"]
 
@@ -45,9 +45,7 @@ def load_checkpoint(path: str | Path, identity: dict[str, str]) -> dict:
     """
     path = Path(path)
     try:
-        with safe_open(str(path), "pt") as fh:
-            meta = dict(fh.metadata() or {})
-            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+        tensors, meta = read_safetensors(path)
         step = int(meta["step"])
         groups = json.loads(meta["param_groups"])
         saved_identity = json.loads(meta["identity"])

@@ -10,41 +10,24 @@ from another backbone or dataset.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch import Tensor
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .backbones import Backbone
 from .distributed import interleave_shards, rank_world
+from .io import atomic_save_safetensors, read_safetensors
 from .probe import fit_linear_classifier
 
-__all__ = ["ClassStats", "compute_stats", "atomic_save_safetensors"]
+__all__ = ["ClassStats", "compute_stats"]
 
 FORMAT = "fastsfm-stats-v1"
-
-
-def atomic_save_safetensors(tensors: dict[str, Tensor], path: str | Path, metadata: dict[str, str]) -> None:
-    """Write a safetensors file via a temporary file in the same folder and ``os.replace``:
-    a crash mid-write leaves the previous file intact, never a truncated one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 @dataclass
@@ -93,11 +76,7 @@ class ClassStats:
         if not path.is_file():
             raise FileNotFoundError(f"statistics file {path} does not exist; create it with `fastsfm stats`")
         try:
-            from safetensors import safe_open
-
-            with safe_open(str(path), "pt") as fh:
-                meta = dict(fh.metadata() or {})
-            tensors = load_file(str(path))
+            tensors, meta = read_safetensors(path)
         except (SafetensorError, OSError, ValueError) as err:
             raise ValueError(f"{path} is not a readable safetensors statistics file: {err}") from err
         if meta.get("format") != FORMAT:

@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .io import atomic_save_safetensors, read_safetensors
+
 __all__ = ["SyntheticSet", "COLOR_DECORRELATION", "save_grid", "save_images"]
 
 COLOR_DECORRELATION = torch.tensor([[0.26, 0.09, 0.02], [0.27, 0.00, -0.05], [0.27, -0.09, 0.03]])
@@ -127,17 +129,12 @@ class SyntheticSet(nn.Module):
     @staticmethod
     def load_images(path: str | Path) -> tuple[Tensor, Tensor, dict[str, str]]:
         """Read an exported set: ``(images, labels, metadata)``."""
-        from safetensors import safe_open
-
-        with safe_open(str(path), "pt") as fh:
-            meta = dict(fh.metadata() or {})
-            return fh.get_tensor("images"), fh.get_tensor("labels"), meta
+        tensors, meta = read_safetensors(path)
+        return tensors["images"], tensors["labels"], meta
 
 
 def save_images(path: str | Path, images: Tensor, labels: Tensor, meta: dict[str, str]) -> None:
     """Atomically write an image set: ``images`` (N, 3, R, R), ``labels`` (N,), string metadata."""
-    from .stats import atomic_save_safetensors
-
     atomic_save_safetensors({"images": images, "labels": labels}, path, meta)
 
 
