@@ -131,7 +131,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     data = _data(args, backbone.input_size)
     if data.test is None:
         raise SystemExit("--test-data is needed (the real test split)")
-    test_x = torch.stack([data.test[i][0] for i in range(len(data.test))])
+    test_x = stack_images(data.test, range(len(data.test)))
     test_y = labels_of(data.test)
     test_f = encode(backbone, test_x, device=args.device)
     sets = {}
@@ -143,7 +143,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         train_y = labels_of(data.train)
         sets[f"random real (IPC={ipc})"] = None
         if stats is not None:
-            all_train = torch.stack([data.train[i][0] for i in range(len(data.train))])
+            all_train = stack_images(data.train, range(len(data.train)))
             feats = encode(backbone, all_train, device=args.device)
             idx = centroid_reals(feats, train_y, stats.means.to(feats.device), ipc)
             sets[f"centroid real (IPC={ipc})"] = (stack_images(data.train, idx), train_y[idx])

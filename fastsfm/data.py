@@ -97,7 +97,7 @@ def labels_of(dataset: Dataset) -> Tensor:
     raise TypeError(f"cannot read labels of {type(dataset).__name__} without loading it; use ImageFolder or tensors")
 
 
-def stack_images(dataset: Dataset, indices: Tensor) -> Tensor:
+def stack_images(dataset: Dataset, indices: "Tensor | range") -> Tensor:
     """Stack the images at ``indices`` into (K, 3, H, W)."""
     return torch.stack([dataset[int(i)][0] for i in indices])
 
