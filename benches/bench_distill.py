@@ -39,19 +39,27 @@ def _setup(args, ipc: int):
     backbone = load_backbone(args.backbone, pretrained=False, image_size=args.image_size, device=device)
     c, d = args.classes, backbone.feature_dim
     gen = torch.Generator().manual_seed(0)
-    stats = ClassStats(torch.randn(c, d, generator=gen), torch.full((c,), 10), torch.zeros(c, d), torch.zeros(c),
-                       [str(i) for i in range(c)], {"backbone": backbone.identity}).to(device)
-    real = TensorDataset(torch.rand(c * 4, 3, args.resolution, args.resolution, generator=gen),
-                         torch.arange(c).repeat_interleave(4))
+    stats = ClassStats(
+        torch.randn(c, d, generator=gen),
+        torch.full((c,), 10),
+        torch.zeros(c, d),
+        torch.zeros(c),
+        [str(i) for i in range(c)],
+        {"backbone": backbone.identity},
+    ).to(device)
+    real = TensorDataset(
+        torch.rand(c * 4, 3, args.resolution, args.resolution, generator=gen), torch.arange(c).repeat_interleave(4)
+    )
     synset = SyntheticSet(c, ipc, args.resolution, param="pixels").to(device)
     return device, backbone, stats, real, synset
 
 
 def _objective(method: str, args, ipc: int, backbone, stats, real, device):
     if method == "sfm":
-        return SFMObjective(backbone, stats, SinglePassAugment(backbone.input_size), ipc, chunk_size=args.sfm_chunk)
-    return LGMObjective(backbone, real, args.classes, SinglePassAugment(backbone.input_size), ipc, args.lgm_augs,
-                        device)
+        return SFMObjective(backbone, stats, SinglePassAugment(backbone.input_size), DistillConfig(ipc=ipc))
+    return LGMObjective(
+        backbone, real, args.classes, SinglePassAugment(backbone.input_size), ipc, args.lgm_augs, device
+    )
 
 
 def measure(method: str, ipc: int, args) -> dict:
@@ -76,8 +84,11 @@ def measure(method: str, ipc: int, args) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize()
         ms = (time.perf_counter() - start) * 1e3 / args.steps
-        mem = (torch.cuda.max_memory_allocated() if device.type == "cuda"
-               else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**20
+        mem = (
+            torch.cuda.max_memory_allocated()
+            if device.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        ) / 2**20
         return {"method": method, "IPC": ipc, "step ms": ms, "peak MiB": mem}
     except torch.cuda.OutOfMemoryError:
         return {"method": method, "IPC": ipc, "step ms": None, "peak MiB": None, "note": "out of memory"}
@@ -114,14 +125,20 @@ def short_run_accuracy(args) -> list[dict]:
 
     data = digits(32)
     backbone = load_backbone("vit_tiny_patch16_224", pretrained=False, image_size=32)
-    stats = compute_stats(backbone, DataLoader(data.train, batch_size=256), data.class_names, data.name,
-                          progress=False)
+    stats = compute_stats(backbone, DataLoader(data.train, batch_size=256), data.class_names, data.name, progress=False)
     test_f = encode(backbone, data.test.tensors[0])
     from fastsfm.baselines.reals import random_reals
 
     init = data.train.tensors[0][random_reals(data.train.tensors[1], 10, 1, 0)]
-    cfg = DistillConfig(steps=args.short_steps, lr=1e-2, resolution=32, param="pixels", init="real",
-                        checkpoint_every=10**9, lgm_augs=args.lgm_augs)
+    cfg = DistillConfig(
+        steps=args.short_steps,
+        lr=1e-2,
+        resolution=32,
+        param="pixels",
+        init="real",
+        checkpoint_every=10**9,
+        lgm_augs=args.lgm_augs,
+    )
     rows = []
     import tempfile
 
@@ -134,8 +151,9 @@ def short_run_accuracy(args) -> list[dict]:
             seconds = time.perf_counter() - start
         with torch.no_grad():
             images = synset.render()
-        score = evaluate_images(backbone, images, synset.labels, test_f, data.test.tensors[1], None, 300, 0, method,
-                                probe_lr=1e-2)
+        score = evaluate_images(
+            backbone, images, synset.labels, test_f, data.test.tensors[1], None, 300, 0, method, probe_lr=1e-2
+        )
         rows.append({"method": method, "steps": args.short_steps, "run s": seconds, "probe acc %": score.probe})
     return rows
 
@@ -149,7 +167,7 @@ def plot(rows: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
     for method in ("sfm", "lgm"):
         pts = [r for r in rows if r["method"] == method and r["step ms"] is not None]
-        for ax, key in zip(axes, ("step ms", "peak MiB")):
+        for ax, key in zip(axes, ("step ms", "peak MiB"), strict=True):
             ax.plot([r["IPC"] for r in pts], [r[key] for r in pts], "o-", label=method.upper())
             ax.set_xlabel("IPC")
             ax.set_ylabel(key)
@@ -173,15 +191,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--ipcs", default="1,2,5")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per measurement")
     parser.add_argument("--lgm-augs", type=int, default=10)
-    parser.add_argument("--sfm-chunk", type=int, default=None, help="SFM chunk size (images)")
     parser.add_argument("--short-steps", type=int, default=100)
     parser.add_argument("--no-accuracy", action="store_true")
     parser.add_argument("--out", type=Path, default=Path("benches/out/bench_distill.csv"))
     parser.add_argument("--plot", type=Path, default=Path("benches/plots/distill_scaling.png"))
     args = parser.parse_args(argv)
     args.resolution = args.resolution or args.image_size
-    print(f"# bench_distill on {device_name(torch.device(args.device))}, backbone {args.backbone} "
-          f"(random init) at {args.image_size}px, C={args.classes}, LGM augs={args.lgm_augs}")
+    print(
+        f"# bench_distill on {device_name(torch.device(args.device))}, backbone {args.backbone} "
+        f"(random init) at {args.image_size}px, C={args.classes}, LGM augs={args.lgm_augs}"
+    )
     rows = [measure_isolated(m, int(ipc), args) for ipc in args.ipcs.split(",") for m in ("sfm", "lgm")]
     for ipc in {r["IPC"] for r in rows}:
         sfm, lgm = (next(r for r in rows if r["IPC"] == ipc and r["method"] == m) for m in ("sfm", "lgm"))

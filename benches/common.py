@@ -5,8 +5,8 @@ from __future__ import annotations
 import csv
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -59,3 +59,16 @@ def print_table(rows: list[dict]) -> None:
 
 def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def environment(device: torch.device) -> str:
+    """Device, library versions and date: the header every benchmark prints and RESULTS.md records."""
+    import datetime
+    import platform
+
+    import triton
+
+    return (
+        f"{device_name(device)}, torch {torch.__version__}, triton {triton.__version__}, "
+        f"python {platform.python_version()}, {datetime.date.today().isoformat()}"
+    )

@@ -30,8 +30,14 @@ class SinglePassAugment(nn.Module):
         flip: random horizontal flips.
     """
 
-    def __init__(self, size: int, scale: tuple[float, float] = (0.08, 1.0), noise_std: float = 0.2,
-                 noise_p: float = 0.5, flip: bool = True):
+    def __init__(
+        self,
+        size: int,
+        scale: tuple[float, float] = (0.08, 1.0),
+        noise_std: float = 0.2,
+        noise_p: float = 0.5,
+        flip: bool = True,
+    ):
         super().__init__()
         ops: list[nn.Module] = [v2.RandomResizedCrop(size, scale=scale, antialias=False)]
         if flip:

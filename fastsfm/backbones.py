@@ -40,8 +40,16 @@ class Backbone(nn.Module):
     model's normalisation; ``feature_dim`` is D.
     """
 
-    def __init__(self, model: nn.Module, name: str, weights: str, input_size: int, mean: tuple[float, ...],
-                 std: tuple[float, ...], feature_dim: int):
+    def __init__(
+        self,
+        model: nn.Module,
+        name: str,
+        weights: str,
+        input_size: int,
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
+        feature_dim: int,
+    ):
         super().__init__()
         self.model = model.eval().requires_grad_(False)
         self.name, self.weights, self.input_size, self.feature_dim = name, weights, input_size, feature_dim
@@ -57,8 +65,9 @@ class Backbone(nn.Module):
     def preprocess(self, images: Tensor) -> Tensor:
         """(B, 3, H, W) in [0, 1] -> resized to ``input_size`` and normalised."""
         if images.shape[-1] != self.input_size or images.shape[-2] != self.input_size:
-            images = F.interpolate(images, size=(self.input_size, self.input_size), mode="bilinear",
-                                   align_corners=False, antialias=False)
+            images = F.interpolate(
+                images, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False, antialias=False
+            )
         return (images - self._mean) / self._std
 
     def forward(self, images: Tensor) -> Tensor:
@@ -66,7 +75,7 @@ class Backbone(nn.Module):
             raise ValueError(f"backbone expects images (B, 3, H, W), got {tuple(images.shape)}")
         return self.model(self.preprocess(images))
 
-    def train(self, mode: bool = True) -> "Backbone":
+    def train(self, mode: bool = True) -> Backbone:
         """Always stays in eval mode: the backbone is frozen (no dropout, fixed norm statistics)."""
         return nn.Module.train(self, False)
 
@@ -79,8 +88,13 @@ def _file_digest(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def load_backbone(name: str, pretrained: bool | str = True, image_size: int | None = None, seed: int = 0,
-                  device: str | torch.device = "cpu") -> Backbone:
+def load_backbone(
+    name: str,
+    pretrained: bool | str = True,
+    image_size: int | None = None,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+) -> Backbone:
     """Create a frozen timm backbone with ``num_classes=0`` (pooled features).
 
     Args:
@@ -108,9 +122,10 @@ def load_backbone(name: str, pretrained: bool | str = True, image_size: int | No
         except Exception as err:  # noqa: BLE001 - re-raised with instructions
             raise FileNotFoundError(
                 f"pretrained weights for {name!r} (timm: {timm_name}) are not in the local cache and fastsfm never "
-                f"downloads at run time. Download them once where there is internet (python -c \"import timm; "
+                f'downloads at run time. Download them once where there is internet (python -c "import timm; '
                 f"timm.create_model('{timm_name}', pretrained=True)\") or pass a local file with --weights PATH "
-                f"(Python: pretrained='PATH'). Cause: {type(err).__name__}: {err}") from err
+                f"(Python: pretrained='PATH'). Cause: {type(err).__name__}: {err}"
+            ) from err
         weights = "timm-pretrained"
     else:
         with torch.random.fork_rng(devices=[]):

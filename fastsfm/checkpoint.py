@@ -23,8 +23,13 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be read or does not belong to this run."""
 
 
-def save_checkpoint(path: str | Path, levels: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer, step: int,
-                    identity: dict[str, str]) -> None:
+def save_checkpoint(
+    path: str | Path,
+    levels: dict[str, torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    step: int,
+    identity: dict[str, str],
+) -> None:
     state = optimizer.state_dict()
     tensors = dict(levels)
     for idx, entries in state["state"].items():
@@ -50,8 +55,10 @@ def load_checkpoint(path: str | Path, identity: dict[str, str]) -> dict:
         groups = json.loads(meta["param_groups"])
         saved_identity = json.loads(meta["identity"])
     except (SafetensorError, OSError, KeyError, ValueError) as err:
-        raise CheckpointError(f"checkpoint {path} is corrupt or not a fastsfm checkpoint ({err}); "
-                              "delete it to start over, or point --out elsewhere") from err
+        raise CheckpointError(
+            f"checkpoint {path} is corrupt or not a fastsfm checkpoint ({err}); "
+            "delete it to start over, or point --out elsewhere"
+        ) from err
     diff = {k: (saved_identity.get(k), v) for k, v in identity.items() if saved_identity.get(k) != v}
     if diff:
         raise CheckpointError(f"checkpoint {path} belongs to another run; differing settings (checkpoint, now): {diff}")
@@ -60,6 +67,9 @@ def load_checkpoint(path: str | Path, identity: dict[str, str]) -> dict:
         if key.startswith("opt."):
             _, idx, name = key.split(".", 2)
             opt_state.setdefault(int(idx), {})[name] = value
-    return {"step": step, "levels": {k: v for k, v in tensors.items() if k.startswith("level_")},
-            "optimizer": {"state": opt_state, "param_groups": groups},
-            "rng": {k: v for k, v in tensors.items() if k.startswith("rng.")}}
+    return {
+        "step": step,
+        "levels": {k: v for k, v in tensors.items() if k.startswith("level_")},
+        "optimizer": {"state": opt_state, "param_groups": groups},
+        "rng": {k: v for k, v in tensors.items() if k.startswith("rng.")},
+    }

@@ -25,8 +25,11 @@ __all__ = ["main", "build_parser"]
 
 def _add_backbone(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("backbone")
-    g.add_argument("--backbone", default="dinov2_vitb14",
-                   help="timm model name or a paper alias (dinov2_vitb14, clip_vitb16, eva02_vitb14, mocov3_vitb16)")
+    g.add_argument(
+        "--backbone",
+        default="dinov2_vitb14",
+        help="timm model name or a paper alias (dinov2_vitb14, clip_vitb16, eva02_vitb14, mocov3_vitb16)",
+    )
     w = g.add_mutually_exclusive_group()
     w.add_argument("--weights", default=None, help="local weight file (.safetensors/.pth); default: timm's cache")
     w.add_argument("--random-init", action="store_true", help="no pretrained weights: seeded random init")
@@ -75,13 +78,21 @@ def cmd_stats(args: argparse.Namespace) -> None:
     data = _data(args, backbone.input_size)
     shard = shard_dataset(data.train, *rank_world())
     loader = DataLoader(shard, batch_size=args.batch_size, num_workers=args.workers, shuffle=False)
-    stats = compute_stats(backbone, loader, data.class_names, f"{data.name}:{fingerprint(data.train)}",
-                          classifier_epochs=args.classifier_epochs, device=args.device)
+    stats = compute_stats(
+        backbone,
+        loader,
+        data.class_names,
+        f"{data.name}:{fingerprint(data.train)}",
+        classifier_epochs=args.classifier_epochs,
+        device=args.device,
+    )
     if rank != 0:
         return
     stats.save(args.out)
-    print(f"wrote {args.out}: {stats.num_classes} classes x {stats.feature_dim} dims, {stats.meta['num_images']} "
-          f"images, backbone {backbone.identity}")
+    print(
+        f"wrote {args.out}: {stats.num_classes} classes x {stats.feature_dim} dims, {stats.meta['num_images']} "
+        f"images, backbone {backbone.identity}"
+    )
 
 
 def cmd_distill(args: argparse.Namespace) -> None:
@@ -100,7 +111,7 @@ def cmd_distill(args: argparse.Namespace) -> None:
         stats.check_compatible(num_classes=data.num_classes)
         if cfg.init == "real":
             from .baselines.reals import random_reals
-            from .data import stack_images, labels_of
+            from .data import labels_of, stack_images
 
             picks = random_reals(labels_of(data.train), data.num_classes, cfg.ipc, cfg.seed)
             real = stack_images(data.train, picks)
@@ -108,15 +119,16 @@ def cmd_distill(args: argparse.Namespace) -> None:
             from .baselines.lgm import LGMObjective
 
             objective = LGMObjective.from_dataset(backbone, data.train, data.num_classes, cfg, device=args.device)
-    distill(backbone, stats, cfg, args.out, real_images=real, objective=objective, resume=args.resume,
-            device=args.device)
+    distill(
+        backbone, stats, cfg, args.out, real_images=real, objective=objective, resume=args.resume, device=args.device
+    )
     if rank == 0:
         print(f"wrote {Path(args.out) / 'synset.safetensors'} and {Path(args.out) / 'synset.png'}")
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
     from .baselines.reals import centroid_reals, random_reals
-    from .data import stack_images, labels_of
+    from .data import labels_of, stack_images
     from .evaluate import evaluate_images, summarise
     from .probe import encode
     from .stats import ClassStats
@@ -125,8 +137,10 @@ def cmd_eval(args: argparse.Namespace) -> None:
     backbone = _backbone(args)
     stats = ClassStats.load(args.stats) if args.stats else None
     if stats is not None and stats.meta.get("backbone") != backbone.identity:
-        print(f"note: statistics are of {stats.meta.get('backbone')}, the probe backbone is {backbone.identity}: "
-              "classifier inheritance is skipped")
+        print(
+            f"note: statistics are of {stats.meta.get('backbone')}, the probe backbone is {backbone.identity}: "
+            "classifier inheritance is skipped"
+        )
         stats = None
     data = _data(args, backbone.input_size)
     if data.test is None:
@@ -153,8 +167,21 @@ def cmd_eval(args: argparse.Namespace) -> None:
             if pair is None:  # random reals differ per seed
                 idx = random_reals(labels_of(data.train), data.num_classes, ipc, seed)
                 pair = (stack_images(data.train, idx), labels_of(data.train)[idx])
-            scores.append(evaluate_images(backbone, pair[0], pair[1], test_f, test_y, stats, args.epochs, seed, name,
-                                          device=args.device, probe_lr=args.probe_lr))
+            scores.append(
+                evaluate_images(
+                    backbone,
+                    pair[0],
+                    pair[1],
+                    test_f,
+                    test_y,
+                    stats,
+                    args.epochs,
+                    seed,
+                    name,
+                    device=args.device,
+                    probe_lr=args.probe_lr,
+                )
+            )
     table = summarise(scores)
     print(json.dumps(table, indent=1))
     if args.out:
@@ -170,8 +197,10 @@ def cmd_demo(args: argparse.Namespace) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from .distill import DistillConfig
 
-    parser = argparse.ArgumentParser(prog="fastsfm", description="Statistical flow matching dataset distillation "
-                                     "for frozen pre-trained vision backbones.")
+    parser = argparse.ArgumentParser(
+        prog="fastsfm",
+        description="Statistical flow matching dataset distillation for frozen pre-trained vision backbones.",
+    )
     parser.add_argument("--version", action="version", version=f"fastsfm {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -191,17 +220,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="run folder: checkpoint, synset.safetensors, synset.png")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.safetensors")
     defaults = DistillConfig()
-    choices = {"method": ["sfm", "lgm"], "param": ["pyramid", "pixels"], "init": ["noise", "real"],
-               "mode": ["sample", "class_mean"]}
+    choices = {
+        "method": ["sfm", "lgm"],
+        "param": ["pyramid", "pixels"],
+        "init": ["noise", "real"],
+        "objective": ["flow", "decouple"],
+    }
     for f in fields(DistillConfig):
         flag = "--" + f.name.replace("_", "-")
         default = getattr(defaults, f.name)
         if isinstance(default, bool):
             p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default)
         else:
-            kind = int if f.name == "chunk_size" else type(default)
-            p.add_argument(flag, dest=f.name, type=kind, default=default, choices=choices.get(f.name),
-                           help=f"default: {default}")
+            kind = float if f.name == "nontarget_divisor" else type(default)
+            p.add_argument(
+                flag, dest=f.name, type=kind, default=default, choices=choices.get(f.name), help=f"default: {default}"
+            )
     p.set_defaults(func=cmd_distill)
 
     p = sub.add_parser("eval", help="linear probe + classifier inheritance on the real test split")

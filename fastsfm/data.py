@@ -54,8 +54,12 @@ def digits(image_size: int = 32, test_fraction: float = 0.3, seed: int = 0) -> I
         test_idx.append(idx[: int(round(len(idx) * test_fraction))])
     is_test = torch.zeros(len(labels), dtype=torch.bool)
     is_test[torch.cat(test_idx)] = True
-    return ImageData(TensorDataset(images[~is_test], labels[~is_test]), TensorDataset(images[is_test], labels[is_test]),
-                     [str(c) for c in range(10)], f"digits{image_size}")
+    return ImageData(
+        TensorDataset(images[~is_test], labels[~is_test]),
+        TensorDataset(images[is_test], labels[is_test]),
+        [str(c) for c in range(10)],
+        f"digits{image_size}",
+    )
 
 
 def image_folder(root: str | Path, image_size: int, test_root: str | Path | None = None) -> ImageData:
@@ -66,8 +70,15 @@ def image_folder(root: str | Path, image_size: int, test_root: str | Path | None
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"image folder {root} does not exist (expected root/<class>/<image> files)")
-    tf = v2.Compose([v2.ToImage(), v2.Resize(image_size, antialias=True), v2.CenterCrop(image_size),
-                     v2.ToDtype(torch.float32, scale=True), v2.Lambda(_to_rgb)])
+    tf = v2.Compose(
+        [
+            v2.ToImage(),
+            v2.Resize(image_size, antialias=True),
+            v2.CenterCrop(image_size),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Lambda(_to_rgb),
+        ]
+    )
     train = datasets.ImageFolder(str(root), transform=tf)
     test = None
     if test_root is not None:
@@ -97,7 +108,7 @@ def labels_of(dataset: Dataset) -> Tensor:
     raise TypeError(f"cannot read labels of {type(dataset).__name__} without loading it; use ImageFolder or tensors")
 
 
-def stack_images(dataset: Dataset, indices: "Tensor | range") -> Tensor:
+def stack_images(dataset: Dataset, indices: Tensor | range) -> Tensor:
     """Stack the images at ``indices`` into (K, 3, H, W)."""
     return torch.stack([dataset[int(i)][0] for i in indices])
 

@@ -32,20 +32,21 @@ __all__ = ["DistillConfig", "distill", "SFMObjective", "Objective"]
 class DistillConfig:
     """Settings of one distillation run (all of them are recorded in checkpoints)."""
 
-    method: str = "sfm"            # "sfm" or "lgm" (baseline, see fastsfm.baselines.lgm)
-    ipc: int = 1                   # synthetic images per class
+    method: str = "sfm"  # "sfm" or "lgm" (baseline, see fastsfm.baselines.lgm)
+    ipc: int = 1  # synthetic images per class
     steps: int = 5000
     lr: float = 2e-3
-    resolution: int = 256          # stored synthetic resolution; the backbone sees random crops
-    param: str = "pyramid"         # "pyramid" or "pixels"
-    init: str = "noise"            # "noise" or "real"
+    resolution: int = 256  # stored synthetic resolution; the backbone sees random crops
+    param: str = "pyramid"  # "pyramid" or "pixels"
+    init: str = "noise"  # "noise" or "real"
     pyramid_start: int = 1
-    pyramid_extent: int = 200      # steps between pyramid levels
+    pyramid_extent: int = 200  # steps between pyramid levels
     decorrelate: bool = True
-    mode: str = "sample"           # SFM on every synthetic feature or on per-class means
-    noise_std: float = 0.2         # augmentation noise (0 disables)
-    chunk_size: int | None = None  # images per backward chunk (whole classes); None = automatic
-    lgm_augs: int = 10             # LGM only: augmented copies of the synthetic set (real batch: ipc*augs*C)
+    objective: str = "flow"  # SFM objective: "flow" (paper) or "decouple"
+    alpha: float = 1.0  # decouple only: weight of MSE(mu, t)
+    nontarget_divisor: float | None = None  # None: C - 1; the released script uses C*IPC - 1
+    noise_std: float = 0.2  # augmentation noise (0 disables)
+    lgm_augs: int = 10  # LGM only: augmented copies of the synthetic set (real batch: ipc*augs*C)
     seed: int = 0
     checkpoint_every: int = 100
 
@@ -60,57 +61,27 @@ class Objective(Protocol):
 
 
 class SFMObjective:
-    """SFM: one augmentation pass, backbone features, :class:`SFMLoss` against the real statistics.
+    """SFM: one augmentation pass of the synthetic set, backbone features, :class:`SFMLoss`.
 
-    With ``chunk_size`` the batch is processed in chunks of whole classes, each backward
-    accumulating into the rendered images' gradient; the result equals the unchunked step
-    (per-image augmentation draws happen in the same order, the backbone is per-image) while
-    peak memory is bounded by one chunk.  ``chunk_size=None`` chooses automatically: no
-    chunking on CPU; on CUDA, at the first step, the peak memory of one class is measured
-    (outside the RNG stream, so seeded runs stay reproducible) and chunks take as many
-    classes as fit in 80 % of the free memory.
+    Under ``torch.distributed`` each rank passes its own classes' images; the loss all-reduces
+    per-class sums and counts, so every rank optimises the one global objective.
     """
 
-    def __init__(self, backbone: Backbone, stats: ClassStats, augment: SinglePassAugment, ipc: int,
-                 mode: str = "sample", chunk_size: int | None = None, backend: str = "auto"):
-        self.backbone, self.augment, self.ipc, self.mode = backbone, augment, ipc, mode
-        self.loss = SFMLoss(stats, reduction="sum", mode=mode, backend=backend, check_finite=False)
-        self.loss.to(stats.means.device)
-        self.chunk = None if chunk_size is None else max(ipc, chunk_size // ipc * ipc)
-        self.auto = chunk_size is None
-
-    def _sum(self, images: Tensor, labels: Tensor) -> Tensor:
-        return self.loss(self.backbone(self.augment(images)), labels)
-
-    def _measure_chunk(self, images: Tensor, labels: Tensor) -> int | None:
-        if images.device.type != "cuda":
-            return None
-        probe = images[:self.ipc].detach().requires_grad_()
-        with torch.random.fork_rng(devices=[images.device]):
-            torch.cuda.synchronize(images.device)
-            base = torch.cuda.memory_allocated(images.device)
-            torch.cuda.reset_peak_memory_stats(images.device)
-            self._sum(probe, labels[:self.ipc]).backward()
-            per_class = torch.cuda.max_memory_allocated(images.device) - base
-        free, _ = torch.cuda.mem_get_info(images.device)
-        return max(1, int(0.8 * free / max(per_class, 1))) * self.ipc
+    def __init__(self, backbone: Backbone, stats: ClassStats, augment: SinglePassAugment, config: DistillConfig):
+        self.backbone, self.augment = backbone, augment
+        group = dist.group.WORLD if rank_world()[1] > 1 else None
+        self.loss = SFMLoss(
+            stats,
+            objective=config.objective,
+            alpha=config.alpha,
+            nontarget_divisor=config.nontarget_divisor,
+            process_group=group,
+        ).to(stats.means.device)
 
     def backward(self, images: Tensor, labels: Tensor) -> float:
-        if self.auto:
-            self.chunk, self.auto = self._measure_chunk(images, labels), False
-        rows = len(images) if self.mode == "sample" else len(torch.unique(labels))
-        if self.chunk is None or self.chunk >= len(images):
-            loss = self._sum(images, labels) / rows
-            loss.backward()
-            return loss.item()
-        leaf = images.detach().requires_grad_()
-        total = 0.0
-        for start in range(0, len(images), self.chunk):
-            part = self._sum(leaf[start:start + self.chunk], labels[start:start + self.chunk]) / rows
-            part.backward()
-            total += part.item()
-        images.backward(leaf.grad)
-        return total
+        loss = self.loss(self.backbone(self.augment(images)), labels)
+        loss.backward()
+        return loss.item()
 
 
 def _restore_rng(rng: dict[str, Tensor]) -> None:
@@ -120,9 +91,18 @@ def _restore_rng(rng: dict[str, Tensor]) -> None:
         torch.cuda.set_rng_state_all(cuda)
 
 
-def distill(backbone: Backbone, stats: ClassStats, config: DistillConfig, out_dir: str | Path, *,
-            real_images: Tensor | None = None, objective: Objective | None = None, resume: bool = False,
-            device: str | torch.device = "cpu", progress: bool = True) -> SyntheticSet:
+def distill(
+    backbone: Backbone,
+    stats: ClassStats,
+    config: DistillConfig,
+    out_dir: str | Path,
+    *,
+    real_images: Tensor | None = None,
+    objective: Objective | None = None,
+    resume: bool = False,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+) -> SyntheticSet:
     """Run (or resume) a distillation and export ``synset.safetensors`` and ``synset.png``.
 
     Args:
@@ -139,21 +119,27 @@ def distill(backbone: Backbone, stats: ClassStats, config: DistillConfig, out_di
 
     Under ``torch.distributed`` (see :mod:`fastsfm.distributed`) each rank owns a contiguous
     block of classes -- their images and optimiser state -- and seeds its RNG with
-    ``seed + rank``; the SFM loss of an image needs only the global statistics, so ranks do
-    not communicate while optimising.  Each rank checkpoints its shard
+    ``seed + rank``; the loss all-reduces per-class sums and counts each step.  Each rank
+    checkpoints its shard
     (``checkpoint.rank{r}of{w}.safetensors``), resuming needs the same world size, and rank 0
     writes the merged ``synset.safetensors``/``synset.png``.  Returns this rank's shard.
     """
     stats.check_compatible(backbone)
     rank, world = rank_world()
     if world > 1 and objective is not None:
-        raise ValueError("only the SFM objective can be sharded over ranks (LGM matches one global gradient); "
-                         "run LGM in a single process")
+        raise ValueError(
+            "only the SFM objective can be sharded over ranks (LGM matches one global gradient); "
+            "run LGM in a single process"
+        )
     classes = shard_classes(stats.num_classes, rank, world)
     out = Path(out_dir)
     ckpt = out / ("checkpoint.safetensors" if world == 1 else f"checkpoint.rank{rank}of{world}.safetensors")
-    identity = {**config.identity(), "stats_backbone": stats.meta.get("backbone", ""),
-                "stats_dataset": stats.meta.get("dataset", ""), "world_size": str(world)}
+    identity = {
+        **config.identity(),
+        "stats_backbone": stats.meta.get("backbone", ""),
+        "stats_dataset": stats.meta.get("dataset", ""),
+        "world_size": str(world),
+    }
     if ckpt.exists() and not resume:
         raise FileExistsError(f"{ckpt} exists: pass resume=True (--resume) to continue it, or choose another output")
     if resume and not ckpt.exists():
@@ -165,15 +151,25 @@ def distill(backbone: Backbone, stats: ClassStats, config: DistillConfig, out_di
 
     torch.manual_seed(config.seed + rank)
     if real_images is not None:
-        real_images = real_images[classes.start * config.ipc:classes.stop * config.ipc]
-    synset = SyntheticSet(len(classes), config.ipc, config.resolution, config.param, config.init, real_images,
-                          config.pyramid_start, config.pyramid_extent, config.decorrelate, config.seed + rank,
-                          first_class=classes.start).to(device)
+        real_images = real_images[classes.start * config.ipc : classes.stop * config.ipc]
+    synset = SyntheticSet(
+        len(classes),
+        config.ipc,
+        config.resolution,
+        config.param,
+        config.init,
+        real_images,
+        config.pyramid_start,
+        config.pyramid_extent,
+        config.decorrelate,
+        config.seed + rank,
+        first_class=classes.start,
+    ).to(device)
     stats = stats.to(device)
     backbone = backbone.to(device)
     if objective is None:
         augment = SinglePassAugment(backbone.input_size, noise_std=config.noise_std)
-        objective = SFMObjective(backbone, stats, augment, config.ipc, config.mode, config.chunk_size)
+        objective = SFMObjective(backbone, stats, augment, config)
     start = 0
     if state is not None:
         synset.load_levels(state["levels"])
@@ -182,11 +178,22 @@ def distill(backbone: Backbone, stats: ClassStats, config: DistillConfig, out_di
     if state is not None:
         opt.load_state_dict(state["optimizer"])
         _restore_rng(state["rng"])
-    meta = {"method": config.method, "backbone": backbone.identity, "dataset": stats.meta.get("dataset", ""),
-            "class_names": json.dumps(stats.class_names), "config": json.dumps(asdict(config))}
+    meta = {
+        "method": config.method,
+        "backbone": backbone.identity,
+        "dataset": stats.meta.get("dataset", ""),
+        "class_names": json.dumps(stats.class_names),
+        "config": json.dumps(asdict(config)),
+    }
     step = start
-    bar = tqdm(range(start, config.steps), desc=f"distill ({config.method})", disable=not progress or rank != 0,
-               unit="step", initial=start, total=config.steps)
+    bar = tqdm(
+        range(start, config.steps),
+        desc=f"distill ({config.method})",
+        disable=not progress or rank != 0,
+        unit="step",
+        initial=start,
+        total=config.steps,
+    )
     try:
         for step in bar:
             if synset.grow(step):
@@ -212,6 +219,11 @@ def distill(backbone: Backbone, stats: ClassStats, config: DistillConfig, out_di
     if rank == 0:
         meta = {**meta, "ipc": str(config.ipc), "num_classes": str(stats.num_classes)}
         save_images(out / "synset.safetensors", images, labels, meta)
-        save_grid(images, labels, stats.class_names, out / "synset.png",
-                  title=f"{config.method.upper()} IPC={config.ipc}, {backbone.name}")
+        save_grid(
+            images,
+            labels,
+            stats.class_names,
+            out / "synset.png",
+            title=f"{config.method.upper()} IPC={config.ipc}, {backbone.name}",
+        )
     return synset

@@ -30,9 +30,19 @@ class Score:
     inherit: float | None
 
 
-def evaluate_images(backbone: Backbone, images: Tensor, labels: Tensor, test_features: Tensor, test_labels: Tensor,
-                    stats: ClassStats | None, epochs: int, seed: int, method: str,
-                    device: str | torch.device = "cpu", probe_lr: float | None = None) -> Score:
+def evaluate_images(
+    backbone: Backbone,
+    images: Tensor,
+    labels: Tensor,
+    test_features: Tensor,
+    test_labels: Tensor,
+    stats: ClassStats | None,
+    epochs: int,
+    seed: int,
+    method: str,
+    device: str | torch.device = "cpu",
+    probe_lr: float | None = None,
+) -> Score:
     """Accuracy (%) of a probe and, if ``stats`` is given, of classifier inheritance.
 
     ``stats`` must come from ``backbone`` for inheritance (its classifier lives in that
@@ -40,15 +50,17 @@ def evaluate_images(backbone: Backbone, images: Tensor, labels: Tensor, test_fea
     """
     augment = SinglePassAugment(backbone.input_size, noise_std=0.0)
     c = int(labels.max()) + 1 if stats is None else stats.num_classes
-    head = train_head_on_images(backbone, images, labels, new_head(backbone.feature_dim, c, seed), augment, epochs,
-                                device, seed, lr=probe_lr)
+    head = train_head_on_images(
+        backbone, images, labels, new_head(backbone.feature_dim, c, seed), augment, epochs, device, seed, lr=probe_lr
+    )
     inherit = None
     if stats is not None:
         stats.check_compatible(backbone)
         # The projector starts at the identity, i.e. at the real-data classifier: it keeps LGM's
         # small learning rate so that a handful of images refines rather than overwrites it.
-        model = train_head_on_images(backbone, images, labels, InheritedClassifier(stats), augment, epochs, device,
-                                     seed)
+        model = train_head_on_images(
+            backbone, images, labels, InheritedClassifier(stats), augment, epochs, device, seed
+        )
         inherit = accuracy(model, test_features, test_labels)
     return Score(method, seed, accuracy(head, test_features, test_labels), inherit)
 

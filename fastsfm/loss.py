@@ -1,60 +1,116 @@
-"""``SFMLoss``: the drop-in ``nn.Module`` form of :func:`fastsfm.functional.sfm_loss`."""
+"""``SFMLoss``: the drop-in ``nn.Module`` form of :func:`fastsfm.sfm_loss`."""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
 
-from .functional import Backend, FlowGeometry, Mode, Reduction, _validate_stats, flow_geometry, sfm_loss_from_geometry
+from . import ops
+from .config import Backend, Objective, Validate, choices
+from .functional import check_batch, check_centers, check_options, resolve_backend
 
 __all__ = ["SFMLoss"]
 
 
 class SFMLoss(nn.Module):
-    """Statistical flow matching loss built once from real class statistics.
+    """The SFM loss against fixed real statistics: ``SFMLoss(stats)(features, labels) -> 0-dim``.
 
-    ``SFMLoss(stats)(features, labels)`` where ``stats`` is a :class:`fastsfm.ClassStats`
-    (or a (C, D) tensor of class means), ``features`` is (N, D) and ``labels`` (N,) int.
-    The statistics geometry (centred means, C x C flow terms) is computed once here and kept
-    as buffers, so ``.to(device)`` moves it and each call costs only the fused GEMMs.
+    Args:
+        stats_or_centers: a :class:`fastsfm.ClassStats` or a (C, D) tensor of real class centres.
+        objective, alpha, nontarget_divisor, backend: as in :func:`fastsfm.sfm_loss`.
+        process_group: a ``torch.distributed`` group (or ``dist.group.WORLD``).  Each rank
+            passes its own rows; per-class sums and counts (C*D + C numbers) are all-reduced
+            inside the forward, every rank gets the same loss, and ``backward`` gives each
+            rank its exact share of the global gradient (no communication in the backward).
+        validate: ``"once"`` (default) runs the checks that need a host synchronisation --
+            label range, classes without rows, non-finite features -- on the first call for
+            each labels tensor (same object, unmodified) and then never again, so a training
+            loop that reuses its labels has no host synchronisation and can be captured in a
+            CUDA graph; ``"always"`` checks every call; ``"never"`` skips them (the labels
+            are then assumed unsorted).
 
-    The statistics are constants: no gradient reaches them.  See
-    :mod:`fastsfm.functional` for the formula, ``reduction``, ``mode``, ``backend`` and
-    ``fused_backward``.
+    The centres' derived constants (non-target means, real flows) are computed once in
+    float64 and kept as float32 buffers (float64 for float64 centres), so ``.to(device)``
+    moves them.  The per-labels row plan (class order, boundaries) is cached as well.
     """
 
-    def __init__(self, stats: "Tensor | object", weight: Tensor | None = None, *, reduction: Reduction = "mean",
-                 mode: Mode = "sample", eps: float = 1e-8, backend: Backend = "auto", check_finite: bool = True,
-                 fused_backward: str = "store"):
+    def __init__(
+        self,
+        stats_or_centers: Tensor | object,
+        *,
+        objective: Objective = "flow",
+        alpha: float = 1.0,
+        nontarget_divisor: float | None = None,
+        process_group=None,
+        backend: Backend = "auto",
+        validate: Validate = "once",
+    ):
         super().__init__()
-        means = stats if isinstance(stats, Tensor) else getattr(stats, "means", None)
-        if means is None:
-            raise TypeError(f"SFMLoss expects a ClassStats or a (C, D) tensor of means, got {type(stats).__name__}")
-        means = means.detach()
-        _validate_stats(means, weight)
-        self.reduction, self.mode, self.eps, self.backend = reduction, mode, eps, backend
-        self.check_finite, self.fused_backward = check_finite, fused_backward
-        self.register_buffer("means", means.clone())
-        self.register_buffer("weight", None if weight is None else weight.detach().clone())
-        self._geometry_names = []
-        with torch.no_grad():
-            for name, value in flow_geometry(means, weight, eps).tensors().items():
-                self.register_buffer(f"geo_{name}", value)
-                self._geometry_names.append(name)
+        centers = stats_or_centers if isinstance(stats_or_centers, Tensor) else getattr(stats_or_centers, "means", None)
+        if centers is None:
+            raise TypeError(
+                f"SFMLoss expects a ClassStats or a (C, D) tensor of centres, got {type(stats_or_centers).__name__}"
+            )
+        divisor = check_options(objective, alpha, nontarget_divisor)
+        check_centers(centers)
+        if validate not in ("once", "always", "never"):
+            raise ValueError(f"validate must be 'once', 'always' or 'never', got {validate!r}")
+        if backend not in choices(Backend):
+            raise ValueError(f"backend must be one of {choices(Backend)}, got {backend!r}")
+        self.objective, self.alpha, self.backend, self.validate = objective, float(alpha), backend, validate
+        self.divisor = float(centers.shape[0] - 1) if divisor is None else divisor
+        self.process_group = process_group
+        dtype = torch.float64 if centers.dtype == torch.float64 else torch.float32
+        for name, value in ops.flow_constants(centers, dtype).tensors().items():
+            self.register_buffer(name, value)
+        self._plan: ops.LabelPlan | None = None
+        self._plan_key: tuple | None = None
 
     @property
     def num_classes(self) -> int:
-        return self.means.shape[0]
+        return self.centers.shape[0]
 
-    def geometry(self) -> FlowGeometry:
-        return FlowGeometry(**{name: getattr(self, f"geo_{name}") for name in self._geometry_names})
+    def constants(self) -> ops.FlowConstants:
+        return ops.FlowConstants(**{name: getattr(self, name) for name in ops.FlowConstants.__dataclass_fields__})
+
+    def _label_plan(self, features: Tensor, labels: Tensor) -> tuple[ops.LabelPlan, bool]:
+        """The cached plan for ``labels`` (rebuilt, and validated, when they change); whether to validate sums."""
+        key = (labels, labels._version, labels.device)
+        fresh = self._plan is None or self._plan_key[0] is not labels or self._plan_key[1:] != key[1:]
+        contiguous = check_batch(
+            features,
+            labels,
+            self.num_classes,
+            self.centers.shape[1],
+            self.centers.device,
+            sync=fresh and self.validate != "never",
+        )
+        if fresh:
+            self._plan, self._plan_key = ops.label_plan(labels, self.num_classes, contiguous), key
+        return self._plan, self.validate == "always" or (fresh and self.validate == "once")
 
     def forward(self, features: Tensor, labels: Tensor) -> Tensor:
-        """``features`` (N, D), ``labels`` (N,) -> scalar (or (N,) with ``reduction="none"``)."""
-        return sfm_loss_from_geometry(features, labels, self.geometry(), means=self.means, weight=self.weight,
-                                      reduction=self.reduction, mode=self.mode, eps=self.eps, backend=self.backend,
-                                      check_finite=self.check_finite, fused_backward=self.fused_backward)
+        """``features`` (N, D), ``labels`` (N,) -> the loss (0-dim)."""
+        plan, check = self._label_plan(features, labels)
+        backend = resolve_backend(self.backend, features)
+        consts = self.constants()
+        if backend == "triton":
+            consts = consts.to(torch.float32)
+        return ops.sfm_loss(
+            features,
+            plan,
+            consts,
+            objective=self.objective,
+            alpha=self.alpha,
+            divisor=self.divisor,
+            backend=backend,
+            group=self.process_group,
+            validate=check,
+        )
 
     def extra_repr(self) -> str:
-        c, d = self.means.shape
-        return f"classes={c}, dim={d}, reduction={self.reduction}, mode={self.mode}, backend={self.backend}"
+        c, d = self.centers.shape
+        return (
+            f"classes={c}, dim={d}, objective={self.objective}, alpha={self.alpha}, divisor={self.divisor}, "
+            f"backend={self.backend}, validate={self.validate}"
+        )

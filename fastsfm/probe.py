@@ -28,8 +28,18 @@ def new_head(dim: int, num_classes: int, seed: int = 0) -> nn.Linear:
     return head
 
 
-def _minibatch_train(head: nn.Module, n: int, batch: int, epochs: int, lr: float, seed: int, features_of,
-                     labels: Tensor, device, desc: str | None = None) -> nn.Module:
+def _minibatch_train(
+    head: nn.Module,
+    n: int,
+    batch: int,
+    epochs: int,
+    lr: float,
+    seed: int,
+    features_of,
+    labels: Tensor,
+    device,
+    desc: str | None = None,
+) -> nn.Module:
     """Adam + cosine annealing to 0 over ``epochs`` shuffled passes of ``n`` samples, cross-entropy.
 
     ``features_of(idx)`` returns the (B, D) inputs of the head for sample indices ``idx``.
@@ -45,7 +55,7 @@ def _minibatch_train(head: nn.Module, n: int, batch: int, epochs: int, lr: float
         for _ in tqdm(range(epochs), desc=desc, disable=desc is None, unit="epoch"):
             order = torch.randperm(n, generator=gen)
             for start in range(0, n, batch):
-                idx = order[start:start + batch]
+                idx = order[start : start + batch]
                 loss = F.cross_entropy(head(features_of(idx)), labels[idx].to(device))
                 opt.zero_grad()
                 loss.backward()
@@ -54,26 +64,53 @@ def _minibatch_train(head: nn.Module, n: int, batch: int, epochs: int, lr: float
     return head.eval()
 
 
-def fit_linear_classifier(features: Tensor, labels: Tensor, num_classes: int, epochs: int = 100,
-                          batch_size: int = 4096, lr: float = 1e-2, device: str | torch.device = "cpu",
-                          seed: int = 0, progress: bool = False) -> nn.Linear:
+def fit_linear_classifier(
+    features: Tensor,
+    labels: Tensor,
+    num_classes: int,
+    epochs: int = 100,
+    batch_size: int = 4096,
+    lr: float = 1e-2,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+    progress: bool = False,
+) -> nn.Linear:
     """Softmax regression on cached features (N, D) -> ``nn.Linear(D, C)``, on the raw
     backbone features (as the head sees them at inference)."""
     head = new_head(features.shape[1], num_classes, seed)
-    return _minibatch_train(head, len(labels), batch_size, epochs, lr, seed,
-                            lambda idx: features[idx].to(device).float(), labels, device,
-                            "real-data classifier" if progress else None)
+    return _minibatch_train(
+        head,
+        len(labels),
+        batch_size,
+        epochs,
+        lr,
+        seed,
+        lambda idx: features[idx].to(device).float(),
+        labels,
+        device,
+        "real-data classifier" if progress else None,
+    )
 
 
 @torch.no_grad()
 def encode(backbone: nn.Module, images: Tensor, batch_size: int = 256, device: str | torch.device = "cpu") -> Tensor:
     """Features (N, D) float32 of images (N, 3, H, W), batched, no grad."""
-    return torch.cat([backbone(images[i:i + batch_size].to(device)).float() for i in range(0, len(images), batch_size)])
+    return torch.cat(
+        [backbone(images[i : i + batch_size].to(device)).float() for i in range(0, len(images), batch_size)]
+    )
 
 
-def train_head_on_images(backbone: nn.Module, images: Tensor, labels: Tensor, head: nn.Module, augment: nn.Module,
-                         epochs: int, device: str | torch.device = "cpu", seed: int = 0,
-                         lr: float | None = None) -> nn.Module:
+def train_head_on_images(
+    backbone: nn.Module,
+    images: Tensor,
+    labels: Tensor,
+    head: nn.Module,
+    augment: nn.Module,
+    epochs: int,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+    lr: float | None = None,
+) -> nn.Module:
     """Train ``head`` (any module on features) on ``images`` (N, 3, H, W) in [0, 1].
 
     Every batch is augmented by ``augment`` and encoded by the frozen ``backbone``; LGM's
@@ -86,8 +123,9 @@ def train_head_on_images(backbone: nn.Module, images: Tensor, labels: Tensor, he
         with torch.no_grad():
             return backbone(augment(images[idx].to(device))).float()
 
-    return _minibatch_train(head, len(images), batch, epochs, lr or 1e-3 * batch / 256, seed, features_of, labels,
-                            device)
+    return _minibatch_train(
+        head, len(images), batch, epochs, lr or 1e-3 * batch / 256, seed, features_of, labels, device
+    )
 
 
 @torch.no_grad()

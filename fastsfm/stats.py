@@ -58,19 +58,29 @@ class ClassStats:
     def feature_dim(self) -> int:
         return self.means.shape[1]
 
-    def to(self, device: str | torch.device) -> "ClassStats":
-        return ClassStats(self.means.to(device), self.counts.to(device), self.classifier_weight.to(device),
-                          self.classifier_bias.to(device), self.class_names, dict(self.meta))
+    def to(self, device: str | torch.device) -> ClassStats:
+        return ClassStats(
+            self.means.to(device),
+            self.counts.to(device),
+            self.classifier_weight.to(device),
+            self.classifier_bias.to(device),
+            self.class_names,
+            dict(self.meta),
+        )
 
     def save(self, path: str | Path) -> None:
         """Atomic safetensors write; metadata as strings (class names JSON-encoded)."""
         meta = {**self.meta, "format": FORMAT, "class_names": json.dumps(self.class_names)}
-        tensors = {"means": self.means, "counts": self.counts, "classifier_weight": self.classifier_weight,
-                   "classifier_bias": self.classifier_bias}
+        tensors = {
+            "means": self.means,
+            "counts": self.counts,
+            "classifier_weight": self.classifier_weight,
+            "classifier_bias": self.classifier_bias,
+        }
         atomic_save_safetensors(tensors, path, meta)
 
     @classmethod
-    def load(cls, path: str | Path) -> "ClassStats":
+    def load(cls, path: str | Path) -> ClassStats:
         """Load and validate a statistics file; a clear ``ValueError`` for anything else."""
         path = Path(path)
         if not path.is_file():
@@ -80,29 +90,37 @@ class ClassStats:
         except (SafetensorError, OSError, ValueError) as err:
             raise ValueError(f"{path} is not a readable safetensors statistics file: {err}") from err
         if meta.get("format") != FORMAT:
-            raise ValueError(f"{path} is not a fastsfm statistics file (format {meta.get('format')!r}, "
-                             f"expected {FORMAT!r})")
+            raise ValueError(
+                f"{path} is not a fastsfm statistics file (format {meta.get('format')!r}, expected {FORMAT!r})"
+            )
         names = json.loads(meta.pop("class_names"))
         meta.pop("format")
-        stats = cls(tensors["means"], tensors["counts"], tensors["classifier_weight"], tensors["classifier_bias"],
-                    names, meta)
+        stats = cls(
+            tensors["means"], tensors["counts"], tensors["classifier_weight"], tensors["classifier_bias"], names, meta
+        )
         c, d = stats.means.shape
         if stats.counts.shape != (c,) or stats.classifier_weight.shape != (c, d) or len(names) != c:
-            raise ValueError(f"{path}: inconsistent shapes (means {tuple(stats.means.shape)}, counts "
-                             f"{tuple(stats.counts.shape)}, classifier {tuple(stats.classifier_weight.shape)}, "
-                             f"{len(names)} class names)")
+            raise ValueError(
+                f"{path}: inconsistent shapes (means {tuple(stats.means.shape)}, counts "
+                f"{tuple(stats.counts.shape)}, classifier {tuple(stats.classifier_weight.shape)}, "
+                f"{len(names)} class names)"
+            )
         return stats
 
-    def check_compatible(self, backbone: Backbone | None = None, num_classes: int | None = None,
-                         dataset: str | None = None) -> None:
+    def check_compatible(
+        self, backbone: Backbone | None = None, num_classes: int | None = None, dataset: str | None = None
+    ) -> None:
         """Raise ``ValueError`` if these statistics do not belong to ``backbone``/classes/dataset."""
         if backbone is not None:
             if self.meta.get("backbone") != backbone.identity:
-                raise ValueError(f"statistics were computed with backbone {self.meta.get('backbone')!r}, "
-                                 f"not {backbone.identity!r}; recompute them with `fastsfm stats`")
+                raise ValueError(
+                    f"statistics were computed with backbone {self.meta.get('backbone')!r}, "
+                    f"not {backbone.identity!r}; recompute them with `fastsfm stats`"
+                )
             if backbone.feature_dim != self.feature_dim:
-                raise ValueError(f"backbone gives D={backbone.feature_dim} features, "
-                                 f"statistics have D={self.feature_dim}")
+                raise ValueError(
+                    f"backbone gives D={backbone.feature_dim} features, statistics have D={self.feature_dim}"
+                )
         if num_classes is not None and num_classes != self.num_classes:
             raise ValueError(f"statistics have {self.num_classes} classes, the data has {num_classes}")
         if dataset is not None and self.meta.get("dataset") != dataset:
@@ -110,9 +128,15 @@ class ClassStats:
 
 
 @torch.no_grad()
-def compute_stats(backbone: Backbone, loader: DataLoader, class_names: list[str], dataset_id: str,
-                  classifier_epochs: int = 100, device: str | torch.device = "cpu",
-                  progress: bool = True) -> ClassStats:
+def compute_stats(
+    backbone: Backbone,
+    loader: DataLoader,
+    class_names: list[str],
+    dataset_id: str,
+    classifier_epochs: int = 100,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+) -> ClassStats:
     """One pass over ``loader`` (images in [0, 1], int labels): per-class sums and counts by a
     segmented reduction (``index_add_``), plus the real-data linear classifier fitted on the
     features cached in float16 during the same pass (so images are read exactly once).
@@ -126,8 +150,9 @@ def compute_stats(backbone: Backbone, loader: DataLoader, class_names: list[str]
     sums = torch.zeros(c, d, dtype=torch.float64, device=device)
     counts = torch.zeros(c, dtype=torch.int64, device=device)
     cached, cached_labels = [], []
-    for images, labels in tqdm(loader, desc="class statistics", disable=not progress or rank_world()[0] != 0,
-                               unit="batch"):
+    for images, labels in tqdm(
+        loader, desc="class statistics", disable=not progress or rank_world()[0] != 0, unit="batch"
+    ):
         labels = labels.to(device)
         if int(labels.min()) < 0 or int(labels.max()) >= c:
             raise ValueError(f"labels must lie in [0, {c}), got [{int(labels.min())}, {int(labels.max())}]")
@@ -149,10 +174,18 @@ def compute_stats(backbone: Backbone, loader: DataLoader, class_names: list[str]
         missing = [class_names[i] for i in torch.nonzero(counts == 0).squeeze(1).tolist()]
         raise ValueError(f"classes without any image: {missing[:10]}")
     means = (sums / counts[:, None]).float()
-    head = fit_linear_classifier(features, feature_labels, c, epochs=classifier_epochs, device=device,
-                                 progress=progress and rank == 0)
-    meta = {"backbone": backbone.identity, "input_size": str(backbone.input_size), "mean": json.dumps(backbone.mean),
-            "std": json.dumps(backbone.std), "dataset": dataset_id, "feature_dim": str(d),
-            "num_images": str(int(counts.sum()))}
-    return ClassStats(means.cpu(), counts.cpu(), head.weight.detach().cpu(), head.bias.detach().cpu(),
-                      list(class_names), meta)
+    head = fit_linear_classifier(
+        features, feature_labels, c, epochs=classifier_epochs, device=device, progress=progress and rank == 0
+    )
+    meta = {
+        "backbone": backbone.identity,
+        "input_size": str(backbone.input_size),
+        "mean": json.dumps(backbone.mean),
+        "std": json.dumps(backbone.std),
+        "dataset": dataset_id,
+        "feature_dim": str(d),
+        "num_images": str(int(counts.sum())),
+    }
+    return ClassStats(
+        means.cpu(), counts.cpu(), head.weight.detach().cpu(), head.bias.detach().cpu(), list(class_names), meta
+    )

@@ -46,9 +46,20 @@ class SyntheticSet(nn.Module):
     schedule says so and returns True (the caller then resets its optimiser).
     """
 
-    def __init__(self, num_classes: int, ipc: int, resolution: int, param: str = "pyramid", init: str = "noise",
-                 real_images: Tensor | None = None, start_res: int = 1, extent: int = 200, decorrelate: bool = True,
-                 seed: int = 0, first_class: int = 0):
+    def __init__(
+        self,
+        num_classes: int,
+        ipc: int,
+        resolution: int,
+        param: str = "pyramid",
+        init: str = "noise",
+        real_images: Tensor | None = None,
+        start_res: int = 1,
+        extent: int = 200,
+        decorrelate: bool = True,
+        seed: int = 0,
+        first_class: int = 0,
+    ):
         super().__init__()
         if param not in ("pyramid", "pixels"):
             raise ValueError(f"param must be 'pyramid' or 'pixels', got {param!r}")
@@ -69,8 +80,9 @@ class SyntheticSet(nn.Module):
         if init == "real":
             if real_images is None or real_images.shape != (n, 3, resolution, resolution):
                 got = None if real_images is None else tuple(real_images.shape)
-                raise ValueError(f"init='real' needs real_images of shape ({n}, 3, {resolution}, {resolution}), "
-                                 f"got {got}")
+                raise ValueError(
+                    f"init='real' needs real_images of shape ({n}, 3, {resolution}, {resolution}), got {got}"
+                )
             for size in self.sizes[:-1]:
                 self.levels.append(nn.Parameter(torch.zeros(n, 3, size, size)))
             logits = 0.5 * torch.logit(real_images.float().clamp(1e-3, 1 - 1e-3))
@@ -100,8 +112,10 @@ class SyntheticSet(nn.Module):
 
     def render(self) -> Tensor:
         r = self.resolution
-        total = sum(level if level.shape[-1] == r else
-                    F.interpolate(level, size=(r, r), mode="bilinear", align_corners=False) for level in self.levels)
+        total = sum(
+            level if level.shape[-1] == r else F.interpolate(level, size=(r, r), mode="bilinear", align_corners=False)
+            for level in self.levels
+        )
         return torch.sigmoid(2.0 * torch.einsum("ij,njhw->nihw", self.decor, total))
 
     def level_tensors(self) -> dict[str, Tensor]:
@@ -115,16 +129,19 @@ class SyntheticSet(nn.Module):
         for i in range(count):
             expected = (self.num_images, 3, self.sizes[i], self.sizes[i])
             if tuple(tensors[f"level_{i}"].shape) != expected:
-                raise ValueError(f"checkpoint level {i} has shape {tuple(tensors[f'level_{i}'].shape)}, "
-                                 f"this synthetic set expects {expected}")
+                raise ValueError(
+                    f"checkpoint level {i} has shape {tuple(tensors[f'level_{i}'].shape)}, "
+                    f"this synthetic set expects {expected}"
+                )
         device = self.labels.device
         self.levels = nn.ParameterList([nn.Parameter(tensors[f"level_{i}"].to(device).clone()) for i in range(count)])
 
     def save(self, path: str | Path, meta: dict[str, str]) -> None:
         """Export rendered images (N, 3, R, R) float32 and labels (N,) to safetensors."""
         with torch.no_grad():
-            save_images(path, self.render(), self.labels, {**meta, "ipc": str(self.ipc),
-                                                           "num_classes": str(self.num_classes)})
+            save_images(
+                path, self.render(), self.labels, {**meta, "ipc": str(self.ipc), "num_classes": str(self.num_classes)}
+            )
 
     @staticmethod
     def load_images(path: str | Path) -> tuple[Tensor, Tensor, dict[str, str]]:
@@ -147,8 +164,9 @@ def save_grid(images: Tensor, labels: Tensor, class_names: list[str], path: str 
 
     classes = sorted(set(labels.tolist()))[:20]
     per_row = min(10, max(int((labels == c).sum()) for c in classes))
-    fig, axes = plt.subplots(len(classes), per_row, figsize=(1.2 * per_row + 1, 1.2 * len(classes) + 0.4),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        len(classes), per_row, figsize=(1.2 * per_row + 1, 1.2 * len(classes) + 0.4), squeeze=False
+    )
     for r, c in enumerate(classes):
         row = images[labels == c][:per_row]
         for j in range(per_row):
@@ -163,4 +181,3 @@ def save_grid(images: Tensor, labels: Tensor, class_names: list[str], path: str 
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
     plt.close(fig)
-

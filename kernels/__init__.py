@@ -1,10 +1,10 @@
 """Triton kernels of fastsfm (installed as ``fastsfm.kernels``).
 
-Only ``@triton.jit`` kernels and their launchers live here; autograd and validation are in
-:mod:`fastsfm.functional`.  Importing this package imports triton, so set
-``TRITON_INTERPRET=1`` beforehand to run the kernels on CPU.
+Only ``@triton.jit`` kernels and their launchers live here; autograd, fallbacks and
+validation are in :mod:`fastsfm.ops` and :mod:`fastsfm.functional`.  Importing this package
+imports triton, so set ``TRITON_INTERPRET=1`` beforehand to run the kernels on CPU.
 """
 
-from .sfm import interpreter_active, sfm_backward, sfm_forward
+from .sfm import OBJECTIVES, broadcast_grad, class_sums, default_split, flow_epilogue, interpreter_active
 
-__all__ = ["sfm_forward", "sfm_backward", "interpreter_active"]
+__all__ = ["class_sums", "flow_epilogue", "broadcast_grad", "default_split", "interpreter_active", "OBJECTIVES"]

@@ -1,45 +1,48 @@
-"""Fused Triton kernels for the statistical flow matching (SFM) loss.
+"""Fused Triton kernels of the SFM flow-cosine loss (``shared/references/sfm.md``).
 
-Notation (all shapes are for one call):
+The loss depends on the synthetic features ``Z`` (N, D) only through their per-class sums,
+so one call is three memory passes and a small epilogue:
 
-* ``S``  (N, D) synthetic features, float32 / bfloat16 / float16, row-major.
-* ``Y``  (N,)   int64 labels in [0, C).
-* ``M``  (C, D) class centres *translated by an origin* ``o`` (``M = means - o``),
-  cast to the dtype of ``S`` so that ``tl.dot`` runs on tensor cores.
-* ``O``  (D,)   float32 origin ``o``; ``KO`` (C,) float32 ``o . M_k``.
-* ``P``  (C,)   float32 ``|M_k|^2``.
-* ``H``  (C, C) float32 ``H[c, k] = <M_k, M_k - M_c>``.
-* ``R``  (C, C) float32 ``R[c, k] = w[c, k] / |M_k - M_c|`` with a zero diagonal.
-* ``WSUM`` (C,) float32 ``sum_{k != c} w[c, k]``.
+1. :func:`class_sums` -- a segmented reduction.  Rows are visited in class order through a
+   permutation (identity for class-contiguous rows: the ``CONTIGUOUS`` fast path skips the
+   gather) and ``OFFS`` (C+1,) class boundaries.  Program ``(c, j, s)`` sums split ``s`` of
+   class ``c``'s rows over columns block ``j`` in float32, in a fixed order (no atomics, so
+   the result is bitwise reproducible).  Output: a float32 buffer (SPLIT, C, D+1) whose
+   last column holds the row counts (that packing lets a process group all-reduce sums and
+   counts in one call).  ``ACCUMULATE`` adds to the buffer instead of overwriting it
+   (chunked distillation steps).
+2. :func:`flow_epilogue` -- two launches over columns blocks of the (C, D) class means
+   ``t = S / n``.  The first sums the classes (``T = sum_c t_c``) and reduces the partial
+   scalars of the loss; the second turns them into the loss and ``G/n`` where
+   ``G = dL/dt`` (C, D), computed analytically in the same pass and written over the sums.
+3. :func:`broadcast_grad` -- ``dL/dz_i = g * (G/n)[y_i]`` in the input dtype.
 
-With ``g_ik = (s_i - o) . M_k``, ``q_i = |s_i - o|^2`` the per-row loss is::
+Notation of the epilogue (``k`` the non-target divisor, ``inv_k = 1/k``):
+``b_c = (T - t_c) / k - t_c`` is the synthetic flow and ``a = nu - mu`` the constant real
+flow (``FLOW``), with ``sum_c a_c`` (``FLOW_SUM``) and ``|a|^2`` (``FLOW_SQ``) precomputed.
 
-    a_ik = H[y_i, k] - g_ik + g_{i y_i}         # <mu_k - s_i, mu_k - mu_{y_i}>
-    n_ik = sqrt(max(P_k - 2 g_ik + q_i, 0) + eps) # |mu_k - s_i|
-    loss_i = (WSUM[y_i] - sum_k R[y_i, k] a_ik / n_ik) / (C - 1)
+* ``flow``: ``L = 1 - <a, b> / (max(|a|, eps) max(|b|, eps))`` (torch's cosine);
+  ``dL/db = -(a - w b) / (A B)`` with ``w = <a, b>/|b|^2``, and
+  ``G_j = inv_k sum_c dL/db_c - (1 + inv_k) dL/db_j``.
+* ``decouple``: ``L = alpha/(CD) |t - mu|^2 + (1-alpha)/(CD) |e|^2`` with
+  ``e = (T - t) / k - nu``; ``G_j = 2 alpha/(CD) (t_j - mu_j) + 2 (1-alpha)/(CD) inv_k (sum_c e_c - e_j)``.
 
-The zero diagonal of ``R`` removes ``k = y_i`` without a branch; padded columns load
-``R = 0``.  The translation by ``o`` (the mean of the class centres) leaves every flow
-unchanged but shrinks the magnitudes that the expansion subtracts, which is what keeps
-bfloat16 inputs accurate.  Nothing of size N x C x D is ever formed: the forward is a tiled
-GEMM over (rows, classes) blocks with the formula in its epilogue, reduced to per-block row
-partial sums (N x C/BLOCK_C floats).  The backward either stores the N x C coefficient
-matrix ``beta - alpha`` and lets cuBLAS multiply it by the centres ("store"), or recomputes
-the tiles per row block flash-attention style and stores nothing N x C ("recompute").
-
-This module holds only ``@triton.jit`` kernels and their launchers: no autograd, no
-validation (callers validate), no imports from the rest of fastsfm.
+Only ``@triton.jit`` kernels and thin launchers live here: no autograd, no validation
+(callers validate), no imports of the rest of fastsfm.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
 import triton
 import triton.language as tl
 
-__all__ = ["sfm_forward", "sfm_backward", "interpreter_active"]
+__all__ = ["class_sums", "flow_epilogue", "broadcast_grad", "default_split", "interpreter_active", "OBJECTIVES"]
+
+OBJECTIVES = {"flow": 0, "decouple": 1}
 
 
 def interpreter_active() -> bool:
@@ -48,273 +51,354 @@ def interpreter_active() -> bool:
 
 
 @triton.jit
-def _own_tile(S, M, O, y, rows, rmask, d0, D, stride_s, stride_m, BLOCK_D: tl.constexpr):
-    """float32 tiles of ``s_i``, ``o`` and ``M_{y_i}`` over columns ``d0 .. d0+BLOCK_D`` (+ their masks)."""
-    cols = d0 + tl.arange(0, BLOCK_D)
+def _class_sums_kernel(
+    Z,
+    PERM,
+    OFFS,
+    OUT,
+    D,
+    stride_zr,
+    stride_zc,
+    stride_os,
+    stride_oc,
+    CONTIGUOUS: tl.constexpr,
+    ACCUMULATE: tl.constexpr,
+    SPLIT: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """Program (c, j, s): float32 sum of split ``s`` of class ``c``'s rows, columns block ``j``."""
+    c = tl.program_id(0)
+    j = tl.program_id(1)
+    s = tl.program_id(2)
+    start = tl.load(OFFS + c)
+    end = tl.load(OFFS + c + 1)
+    per = tl.cdiv(end - start, SPLIT)
+    lo = start + s * per
+    hi = tl.minimum(lo + per, end)
+    cols = j * BLOCK_D + tl.arange(0, BLOCK_D)
     dmask = cols < D
-    tmask = rmask[:, None] & dmask[None, :]
-    s = tl.load(S + rows[:, None] * stride_s + cols[None, :], mask=tmask, other=0.0).to(tl.float32)
-    o = tl.load(O + cols, mask=dmask, other=0.0)
-    mu = tl.load(M + y[:, None] * stride_m + cols[None, :], mask=tmask, other=0.0).to(tl.float32)
-    return cols, tmask, s, o, mu
+    acc = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
+    for r0 in range(lo, hi, BLOCK_R):
+        pos = r0 + tl.arange(0, BLOCK_R)
+        rmask = pos < hi
+        if CONTIGUOUS:
+            rows = pos.to(tl.int64)
+        else:
+            rows = tl.load(PERM + pos, mask=rmask, other=0).to(tl.int64)
+        ptrs = Z + rows[:, None] * stride_zr + cols[None, :].to(tl.int64) * stride_zc
+        acc += tl.load(ptrs, mask=rmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+    total = tl.sum(acc, axis=0)
+    out = OUT + s * stride_os + c * stride_oc
+    count = tl.maximum(hi - lo, 0).to(tl.float32)
+    if ACCUMULATE:
+        total += tl.load(out + cols, mask=dmask, other=0.0)
+        count += tl.load(out + D)
+    tl.store(out + cols, total, mask=dmask)
+    if j == 0:
+        tl.store(out + D, count)
 
 
 @triton.jit
-def _row_terms_kernel(S, Y, M, O, KO, Q, GSELF, N, D, stride_s, stride_m, BLOCK_N: tl.constexpr,
-                      BLOCK_D: tl.constexpr):
-    """Per-row ``q_i = |s_i - o|^2`` and ``g_{i y_i} = (s_i - o) . M_{y_i}`` (float32, (N,) each)."""
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    rmask = rows < N
-    y = tl.load(Y + rows, mask=rmask, other=0)
-    q = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    gself = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        cols, tmask, s, o, mu = _own_tile(S, M, O, y, rows, rmask, d0, D, stride_s, stride_m, BLOCK_D)
-        sc = s - o[None, :]
-        q += tl.sum(sc * sc, axis=1)
-        gself += tl.sum(s * mu, axis=1)
-    gself -= tl.load(KO + y, mask=rmask, other=0.0)
-    tl.store(Q + rows, q, mask=rmask)
-    tl.store(GSELF + rows, gself, mask=rmask)
+def _class_means_tile(
+    BUF,
+    cs,
+    cmask,
+    cols,
+    dmask,
+    D,
+    stride_s,
+    stride_c,
+    SPLIT: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """``(t, n)``: class means (BLOCK_C, BLOCK_D) and counts (BLOCK_C,) from the split sums."""
+    tile = tl.zeros((BLOCK_C, BLOCK_D), dtype=tl.float32)
+    count = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    for s in range(SPLIT):
+        row = BUF + s * stride_s + cs * stride_c
+        tile += tl.load(row[:, None] + cols[None, :], mask=cmask[:, None] & dmask[None, :], other=0.0)
+        count += tl.load(row + D, mask=cmask, other=0.0)
+    count = tl.where(cmask, count, 1.0)
+    return tile / count[:, None], count
 
 
 @triton.jit
-def _flow_tile(S, Y, M, KO, P, H, R, Q, GSELF, rows, rmask, c0, C, D, stride_s, stride_m, stride_h, eps,
-               BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
-               UPCAST: tl.constexpr):
-    """One (BLOCK_N, BLOCK_C) tile: GEMM ``S @ M^T`` then the flow terms.
+def _flow_partials_kernel(
+    BUF,
+    FLOW,
+    CENTERS,
+    NONTARGET,
+    TSUM,
+    PART,
+    C,
+    D,
+    stride_s,
+    stride_c,
+    inv_k,
+    OBJECTIVE: tl.constexpr,
+    SPLIT: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """Program j (columns block): ``T`` for its columns, then two partial sums of the loss.
 
-    Returns ``(ks, kmask, r, a, n)`` with ``r = R[y_i, k]`` (zero where k is padding or the
-    target class), ``a`` the flow inner product and ``n`` the synthetic flow norm.
+    flow: ``(<a, b>, |b|^2)``; decouple: ``(|t - mu|^2, |e|^2)``, written to ``PART[j, 0:2]``.
     """
-    y = tl.load(Y + rows, mask=rmask, other=0)
-    q = tl.load(Q + rows, mask=rmask, other=0.0)
-    gself = tl.load(GSELF + rows, mask=rmask, other=0.0)
-    ks = c0 + tl.arange(0, BLOCK_C)
-    kmask = ks < C
-    acc = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        cols = d0 + tl.arange(0, BLOCK_D)
-        dmask = cols < D
-        s = tl.load(S + rows[:, None] * stride_s + cols[None, :], mask=rmask[:, None] & dmask[None, :], other=0.0)
-        mt = tl.load(M + ks[None, :] * stride_m + cols[:, None], mask=dmask[:, None] & kmask[None, :], other=0.0)
-        if UPCAST:
-            s = s.to(tl.float32)
-            mt = mt.to(tl.float32)
-        acc = tl.dot(s, mt, acc, input_precision=PRECISION)
-    g = acc - tl.load(KO + ks, mask=kmask, other=0.0)[None, :]
-    p = tl.load(P + ks, mask=kmask, other=0.0)
-    cmask = rmask[:, None] & kmask[None, :]
-    h = tl.load(H + y[:, None] * stride_h + ks[None, :], mask=cmask, other=0.0)
-    r = tl.load(R + y[:, None] * stride_h + ks[None, :], mask=cmask, other=0.0)
-    a = h - g + gself[:, None]
-    n = tl.sqrt(tl.maximum(p[None, :] - 2.0 * g + q[:, None], 0.0) + eps)
-    return ks, kmask, r, a, n
-
-
-@triton.jit
-def _sfm_fwd_kernel(S, Y, M, KO, P, H, R, Q, GSELF, PART, N, C, D, stride_s, stride_m, stride_h, stride_part, eps,
-                    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
-                    UPCAST: tl.constexpr):
-    """Program (i, j): rows block i x classes block j -> ``PART[rows, j] = sum_k R a / n``."""
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    rmask = rows < N
-    ks, kmask, r, a, n = _flow_tile(S, Y, M, KO, P, H, R, Q, GSELF, rows, rmask, tl.program_id(1) * BLOCK_C, C, D,
-                                    stride_s, stride_m, stride_h, eps, BLOCK_N, BLOCK_C, BLOCK_D, PRECISION, UPCAST)
-    tl.store(PART + rows * stride_part + tl.program_id(1), tl.sum(r * a / n, axis=1), mask=rmask)
-
-
-@triton.jit
-def _sfm_coef_kernel(S, Y, M, KO, P, H, R, Q, GSELF, COEF, APART, BPART, N, C, D, stride_s, stride_m, stride_h,
-                     stride_coef, stride_part, eps, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
-                     BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """Backward coefficients of one tile: ``COEF = beta - alpha`` (stored, N x C) and the
-    partial row sums of ``alpha = R/n`` and ``beta = R a/n^3`` for this classes block."""
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    rmask = rows < N
-    ks, kmask, r, a, n = _flow_tile(S, Y, M, KO, P, H, R, Q, GSELF, rows, rmask, tl.program_id(1) * BLOCK_C, C, D,
-                                    stride_s, stride_m, stride_h, eps, BLOCK_N, BLOCK_C, BLOCK_D, PRECISION, UPCAST)
-    alpha = r / n
-    beta = alpha * a / (n * n)
-    tl.store(APART + rows * stride_part + tl.program_id(1), tl.sum(alpha, axis=1), mask=rmask)
-    tl.store(BPART + rows * stride_part + tl.program_id(1), tl.sum(beta, axis=1), mask=rmask)
-    tl.store(COEF + rows[:, None] * stride_coef + ks[None, :], (beta - alpha).to(COEF.dtype.element_ty),
-             mask=rmask[:, None] & kmask[None, :])
-
-
-@triton.jit
-def _grad_tile(S, Y, M, O, GROW, ASUM, BSUM, PART, DS, rows, rmask, d0, D, stride_s, stride_m, stride_part, inv_cm1,
-               BLOCK_D: tl.constexpr):
-    """``ds = -g/(C-1) (A mu_y - B (s - o) + part)`` on one (rows, d0..d0+BLOCK_D) tile."""
-    y = tl.load(Y + rows, mask=rmask, other=0)
-    cols, tmask, s, o, mu = _own_tile(S, M, O, y, rows, rmask, d0, D, stride_s, stride_m, BLOCK_D)
-    scale = -tl.load(GROW + rows, mask=rmask, other=0.0) * inv_cm1
-    asum = tl.load(ASUM + rows, mask=rmask, other=0.0)
-    bsum = tl.load(BSUM + rows, mask=rmask, other=0.0)
-    part = tl.load(PART + rows[:, None] * stride_part + cols[None, :], mask=tmask, other=0.0).to(tl.float32)
-    ds = scale[:, None] * (asum[:, None] * mu - bsum[:, None] * (s - o[None, :]) + part)
-    tl.store(DS + rows[:, None] * stride_s + cols[None, :], ds.to(DS.dtype.element_ty), mask=tmask)
-
-
-@triton.jit
-def _sfm_grad_kernel(S, Y, M, O, GROW, ASUM, BSUM, PART, DS, N, D, stride_s, stride_m, stride_part, inv_cm1,
-                     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Epilogue of the stored-coefficient backward, ``PART = COEF @ M`` computed by cuBLAS."""
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    _grad_tile(S, Y, M, O, GROW, ASUM, BSUM, PART, DS, rows, rows < N, tl.program_id(1) * BLOCK_D, D, stride_s,
-               stride_m, stride_part, inv_cm1, BLOCK_D)
-
-
-@triton.jit
-def _sfm_bwd_recompute_kernel(S, Y, M, O, KO, P, H, R, Q, GSELF, GROW, DS, WS, N, C, D, stride_s, stride_m, stride_h,
-                              stride_ws, eps, inv_cm1, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
-                              BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """Recomputing backward: one program per row block sweeps all classes, recomputing the
-    flow tiles and accumulating ``sum_k (beta - alpha) mu_k`` in the float32 workspace ``WS``
-    (``DS`` itself for float32 inputs; each program owns its rows, so no atomics).  Nothing
-    of size N x C is stored, at the price of a grid of only N / BLOCK_N programs."""
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    rmask = rows < N
-    for d0 in range(0, D, BLOCK_D):
-        cols = d0 + tl.arange(0, BLOCK_D)
-        tmask = rmask[:, None] & (cols < D)[None, :]
-        tl.store(WS + rows[:, None] * stride_ws + cols[None, :], tl.zeros((BLOCK_N, BLOCK_D), tl.float32), mask=tmask)
-    asum = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    bsum = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    j = tl.program_id(0)
+    cols = j * BLOCK_D + tl.arange(0, BLOCK_D)
+    dmask = cols < D
+    tsum = tl.zeros((BLOCK_D,), dtype=tl.float32)
     for c0 in range(0, C, BLOCK_C):
-        ks, kmask, r, a, n = _flow_tile(S, Y, M, KO, P, H, R, Q, GSELF, rows, rmask, c0, C, D, stride_s, stride_m,
-                                        stride_h, eps, BLOCK_N, BLOCK_C, BLOCK_D, PRECISION, UPCAST)
-        alpha = r / n
-        beta = alpha * a / (n * n)
-        asum += tl.sum(alpha, axis=1)
-        bsum += tl.sum(beta, axis=1)
-        coef = beta - alpha
-        for d0 in range(0, D, BLOCK_D):
-            cols = d0 + tl.arange(0, BLOCK_D)
-            dmask = cols < D
-            tmask = rmask[:, None] & dmask[None, :]
-            mu = tl.load(M + ks[:, None] * stride_m + cols[None, :], mask=kmask[:, None] & dmask[None, :], other=0.0)
-            ws_ptr = WS + rows[:, None] * stride_ws + cols[None, :]
-            part = tl.load(ws_ptr, mask=tmask, other=0.0)
-            if UPCAST:
-                mu = mu.to(tl.float32)
-            tl.store(ws_ptr, tl.dot(coef.to(mu.dtype), mu, part, input_precision=PRECISION), mask=tmask)
-    # The row sums go through the (N,) buffers Q and GSELF, which are no longer needed.
-    tl.store(Q + rows, asum, mask=rmask)
-    tl.store(GSELF + rows, bsum, mask=rmask)
-    for d0 in range(0, D, BLOCK_D):
-        _grad_tile(S, Y, M, O, GROW, Q, GSELF, WS, DS, rows, rmask, d0, D, stride_s, stride_m, stride_ws, inv_cm1,
-                   BLOCK_D)
+        cs = c0 + tl.arange(0, BLOCK_C)
+        cmask = cs < C
+        t, _ = _class_means_tile(BUF, cs, cmask, cols, dmask, D, stride_s, stride_c, SPLIT, BLOCK_C, BLOCK_D)
+        tsum += tl.sum(tl.where(cmask[:, None], t, 0.0), axis=0)
+    tl.store(TSUM + cols, tsum, mask=dmask)
+    first = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    second = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        cs = c0 + tl.arange(0, BLOCK_C)
+        cmask = cs < C
+        mask = cmask[:, None] & dmask[None, :]
+        t, _ = _class_means_tile(BUF, cs, cmask, cols, dmask, D, stride_s, stride_c, SPLIT, BLOCK_C, BLOCK_D)
+        const = cs[:, None] * D + cols[None, :]
+        if OBJECTIVE == 0:
+            a = tl.load(FLOW + const, mask=mask, other=0.0)
+            b = tl.where(mask, (tsum[None, :] - t) * inv_k - t, 0.0)
+            first += tl.sum(a * b, axis=0)
+            second += tl.sum(b * b, axis=0)
+        else:
+            mu = tl.load(CENTERS + const, mask=mask, other=0.0)
+            nu = tl.load(NONTARGET + const, mask=mask, other=0.0)
+            diff = tl.where(mask, t - mu, 0.0)
+            e = tl.where(mask, (tsum[None, :] - t) * inv_k - nu, 0.0)
+            first += tl.sum(diff * diff, axis=0)
+            second += tl.sum(e * e, axis=0)
+    tl.store(PART + 2 * j, tl.sum(first, axis=0))
+    tl.store(PART + 2 * j + 1, tl.sum(second, axis=0))
 
 
-def _configs(shapes):
-    return [triton.Config({"BLOCK_N": bn, "BLOCK_C": bc, "BLOCK_D": bd}, num_warps=w, num_stages=st)
-            for bn, bc, bd, w, st in shapes]
-
-
-# Tile kernels (forward, coefficients): a GEMM-like 2-D grid over (rows, classes) blocks.
-_TILE_CONFIGS = _configs([(128, 128, 64, 8, 3), (128, 64, 64, 4, 3), (64, 128, 64, 4, 3), (64, 64, 64, 4, 4),
-                          (128, 128, 32, 8, 4), (64, 64, 128, 4, 3)])
-# The recomputing backward holds two (BLOCK_N, BLOCK_C) tiles at once and its grid is N / BLOCK_N
-# programs only, hence smaller row blocks among them.
-_ROW_CONFIGS = _configs([(64, 64, 64, 4, 3), (64, 128, 64, 4, 3), (128, 64, 64, 8, 3), (32, 64, 128, 4, 3),
-                         (32, 128, 64, 4, 3), (16, 128, 64, 4, 3)])
-_MIN_BLOCK_C = 16  # smallest BLOCK_C of any config (interpreter included): sizes the partial-sum buffers
-# The interpreter is slow: small tiles keep odd shapes multi-tile, larger D steps keep it quick.
-_INTERPRETER_CONFIG = {"BLOCK_N": 16, "BLOCK_C": 16, "BLOCK_D": 32}
-_ROWWISE = {"BLOCK_N": 32, "BLOCK_D": 64}  # the memory-bound row kernels
-
-_fwd_tuned = triton.autotune(_TILE_CONFIGS, key=["C", "D"])(_sfm_fwd_kernel)
-_coef_tuned = triton.autotune(_TILE_CONFIGS, key=["C", "D"])(_sfm_coef_kernel)
-_bwd_tuned = triton.autotune(_ROW_CONFIGS, key=["C", "D"])(_sfm_bwd_recompute_kernel)
-
-
-def _precision(dtype: torch.dtype) -> str:
-    """tf32 for float32 only where torch itself allows it for matmul; exact otherwise."""
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
-        return "ieee"
-    return "tf32"
-
-
-def _launch(tuned, plain, grid, *args, **kwargs) -> None:
-    """Autotuned on GPU; a fixed config under the interpreter or with ``FASTSFM_AUTOTUNE=0``.
-
-    ``grid(meta)`` gives the launch grid from the chosen block sizes.
-    """
-    if interpreter_active():
-        # The interpreter's tl.dot returns garbage for bfloat16 operands (triton 3.8), so there
-        # the GEMM operands are upcast to float32; loads, casts and the epilogue stay as on GPU.
-        cfg = _INTERPRETER_CONFIG
-        plain[grid(cfg)](*args, **kwargs, **cfg, UPCAST=True)
-    elif os.environ.get("FASTSFM_AUTOTUNE", "1") == "0":
-        # One fixed GPU config: for test suites that sweep many shapes (autotuning each costs seconds).
-        cfg = tuned.configs[0]
-        plain[grid(cfg.kwargs)](*args, **kwargs, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-                                UPCAST=False)
+@triton.jit
+def _flow_grad_kernel(
+    BUF,
+    FLOW,
+    FLOW_SUM,
+    FLOW_SQ,
+    CENTERS,
+    NONTARGET,
+    CENTERS_SUM,
+    TSUM,
+    PART,
+    LOSS,
+    C,
+    D,
+    NUM_BLOCKS,
+    stride_s,
+    stride_c,
+    inv_k,
+    alpha,
+    scale,
+    eps,
+    OBJECTIVE: tl.constexpr,
+    SPLIT: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+):
+    """Program j: the loss scalars from all partials, then ``G / n`` for its columns, written over
+    the sums of split 0 in ``BUF``
+    (``scale = 1 / (C D)``, the MSE normalisation)."""
+    j = tl.program_id(0)
+    blocks = tl.arange(0, BLOCK_P)
+    pmask = blocks < NUM_BLOCKS
+    first = tl.sum(tl.load(PART + 2 * blocks, mask=pmask, other=0.0), axis=0)
+    second = tl.sum(tl.load(PART + 2 * blocks + 1, mask=pmask, other=0.0), axis=0)
+    cols = j * BLOCK_D + tl.arange(0, BLOCK_D)
+    dmask = cols < D
+    tsum = tl.load(TSUM + cols, mask=dmask, other=0.0)
+    if OBJECTIVE == 0:
+        norm_b = tl.sqrt(second)
+        denom = tl.maximum(tl.sqrt(tl.load(FLOW_SQ)), eps) * tl.maximum(norm_b, eps)
+        loss = 1.0 - first / denom
+        w = tl.where(norm_b > eps, first / tl.where(second > 0.0, second, 1.0), 0.0)
+        bsum = tsum * ((C - 1) * inv_k - 1.0)
+        gsum = -(tl.load(FLOW_SUM + cols, mask=dmask, other=0.0) - w * bsum) / denom
     else:
-        tuned[grid](*args, **kwargs, UPCAST=False)
+        loss = alpha * first * scale + (1.0 - alpha) * second * scale
+        esum = tsum * ((C - 1) * inv_k) - tl.load(CENTERS_SUM + cols, mask=dmask, other=0.0)
+    for c0 in range(0, C, BLOCK_C):
+        cs = c0 + tl.arange(0, BLOCK_C)
+        cmask = cs < C
+        mask = cmask[:, None] & dmask[None, :]
+        t, count = _class_means_tile(BUF, cs, cmask, cols, dmask, D, stride_s, stride_c, SPLIT, BLOCK_C, BLOCK_D)
+        const = cs[:, None] * D + cols[None, :]
+        if OBJECTIVE == 0:
+            a = tl.load(FLOW + const, mask=mask, other=0.0)
+            b = (tsum[None, :] - t) * inv_k - t
+            gb = -(a - w * b) / denom
+            g = gsum[None, :] * inv_k - (1.0 + inv_k) * gb
+        else:
+            mu = tl.load(CENTERS + const, mask=mask, other=0.0)
+            nu = tl.load(NONTARGET + const, mask=mask, other=0.0)
+            e = (tsum[None, :] - t) * inv_k - nu
+            g = 2.0 * scale * (alpha * (t - mu) + (1.0 - alpha) * inv_k * (esum[None, :] - e))
+        # In place over split 0's sums: this program read them (above) and no other touches these columns.
+        tl.store(BUF + cs[:, None] * stride_c + cols[None, :], g / count[:, None], mask=mask)
+    if j == 0:
+        tl.store(LOSS, loss)
 
 
-def _row_terms(s, y, m, o, ko) -> tuple[torch.Tensor, torch.Tensor]:
-    n, d = s.shape
-    q = torch.empty(n, device=s.device, dtype=torch.float32)
-    gself = torch.empty_like(q)
-    _row_terms_kernel[(triton.cdiv(n, _ROWWISE["BLOCK_N"]),)](s, y, m, o, ko, q, gself, n, d, s.stride(0),
-                                                                m.stride(0), **_ROWWISE)
-    return q, gself
+@triton.jit
+def _broadcast_kernel(GN, Y, GOUT, DZ, N, D, stride_gn, stride_dz, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """``DZ[i, :] = GOUT * GN[Y[i], :]`` cast to DZ's dtype."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    rmask = rows < N
+    mask = rmask[:, None] & (cols < D)[None, :]
+    y = tl.load(Y + rows, mask=rmask, other=0).to(tl.int64)
+    g = tl.load(GN + y[:, None] * stride_gn + cols[None, :], mask=mask, other=0.0) * tl.load(GOUT).to(tl.float32)
+    tl.store(DZ + rows.to(tl.int64)[:, None] * stride_dz + cols[None, :], g.to(DZ.dtype.element_ty), mask=mask)
 
 
-def sfm_forward(s: torch.Tensor, y: torch.Tensor, m: torch.Tensor, o: torch.Tensor, ko: torch.Tensor,
-                p: torch.Tensor, h: torch.Tensor, r: torch.Tensor, wsum: torch.Tensor, eps: float) -> torch.Tensor:
-    """Per-row SFM losses, shape (N,) float32.  Inputs as in the module docstring, contiguous.
+def _block_d(d: int, cap: int) -> int:
+    return max(16, min(cap, triton.next_power_of_2(d)))
 
-    Extra memory: (N, ceil(C / 16)) float32 partial sums and two (N,) row terms.
+
+def _sizes() -> dict[str, int]:
+    """Block sizes: larger on GPU; small under the interpreter so test shapes span several tiles."""
+    if interpreter_active():
+        return {"rows": 16, "sum_cols": 32, "classes": 16, "epi_cols": 16}
+    return {"rows": 32, "sum_cols": 128, "classes": 32, "epi_cols": 32}
+
+
+@functools.cache
+def _multiprocessors(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def default_split(n: int, d: int, c: int, device: torch.device) -> int:
+    """Splits per class for :func:`class_sums`: enough programs to fill the GPU (about four per
+    multiprocessor) when there are few classes, each split still at least two row blocks; 1 off CUDA."""
+    if device.type != "cuda":
+        return 1
+    size = _sizes()
+    programs = c * triton.cdiv(d, _block_d(d, size["sum_cols"]))
+    wanted = triton.cdiv(4 * _multiprocessors(device.index or 0), programs)
+    return max(1, min(wanted, n // (c * 2 * size["rows"]), 16))
+
+
+def class_sums(
+    z: torch.Tensor,
+    perm: torch.Tensor,
+    offsets: torch.Tensor,
+    out: torch.Tensor,
+    *,
+    contiguous: bool,
+    accumulate: bool = False,
+) -> None:
+    """Per-class float32 sums of ``z`` (N, D) into ``out`` (SPLIT, C, D+1) (last column: counts).
+
+    ``perm`` (N,) lists the rows in class order and ``offsets`` (C+1,) the class boundaries
+    in it (``contiguous=True``: ``perm`` is the identity and is not read).  ``out`` must be
+    contiguous float32; ``accumulate`` adds to it.  The split count is ``out.shape[0]``.
     """
-    n, d = s.shape
-    c = m.shape[0]
-    q, gself = _row_terms(s, y, m, o, ko)
-    part = torch.zeros(n, triton.cdiv(c, _MIN_BLOCK_C), device=s.device, dtype=torch.float32)
-    _launch(_fwd_tuned, _sfm_fwd_kernel,
-            lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(c, meta["BLOCK_C"])),
-            s, y, m, ko, p, h, r, q, gself, part, n, c, d, s.stride(0), m.stride(0), h.stride(0), part.stride(0), eps,
-            PRECISION=_precision(s.dtype))
-    return (wsum[y] - part.sum(1)) / (c - 1)
+    split, c, width = out.shape
+    d = width - 1
+    size = _sizes()
+    block_d = _block_d(d, size["sum_cols"])
+    grid = (c, triton.cdiv(d, block_d), split)
+    _class_sums_kernel[grid](
+        z,
+        perm,
+        offsets,
+        out,
+        d,
+        z.stride(0),
+        z.stride(1),
+        out.stride(0),
+        out.stride(1),
+        CONTIGUOUS=contiguous,
+        ACCUMULATE=accumulate,
+        SPLIT=split,
+        BLOCK_R=size["rows"],
+        BLOCK_D=block_d,
+    )
 
 
-def sfm_backward(s: torch.Tensor, y: torch.Tensor, m: torch.Tensor, o: torch.Tensor, ko: torch.Tensor,
-                 p: torch.Tensor, h: torch.Tensor, r: torch.Tensor, grad_rows: torch.Tensor, eps: float,
-                 strategy: str = "store") -> torch.Tensor:
-    """Gradient of ``sum_i grad_rows[i] * loss_i`` with respect to ``s``: (N, D) in ``s.dtype``.
+def flow_epilogue(
+    buf: torch.Tensor,
+    flow: torch.Tensor,
+    flow_sum: torch.Tensor,
+    flow_sq: torch.Tensor,
+    centers: torch.Tensor,
+    nontarget: torch.Tensor,
+    centers_sum: torch.Tensor,
+    *,
+    objective: str,
+    alpha: float,
+    inv_k: float,
+    eps: float = 1e-8,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(loss (1,), G/n (C, D))`` float32 from the sums buffer (SPLIT, C, D+1).
 
-    ``strategy="store"``: a GEMM-shaped kernel over (rows, classes) tiles writes the
-    coefficients ``beta - alpha`` as an (N, C) matrix in ``s.dtype``, cuBLAS multiplies it by
-    the centres, and a row kernel adds the per-row terms.  ``strategy="recompute"``: one
-    kernel per row block recomputes the tiles and never stores N x C (extra memory: an
-    (N, D) float32 workspace for half inputs, none for float32), but its grid has only
-    N / BLOCK_N programs.  ``benches/bench_loss.py`` measures both; see ``benches/RESULTS.md``.
+    ``G/n`` is written **over the buffer** (split 0's sums; returned as a (C, D) view with row
+    stride D+1), so the whole loss needs no (C, D) allocation beyond the sums buffer.  The
+    constants (float32, contiguous) are those of the module docstring: ``flow = nu - mu``,
+    ``flow_sum`` its column sums, ``flow_sq`` (1,) its squared norm, ``centers = mu``,
+    ``nontarget = nu``, ``centers_sum`` the column sums of ``mu``.  Extra memory:
+    D + 2 * D / BLOCK floats.
     """
-    n, d = s.shape
-    c = m.shape[0]
-    q, gself = _row_terms(s, y, m, o, ko)
-    ds = torch.empty_like(s)
-    inv_cm1 = 1.0 / (c - 1)
-    if strategy == "recompute":
-        ws = ds if s.dtype == torch.float32 else torch.empty(n, d, device=s.device, dtype=torch.float32)
-        _launch(_bwd_tuned, _sfm_bwd_recompute_kernel, lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),),
-                s, y, m, o, ko, p, h, r, q, gself, grad_rows, ds, ws, n, c, d, s.stride(0), m.stride(0), h.stride(0),
-                ws.stride(0), eps, inv_cm1, PRECISION=_precision(s.dtype))
-        return ds
-    if strategy != "store":
-        raise ValueError(f"strategy must be 'store' or 'recompute', got {strategy!r}")
-    coef = torch.empty(n, c, device=s.device, dtype=m.dtype)
-    apart = torch.zeros(n, triton.cdiv(c, _MIN_BLOCK_C), device=s.device, dtype=torch.float32)
-    bpart = torch.zeros_like(apart)
-    _launch(_coef_tuned, _sfm_coef_kernel,
-            lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(c, meta["BLOCK_C"])),
-            s, y, m, ko, p, h, r, q, gself, coef, apart, bpart, n, c, d, s.stride(0), m.stride(0), h.stride(0),
-            coef.stride(0), apart.stride(0), eps, PRECISION=_precision(s.dtype))
-    part = coef @ m
-    grid = (triton.cdiv(n, _ROWWISE["BLOCK_N"]), triton.cdiv(d, _ROWWISE["BLOCK_D"]))
-    _sfm_grad_kernel[grid](s, y, m, o, grad_rows, apart.sum(1), bpart.sum(1), part, ds, n, d, s.stride(0),
-                           m.stride(0), part.stride(0), inv_cm1, **_ROWWISE)
-    return ds
+    split, c, width = buf.shape
+    d = width - 1
+    size = _sizes()
+    block_d = _block_d(d, size["epi_cols"])
+    blocks = triton.cdiv(d, block_d)
+    tsum = torch.empty(d, device=buf.device, dtype=torch.float32)
+    part = torch.empty(blocks, 2, device=buf.device, dtype=torch.float32)
+    loss = torch.empty(1, device=buf.device, dtype=torch.float32)
+    code = OBJECTIVES[objective]
+    common = {"OBJECTIVE": code, "SPLIT": split, "BLOCK_C": size["classes"], "BLOCK_D": block_d}
+    _flow_partials_kernel[(blocks,)](
+        buf, flow, centers, nontarget, tsum, part, c, d, buf.stride(0), buf.stride(1), inv_k, **common
+    )
+    _flow_grad_kernel[(blocks,)](
+        buf,
+        flow,
+        flow_sum,
+        flow_sq,
+        centers,
+        nontarget,
+        centers_sum,
+        tsum,
+        part,
+        loss,
+        c,
+        d,
+        blocks,
+        buf.stride(0),
+        buf.stride(1),
+        inv_k,
+        alpha,
+        1.0 / (c * d),
+        eps,
+        **common,
+        BLOCK_P=triton.next_power_of_2(blocks),
+    )
+    return loss, buf[0, :, :d]
+
+
+def broadcast_grad(gn: torch.Tensor, labels: torch.Tensor, grad_out: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``dL/dz`` (N, D) in ``dtype``: row i is ``grad_out * gn[labels[i]]`` (``grad_out`` a 1-element
+    tensor; ``gn`` (C, D) float32 with unit column stride, e.g. the view :func:`flow_epilogue` returns)."""
+    n = labels.shape[0]
+    d = gn.shape[1]
+    size = _sizes()
+    block_d = _block_d(d, size["sum_cols"])
+    dz = torch.empty(n, d, device=gn.device, dtype=dtype)
+    grid = (triton.cdiv(n, size["rows"]), triton.cdiv(d, block_d))
+    _broadcast_kernel[grid](
+        gn, labels, grad_out, dz, n, d, gn.stride(0), dz.stride(0), BLOCK_R=size["rows"], BLOCK_D=block_d
+    )
+    return dz

@@ -7,8 +7,6 @@ import os
 
 if not os.path.exists("/dev/nvidiactl"):
     os.environ.setdefault("TRITON_INTERPRET", "1")
-# On a GPU, autotuning every odd test shape would dominate the run; benches autotune.
-os.environ.setdefault("FASTSFM_AUTOTUNE", "0")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -20,12 +18,17 @@ def device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def make_problem(n: int, c: int, d: int, dtype=torch.float32, device="cpu", seed: int = 0):
-    """Features (N, D), labels (N,) and means (C, D) with a large shared offset, as real
-    backbone features have, so that tests exercise the cancellation the kernels guard against."""
+def make_problem(n: int, c: int, d: int, dtype=torch.float32, device="cpu", seed: int = 0, order: str = "shuffled"):
+    """Features (N, D), labels (N,) and centres (C, D) float64 for N >= C rows.
+
+    Every class has a row, the others are drawn at random (unequal counts); ``order`` is
+    ``"shuffled"`` or ``"contiguous"`` (class-sorted rows).  A large shared offset, as real
+    backbone features have, makes the tests exercise cancellation in the flows.
+    """
     gen = torch.Generator().manual_seed(seed)
     offset = 3.0 * torch.randn(d, generator=gen, dtype=torch.float64)
-    means = offset + torch.randn(c, d, generator=gen, dtype=torch.float64)
-    labels = torch.randint(0, c, (n,), generator=gen)
-    feats = means[labels] + 0.7 * torch.randn(n, d, generator=gen, dtype=torch.float64)
-    return feats.to(device=device, dtype=dtype), labels.to(device), means.to(device=device, dtype=torch.float32)
+    centers = offset + torch.randn(c, d, generator=gen, dtype=torch.float64)
+    labels = torch.cat([torch.arange(c), torch.randint(0, c, (n - c,), generator=gen)])
+    labels = labels.sort().values if order == "contiguous" else labels[torch.randperm(n, generator=gen)]
+    feats = centers[labels] + 0.7 * torch.randn(n, d, generator=gen, dtype=torch.float64)
+    return feats.to(device=device, dtype=dtype), labels.to(device), centers.to(device)

@@ -22,5 +22,6 @@ def toy_data(n_per_class: int = 6, classes: int = 3, size: int = 16, seed: int =
 
 def toy_stats(backbone, data, classes: int = 3):
     loader = torch.utils.data.DataLoader(data, batch_size=8)
-    return compute_stats(backbone, loader, [f"c{i}" for i in range(classes)], "toy", classifier_epochs=5,
-                         progress=False)
+    return compute_stats(
+        backbone, loader, [f"c{i}" for i in range(classes)], "toy", classifier_epochs=5, progress=False
+    )

@@ -12,10 +12,12 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import make_problem
 from helpers import tiny_backbone, toy_data, toy_stats
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
+from fastsfm import SFMLoss
 from fastsfm.distill import DistillConfig, distill
 from fastsfm.distributed import interleave_shards, shard_classes, shard_dataset
 from fastsfm.stats import ClassStats, compute_stats
@@ -37,6 +39,28 @@ def _worker(rank: int, world: int, port: int, job: str, tmp: str) -> None:
         globals()[job](rank, world, Path(tmp))
     finally:
         dist.destroy_process_group()
+
+
+def _loss_job(rank, world, tmp):
+    """Each rank holds part of the rows; the loss and each rank's gradient rows equal the single process's."""
+    z, y, mu = make_problem(90, 6, 37, seed=4)
+    for objective in ("flow", "decouple"):
+        x = z.clone().requires_grad_()
+        want = SFMLoss(mu, objective=objective, alpha=0.5, backend="torch")(x, y)
+        want.backward()
+        for backend in ("torch", "triton"):
+            for name, rows in (
+                ("interleaved", torch.arange(rank, 90, world)),
+                ("class-sharded", torch.nonzero((y >= 3) == bool(rank)).flatten()),
+            ):
+                part = z[rows].clone().requires_grad_()
+                loss = SFMLoss(mu, objective=objective, alpha=0.5, backend=backend, process_group=dist.group.WORLD)(
+                    part, y[rows]
+                )
+                loss.backward()
+                msg = f"{objective}/{backend}/{name}"
+                torch.testing.assert_close(loss, want.detach(), rtol=1e-5, atol=1e-6, msg=msg)
+                torch.testing.assert_close(part.grad, x.grad[rows], rtol=1e-4, atol=1e-8, msg=msg)
 
 
 def _stats_job(rank, world, tmp):
@@ -68,6 +92,10 @@ def test_shard_helpers():
     assert interleave_shards(parts).tolist() == data
 
 
+def test_process_group_loss_equals_single_process(tmp_path):
+    _spawn("_loss_job", tmp_path)
+
+
 def test_distributed_stats_equal_single_process(tmp_path):
     _spawn("_stats_job", tmp_path)
     single = toy_stats(tiny_backbone(), toy_data())
@@ -85,7 +113,9 @@ def test_distributed_distill_shards_classes_resumes_and_merges(tmp_path):
     merged = load_file(str(tmp_path / "direct" / "synset.safetensors"))
     assert merged["labels"].tolist() == [0, 0, 1, 1, 2, 2] and merged["images"].shape == (6, 3, 16, 16)
     assert {p.name for p in (tmp_path / "direct").glob("checkpoint*")} == {
-        "checkpoint.rank0of2.safetensors", "checkpoint.rank1of2.safetensors"}
+        "checkpoint.rank0of2.safetensors",
+        "checkpoint.rank1of2.safetensors",
+    }
     stats = ClassStats.load(tmp_path / "stats.safetensors")
     with pytest.raises(FileNotFoundError, match="resume with the world size that wrote them"):
         distill(bb, stats, CFG, tmp_path / "direct", resume=True, progress=False)

@@ -1,141 +1,182 @@
-"""Reference paths of the SFM loss: literal oracle vs lean expansion, gradcheck, bad input."""
+"""The public API on the PyTorch paths: against the literal reference, gradcheck, bad input, SFMLoss."""
 
 import pytest
 import torch
 from conftest import make_problem
 
-from fastsfm.functional import class_mean_features, sfm_loss, sfm_loss_literal
+import fastsfm
+from fastsfm import SFMLoss, sfm_loss
+from fastsfm.reference import sfm_reference
+
+OPTIONS = [
+    {},
+    {"objective": "decouple"},
+    {"objective": "decouple", "alpha": 0.3},
+    {"nontarget_divisor": 11.0},
+    {"objective": "decouple", "alpha": 0.6, "nontarget_divisor": 5.0},
+]
 
 
-def _brute_force(feats, labels, means, weight=None, eps=1e-8):
-    """Python loops over i and k != y_i: independent of any vectorisation."""
-    n, c = feats.shape[0], means.shape[0]
-    out = []
-    for i in range(n):
-        total = 0.0
-        for k in range(c):
-            if k == int(labels[i]):
-                continue
-            v = means[k] - feats[i]
-            r = means[k] - means[labels[i]]
-            cos = (v @ r) / (torch.sqrt(v @ v + eps) * torch.sqrt(r @ r + eps))
-            total = total + (1.0 if weight is None else weight[labels[i], k]) * (1 - cos)
-        out.append(total / (c - 1))
-    return torch.stack(out)
+def _reference_grad(z, y, mu, **kw):
+    x = z.clone().requires_grad_()
+    loss = sfm_reference(x, y, mu, kw.get("objective", "flow"), kw.get("alpha", 1.0), kw.get("nontarget_divisor"))
+    loss.backward()
+    return loss.detach(), x.grad
 
 
-@pytest.mark.parametrize("n,c,d", [(1, 2, 3), (7, 10, 64), (13, 5, 9)])
-def test_literal_matches_brute_force(n, c, d):
-    f, y, m = make_problem(n, c, d, torch.float64)
-    w = torch.rand(c, c, dtype=torch.float64)
-    torch.testing.assert_close(sfm_loss_literal(f, y, m.double()), _brute_force(f, y, m.double()))
-    torch.testing.assert_close(sfm_loss_literal(f, y, m.double(), w), _brute_force(f, y, m.double(), w))
+@pytest.mark.parametrize("options", OPTIONS)
+@pytest.mark.parametrize(
+    "n,c,d,order",
+    [
+        (2, 2, 3, "shuffled"),
+        (7, 2, 64, "contiguous"),
+        (130, 33, 200, "shuffled"),
+        (1000, 10, 3, "shuffled"),
+        (40, 10, 64, "contiguous"),
+    ],
+)
+def test_default_api_equals_reference_float64(n, c, d, order, options):
+    z, y, mu = make_problem(n, c, d, torch.float64, order=order)
+    want, want_grad = _reference_grad(z, y, mu, **options)
+    x = z.clone().requires_grad_()
+    got = sfm_loss(x, y, mu, **options)
+    got.backward()
+    assert got.shape == () and got.dtype == torch.float64
+    torch.testing.assert_close(got, want, rtol=1e-7, atol=1e-12)
+    torch.testing.assert_close(x.grad, want_grad, rtol=1e-7, atol=1e-12 * want_grad.abs().max().item())
 
 
-def test_perfect_flows_give_zero_loss():
-    f, y, m = make_problem(9, 6, 16, torch.float64)
-    # s_i = mu_c makes every synthetic flow equal to the real flow: cos = 1 up to eps/|r|^2.
-    m = m.double()
-    assert sfm_loss(m[y], y, m, backend="lean").abs().item() < 1e-8
-    assert sfm_loss(m[y] + 0.5, y, m, backend="lean").item() > 1e-3
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+@pytest.mark.parametrize("options", OPTIONS[:4])
+def test_gradcheck_float64(backend, options):
+    z, y, mu = make_problem(9, 4, 5, torch.float64)
+    x = z.clone().requires_grad_()
+    assert torch.autograd.gradcheck(lambda a: sfm_loss(a, y, mu, backend=backend, **options), (x,))
 
 
-@pytest.mark.parametrize("n,c,d", [(1, 2, 3), (7, 10, 64), (130, 33, 200), (5, 3, 1)])
-@pytest.mark.parametrize("weighted", [False, True])
-def test_lean_matches_literal_float64(n, c, d, weighted):
-    f, y, m = make_problem(n, c, d, torch.float64)
-    w = torch.rand(c, c, dtype=torch.float64) if weighted else None
-    m = m.double()
-    f1, f2 = f.clone().requires_grad_(), f.clone().requires_grad_()
-    lit = sfm_loss(f1, y, m, w, backend="literal", reduction="none")
-    lean = sfm_loss(f2, y, m, w, backend="lean", reduction="none")
-    torch.testing.assert_close(lean, lit, rtol=1e-10, atol=1e-12)
-    (lit * torch.arange(n)).sum().backward()
-    (lean * torch.arange(n)).sum().backward()
-    torch.testing.assert_close(f2.grad, f1.grad, rtol=1e-9, atol=1e-12)
+def test_views_are_extra_rows():
+    """Two augmented views per image as extra rows equal the authors' averaging over views."""
+    z, y, mu = make_problem(12, 4, 6, torch.float64)
+    second = z + 0.1 * torch.randn_like(z)
+    views = torch.cat([z, second]), y.repeat(2)
+    torch.testing.assert_close(sfm_loss(*views, mu), sfm_loss((z + second) / 2, y, mu))
 
 
-@pytest.mark.parametrize("backend", ["literal", "lean"])
-def test_gradcheck_features_and_means(backend):
-    f, y, m = make_problem(5, 4, 6, torch.float64)
-    f = f.requires_grad_()
-    m = m.double().requires_grad_()
-    w = torch.rand(4, 4, dtype=torch.float64)
-    assert torch.autograd.gradcheck(lambda a, b: sfm_loss(a, y, b, w, backend=backend, reduction="none"), (f, m))
+def test_float32_torch_path_and_int32_labels_and_non_contiguous():
+    z, y, mu = make_problem(50, 6, 33, torch.float64)
+    want = sfm_reference(z, y, mu)
+    wide = torch.zeros(50, 66, dtype=torch.float32)
+    wide[:, ::2] = z.float()
+    got = sfm_loss(wide[:, ::2], y.int(), mu.float())
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
 
 
-def test_feature_on_non_target_centre_is_finite():
-    f, y, m = make_problem(4, 3, 5, torch.float64)
-    m = m.double()
-    y = torch.tensor([0, 0, 1, 2])
-    f[0] = m[1]  # the synthetic flow to class 1 has zero length
-    for backend in ("literal", "lean"):
-        x = f.clone().requires_grad_()
-        loss = sfm_loss(x, y, m, backend=backend)
-        loss.backward()
-        assert torch.isfinite(loss) and torch.isfinite(x.grad).all()
-    torch.testing.assert_close(sfm_loss(f, y, m, backend="lean"), sfm_loss(f, y, m, backend="literal"))
+def test_centers_get_no_gradient():
+    z, y, mu = make_problem(8, 3, 4, torch.float64)
+    mu = mu.clone().requires_grad_()
+    sfm_loss(z.requires_grad_(), y, mu).backward()
+    assert mu.grad is None
 
 
-def test_reductions_and_non_contiguous():
-    f, y, m = make_problem(12, 5, 8)
-    rows = sfm_loss(f, y, m, reduction="none")
-    assert rows.shape == (12,)
-    torch.testing.assert_close(sfm_loss(f, y, m, reduction="sum"), rows.sum())
-    torch.testing.assert_close(sfm_loss(f, y, m), rows.mean())
-    wide = torch.zeros(12, 16)
-    wide[:, ::2] = f
-    torch.testing.assert_close(sfm_loss(wide[:, ::2], y, m), rows.mean())
-
-
-def test_class_mean_mode_equals_loss_of_class_means():
-    f, y, m = make_problem(20, 4, 8, torch.float64)
-    m = m.double()
-    y = torch.tensor([0, 1, 3] * 6 + [0, 1])  # class 2 absent
-    means, ids = class_mean_features(f, y, 4)
-    assert ids.tolist() == [0, 1, 3]
-    torch.testing.assert_close(means[1], f[y == 1].mean(0))
-    for backend in ("literal", "lean"):
-        got = sfm_loss(f, y, m, mode="class_mean", backend=backend, reduction="none")
-        torch.testing.assert_close(got, sfm_loss_literal(means, ids, m))
-
-
-@pytest.mark.parametrize("make_bad,err,match", [
-    (lambda f, y, m: (f[:, :5], y, m), ValueError, "D=5 but the class statistics have D=8"),
-    (lambda f, y, m: (f, y + 10, m), ValueError, r"labels must lie in \[0, 4\)"),
-    (lambda f, y, m: (f, y - 1, m), ValueError, r"labels must lie in \[0, 4\)"),
-    (lambda f, y, m: (f, y.float(), m), TypeError, "labels: expected an integer tensor"),
-    (lambda f, y, m: (f[:0], y[:0], m), ValueError, "empty batch"),
-    (lambda f, y, m: (f.index_fill(0, torch.tensor([2]), float("nan")), y, m), ValueError, "NaN or Inf"),
-    (lambda f, y, m: (f, y, m.index_fill(0, torch.tensor([1]), float("inf"))), ValueError, "means contain NaN"),
-    (lambda f, y, m: (f, y, m[:1]), ValueError, "at least 2 classes"),
-    (lambda f, y, m: (f, y[:3], m), ValueError, r"labels: expected shape \(6,\)"),
-    (lambda f, y, m: (f[0], y, m), ValueError, "features: expected shape"),
-    (lambda f, y, m: (f.int(), y, m), TypeError, "features: expected a floating-point tensor"),
-])
+@pytest.mark.parametrize(
+    "make_bad,err,match",
+    [
+        (lambda z, y, m: (z[:, :5], y, m), ValueError, "D=5 but the centres have D=8"),
+        (lambda z, y, m: (z, y + 10, m), ValueError, r"labels must lie in \[0, 4\), got values in \[10, 13\]"),
+        (lambda z, y, m: (z, y - 1, m), ValueError, r"labels must lie in \[0, 4\)"),
+        (lambda z, y, m: (z, y.float(), m), TypeError, "labels: expected an integer tensor"),
+        (lambda z, y, m: (z, y.bool(), m), TypeError, "labels: expected an integer tensor"),
+        (lambda z, y, m: (z[:0], y[:0], m), ValueError, "empty batch"),
+        (lambda z, y, m: (z, torch.where(y == 2, 1, y), m), ValueError, r"classes without rows: \[2\]"),
+        (lambda z, y, m: (z.index_fill(0, torch.tensor([3]), float("nan")), y, m), ValueError, "NaN or Inf"),
+        (lambda z, y, m: (z.index_fill(0, torch.tensor([3]), float("inf")), y, m), ValueError, "NaN or Inf"),
+        (lambda z, y, m: (z, y, m.index_fill(0, torch.tensor([1]), float("nan"))), ValueError, "centers contain NaN"),
+        (lambda z, y, m: (z, y, m[:1]), ValueError, "at least 2 classes"),
+        (lambda z, y, m: (z, y[:3], m), ValueError, r"labels: expected shape \(10,\)"),
+        (lambda z, y, m: (z[0], y, m), ValueError, "features: expected shape"),
+        (lambda z, y, m: (z.int(), y, m), TypeError, "features: expected a floating-point tensor"),
+        (lambda z, y, m: (z, y, m[0]), TypeError, r"centers: expected a floating-point tensor \(C, D\)"),
+        (lambda z, y, m: (z.numpy(), y, m), TypeError, "got ndarray"),
+        (lambda z, y, m: (z, y.to("meta"), m), ValueError, "device mismatch"),
+    ],
+)
 def test_bad_inputs_raise_clear_errors(make_bad, err, match):
-    f, y, m = make_problem(6, 4, 8)
+    z, y, mu = make_problem(10, 4, 8)
     with pytest.raises(err, match=match):
-        sfm_loss(*make_bad(f, y, m))
+        sfm_loss(*make_bad(z, y, mu.float()))
 
 
-def test_bad_backend_reduction_mode_weight():
-    f, y, m = make_problem(6, 4, 8)
-    with pytest.raises(ValueError, match="backend must be"):
-        sfm_loss(f, y, m, backend="cuda")
-    with pytest.raises(ValueError, match="reduction must be"):
-        sfm_loss(f, y, m, reduction="avg")
-    with pytest.raises(ValueError, match="mode must be"):
-        sfm_loss(f, y, m, mode="batch")
-    with pytest.raises(ValueError, match=r"weight: expected a \(4, 4\)"):
-        sfm_loss(f, y, m, torch.ones(3, 3))
-    with pytest.raises(ValueError, match="non-negative"):
-        sfm_loss(f, y, m, -torch.ones(4, 4))
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"objective": "pairwise"}, "objective must be 'flow' or 'decouple'"),
+        ({"alpha": 1.5}, r"alpha must be a number in \[0, 1\]"),
+        ({"alpha": -0.1}, r"alpha must be a number in \[0, 1\]"),
+        ({"alpha": float("nan")}, r"alpha must be a number in \[0, 1\]"),
+        ({"nontarget_divisor": 0}, "nontarget_divisor must be a positive number"),
+        ({"backend": "cuda"}, "backend must be"),
+    ],
+)
+def test_bad_options(kwargs, match):
+    z, y, mu = make_problem(6, 3, 4)
+    with pytest.raises(ValueError, match=match):
+        sfm_loss(z, y, mu, **kwargs)
+    if "backend" not in kwargs:
+        with pytest.raises(ValueError, match=match):
+            SFMLoss(mu, **kwargs)
 
 
-def test_triton_backend_refuses_learnable_means_and_float64():
-    f, y, m = make_problem(6, 4, 8)
-    with pytest.raises(ValueError, match="treats class statistics as constants"):
-        sfm_loss(f, y, m.requires_grad_(), backend="triton")
-    with pytest.raises(TypeError, match="use backend='lean' for float64"):
-        sfm_loss(f.double(), y, m.detach(), backend="triton")
+def test_triton_backend_refuses_float64():
+    z, y, mu = make_problem(6, 3, 4, torch.float64)
+    with pytest.raises(TypeError, match="use backend='torch' for float64"):
+        sfm_loss(z, y, mu, backend="triton")
+
+
+def test_module_equals_functional_and_top_level_exports():
+    z, y, mu = make_problem(40, 5, 12)
+    assert fastsfm.sfm_loss is sfm_loss
+    module = SFMLoss(mu.float(), objective="decouple", alpha=0.4)
+    torch.testing.assert_close(module(z, y), sfm_loss(z, y, mu.float(), objective="decouple", alpha=0.4))
+    assert "objective=decouple" in repr(module) and module.num_classes == 5
+
+    class Stats:
+        means = mu.float()
+
+    torch.testing.assert_close(SFMLoss(Stats())(z, y), sfm_loss(z, y, mu.float()))
+    with pytest.raises(TypeError, match="ClassStats or a"):
+        SFMLoss([1, 2, 3])
+
+
+def test_module_validates_once_per_labels_tensor(monkeypatch):
+    import fastsfm.loss as loss_mod
+    import fastsfm.ops as ops_mod
+
+    calls = {"sync": [], "sums": 0}
+    real_check, real_sums = loss_mod.check_batch, ops_mod.check_class_sums
+
+    def check_batch(*args, **kwargs):
+        calls["sync"].append(kwargs["sync"])
+        return real_check(*args, **kwargs)
+
+    def check_sums(buf):
+        calls["sums"] += 1
+        return real_sums(buf)
+
+    monkeypatch.setattr(loss_mod, "check_batch", check_batch)
+    monkeypatch.setattr(ops_mod, "check_class_sums", check_sums)
+    z, y, mu = make_problem(30, 4, 6)
+    module = SFMLoss(mu)
+    first = module(z, y)
+    module(z * 2, y)
+    assert calls == {"sync": [True, False], "sums": 1}
+    y.add_(0)  # an in-place change of the labels invalidates the cached plan
+    module(z, y)
+    assert calls == {"sync": [True, False, True], "sums": 2}
+    bad = z.clone()
+    bad[0] = float("nan")
+    assert torch.isnan(module(bad, y))  # validated labels, unchecked features: NaN propagates
+    torch.testing.assert_close(module(z, y.clone()), first)
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        SFMLoss(mu, validate="always")(bad, y)
+    assert torch.isnan(SFMLoss(mu, validate="never")(bad, y))

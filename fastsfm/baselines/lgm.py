@@ -21,7 +21,7 @@ from torch.utils.data import Dataset
 
 from ..augment import SinglePassAugment
 from ..backbones import Backbone
-from ..data import stack_images, labels_of
+from ..data import labels_of, stack_images
 
 __all__ = ["linear_ce_grad", "lgm_loss", "LGMObjective"]
 
@@ -33,8 +33,9 @@ def linear_ce_grad(features: Tensor, labels: Tensor, weight: Tensor, bias: Tenso
     return torch.cat([(delta.T @ features).flatten(), delta.sum(0)])
 
 
-def lgm_loss(real_features: Tensor, real_labels: Tensor, syn_features: Tensor, syn_labels: Tensor, weight: Tensor,
-             bias: Tensor) -> Tensor:
+def lgm_loss(
+    real_features: Tensor, real_labels: Tensor, syn_features: Tensor, syn_labels: Tensor, weight: Tensor, bias: Tensor
+) -> Tensor:
     """``1 - cos(g_real, g_syn)`` over the concatenated head gradients (real side detached)."""
     g_real = linear_ce_grad(real_features.detach(), real_labels, weight, bias).detach()
     g_syn = linear_ce_grad(syn_features, syn_labels, weight, bias)
@@ -44,14 +45,22 @@ def lgm_loss(real_features: Tensor, real_labels: Tensor, syn_features: Tensor, s
 class LGMObjective:
     """LGM for :func:`fastsfm.distill.distill` (``DistillConfig.method = "lgm"``)."""
 
-    def __init__(self, backbone: Backbone, real: Dataset, num_classes: int, augment: SinglePassAugment, ipc: int,
-                 augs: int, device: str | torch.device = "cpu"):
+    def __init__(
+        self,
+        backbone: Backbone,
+        real: Dataset,
+        num_classes: int,
+        augment: SinglePassAugment,
+        ipc: int,
+        augs: int,
+        device: str | torch.device = "cpu",
+    ):
         self.backbone, self.real, self.num_classes, self.augment = backbone, real, num_classes, augment
         self.ipc, self.augs, self.device = ipc, augs, device
         self.labels = labels_of(real)
 
     @classmethod
-    def from_dataset(cls, backbone: Backbone, real: Dataset, num_classes: int, config, device="cpu") -> "LGMObjective":
+    def from_dataset(cls, backbone: Backbone, real: Dataset, num_classes: int, config, device="cpu") -> LGMObjective:
         augment = SinglePassAugment(backbone.input_size, noise_std=config.noise_std)
         return cls(backbone, real, num_classes, augment, config.ipc, config.lgm_augs, device)
 
