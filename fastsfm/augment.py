@@ -1,53 +1,108 @@
-"""The single differentiable augmentation pass applied to the synthetic batch each step.
+"""The differentiable augmentation of the SFM and LGM authors, batched, from per-image keys.
 
-SFM augments the synthetic images *once* per step (LGM augments several copies).  The
-operations are LGM's (``shared/references/lgm.md``): per-image horizontal flip (p=0.5),
-random-resized crop (scale 0.08-1, aspect 3/4-4/3, bilinear) and, with probability 0.5,
-additive Gaussian noise of std 0.2 in [0, 1] pixel space (mean 0, as in LGM's current
-code; no clipping, so gradients are never cut).  All of them are torchvision
-``transforms.v2`` operations on tensors, which back-propagate to the input pixels.
+Operations and distribution (``shared/references/lgm.md``, the authors' ``AugStandard``), in
+their order, each drawn independently per image:
 
-Parameters are drawn per image (v2 draws once per call), hence one call per image; the
-draws come from torch's global RNG, so a seeded run is reproducible.
+1. horizontal flip with probability 0.5;
+2. random-resized crop: area ``s ~ U(0.08, 1)``, log aspect ``~ U(log 3/4, log 4/3)``, box
+   ``w = sqrt(s r)``, ``h = sqrt(s / r)`` as fractions of the image, top-left corner uniform
+   in ``[0, 1 - w] x [0, 1 - h]``; continuous (``affine_grid`` + ``grid_sample``, bilinear,
+   zero padding, ``align_corners=False``) and never rejected, so boxes wider than the image
+   (``w > 1``, about 14 % of them) are zero-padded, as in the authors' code;
+3. additive Gaussian noise with probability 0.5, std 0.2 and mean ``noise_mean`` in [0, 1]
+   pixel space, no clipping.  LGM's code had mean 0.5 (a brightness shift on half the views)
+   when both papers were written and 0.0 since a later upstream change; SFM forked before
+   it, so the default here is **0.5**; pass ``noise_mean=0.0`` for LGM's current code.
+
+The flip is folded into the crop's affine map (a negative x scale), so the whole batch costs
+one ``affine_grid``, one ``grid_sample`` and the noise.  Nothing is drawn from a stream:
+every parameter of image ``b`` is a function of ``keys[b]`` (:mod:`fastsfm.rng`), so a
+chunk, a rank or a resumed run re-creates the same augmentation exactly.
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.transforms import v2
 
-__all__ = ["SinglePassAugment"]
+from . import rng
+
+__all__ = ["BatchAugment", "AugmentParams"]
 
 
-class SinglePassAugment(nn.Module):
-    """``(N, 3, H, W)`` in [0, 1] -> ``(N, 3, size, size)``, differentiable, fresh parameters per image.
+@dataclass(frozen=True)
+class AugmentParams:
+    """Per-image draws (all (B,)): ``flip``/``noise`` bool; crop box ``width``, ``height``,
+    ``left``, ``top`` as fractions of the image."""
+
+    flip: Tensor
+    width: Tensor
+    height: Tensor
+    left: Tensor
+    top: Tensor
+    noise: Tensor
+
+
+class BatchAugment(nn.Module):
+    """``(images (B, 3, H, W) in [0, 1], keys (B,) int64) -> (B, 3, size, size)``, differentiable.
 
     Args:
-        size: output resolution (the backbone's input size).
-        scale: random-resized-crop area range.
-        noise_std: std of the additive noise; ``noise_p`` its probability; 0 disables it.
-        flip: random horizontal flips.
+        size: output resolution (the backbone's input size, 224 in the papers).
+        scale, ratio: random-resized-crop area and aspect ranges.
+        flip: random horizontal flips (p = 0.5).
+        noise_std, noise_mean, noise_p: the additive noise; ``noise_std=0`` disables it
+            (evaluation uses flip + crop only, the authors' ``AugBasic``).
     """
 
     def __init__(
         self,
         size: int,
         scale: tuple[float, float] = (0.08, 1.0),
-        noise_std: float = 0.2,
-        noise_p: float = 0.5,
+        ratio: tuple[float, float] = (3 / 4, 4 / 3),
         flip: bool = True,
+        noise_std: float = 0.2,
+        noise_mean: float = 0.5,
+        noise_p: float = 0.5,
     ):
         super().__init__()
-        ops: list[nn.Module] = [v2.RandomResizedCrop(size, scale=scale, antialias=False)]
-        if flip:
-            ops.append(v2.RandomHorizontalFlip(0.5))
-        if noise_std > 0 and noise_p > 0:
-            ops.append(v2.RandomApply([v2.GaussianNoise(mean=0.0, sigma=noise_std, clip=False)], p=noise_p))
-        self.transform = v2.Compose(ops)
-        self.size = size
+        self.size, self.scale, self.flip = size, scale, flip
+        self.log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+        self.noise_std, self.noise_mean, self.noise_p = noise_std, noise_mean, noise_p
 
-    def forward(self, images: Tensor) -> Tensor:
-        if images.dim() != 4:
-            raise ValueError(f"expected images (N, 3, H, W), got {tuple(images.shape)}")
-        return torch.stack([self.transform(img) for img in images])
+    def params(self, keys: Tensor) -> AugmentParams:
+        """The draws of each key: six uniforms per image."""
+        u = rng.uniform(keys, 6)
+        area = self.scale[0] + (self.scale[1] - self.scale[0]) * u[:, 1]
+        aspect = torch.exp(self.log_ratio[0] + (self.log_ratio[1] - self.log_ratio[0]) * u[:, 2])
+        width, height = torch.sqrt(area * aspect), torch.sqrt(area / aspect)
+        return AugmentParams(
+            flip=(u[:, 0] < 0.5) & self.flip,
+            width=width,
+            height=height,
+            left=u[:, 3] * (1 - width),
+            top=u[:, 4] * (1 - height),
+            noise=(u[:, 5] < self.noise_p) & (self.noise_std > 0),
+        )
+
+    def forward(self, images: Tensor, keys: Tensor) -> Tensor:
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"expected images (B, 3, H, W), got {tuple(images.shape)}")
+        if keys.shape != (images.shape[0],):
+            raise ValueError(f"expected one key per image ({images.shape[0]},), got {tuple(keys.shape)}")
+        p = self.params(keys.to(images.device))
+        sign = 1.0 - 2.0 * p.flip.to(images.dtype)
+        theta = torch.zeros(len(keys), 2, 3, device=images.device, dtype=images.dtype)
+        theta[:, 0, 0] = sign * p.width
+        theta[:, 0, 2] = sign * (2 * p.left + p.width - 1)
+        theta[:, 1, 1] = p.height
+        theta[:, 1, 2] = 2 * p.top + p.height - 1
+        grid = F.affine_grid(theta, [len(keys), 3, self.size, self.size], align_corners=False)
+        out = F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        if self.noise_std > 0:
+            noise = rng.normal(rng.derive(keys.to(images.device), 7), (3, self.size, self.size)).to(images.dtype)
+            out = out + p.noise.to(images.dtype)[:, None, None, None] * (self.noise_std * noise + self.noise_mean)
+        return out

@@ -1,9 +1,9 @@
 """Atomic checkpoints of a distillation run, in one safetensors file.
 
-Holds the synthetic set's levels, the optimiser's tensor state, the RNG states and, in the
-metadata, the step, the optimiser's param groups and the run's identity (config and
-statistics), so that a resumed run continues bit-for-bit and a checkpoint from another run
-is refused.  Written to a temporary file and renamed: a crash never leaves half a file.
+Tensors: the synthetic set's levels, the optimiser's moments and the RNG states; metadata:
+the step, the optimiser's step count and the run's identity (config and statistics), so
+that a resumed run continues bit for bit and a checkpoint of another run is refused.  The
+file is written to a temporary name and renamed: a crash never leaves half a file.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
+from torch import Tensor
 
 from .io import atomic_save_safetensors, read_safetensors
 
@@ -24,35 +25,27 @@ class CheckpointError(ValueError):
 
 
 def save_checkpoint(
-    path: str | Path,
-    levels: dict[str, torch.Tensor],
-    optimizer: torch.optim.Optimizer,
-    step: int,
-    identity: dict[str, str],
+    path: str | Path, tensors: dict[str, Tensor], step: int, optimizer_steps: int, identity: dict[str, str]
 ) -> None:
-    state = optimizer.state_dict()
-    tensors = dict(levels)
-    for idx, entries in state["state"].items():
-        for name, value in entries.items():
-            tensors[f"opt.{idx}.{name}"] = torch.as_tensor(value)
+    """Write ``tensors`` plus the RNG states, ``step`` and ``identity``, atomically."""
+    tensors = dict(tensors)
     tensors["rng.cpu"] = torch.get_rng_state()
     if torch.cuda.is_available():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
             tensors[f"rng.cuda{i}"] = s
-    meta = {"step": str(step), "param_groups": json.dumps(state["param_groups"]), "identity": json.dumps(identity)}
+    meta = {"step": str(step), "optimizer_steps": str(optimizer_steps), "identity": json.dumps(identity)}
     atomic_save_safetensors(tensors, path, meta)
 
 
 def load_checkpoint(path: str | Path, identity: dict[str, str]) -> dict:
-    """Read a checkpoint; raise :class:`CheckpointError` if it is unreadable or from another run.
+    """Read a checkpoint; raise :class:`CheckpointError` if it is unreadable or of another run.
 
-    Returns ``{"step", "levels", "optimizer" (a state_dict), "rng"}``; nothing is restored here.
+    Returns ``{"step", "optimizer_steps", "tensors"}`` (the RNG states are restored here).
     """
     path = Path(path)
     try:
         tensors, meta = read_safetensors(path)
-        step = int(meta["step"])
-        groups = json.loads(meta["param_groups"])
+        step, optimizer_steps = int(meta["step"]), int(meta["optimizer_steps"])
         saved_identity = json.loads(meta["identity"])
     except (SafetensorError, OSError, KeyError, ValueError) as err:
         raise CheckpointError(
@@ -62,14 +55,8 @@ def load_checkpoint(path: str | Path, identity: dict[str, str]) -> dict:
     diff = {k: (saved_identity.get(k), v) for k, v in identity.items() if saved_identity.get(k) != v}
     if diff:
         raise CheckpointError(f"checkpoint {path} belongs to another run; differing settings (checkpoint, now): {diff}")
-    opt_state: dict[int, dict] = {}
-    for key, value in tensors.items():
-        if key.startswith("opt."):
-            _, idx, name = key.split(".", 2)
-            opt_state.setdefault(int(idx), {})[name] = value
-    return {
-        "step": step,
-        "levels": {k: v for k, v in tensors.items() if k.startswith("level_")},
-        "optimizer": {"state": opt_state, "param_groups": groups},
-        "rng": {k: v for k, v in tensors.items() if k.startswith("rng.")},
-    }
+    torch.set_rng_state(tensors.pop("rng.cpu"))
+    cuda = [tensors.pop(k) for k in sorted(k for k in list(tensors) if k.startswith("rng.cuda"))]
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+    return {"step": step, "optimizer_steps": optimizer_steps, "tensors": tensors}

@@ -6,34 +6,82 @@
     fastsfm eval    --synset runs/x/synset.safetensors --stats stats.safetensors --data DIR --test-data DIR \\
                     --backbone dinov2_vitb14
     torchrun --nproc_per_node=8 -m fastsfm.cli distill ...   # stats and distill shard over ranks
+
+The distillation flags are derived from :class:`fastsfm.config.DistillConfig` (names, types,
+choices, defaults and help), so the Python API and the command line cannot drift apart.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from dataclasses import fields
+import types
+import typing
 from pathlib import Path
+from typing import Literal
 
 import torch
 
 from . import __version__
+from .config import DistillConfig, Precision, Preprocess, choices, cli_fields
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "add_config_flags", "config_from_args"]
 
 
-def _add_backbone(p: argparse.ArgumentParser) -> None:
+def add_config_flags(parser: argparse.ArgumentParser, cls: type, title: str) -> None:
+    """One ``--flag`` per field of the config dataclass ``cls`` (Literal -> choices, bool -> --x/--no-x)."""
+    group = parser.add_argument_group(title)
+    for name, kind, default, text in cli_fields(cls):
+        flag = "--" + name.replace("_", "-")
+        if kind is bool:
+            group.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=default, help=text)
+            continue
+        args = typing.get_args(kind)
+        if typing.get_origin(kind) is Literal:
+            group.add_argument(
+                flag, dest=name, choices=list(args), default=default, help=f"{text} (default: {default})"
+            )
+            continue
+        if typing.get_origin(kind) in (typing.Union, types.UnionType):  # X | None
+            kind = next(a for a in args if a is not type(None))
+        group.add_argument(flag, dest=name, type=kind, default=default, help=f"{text} (default: {default})")
+
+
+def config_from_args(cls: type, args: argparse.Namespace):
+    """The config dataclass ``cls`` from parsed flags (its validation applies)."""
+    return cls(**{name: getattr(args, name) for name, *_ in cli_fields(cls)})
+
+
+def _add_backbone(p: argparse.ArgumentParser, precision: bool = True) -> None:
     g = p.add_argument_group("backbone")
     g.add_argument(
         "--backbone",
         default="dinov2_vitb14",
-        help="timm model name or a paper alias (dinov2_vitb14, clip_vitb16, eva02_vitb14, mocov3_vitb16)",
+        help="a paper alias (dinov2_vitb14, clip_vitb16, eva02_vitb14, mocov3_vitb16, ...; see "
+        "fastsfm.backbones.ALIASES), an author name (dinov2_vitb, ...) or any timm name",
     )
     w = g.add_mutually_exclusive_group()
     w.add_argument("--weights", default=None, help="local weight file (.safetensors/.pth); default: timm's cache")
     w.add_argument("--random-init", action="store_true", help="no pretrained weights: seeded random init")
-    g.add_argument("--image-size", type=int, default=None, help="backbone input size (default: the model's)")
+    g.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help="backbone input size (default: 224 for the paper aliases, else the model's)",
+    )
+    g.add_argument(
+        "--preprocess",
+        choices=choices(Preprocess),
+        default="authors",
+        help="authors: ImageNet mean/std for every backbone (default); model: the model's own",
+    )
+    if precision:
+        g.add_argument(
+            "--precision",
+            choices=choices(Precision),
+            default="auto",
+            help="backbone autocast: auto = bf16 on CUDA, fp32 on CPU",
+        )
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 
 
@@ -41,19 +89,35 @@ def _backbone(args: argparse.Namespace):
     from .backbones import load_backbone
 
     pretrained = False if args.random_init else (args.weights or True)
-    return load_backbone(args.backbone, pretrained, args.image_size, device=args.device)
+    return load_backbone(
+        args.backbone,
+        pretrained,
+        args.image_size,
+        device=args.device,
+        preprocess=args.preprocess,
+        precision=args.precision,
+    )
 
 
-def _add_data(p: argparse.ArgumentParser, required: bool, test: bool = False) -> None:
+def _add_data(p: argparse.ArgumentParser, required: bool, test: bool = False, resolution: bool = True) -> None:
     p.add_argument("--data", required=required, help="ImageFolder root of the training images, or 'digits'")
     if test:
         p.add_argument("--test-data", default=None, help="ImageFolder root of the test split (digits: built in)")
+    if resolution:
+        p.add_argument(
+            "--resolution",
+            type=int,
+            default=None,
+            help="real images are resized to this (shorter side) and centre-cropped to the backbone's "
+            "input (default 256; digits: 32)",
+        )
 
 
-def _data(args: argparse.Namespace, size: int):
+def _data(args: argparse.Namespace, crop: int):
     from .data import load_data
 
-    return load_data(args.data, size, getattr(args, "test_data", None))
+    resolution = args.resolution or (32 if args.data == "digits" else 256)
+    return load_data(args.data, resolution, crop, getattr(args, "test_data", None))
 
 
 def _join_torchrun(args: argparse.Namespace) -> int:
@@ -76,7 +140,7 @@ def cmd_stats(args: argparse.Namespace) -> None:
     rank = _join_torchrun(args)
     backbone = _backbone(args)
     data = _data(args, backbone.input_size)
-    shard = shard_dataset(data.train, *rank_world())
+    shard = shard_dataset(data.train_eval, *rank_world())
     loader = DataLoader(shard, batch_size=args.batch_size, num_workers=args.workers, shuffle=False)
     stats = compute_stats(
         backbone,
@@ -96,43 +160,36 @@ def cmd_stats(args: argparse.Namespace) -> None:
 
 
 def cmd_distill(args: argparse.Namespace) -> None:
-    from .distill import DistillConfig, distill
+    from .distill import distill
     from .stats import ClassStats
 
+    config = config_from_args(DistillConfig, args)
+    args.precision = config.precision
     rank = _join_torchrun(args)
     backbone = _backbone(args)
     stats = ClassStats.load(args.stats)
-    cfg = DistillConfig(**{f.name: getattr(args, f.name) for f in fields(DistillConfig)})
-    real = objective = None
-    if cfg.init == "real" or cfg.method == "lgm":
-        if args.data is None:
-            raise SystemExit("--data is needed for --init real and --method lgm")
-        data = _data(args, cfg.resolution)
+    real = None
+    if args.data is not None:
+        args.resolution = config.resolution
+        data = _data(args, backbone.input_size)
         stats.check_compatible(num_classes=data.num_classes)
-        if cfg.init == "real":
-            from .baselines.reals import random_reals
-            from .data import labels_of, stack_images
-
-            picks = random_reals(labels_of(data.train), data.num_classes, cfg.ipc, cfg.seed)
-            real = stack_images(data.train, picks)
-        if cfg.method == "lgm":
-            from .baselines.lgm import LGMObjective
-
-            objective = LGMObjective.from_dataset(backbone, data.train, data.num_classes, cfg, device=args.device)
-    distill(
-        backbone, stats, cfg, args.out, real_images=real, objective=objective, resume=args.resume, device=args.device
-    )
+        real = data.train
+    elif config.init == "real" or config.method == "lgm":
+        raise SystemExit("--data is needed for --init real and --method lgm")
+    distill(backbone, stats, config, args.out, real=real, resume=args.resume, device=args.device)
     if rank == 0:
-        print(f"wrote {Path(args.out) / 'synset.safetensors'} and {Path(args.out) / 'synset.png'}")
+        print(f"wrote {Path(args.out) / 'synset.safetensors'}, synset.png, loss.png and metrics.jsonl")
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
+    import json
+
     from .baselines.reals import centroid_reals, random_reals
     from .data import labels_of, stack_images
     from .evaluate import evaluate_images, summarise
     from .probe import encode
     from .stats import ClassStats
-    from .synset import SyntheticSet
+    from .synset import load_images
 
     backbone = _backbone(args)
     stats = ClassStats.load(args.stats) if args.stats else None
@@ -145,28 +202,26 @@ def cmd_eval(args: argparse.Namespace) -> None:
     data = _data(args, backbone.input_size)
     if data.test is None:
         raise SystemExit("--test-data is needed (the real test split)")
-    test_x = stack_images(data.test, range(len(data.test)))
+    test_f = encode(backbone, stack_images(data.test, range(len(data.test))), device=args.device)
     test_y = labels_of(data.test)
-    test_f = encode(backbone, test_x, device=args.device)
     sets = {}
     for path in args.synset:
-        images, labels, _ = SyntheticSet.load_images(path)
+        images, labels, _ = load_images(path)
         sets[str(path)] = (images, labels)
     ipc = int(torch.bincount(next(iter(sets.values()))[1]).max()) if sets else args.ipc
+    train_y = labels_of(data.train)
     if args.baselines:
-        train_y = labels_of(data.train)
         sets[f"random real (IPC={ipc})"] = None
         if stats is not None:
-            all_train = stack_images(data.train, range(len(data.train)))
-            feats = encode(backbone, all_train, device=args.device)
+            feats = encode(backbone, stack_images(data.train_eval, range(len(data.train_eval))), device=args.device)
             idx = centroid_reals(feats, train_y, stats.means.to(feats.device), ipc)
             sets[f"centroid real (IPC={ipc})"] = (stack_images(data.train, idx), train_y[idx])
     scores = []
     for seed in range(args.seeds):
         for name, pair in sets.items():
             if pair is None:  # random reals differ per seed
-                idx = random_reals(labels_of(data.train), data.num_classes, ipc, seed)
-                pair = (stack_images(data.train, idx), labels_of(data.train)[idx])
+                idx = random_reals(train_y, data.num_classes, ipc, seed)
+                pair = (stack_images(data.train, idx), train_y[idx])
             scores.append(
                 evaluate_images(
                     backbone,
@@ -195,8 +250,6 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .distill import DistillConfig
-
     parser = argparse.ArgumentParser(
         prog="fastsfm",
         description="Statistical flow matching dataset distillation for frozen pre-trained vision backbones.",
@@ -214,28 +267,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_stats)
 
     p = sub.add_parser("distill", help="distill a synthetic set with SFM (or the LGM baseline)")
-    _add_backbone(p)
-    _add_data(p, required=False)
+    _add_backbone(p, precision=False)
+    _add_data(p, required=False, resolution=False)
     p.add_argument("--stats", required=True, help="statistics file from `fastsfm stats` (same backbone)")
-    p.add_argument("--out", required=True, help="run folder: checkpoint, synset.safetensors, synset.png")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.safetensors")
-    defaults = DistillConfig()
-    choices = {
-        "method": ["sfm", "lgm"],
-        "param": ["pyramid", "pixels"],
-        "init": ["noise", "real"],
-        "objective": ["flow", "decouple"],
-    }
-    for f in fields(DistillConfig):
-        flag = "--" + f.name.replace("_", "-")
-        default = getattr(defaults, f.name)
-        if isinstance(default, bool):
-            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default)
-        else:
-            kind = float if f.name == "nontarget_divisor" else type(default)
-            p.add_argument(
-                flag, dest=f.name, type=kind, default=default, choices=choices.get(f.name), help=f"default: {default}"
-            )
+    p.add_argument("--out", required=True, help="run folder: checkpoint, metrics, synset.safetensors, PNGs")
+    p.add_argument("--resume", action="store_true", help="continue from OUT's checkpoint")
+    add_config_flags(p, DistillConfig, "distillation (DistillConfig)")
     p.set_defaults(func=cmd_distill)
 
     p = sub.add_parser("eval", help="linear probe + classifier inheritance on the real test split")

@@ -3,10 +3,19 @@
 Every dataset yields ``(image, label)`` with images as float tensors (3, H, W) in [0, 1]:
 normalisation belongs to the backbone (:mod:`fastsfm.backbones`), so statistics, synthetic
 images and probes all see pixels the same way.
+
+Views of the real images, as the authors' loaders (``shared/references/sfm.md``):
+
+* ``train``: resized to ``resolution`` (shorter side) and centre-cropped to ``resolution``
+  (256): the synthetic resolution, for real-image initialisation, LGM's real batches and
+  the real-image baselines (which are then augmented like synthetic images);
+* ``train_eval`` and ``test``: resized to ``resolution`` and centre-cropped to ``crop`` (224,
+  the backbone's input), never augmented: class statistics, baseline selection, test accuracy.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,14 +25,26 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset, TensorDataset
 
-__all__ = ["ImageData", "digits", "image_folder", "load_data", "labels_of", "fingerprint", "stack_images"]
+__all__ = [
+    "ImageData",
+    "digits",
+    "image_folder",
+    "load_data",
+    "labels_of",
+    "fingerprint",
+    "stack_images",
+    "view_transform",
+    "with_transform",
+]
 
 
 @dataclass
 class ImageData:
-    """A train/test pair of image datasets with their class names."""
+    """Views of a train split (``train`` at the synthetic resolution, ``train_eval`` centre-cropped
+    to the backbone's input) and a test split, with the class names."""
 
     train: Dataset
+    train_eval: Dataset
     test: Dataset | None
     class_names: list[str]
     name: str
@@ -33,11 +54,12 @@ class ImageData:
         return len(self.class_names)
 
 
-def digits(image_size: int = 32, test_fraction: float = 0.3, seed: int = 0) -> ImageData:
+def digits(image_size: int = 32, crop: int | None = None, test_fraction: float = 0.3, seed: int = 0) -> ImageData:
     """scikit-learn's 8x8 handwritten digits (1,797 images, 10 classes), shipped in its wheel.
 
-    Grey levels 0..16 become RGB in [0, 1], upsampled bilinearly to ``image_size``; a
-    stratified split with a fixed ``seed`` keeps ``test_fraction`` of each class for testing.
+    Grey levels 0..16 become RGB in [0, 1], upsampled bilinearly to ``image_size``
+    (``train``); ``train_eval``/``test`` are centre crops of ``crop`` (default: the whole
+    image).  A stratified split with a fixed ``seed`` keeps ``test_fraction`` of each class for testing.
     """
     from sklearn.datasets import load_digits
 
@@ -54,49 +76,70 @@ def digits(image_size: int = 32, test_fraction: float = 0.3, seed: int = 0) -> I
         test_idx.append(idx[: int(round(len(idx) * test_fraction))])
     is_test = torch.zeros(len(labels), dtype=torch.bool)
     is_test[torch.cat(test_idx)] = True
+    cropped = _center_crop(images, crop or image_size)
     return ImageData(
         TensorDataset(images[~is_test], labels[~is_test]),
-        TensorDataset(images[is_test], labels[is_test]),
+        TensorDataset(cropped[~is_test], labels[~is_test]),
+        TensorDataset(cropped[is_test], labels[is_test]),
         [str(c) for c in range(10)],
         f"digits{image_size}",
     )
 
 
-def image_folder(root: str | Path, image_size: int, test_root: str | Path | None = None) -> ImageData:
-    """ImageFolder dataset(s) resized (shorter side) and centre-cropped to ``image_size``."""
-    from torchvision import datasets
+def _center_crop(images: Tensor, size: int) -> Tensor:
+    top, left = (images.shape[-2] - size) // 2, (images.shape[-1] - size) // 2
+    return images[..., top : top + size, left : left + size].contiguous()
+
+
+def view_transform(resolution: int, crop: int):
+    """Resize the shorter side to ``resolution``, centre-crop ``crop``, float RGB in [0, 1]."""
     from torchvision.transforms import v2
 
-    root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"image folder {root} does not exist (expected root/<class>/<image> files)")
-    tf = v2.Compose(
+    return v2.Compose(
         [
             v2.ToImage(),
-            v2.Resize(image_size, antialias=True),
-            v2.CenterCrop(image_size),
+            v2.Resize(resolution, antialias=True),
+            v2.CenterCrop(crop),
             v2.ToDtype(torch.float32, scale=True),
             v2.Lambda(_to_rgb),
         ]
     )
-    train = datasets.ImageFolder(str(root), transform=tf)
+
+
+def with_transform(dataset: Dataset, transform) -> Dataset:
+    """A shallow copy of a torchvision dataset with another transform (the file list is shared)."""
+    other = copy.copy(dataset)
+    other.transform = transform
+    return other
+
+
+def image_folder(root: str | Path, resolution: int, crop: int, test_root: str | Path | None = None) -> ImageData:
+    """ImageFolder dataset(s) (``root/<class>/<image>``) in the views of the module docstring."""
+    from torchvision import datasets
+
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder {root} does not exist (expected root/<class>/<image> files)")
+    train = datasets.ImageFolder(str(root), transform=view_transform(resolution, resolution))
     test = None
     if test_root is not None:
-        test = datasets.ImageFolder(str(test_root), transform=tf)
+        test = datasets.ImageFolder(str(test_root), transform=view_transform(resolution, crop))
         if test.classes != train.classes:
             raise ValueError(f"test classes {test.classes[:5]}... differ from train classes {train.classes[:5]}...")
-    return ImageData(train, test, list(train.classes), root.name)
+    return ImageData(
+        train, with_transform(train, view_transform(resolution, crop)), test, list(train.classes), root.name
+    )
 
 
 def _to_rgb(x: Tensor) -> Tensor:
     return x.expand(3, -1, -1) if x.shape[0] == 1 else x[:3]
 
 
-def load_data(spec: str, image_size: int, test_spec: str | None = None) -> ImageData:
+def load_data(spec: str, resolution: int, crop: int, test_spec: str | None = None) -> ImageData:
     """``"digits"`` for the embedded default, else an ImageFolder root (and optional test root)."""
     if spec == "digits":
-        return digits(image_size)
-    return image_folder(spec, image_size, test_spec)
+        return digits(resolution, crop)
+    return image_folder(spec, resolution, crop, test_spec)
 
 
 def labels_of(dataset: Dataset) -> Tensor:

@@ -73,12 +73,11 @@ def run_demo(
             stats,
             cfg,
             run_dir,
-            real_images=train_x[reals],
+            real=data.train,
             progress=progress,
             resume=(run_dir / "checkpoint.safetensors").exists(),
         )
-        with torch.no_grad():
-            sets["SFM"] = (synset.render(), synset.labels)
+        sets["SFM"] = (synset.render(), synset.labels)
         for name, (x, y) in sets.items():
             scores.append(
                 evaluate_images(backbone, x, y, test_f, test_y, stats, probe_epochs, seed, name, probe_lr=probe_lr)

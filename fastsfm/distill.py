@@ -1,94 +1,233 @@
-"""The distillation loop: render -> augment once -> backbone -> loss -> step, with checkpoints.
+"""The distillation loop: build or resume a run, optimise, checkpoint, export.
 
-Defaults follow LGM's published settings, which the SFM paper compares against under the
-same parameterisation (arXiv 2602.05391's stored copy gives no optimiser details, so this is
-our choice): Adam, lr 2e-3, pyramid from 1x1 growing every 200 steps, 5000 steps.
+The loop knows nothing about the objective's maths (:mod:`fastsfm.objective`); it owns the
+run: its folder, checkpoints (atomic, every ``checkpoint_every`` steps, on SIGTERM/SIGUSR1/
+Ctrl-C), resume, per-step metrics, progress and the exported set.
+
+**Preemption.**  SIGTERM, SIGUSR1 (SLURM's requeue signal, which the authors' code handles)
+and a first Ctrl-C let the current step finish, write a checkpoint of it and exit with
+status ``128 + signal`` (143, 138, 130); ``--resume`` then continues bit for bit.  A second
+Ctrl-C interrupts at once (the last checkpoint is kept).
+
+**Outputs** in ``out_dir``: ``checkpoint.safetensors`` (``checkpoint.rank{r}of{w}...`` under
+torch.distributed), ``metrics.jsonl`` (step, loss, pyramid levels, step time, peak memory),
+``loss.png``, ``synset.safetensors`` (images (N, 3, R, R) in [0, 1], labels, metadata) and
+``synset.png``.
+
+Under ``torch.distributed`` each rank owns a contiguous block of classes -- their images
+and optimiser state -- and the SFM objective all-reduces class sums and counts every step,
+so the ranks optimise the one global objective and produce exactly the single-process
+images.  Resuming needs the same world size; rank 0 writes the merged set.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+import math
+import signal
+import time
+from dataclasses import asdict
 from pathlib import Path
-from typing import Protocol
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
-from tqdm.auto import tqdm
+from torch.utils.data import Dataset
 
-from .augment import SinglePassAugment
 from .backbones import Backbone
+from .baselines.reals import random_reals
 from .checkpoint import load_checkpoint, save_checkpoint
+from .config import DistillConfig
+from .data import labels_of, stack_images
 from .distributed import rank_world, shard_classes
-from .loss import SFMLoss
+from .metrics import MetricsLog, plot_loss
+from .objective import Objective, build_objective
+from .optim import ChunkAdam
+from .progress import Progress
 from .stats import ClassStats
 from .synset import SyntheticSet, save_grid, save_images
 
-__all__ = ["DistillConfig", "distill", "SFMObjective", "Objective"]
+__all__ = ["DistillConfig", "distill", "StopSignals"]
+
+_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
-@dataclass
-class DistillConfig:
-    """Settings of one distillation run (all of them are recorded in checkpoints)."""
+class StopSignals:
+    """Turns SIGTERM, SIGUSR1 and a first SIGINT into a request to stop after the current step.
 
-    method: str = "sfm"  # "sfm" or "lgm" (baseline, see fastsfm.baselines.lgm)
-    ipc: int = 1  # synthetic images per class
-    steps: int = 5000
-    lr: float = 2e-3
-    resolution: int = 256  # stored synthetic resolution; the backbone sees random crops
-    param: str = "pyramid"  # "pyramid" or "pixels"
-    init: str = "noise"  # "noise" or "real"
-    pyramid_start: int = 1
-    pyramid_extent: int = 200  # steps between pyramid levels
-    decorrelate: bool = True
-    objective: str = "flow"  # SFM objective: "flow" (paper) or "decouple"
-    alpha: float = 1.0  # decouple only: weight of MSE(mu, t)
-    nontarget_divisor: float | None = None  # None: C - 1; the released script uses C*IPC - 1
-    noise_std: float = 0.2  # augmentation noise (0 disables)
-    lgm_augs: int = 10  # LGM only: augmented copies of the synthetic set (real batch: ipc*augs*C)
-    seed: int = 0
-    checkpoint_every: int = 100
-
-    def identity(self) -> dict[str, str]:
-        """What must match for a checkpoint to be resumed (steps may grow)."""
-        return {k: json.dumps(v) for k, v in asdict(self).items() if k not in ("steps", "checkpoint_every")}
-
-
-class Objective(Protocol):
-    def backward(self, images: Tensor, labels: Tensor) -> float:
-        """Back-propagate the loss of rendered ``images`` (N, 3, R, R) into them; return its value."""
-
-
-class SFMObjective:
-    """SFM: one augmentation pass of the synthetic set, backbone features, :class:`SFMLoss`.
-
-    Under ``torch.distributed`` each rank passes its own classes' images; the loss all-reduces
-    per-class sums and counts, so every rank optimises the one global objective.
+    ``requested(group)`` is True once any rank of ``group`` received one (an all-reduce when
+    there are several ranks, so all stop at the same step); ``code`` is ``128 + signal``.
     """
 
-    def __init__(self, backbone: Backbone, stats: ClassStats, augment: SinglePassAugment, config: DistillConfig):
-        self.backbone, self.augment = backbone, augment
-        group = dist.group.WORLD if rank_world()[1] > 1 else None
-        self.loss = SFMLoss(
-            stats,
-            objective=config.objective,
-            alpha=config.alpha,
-            nontarget_divisor=config.nontarget_divisor,
-            process_group=group,
-        ).to(stats.means.device)
+    def __init__(self):
+        self.signum = 0
+        self._saved = {}
 
-    def backward(self, images: Tensor, labels: Tensor) -> float:
-        loss = self.loss(self.backbone(self.augment(images)), labels)
-        loss.backward()
-        return loss.item()
+    def __enter__(self) -> StopSignals:
+        for sig in _SIGNALS:
+            self._saved[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._saved.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum: int, frame) -> None:
+        self.signum = signum
+        if signum == signal.SIGINT:  # a second Ctrl-C interrupts at once
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def requested(self, group=None) -> bool:
+        if group is None:
+            return self.signum != 0
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else None
+        flag = torch.tensor([self.signum], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+        self.signum = int(flag)
+        return self.signum != 0
+
+    @property
+    def code(self) -> int:
+        return 128 + self.signum
 
 
-def _restore_rng(rng: dict[str, Tensor]) -> None:
-    torch.set_rng_state(rng["rng.cpu"])
-    cuda = [rng[k] for k in sorted(rng) if k.startswith("rng.cuda")]
-    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(cuda)
+def _checkpoint_path(out: Path, rank: int, world: int) -> Path:
+    return out / ("checkpoint.safetensors" if world == 1 else f"checkpoint.rank{rank}of{world}.safetensors")
+
+
+def _open_run(out: Path, ckpt: Path, identity: dict[str, str], resume: bool) -> dict | None:
+    """Check the run folder against ``resume``; load the checkpoint if resuming (None otherwise)."""
+    if ckpt.exists() and not resume:
+        raise FileExistsError(f"{ckpt} exists: pass resume=True (--resume) to continue it, or choose another output")
+    if resume and not ckpt.exists():
+        others = sorted(p.name for p in out.glob("checkpoint*.safetensors"))
+        hint = f"; found {others}: resume with the world size that wrote them" if others else ""
+        raise FileNotFoundError(f"nothing to resume: {ckpt} does not exist{hint}")
+    out.mkdir(parents=True, exist_ok=True)
+    return load_checkpoint(ckpt, identity) if resume else None
+
+
+def _initial_images(config: DistillConfig, real: Dataset | None, num_classes: int, classes: range):
+    """Random real images of this rank's classes for ``init="real"`` (picked with the run's seed)."""
+    if config.init != "real":
+        return None
+    if real is None:
+        raise ValueError("init='real' needs the real training images (--data)")
+    picks = random_reals(labels_of(real), num_classes, config.ipc, config.seed)
+    return stack_images(real, picks[classes.start * config.ipc : classes.stop * config.ipc])
+
+
+def _build_synset(
+    config: DistillConfig, real: Dataset | None, num_classes: int, classes: range, device: torch.device
+) -> SyntheticSet:
+    storage = torch.device("cpu") if config.offload else device
+    return SyntheticSet(
+        len(classes),
+        config.ipc,
+        config.resolution,
+        config.param,
+        config.init,
+        _initial_images(config, real, num_classes, classes),
+        config.pyramid_start,
+        config.pyramid_extent,
+        config.decorrelate,
+        config.seed,
+        first_class=classes.start,
+        storage=storage,
+        offload=config.offload,
+    )
+
+
+def _save(ckpt: Path, synset: SyntheticSet, optim: ChunkAdam, step: int, identity: dict[str, str]) -> None:
+    save_checkpoint(ckpt, {**synset.state(), **optim.state()}, step, optim.steps, identity)
+
+
+def _optimise(
+    synset: SyntheticSet,
+    optim: ChunkAdam,
+    objective: Objective,
+    config: DistillConfig,
+    start: int,
+    ckpt: Path,
+    identity: dict[str, str],
+    metrics: MetricsLog,
+    device: torch.device,
+    group,
+    progress: bool,
+) -> None:
+    """Steps ``start .. config.steps - 1`` with checkpoints; exits ``128 + signal`` when asked to stop."""
+    bar = Progress(config.steps, f"distill ({config.method})", initial=start, enabled=progress, unit="step")
+    done = saved = start
+    try:
+        with StopSignals() as stop:
+            for step in range(start, config.steps):
+                if synset.grow(step, device):
+                    optim.reset()  # LGM re-creates Adam at each new pyramid level
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
+                began = time.perf_counter()
+                loss = objective.step(synset, optim, step)
+                if not math.isfinite(loss):
+                    raise FloatingPointError(
+                        f"the loss became {loss} at step {step} (NaN/Inf features or images); "
+                        f"the checkpoint of step {saved} is kept; lower --lr or use "
+                        "--precision fp32"
+                    )
+                seconds = time.perf_counter() - began
+                peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+                done = step + 1
+                metrics.log(step=step, loss=loss, levels=len(synset.levels), step_s=seconds, peak_mib=peak)
+                bar.update(loss=loss, levels=len(synset.levels))
+                halt = stop.requested(group)
+                if halt or done % config.checkpoint_every == 0 or done == config.steps:
+                    _save(ckpt, synset, optim, done, identity)
+                    saved = done
+                if halt:
+                    print(
+                        f"\nstopped by signal {stop.signum} after step {done}: checkpoint written to {ckpt}; "
+                        "continue with --resume",
+                        flush=True,
+                    )
+                    raise SystemExit(stop.code)
+    except KeyboardInterrupt:
+        if not optim.in_step:  # no chunk of an unfinished step was updated: the state is step `done`
+            _save(ckpt, synset, optim, done, identity)
+            print(f"\ninterrupted: checkpoint of step {done} written to {ckpt}; continue with --resume", flush=True)
+        raise
+    finally:
+        bar.close()
+
+
+def _export(
+    synset: SyntheticSet,
+    stats: ClassStats,
+    config: DistillConfig,
+    backbone: Backbone,
+    out: Path,
+    device: torch.device,
+    rank: int,
+    world: int,
+) -> None:
+    """Render the set; gather the shards on rank 0, which writes synset.safetensors/png and loss.png."""
+    images, labels = synset.render(device=device).cpu(), synset.labels
+    if world > 1:
+        shards = [None] * world
+        dist.all_gather_object(shards, (images, labels))
+        images, labels = torch.cat([i for i, _ in shards]), torch.cat([y for _, y in shards])
+    if rank != 0:
+        return
+    meta = {
+        "method": config.method,
+        "backbone": backbone.identity,
+        "dataset": stats.meta.get("dataset", ""),
+        "class_names": json.dumps(stats.class_names),
+        "config": json.dumps(asdict(config)),
+        "ipc": str(config.ipc),
+        "num_classes": str(stats.num_classes),
+    }
+    save_images(out / "synset.safetensors", images, labels, meta)
+    title = f"{config.method.upper()} IPC={config.ipc}, {backbone.name}"
+    save_grid(images, labels, stats.class_names, out / "synset.png", title=title)
+    plot_loss(out / "metrics.jsonl", out / "loss.png", title=title)
 
 
 def distill(
@@ -97,133 +236,48 @@ def distill(
     config: DistillConfig,
     out_dir: str | Path,
     *,
-    real_images: Tensor | None = None,
-    objective: Objective | None = None,
+    real: Dataset | None = None,
     resume: bool = False,
     device: str | torch.device = "cpu",
     progress: bool = True,
+    objective: Objective | None = None,
 ) -> SyntheticSet:
-    """Run (or resume) a distillation and export ``synset.safetensors`` and ``synset.png``.
+    """Run (or resume) a distillation; returns this rank's :class:`SyntheticSet`.
 
     Args:
         backbone: frozen feature extractor matching ``stats`` (checked).
-        stats: real class statistics.
-        config: :class:`DistillConfig`.
-        out_dir: folder for ``checkpoint.safetensors``, ``synset.safetensors``, ``synset.png``.
-        real_images: (C*IPC, 3, R, R) images for ``init="real"``.
-        objective: overrides the loss (the LGM baseline passes its own); default SFM.
-        resume: continue from ``out_dir/checkpoint.safetensors``; without it an existing
-            checkpoint is an error (nothing is overwritten).
-
-    Ctrl-C writes a checkpoint of the last completed step before re-raising.
-
-    Under ``torch.distributed`` (see :mod:`fastsfm.distributed`) each rank owns a contiguous
-    block of classes -- their images and optimiser state -- and seeds its RNG with
-    ``seed + rank``; the loss all-reduces per-class sums and counts each step.  Each rank
-    checkpoints its shard
-    (``checkpoint.rank{r}of{w}.safetensors``), resuming needs the same world size, and rank 0
-    writes the merged ``synset.safetensors``/``synset.png``.  Returns this rank's shard.
+        stats: real class statistics of ``backbone``.
+        config: :class:`DistillConfig`; ``config.method`` picks the objective.
+        out_dir: the run folder (see the module docstring for its files).
+        real: real training images at the synthetic resolution (``init="real"``, LGM).
+        resume: continue from the checkpoint; without it an existing checkpoint is an error.
+        objective: a custom :class:`fastsfm.objective.Objective` (default: from ``config``).
     """
+    device = torch.device(device)
     stats.check_compatible(backbone)
     rank, world = rank_world()
-    if world > 1 and objective is not None:
-        raise ValueError(
-            "only the SFM objective can be sharded over ranks (LGM matches one global gradient); "
-            "run LGM in a single process"
-        )
-    classes = shard_classes(stats.num_classes, rank, world)
+    group = dist.group.WORLD if world > 1 else None
     out = Path(out_dir)
-    ckpt = out / ("checkpoint.safetensors" if world == 1 else f"checkpoint.rank{rank}of{world}.safetensors")
+    ckpt = _checkpoint_path(out, rank, world)
     identity = {
         **config.identity(),
         "stats_backbone": stats.meta.get("backbone", ""),
         "stats_dataset": stats.meta.get("dataset", ""),
         "world_size": str(world),
     }
-    if ckpt.exists() and not resume:
-        raise FileExistsError(f"{ckpt} exists: pass resume=True (--resume) to continue it, or choose another output")
-    if resume and not ckpt.exists():
-        others = sorted(p.name for p in out.glob("checkpoint*.safetensors"))
-        hint = f"; found {others}: resume with the world size that wrote them" if others else ""
-        raise FileNotFoundError(f"nothing to resume: {ckpt} does not exist{hint}")
-    state = load_checkpoint(ckpt, identity) if resume else None
-    out.mkdir(parents=True, exist_ok=True)
-
-    torch.manual_seed(config.seed + rank)
-    if real_images is not None:
-        real_images = real_images[classes.start * config.ipc : classes.stop * config.ipc]
-    synset = SyntheticSet(
-        len(classes),
-        config.ipc,
-        config.resolution,
-        config.param,
-        config.init,
-        real_images,
-        config.pyramid_start,
-        config.pyramid_extent,
-        config.decorrelate,
-        config.seed + rank,
-        first_class=classes.start,
-    ).to(device)
-    stats = stats.to(device)
-    backbone = backbone.to(device)
-    if objective is None:
-        augment = SinglePassAugment(backbone.input_size, noise_std=config.noise_std)
-        objective = SFMObjective(backbone, stats, augment, config)
+    state = _open_run(out, ckpt, identity, resume)
+    classes = shard_classes(stats.num_classes, rank, world)
+    synset = _build_synset(config, real, stats.num_classes, classes, device)
+    optim = ChunkAdam(synset, config.lr)
     start = 0
     if state is not None:
-        synset.load_levels(state["levels"])
+        synset.load_state(state["tensors"])
+        optim.load_state(state["tensors"], state["optimizer_steps"])
         start = state["step"]
-    opt = torch.optim.Adam(synset.parameters(), lr=config.lr)
-    if state is not None:
-        opt.load_state_dict(state["optimizer"])
-        _restore_rng(state["rng"])
-    meta = {
-        "method": config.method,
-        "backbone": backbone.identity,
-        "dataset": stats.meta.get("dataset", ""),
-        "class_names": json.dumps(stats.class_names),
-        "config": json.dumps(asdict(config)),
-    }
-    step = start
-    bar = tqdm(
-        range(start, config.steps),
-        desc=f"distill ({config.method})",
-        disable=not progress or rank != 0,
-        unit="step",
-        initial=start,
-        total=config.steps,
-    )
-    try:
-        for step in bar:
-            if synset.grow(step):
-                opt = torch.optim.Adam(synset.parameters(), lr=config.lr)  # LGM resets Adam per new level
-            opt.zero_grad(set_to_none=True)
-            loss = objective.backward(synset.render(), synset.labels)
-            opt.step()
-            bar.set_postfix(loss=f"{loss:.4f}", levels=len(synset.levels))
-            if (step + 1) % config.checkpoint_every == 0:
-                save_checkpoint(ckpt, synset.level_tensors(), opt, step + 1, identity)
-        step = config.steps
-    except KeyboardInterrupt:
-        save_checkpoint(ckpt, synset.level_tensors(), opt, step, identity)
-        print(f"\ninterrupted: checkpoint of step {step} written to {ckpt}; continue with --resume")
-        raise
-    save_checkpoint(ckpt, synset.level_tensors(), opt, step, identity)
-    with torch.no_grad():
-        images, labels = synset.render().cpu(), synset.labels.cpu()
-    if world > 1:
-        shards = [None] * world
-        dist.all_gather_object(shards, (images, labels))
-        images, labels = torch.cat([i for i, _ in shards]), torch.cat([y for _, y in shards])
-    if rank == 0:
-        meta = {**meta, "ipc": str(config.ipc), "num_classes": str(stats.num_classes)}
-        save_images(out / "synset.safetensors", images, labels, meta)
-        save_grid(
-            images,
-            labels,
-            stats.class_names,
-            out / "synset.png",
-            title=f"{config.method.upper()} IPC={config.ipc}, {backbone.name}",
-        )
+    backbone, stats = backbone.to(device), stats.to(device)
+    if objective is None:
+        objective = build_objective(config, backbone, stats, device, real=real, group=group)
+    metrics = MetricsLog(out / "metrics.jsonl", start, enabled=rank == 0)
+    _optimise(synset, optim, objective, config, start, ckpt, identity, metrics, device, group, progress and rank == 0)
+    _export(synset, stats, config, backbone, out, device, rank, world)
     return synset

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .augment import SinglePassAugment
+from .augment import BatchAugment
 from .backbones import Backbone
 from .inherit import InheritedClassifier
 from .probe import accuracy, new_head, train_head_on_images
@@ -48,7 +48,7 @@ def evaluate_images(
     ``stats`` must come from ``backbone`` for inheritance (its classifier lives in that
     feature space); pass None when the probe backbone differs from the distillation one.
     """
-    augment = SinglePassAugment(backbone.input_size, noise_std=0.0)
+    augment = BatchAugment(backbone.input_size, noise_std=0.0)
     c = int(labels.max()) + 1 if stats is None else stats.num_classes
     head = train_head_on_images(
         backbone, images, labels, new_head(backbone.feature_dim, c, seed), augment, epochs, device, seed, lr=probe_lr

@@ -13,7 +13,8 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm.auto import tqdm
+
+from .progress import track
 
 __all__ = ["fit_linear_classifier", "train_head_on_images", "encode", "accuracy", "new_head"]
 
@@ -52,7 +53,7 @@ def _minibatch_train(
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs * math.ceil(n / batch))
     with torch.random.fork_rng(devices=[]), torch.enable_grad():
         torch.manual_seed(seed)
-        for _ in tqdm(range(epochs), desc=desc, disable=desc is None, unit="epoch"):
+        for _ in track(range(epochs), desc or "", enabled=desc is not None, unit="epoch"):
             order = torch.randperm(n, generator=gen)
             for start in range(0, n, batch):
                 idx = order[start : start + batch]
@@ -121,7 +122,8 @@ def train_head_on_images(
 
     def features_of(idx: Tensor) -> Tensor:
         with torch.no_grad():
-            return backbone(augment(images[idx].to(device))).float()
+            keys = torch.randint(2**31, (len(idx),), device=device)  # seeded: runs inside the probe's fork_rng
+            return backbone(augment(images[idx].to(device), keys)).float()
 
     return _minibatch_train(
         head, len(images), batch, epochs, lr or 1e-3 * batch / 256, seed, features_of, labels, device

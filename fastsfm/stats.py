@@ -18,12 +18,12 @@ import torch.distributed as dist
 from safetensors import SafetensorError
 from torch import Tensor
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from .backbones import Backbone
 from .distributed import interleave_shards, rank_world
 from .io import atomic_save_safetensors, read_safetensors
 from .probe import fit_linear_classifier
+from .progress import track
 
 __all__ = ["ClassStats", "compute_stats"]
 
@@ -150,9 +150,7 @@ def compute_stats(
     sums = torch.zeros(c, d, dtype=torch.float64, device=device)
     counts = torch.zeros(c, dtype=torch.int64, device=device)
     cached, cached_labels = [], []
-    for images, labels in tqdm(
-        loader, desc="class statistics", disable=not progress or rank_world()[0] != 0, unit="batch"
-    ):
+    for images, labels in track(loader, "class statistics", enabled=progress and rank_world()[0] == 0, unit="batch"):
         labels = labels.to(device)
         if int(labels.min()) < 0 or int(labels.max()) >= c:
             raise ValueError(f"labels must lie in [0, {c}), got [{int(labels.min())}, {int(labels.max())}]")

@@ -1,17 +1,22 @@
-"""The synthetic set: image parameterisation, initialisation and export.
+"""The synthetic set: image parameterisation, initialisation, storage and export.
 
-Parameterisation (LGM's pyramid, which SFM's paper inherits; ``shared/references/lgm.md``):
-an image is ``sigmoid(2 * D(sum_l up(P_l)))`` where ``P_l`` are levels of resolution
-``start, 2*start, ..., resolution`` upsampled bilinearly to full size and ``D`` is the fixed
-3x3 colour-decorrelation matrix (Olah et al. 2017), normalised by its largest column norm.
-Training starts with the coarsest level only; every ``extent`` steps the next finer level is
-added (existing levels scaled by old/new level count, the new one noise / new count) and
-the optimiser is reset, as in LGM.  ``param="pixels"`` is the same machinery with the
-finest level alone.
+Parameterisation (LGM's pyramid, which SFM inherits; ``shared/references/lgm.md``): an image
+is ``sigmoid(2 * D(sum_l up(P_l)))`` where ``P_l`` are levels of resolution ``start, 2 start,
+..., resolution`` upsampled bilinearly to full size and ``D`` is the fixed 3x3 colour
+decorrelation matrix (Olah et al. 2017) divided by its largest column norm.  Training starts
+with the coarsest level; every ``extent`` steps the next level is added (existing levels
+scaled by old/new level count, the new one noise / new count) and the optimiser state is
+reset, as in LGM.  ``param="pixels"`` is the same machinery with the finest level alone.
 
 Initialisation: ``"noise"`` (random colours growing into images) or ``"real"`` (given real
 images: every level is active from the start and the finest holds the inverse of the
 image, so step 0 renders the real images exactly).
+
+Storage: the levels are plain tensors on a *storage* device -- the compute device, or pinned
+host memory for ``offload`` -- and are handed out a chunk of images at a time
+(:meth:`SyntheticSet.chunk`): views when resident, copies when offloaded.  Every random
+number is keyed by the image's global index (:mod:`fastsfm.rng`), so a set sharded over
+ranks, chunked or offloaded holds exactly the images of the single-process set.
 """
 
 from __future__ import annotations
@@ -20,13 +25,16 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
+from . import rng
+from .config import Init, Param
 from .io import atomic_save_safetensors, read_safetensors
 
-__all__ = ["SyntheticSet", "COLOR_DECORRELATION", "save_grid", "save_images"]
+__all__ = ["SyntheticSet", "COLOR_DECORRELATION", "save_grid", "save_images", "load_images"]
 
 COLOR_DECORRELATION = torch.tensor([[0.26, 0.09, 0.02], [0.27, 0.00, -0.05], [0.27, -0.09, 0.03]])
+_NOISE_BATCH = 256  # images per batch when drawing a new level's noise (bounds temporary memory)
 
 
 def _level_sizes(start: int, resolution: int) -> list[int]:
@@ -38,12 +46,12 @@ def _level_sizes(start: int, resolution: int) -> list[int]:
     return sizes
 
 
-class SyntheticSet(nn.Module):
+class SyntheticSet:
     """``num_classes * ipc`` learnable images with labels ``[f]*ipc + [f+1]*ipc + ...``
     (``f = first_class``, nonzero for a rank's shard of classes under torch.distributed).
 
-    ``render()`` -> (N, 3, R, R) in [0, 1].  ``grow(step)`` adds a pyramid level when the
-    schedule says so and returns True (the caller then resets its optimiser).
+    ``levels`` (list of (N, 3, s, s) float32 tensors on ``storage``) are the parameters;
+    :meth:`render` / :meth:`render_levels` give (N, 3, R, R) images in [0, 1].
     """
 
     def __init__(
@@ -51,16 +59,17 @@ class SyntheticSet(nn.Module):
         num_classes: int,
         ipc: int,
         resolution: int,
-        param: str = "pyramid",
-        init: str = "noise",
+        param: Param = "pyramid",
+        init: Init = "noise",
         real_images: Tensor | None = None,
         start_res: int = 1,
         extent: int = 200,
         decorrelate: bool = True,
         seed: int = 0,
         first_class: int = 0,
+        storage: str | torch.device = "cpu",
+        offload: bool = False,
     ):
-        super().__init__()
         if param not in ("pyramid", "pixels"):
             raise ValueError(f"param must be 'pyramid' or 'pixels', got {param!r}")
         if init not in ("noise", "real"):
@@ -68,61 +77,101 @@ class SyntheticSet(nn.Module):
         if num_classes < 1 or ipc < 1 or resolution < 1:
             raise ValueError(f"need num_classes, ipc, resolution >= 1, got {num_classes}, {ipc}, {resolution}")
         n = num_classes * ipc
-        self.num_classes, self.ipc, self.resolution = num_classes, ipc, resolution
-        self.param, self.extent = param, extent
+        self.num_classes, self.ipc, self.resolution, self.extent, self.seed = num_classes, ipc, resolution, extent, seed
+        self.storage, self.offload = torch.device(storage), offload
         self.sizes = [resolution] if param == "pixels" else _level_sizes(min(start_res, resolution), resolution)
         classes = torch.arange(first_class, first_class + num_classes)
-        self.register_buffer("labels", classes.repeat_interleave(ipc))
+        self.labels = classes.repeat_interleave(ipc)
+        self.image_ids = torch.arange(first_class * ipc, first_class * ipc + n)
         decor = COLOR_DECORRELATION / COLOR_DECORRELATION.norm(dim=0).max()
-        self.register_buffer("decor", decor if decorrelate else torch.eye(3))
-        self.levels = nn.ParameterList()
-        gen = torch.Generator().manual_seed(seed)
+        self.decor = decor if decorrelate else torch.eye(3)
         if init == "real":
             if real_images is None or real_images.shape != (n, 3, resolution, resolution):
                 got = None if real_images is None else tuple(real_images.shape)
                 raise ValueError(
                     f"init='real' needs real_images of shape ({n}, 3, {resolution}, {resolution}), got {got}"
                 )
-            for size in self.sizes[:-1]:
-                self.levels.append(nn.Parameter(torch.zeros(n, 3, size, size)))
             logits = 0.5 * torch.logit(real_images.float().clamp(1e-3, 1 - 1e-3))
-            inv = torch.linalg.inv(self.decor)
-            self.levels.append(nn.Parameter(torch.einsum("ij,njhw->nihw", inv, logits)))
+            finest = torch.einsum("ij,njhw->nihw", torch.linalg.inv(self.decor), logits)
+            self.levels = [self.store(torch.zeros(n, 3, s, s)) for s in self.sizes[:-1]] + [self.store(finest)]
         else:
-            self.levels.append(nn.Parameter(torch.randn(n, 3, self.sizes[0], self.sizes[0], generator=gen)))
+            self.levels = [self.store(self._noise(0, self.storage))]
 
     @property
     def num_images(self) -> int:
         return self.labels.numel()
 
-    def grow(self, step: int) -> bool:
-        """Add the next level if ``step`` reached its start (``len(levels) * extent``)."""
+    def store(self, t: Tensor) -> Tensor:
+        """``t`` as a float32 tensor on the storage device (pinned host memory when offloaded)."""
+        t = t.to(self.storage, torch.float32).contiguous()
+        return t.pin_memory() if self.offload and self.storage.type == "cpu" and torch.cuda.is_available() else t
+
+    def _noise(self, level: int, device: torch.device) -> Tensor:
+        """N(0, 1) of level ``level`` for every image, keyed by (seed, level, global image id)."""
+        size = self.sizes[level]
+        parts = [
+            rng.normal(rng.derive(self.seed, 1 + level, ids.to(device)), (3, size, size)).to(self.storage)
+            for ids in self.image_ids.split(_NOISE_BATCH)
+        ]
+        return torch.cat(parts)
+
+    def grow(self, step: int, device: str | torch.device | None = None) -> bool:
+        """Add the next level if ``step`` reached its start (``len(levels) * extent``); True if added.
+
+        Existing levels are scaled by ``count / (count + 1)`` and the new one is N(0, 1) / (count + 1).
+        The noise is drawn on ``device`` (default: the storage device).
+        """
         count = len(self.levels)
         if count >= len(self.sizes) or step < count * self.extent:
             return False
-        with torch.no_grad():
-            for level in self.levels:
-                level.mul_(count / (count + 1))
-            size = self.sizes[count]
-            ref = self.levels[0]
-            # Global RNG: its state is checkpointed, so a resumed run grows the same level.
-            noise = torch.randn(ref.shape[0], 3, size, size) / (count + 1)
-            self.levels.append(nn.Parameter(noise.to(ref.device)))
+        for level in self.levels:
+            level.mul_(count / (count + 1))
+        noise = self._noise(count, torch.device(device) if device is not None else self.storage)
+        self.levels.append(self.store(noise / (count + 1)))
         return True
 
-    def render(self) -> Tensor:
+    def chunk(self, start: int, stop: int, device: str | torch.device, requires_grad: bool = False) -> list[Tensor]:
+        """The levels of images ``start:stop`` on ``device``: views of the storage when it is that
+        device and the set is not offloaded (an optimiser step on them updates the set), copies
+        otherwise (offloaded sets always hand out copies, on CPU too); leaves with ``requires_grad``."""
+        device = torch.device(device)
+        out = []
+        for level in self.levels:
+            part = level[start:stop].detach()
+            if part.device != device or self.offload:
+                part = part.to(device, non_blocking=True, copy=True)
+            out.append(part.requires_grad_(requires_grad))
+        return out
+
+    def render_levels(self, levels: list[Tensor]) -> Tensor:
+        """Images (n, 3, R, R) in [0, 1] from the levels of n images (differentiable)."""
         r = self.resolution
         total = sum(
             level if level.shape[-1] == r else F.interpolate(level, size=(r, r), mode="bilinear", align_corners=False)
-            for level in self.levels
+            for level in levels
         )
-        return torch.sigmoid(2.0 * torch.einsum("ij,njhw->nihw", self.decor, total))
+        return torch.sigmoid(2.0 * torch.einsum("ij,njhw->nihw", self.decor.to(total.device), total))
 
-    def level_tensors(self) -> dict[str, Tensor]:
-        return {f"level_{i}": level.detach() for i, level in enumerate(self.levels)}
+    @torch.no_grad()
+    def render(
+        self, start: int = 0, stop: int | None = None, device: str | torch.device | None = None, batch: int = 256
+    ) -> Tensor:
+        """Images ``start:stop`` (default all) rendered on ``device`` (default: storage), returned
+        on the storage device, ``batch`` images at a time."""
+        stop = self.num_images if stop is None else stop
+        device = self.storage if device is None else device
+        parts = [
+            self.render_levels(self.chunk(a, min(a + batch, stop), device)).to(self.storage)
+            for a in range(start, stop, batch)
+        ]
+        return torch.cat(parts)
 
-    def load_levels(self, tensors: dict[str, Tensor]) -> None:
-        """Restore levels saved by :meth:`level_tensors` (their count may exceed the current one)."""
+    def state(self) -> dict[str, Tensor]:
+        """The levels, for checkpoints (``level_0 ... level_k``)."""
+        return {f"level_{i}": level for i, level in enumerate(self.levels)}
+
+    def load_state(self, tensors: dict[str, Tensor]) -> None:
+        """Restore levels saved by :meth:`state` (their count may exceed the current one)."""
         count = len([k for k in tensors if k.startswith("level_")])
         if count < 1 or count > len(self.sizes):
             raise ValueError(f"checkpoint has {count} pyramid levels; this set allows 1..{len(self.sizes)}")
@@ -133,26 +182,18 @@ class SyntheticSet(nn.Module):
                     f"checkpoint level {i} has shape {tuple(tensors[f'level_{i}'].shape)}, "
                     f"this synthetic set expects {expected}"
                 )
-        device = self.labels.device
-        self.levels = nn.ParameterList([nn.Parameter(tensors[f"level_{i}"].to(device).clone()) for i in range(count)])
-
-    def save(self, path: str | Path, meta: dict[str, str]) -> None:
-        """Export rendered images (N, 3, R, R) float32 and labels (N,) to safetensors."""
-        with torch.no_grad():
-            save_images(
-                path, self.render(), self.labels, {**meta, "ipc": str(self.ipc), "num_classes": str(self.num_classes)}
-            )
-
-    @staticmethod
-    def load_images(path: str | Path) -> tuple[Tensor, Tensor, dict[str, str]]:
-        """Read an exported set: ``(images, labels, metadata)``."""
-        tensors, meta = read_safetensors(path)
-        return tensors["images"], tensors["labels"], meta
+        self.levels = [self.store(tensors[f"level_{i}"].clone()) for i in range(count)]
 
 
 def save_images(path: str | Path, images: Tensor, labels: Tensor, meta: dict[str, str]) -> None:
     """Atomically write an image set: ``images`` (N, 3, R, R), ``labels`` (N,), string metadata."""
     atomic_save_safetensors({"images": images, "labels": labels}, path, meta)
+
+
+def load_images(path: str | Path) -> tuple[Tensor, Tensor, dict[str, str]]:
+    """Read an exported set: ``(images, labels, metadata)``."""
+    tensors, meta = read_safetensors(path)
+    return tensors["images"], tensors["labels"], meta
 
 
 def save_grid(images: Tensor, labels: Tensor, class_names: list[str], path: str | Path, title: str = "") -> None:

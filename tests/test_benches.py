@@ -19,31 +19,20 @@ def test_bench_loss_runs_on_cpu(tmp_path):
 
 
 def test_bench_distill_runs_on_cpu(tmp_path):
+    import json
+
     import bench_distill
 
+    base = {"backbone": "vit_tiny_patch16_224", "image_size": 16, "resolution": 16, "classes": 3, "ipc": 2}
+    runs = [
+        {**base, "method": "sfm"},
+        {**base, "method": "lgm", "augs": 2},
+        {**base, "method": "sfm", "chunk": 4, "offload": True},
+    ]
     rows = bench_distill.main(
-        [
-            "--device",
-            "cpu",
-            "--backbone",
-            "vit_tiny_patch16_224",
-            "--image-size",
-            "16",
-            "--classes",
-            "3",
-            "--ipcs",
-            "1",
-            "--steps",
-            "1",
-            "--lgm-augs",
-            "2",
-            "--no-accuracy",
-            "--out",
-            str(tmp_path / "d.csv"),
-            "--plot",
-            str(tmp_path / "p.png"),
-        ]
+        ["--device", "cpu", "--runs", json.dumps(runs), "--steps", "1", "--profile", "--out", str(tmp_path / "d.csv")]
     )
-    assert [r["method"] for r in rows] == ["sfm", "lgm"]
-    assert all(r["step ms"] > 0 and r["peak MiB"] > 0 for r in rows) and "time LGM/SFM" in rows[1]
-    assert (tmp_path / "p.png").exists()
+    assert [r["method"] for r in rows] == ["sfm", "lgm", "sfm"] and rows[2]["chunk"] == 4
+    assert all(r["step ms"] > 0 and r["peak MiB"] > 0 and r["5001 steps h"] > 0 for r in rows)
+    assert rows[1]["time LGM/SFM"] > 0 and abs(sum(v for k, v in rows[0].items() if k.startswith("% ")) - 100) < 1e-6
+    assert (tmp_path / "d.png").exists() and (tmp_path / "d.json").exists()

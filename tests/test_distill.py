@@ -1,15 +1,19 @@
-"""The distillation loop: determinism, resume after interrupt, checkpoints, LGM."""
+"""The distillation loop: determinism, resume after interrupts and signals, checkpoints, metrics, progress."""
 
+import io
+import json
+import os
+import signal
 from dataclasses import replace
 
 import pytest
 import torch
 from helpers import tiny_backbone, toy_data, toy_stats
 
-from fastsfm.augment import SinglePassAugment
-from fastsfm.baselines.lgm import LGMObjective, lgm_loss, linear_ce_grad
 from fastsfm.checkpoint import CheckpointError
-from fastsfm.distill import DistillConfig, SFMObjective, distill
+from fastsfm.distill import DistillConfig, distill
+from fastsfm.objective import SFMObjective
+from fastsfm.progress import Progress
 
 CFG = DistillConfig(ipc=2, steps=6, lr=0.05, resolution=16, pyramid_extent=2, checkpoint_every=3)
 
@@ -24,49 +28,80 @@ def _levels(s):
     return [p.detach().clone() for p in s.levels]
 
 
+def _assert_same(a, b):
+    for x, y in zip(_levels(a), _levels(b), strict=True):
+        torch.testing.assert_close(x, y, rtol=0, atol=0)
+
+
 def test_same_seed_same_result_and_outputs(setup, tmp_path):
     bb, stats = setup
     a = distill(bb, stats, CFG, tmp_path / "a", progress=False)
     b = distill(bb, stats, CFG, tmp_path / "b", progress=False)
     assert len(a.levels) == 3  # grew at steps 2 and 4
-    for x, y in zip(_levels(a), _levels(b), strict=True):
-        assert torch.equal(x, y)
-    assert (tmp_path / "a" / "synset.png").exists() and (tmp_path / "a" / "synset.safetensors").exists()
+    _assert_same(a, b)
+    for name in ("synset.png", "synset.safetensors", "loss.png", "metrics.jsonl", "checkpoint.safetensors"):
+        assert (tmp_path / "a" / name).exists(), name
+    lines = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == list(range(6)) and [m["levels"] for m in lines] == [1, 1, 2, 2, 3, 3]
+    assert all(m["loss"] >= 0 and m["step_s"] > 0 and "peak_mib" in m for m in lines)
+    assert not torch.equal(
+        _levels(a)[0], _levels(distill(bb, stats, replace(CFG, seed=1), tmp_path / "c", progress=False))[0]
+    )
 
 
 class _Interrupt:
-    """Wraps an objective and raises KeyboardInterrupt on its k-th call."""
+    """Wraps an objective and, on its k-th call, raises KeyboardInterrupt or sends itself a signal."""
 
-    def __init__(self, inner, at):
-        self.inner, self.at, self.calls = inner, at, 0
+    def __init__(self, inner, at, signum=None):
+        self.inner, self.at, self.signum, self.calls = inner, at, signum, 0
 
-    def backward(self, images, labels):
-        if self.calls == self.at:
+    def step(self, synset, optim, step):
+        if self.calls == self.at and self.signum is None:
             raise KeyboardInterrupt
+        if self.calls == self.at:
+            os.kill(os.getpid(), self.signum)  # handled between steps: this step still completes
         self.calls += 1
-        return self.inner.backward(images, labels)
+        return self.inner.step(synset, optim, step)
 
 
-def test_resume_after_interrupt_equals_uninterrupted(setup, tmp_path):
+def test_resume_after_ctrl_c_equals_uninterrupted(setup, tmp_path):
     bb, stats = setup
     full = distill(bb, stats, CFG, tmp_path / "full", progress=False)
-    inner = SFMObjective(bb, stats, SinglePassAugment(bb.input_size), CFG)
+    inner = SFMObjective(bb, stats, CFG, torch.device("cpu"))
     with pytest.raises(KeyboardInterrupt):
         distill(bb, stats, CFG, tmp_path / "cut", objective=_Interrupt(inner, 4), progress=False)
     with pytest.raises(FileExistsError, match="--resume"):
         distill(bb, stats, CFG, tmp_path / "cut", progress=False)
     resumed = distill(bb, stats, CFG, tmp_path / "cut", resume=True, progress=False)
-    for x, y in zip(_levels(full), _levels(resumed), strict=True):
-        torch.testing.assert_close(x, y, rtol=0, atol=0)
+    _assert_same(full, resumed)
+    steps = [json.loads(x)["step"] for x in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(6))  # every step once, though step 3 ran before the interrupt too
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1, signal.SIGINT])
+def test_signal_checkpoints_the_step_and_exits_with_its_status(setup, tmp_path, signum):
+    bb, stats = setup
+    full = distill(bb, stats, CFG, tmp_path / "full", progress=False)
+    inner = SFMObjective(bb, stats, CFG, torch.device("cpu"))
+    with pytest.raises(SystemExit) as exc:
+        distill(bb, stats, CFG, tmp_path / "cut", objective=_Interrupt(inner, 1, signum), progress=False)
+    assert exc.value.code == 128 + signum
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # handlers restored
+    resumed = distill(bb, stats, CFG, tmp_path / "cut", resume=True, progress=False)
+    _assert_same(full, resumed)
 
 
 def test_resume_extends_steps_and_rejects_other_runs(setup, tmp_path):
     bb, stats = setup
     distill(bb, stats, replace(CFG, steps=3), tmp_path / "r", progress=False)
+    distill(bb, stats, replace(CFG, steps=3), tmp_path / "r2", progress=False)
     longer = distill(bb, stats, CFG, tmp_path / "r", resume=True, progress=False)
     full = distill(bb, stats, CFG, tmp_path / "f", progress=False)
-    for x, y in zip(_levels(full), _levels(longer), strict=True):
-        torch.testing.assert_close(x, y, rtol=0, atol=0)
+    _assert_same(full, longer)
+    # chunking is an execution choice: a run may resume with another chunk size (same images up to rounding)
+    rechunked = distill(bb, stats, replace(CFG, chunk_size=1), tmp_path / "r2", resume=True, progress=False)
+    for x, y in zip(_levels(full), _levels(rechunked), strict=True):
+        torch.testing.assert_close(x, y, rtol=0, atol=1e-6)
     with pytest.raises(CheckpointError, match="another run"):
         distill(bb, stats, replace(CFG, lr=0.1), tmp_path / "r", resume=True, progress=False)
     with pytest.raises(FileNotFoundError, match="nothing to resume"):
@@ -89,29 +124,36 @@ def test_stats_of_another_backbone_are_refused(setup, tmp_path):
         distill(tiny_backbone(seed=9), stats, CFG, tmp_path / "x", progress=False)
 
 
-def test_linear_ce_grad_matches_autograd():
-    gen = torch.Generator().manual_seed(0)
-    f = torch.randn(7, 5, generator=gen, dtype=torch.float64, requires_grad=True)
-    y = torch.randint(0, 4, (7,), generator=gen)
-    w = torch.randn(4, 5, generator=gen, dtype=torch.float64, requires_grad=True)
-    b = torch.randn(4, generator=gen, dtype=torch.float64, requires_grad=True)
-    ce = torch.nn.functional.cross_entropy(f @ w.T + b, y)
-    gw, gb = torch.autograd.grad(ce, (w, b), create_graph=True)
-    want = torch.cat([gw.flatten(), gb])
-    torch.testing.assert_close(linear_ce_grad(f, y, w, b), want)
-    # and the bi-level gradient (through the synthetic gradient into the features)
-    g_real = torch.randn(want.shape, generator=gen, dtype=torch.float64)
-    direct = 1 - torch.nn.functional.cosine_similarity(g_real, want, dim=0)
-    (df_direct,) = torch.autograd.grad(direct, f, retain_graph=True)
-    ours = 1 - torch.nn.functional.cosine_similarity(g_real, linear_ce_grad(f, y, w, b), dim=0)
-    (df_ours,) = torch.autograd.grad(ours, f)
-    torch.testing.assert_close(df_ours, df_direct)
-    assert 0 <= lgm_loss(f, y, f, y, w, b).item() < 1e-12  # identical batches: cosine 1
-
-
-def test_lgm_runs_through_the_shared_loop(setup, tmp_path):
+def test_non_finite_loss_stops_with_a_clear_error(setup, tmp_path):
     bb, stats = setup
-    cfg = replace(CFG, method="lgm", lgm_augs=2, steps=2)
-    obj = LGMObjective.from_dataset(bb, toy_data(), 3, cfg)
-    s = distill(bb, stats, cfg, tmp_path / "lgm", objective=obj, progress=False)
+
+    class Nan:
+        def step(self, synset, optim, step):
+            return float("nan") if step == 4 else 0.5
+
+    with pytest.raises(FloatingPointError, match="the loss became nan at step 4.*checkpoint of step 3 is kept"):
+        distill(bb, stats, CFG, tmp_path / "n", objective=Nan(), progress=False)
+
+
+def test_real_init_and_lgm_need_real_images(setup, tmp_path):
+    bb, stats = setup
+    with pytest.raises(ValueError, match="init='real' needs the real training images"):
+        distill(bb, stats, replace(CFG, init="real"), tmp_path / "i", progress=False)
+    s = distill(
+        bb, stats, replace(CFG, init="real", param="pixels", steps=1), tmp_path / "r", real=toy_data(), progress=False
+    )
     assert s.render().shape == (6, 3, 16, 16)
+    lgm = distill(
+        bb, stats, replace(CFG, method="lgm", lgm_augs=2, steps=2), tmp_path / "l", real=toy_data(), progress=False
+    )
+    assert lgm.render().shape == (6, 3, 16, 16)
+
+
+def test_progress_writes_few_lines_to_a_log():
+    log = io.StringIO()
+    bar = Progress(5000, "distill", stream=log, interval=3600)
+    for _ in range(5000):
+        bar.update(loss=0.5)
+    bar.close()
+    lines = log.getvalue().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("distill: 5000/5000 it") and "loss=0.5" in lines[0]

@@ -20,9 +20,11 @@ from torch.utils.data import DataLoader
 from fastsfm import SFMLoss
 from fastsfm.distill import DistillConfig, distill
 from fastsfm.distributed import interleave_shards, shard_classes, shard_dataset
+from fastsfm.objective import SFMObjective
 from fastsfm.stats import ClassStats, compute_stats
+from fastsfm.synset import SyntheticSet
 
-CFG = DistillConfig(ipc=2, steps=5, lr=0.05, resolution=16, pyramid_extent=2, checkpoint_every=2)
+CFG = DistillConfig(ipc=2, steps=5, lr=0.05, resolution=16, pyramid_extent=2, checkpoint_every=2, views=2)
 
 
 def _free_port() -> int:
@@ -69,6 +71,42 @@ def _stats_job(rank, world, tmp):
     stats.save(tmp / f"stats{rank}.safetensors")
 
 
+class _Recorder:
+    """Keeps each chunk's level gradients instead of stepping (stands in for ChunkAdam)."""
+
+    def __init__(self, synset):
+        self.grads = [torch.zeros_like(level) for level in synset.levels]
+
+    def step_chunk(self, start, stop, params, grad_scale=1.0):
+        for full, p in zip(self.grads, params, strict=True):
+            full[start:stop] = p.grad * grad_scale
+
+    def finish_step(self):
+        pass
+
+
+def _objective_step(stats, first_class, classes, group, chunk):
+    synset = SyntheticSet(classes, 2, 16, extent=1, seed=2, first_class=first_class)
+    synset.grow(1)
+    recorder = _Recorder(synset)
+    config = replace(CFG, chunk_size=chunk)
+    loss = SFMObjective(tiny_backbone(), stats, config, torch.device("cpu"), group).step(synset, recorder, 4)
+    return loss, recorder.grads
+
+
+def _objective_job(rank, world, tmp):
+    """Two ranks holding classes {0, 1} and {2}: the loss and each rank's image gradients equal the
+    single-process step's (same images, same draws), chunked or not."""
+    stats = ClassStats.load(tmp / "stats.safetensors")
+    want_loss, want_grads = _objective_step(stats, 0, 3, None, None)
+    first, count = [(0, 2), (2, 1)][rank]
+    for chunk in (None, 1):
+        loss, grads = _objective_step(stats, first, count, dist.group.WORLD, chunk)
+        assert abs(loss - want_loss) < 1e-6
+        for got, want in zip(grads, want_grads, strict=True):
+            assert (got - want[2 * first : 2 * (first + count)]).abs().max() <= 1e-6
+
+
 def _distill_job(rank, world, tmp):
     bb, stats = tiny_backbone(), ClassStats.load(tmp / "stats.safetensors")
     direct = distill(bb, stats, CFG, tmp / "direct", progress=False)
@@ -106,16 +144,23 @@ def test_distributed_stats_equal_single_process(tmp_path):
         torch.testing.assert_close(got.classifier_weight, single.classifier_weight, rtol=1e-3, atol=1e-4)
 
 
-def test_distributed_distill_shards_classes_resumes_and_merges(tmp_path):
+def test_two_rank_objective_equals_single_process(tmp_path):
+    toy_stats(tiny_backbone(), toy_data()).save(tmp_path / "stats.safetensors")
+    _spawn("_objective_job", tmp_path)
+
+
+def test_distributed_distill_equals_single_process_resumes_and_merges(tmp_path):
     bb = tiny_backbone()
     toy_stats(bb, toy_data()).save(tmp_path / "stats.safetensors")
     _spawn("_distill_job", tmp_path)
     merged = load_file(str(tmp_path / "direct" / "synset.safetensors"))
     assert merged["labels"].tolist() == [0, 0, 1, 1, 2, 2] and merged["images"].shape == (6, 3, 16, 16)
+    stats = ClassStats.load(tmp_path / "stats.safetensors")
+    single = distill(bb, stats, CFG, tmp_path / "single", progress=False)
+    torch.testing.assert_close(merged["images"], single.render(), rtol=0, atol=1e-5)
     assert {p.name for p in (tmp_path / "direct").glob("checkpoint*")} == {
         "checkpoint.rank0of2.safetensors",
         "checkpoint.rank1of2.safetensors",
     }
-    stats = ClassStats.load(tmp_path / "stats.safetensors")
     with pytest.raises(FileNotFoundError, match="resume with the world size that wrote them"):
         distill(bb, stats, CFG, tmp_path / "direct", resume=True, progress=False)

@@ -133,3 +133,68 @@ def test_cli_help_lists_options(command, capsys):
     assert exc.value.code == 0
     out = capsys.readouterr().out
     assert "--out" in out and (command == "demo" or "--backbone" in out)
+
+
+def test_distill_flags_are_derived_from_the_config(capsys):
+    from fastsfm.config import DistillConfig, cli_fields
+
+    with pytest.raises(SystemExit):
+        main(["distill", "--help"])
+    out = capsys.readouterr().out
+    for name, *_ in cli_fields(DistillConfig):
+        assert "--" + name.replace("_", "-") in out, name
+    assert "{sfm,lgm}" in out and "{auto,bf16,fp16,fp32}" in out and "--no-offload" in out
+    with pytest.raises(SystemExit) as exc:
+        main(["distill", "--stats", "s", "--out", "o", "--objective", "pairwise"])
+    assert exc.value.code == 2 and "invalid choice: 'pairwise'" in capsys.readouterr().err
+
+
+def test_cli_distill_chunked_offloaded_views(tmp_path, capsys):
+    train = _folder(tmp_path / "train")
+    bb = ["--backbone", "vit_tiny_patch16_224", "--random-init", "--image-size", "16", "--device", "cpu"]
+    main(
+        [
+            "stats",
+            "--data",
+            str(train),
+            "--out",
+            str(tmp_path / "s.safetensors"),
+            "--workers",
+            "0",
+            "--classifier-epochs",
+            "1",
+            "--resolution",
+            "20",
+            *bb,
+        ]
+    )
+    run = tmp_path / "run"
+    main(
+        [
+            "distill",
+            "--stats",
+            str(tmp_path / "s.safetensors"),
+            "--out",
+            str(run),
+            "--steps",
+            "2",
+            "--resolution",
+            "20",
+            "--views",
+            "2",
+            "--chunk-size",
+            "2",
+            "--offload",
+            "--precision",
+            "bf16",
+            "--objective",
+            "decouple",
+            "--alpha",
+            "0.5",
+            *bb,
+        ]
+    )
+    assert (run / "synset.safetensors").exists() and (run / "loss.png").exists()
+    with pytest.raises(SystemExit) as exc:
+        main(["distill", "--stats", str(tmp_path / "s.safetensors"), "--out", str(tmp_path / "r2"), "--ipc", "0", *bb])
+    assert exc.value.code == 2 and "ipc must be at least 1" in capsys.readouterr().err

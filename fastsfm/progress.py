@@ -1,0 +1,89 @@
+"""Progress reporting that suits both a terminal and a log file.
+
+On a terminal: a ``tqdm`` bar.  Anywhere else (a batch job's log, CI, a pipe): one plain
+line every ``interval`` seconds and a last one at the end, so a 5000-step run writes a
+screenful of lines instead of megabytes of carriage-return updates.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Iterable, Iterator
+from typing import TypeVar
+
+from tqdm.auto import tqdm
+
+__all__ = ["Progress", "track"]
+
+T = TypeVar("T")
+
+
+class Progress:
+    """A counter from ``initial`` to ``total`` with a ``desc``; ``update(n, **postfix)`` advances it."""
+
+    def __init__(
+        self,
+        total: int | None,
+        desc: str,
+        initial: int = 0,
+        enabled: bool = True,
+        unit: str = "it",
+        interval: float = 60.0,
+        stream=None,
+    ):
+        self.stream = stream or sys.stderr
+        self.total, self.desc, self.count, self.unit, self.interval = total, desc, initial, unit, interval
+        self.enabled = enabled
+        self.bar = None
+        if enabled and self.stream.isatty():
+            self.bar = tqdm(total=total, desc=desc, initial=initial, unit=unit, file=self.stream)
+        self.start = self.last = time.monotonic()
+        self.first = initial
+        self.postfix: dict[str, object] = {}
+
+    def update(self, n: int = 1, **postfix: object) -> None:
+        self.count += n
+        self.postfix = postfix
+        if self.bar is not None:
+            self.bar.set_postfix({k: _fmt(v) for k, v in postfix.items()}, refresh=False)
+            self.bar.update(n)
+        elif self.enabled and time.monotonic() - self.last >= self.interval:
+            self._line()
+
+    def _line(self) -> None:
+        self.last = time.monotonic()
+        elapsed = self.last - self.start
+        rate = (self.count - self.first) / elapsed if elapsed > 0 else 0.0
+        of = f"/{self.total}" if self.total else ""
+        extra = "".join(f" {k}={_fmt(v)}" for k, v in self.postfix.items())
+        print(
+            f"{self.desc}: {self.count}{of} {self.unit}, {elapsed:.0f} s, {rate:.3g} {self.unit}/s{extra}",
+            file=self.stream,
+            flush=True,
+        )
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        elif self.enabled and self.count > self.first:
+            self._line()
+
+
+def _fmt(value: object) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def track(
+    iterable: Iterable[T], desc: str, total: int | None = None, enabled: bool = True, unit: str = "it"
+) -> Iterator[T]:
+    """Iterate with a :class:`Progress` (total from ``len(iterable)`` when not given)."""
+    if total is None and hasattr(iterable, "__len__"):
+        total = len(iterable)
+    bar = Progress(total, desc, enabled=enabled, unit=unit)
+    try:
+        for item in iterable:
+            yield item
+            bar.update()
+    finally:
+        bar.close()
