@@ -52,7 +52,6 @@ __all__ = [
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-PAPER_SIZE = 224
 
 
 @dataclass(frozen=True)
@@ -63,7 +62,8 @@ class BackboneSpec:
     for a random initialisation (Hugging Face hub names need the hub for their configuration);
     ``projection``: keep timm's head (CLIP's projection) instead of ``num_classes=0``;
     ``source``: where the authors load it from; ``weights``: a weight file shipped inside
-    fastsfm (used for ``pretrained=True``), relative to the package.
+    fastsfm (used for ``pretrained=True``), relative to the package; ``size``: the input
+    size; ``kwargs``: extra ``timm.create_model`` arguments, as (name, value) pairs.
     """
 
     timm_name: str
@@ -71,6 +71,8 @@ class BackboneSpec:
     projection: bool = False
     source: str = "timm"
     weights: str | None = None
+    size: int = 224
+    kwargs: tuple = ()
 
 
 def _spec(timm_name: str, source: str, projection: bool = False, architecture: str | None = None) -> BackboneSpec:
@@ -102,6 +104,21 @@ ALIASES: dict[str, BackboneSpec] = {
     ),
     "mocov3_vitl16": _spec(
         "hf-hub:nyu-visionx/moco-v3-vit-l", "hf nyu-visionx/moco-v3-vit-l", architecture="vit_large_patch16_224"
+    ),  # The demo's tiny self-supervised backbones, trained by fastsfm.pretrain and shipped with fastsfm.
+    "digits_vit": BackboneSpec(
+        "test_vit",
+        "test_vit",
+        source="fastsfm.pretrain (SimCLR on digits)",
+        weights="weights/digits_vit.safetensors",
+        size=32,
+        kwargs=(("patch_size", 4),),
+    ),
+    "digits_resnet": BackboneSpec(
+        "test_resnet",
+        "test_resnet",
+        source="fastsfm.pretrain (SimCLR on digits)",
+        weights="weights/digits_resnet.safetensors",
+        size=32,
     ),
 }
 
@@ -218,9 +235,9 @@ def load_backbone(
         raise ValueError(f"preprocess must be 'authors' or 'model', got {preprocess!r}")
     name, spec = resolve_name(name)
     spec = spec or BackboneSpec(name, name)
-    kwargs: dict = {} if spec.projection else {"num_classes": 0}
+    kwargs: dict = dict(spec.kwargs) if spec.projection else {"num_classes": 0, **dict(spec.kwargs)}
     if image_size is not None or name in ALIASES:
-        kwargs["img_size"] = image_size or PAPER_SIZE
+        kwargs["img_size"] = image_size or spec.size
     if isinstance(pretrained, (str, Path)) and not isinstance(pretrained, bool):
         path = Path(pretrained)
         if not path.is_file():
@@ -228,8 +245,11 @@ def load_backbone(
         model = _create(timm, spec.timm_name, kwargs, pretrained=True, pretrained_cfg_overlay={"file": str(path)})
         weights = f"file:{_file_digest(path)}"
     elif pretrained and spec.weights is not None:
+        from safetensors.torch import load_file
+
         path = Path(__file__).parent / spec.weights
-        model = _create(timm, spec.timm_name, kwargs, pretrained=True, pretrained_cfg_overlay={"file": str(path)})
+        model = _create(timm, spec.architecture, kwargs, pretrained=False)
+        model.load_state_dict(load_file(str(path)))
         weights = f"fastsfm:{_file_digest(path)}"
     elif pretrained:
         try:

@@ -14,16 +14,18 @@ choices, defaults and help), so the Python API and the command line cannot drift
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import types
 import typing
+from dataclasses import asdict
 from pathlib import Path
 from typing import Literal
 
 import torch
 
 from . import __version__
-from .config import DistillConfig, Precision, Preprocess, choices, cli_fields
+from .config import ClassifierConfig, DistillConfig, EvalConfig, Precision, Preprocess, choices, cli_fields
 
 __all__ = ["main", "build_parser", "add_config_flags", "config_from_args"]
 
@@ -37,6 +39,16 @@ def add_config_flags(parser: argparse.ArgumentParser, cls: type, title: str) -> 
             group.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=default, help=text)
             continue
         args = typing.get_args(kind)
+        if typing.get_origin(kind) is tuple:  # tuple[Literal[...], ...]: a list of choices
+            group.add_argument(
+                flag,
+                dest=name,
+                nargs="+",
+                choices=list(typing.get_args(args[0])),
+                default=default,
+                help=f"{text} (default: {' '.join(default)})",
+            )
+            continue
         if typing.get_origin(kind) is Literal:
             group.add_argument(
                 flag, dest=name, choices=list(args), default=default, help=f"{text} (default: {default})"
@@ -49,7 +61,12 @@ def add_config_flags(parser: argparse.ArgumentParser, cls: type, title: str) -> 
 
 def config_from_args(cls: type, args: argparse.Namespace):
     """The config dataclass ``cls`` from parsed flags (its validation applies)."""
-    return cls(**{name: getattr(args, name) for name, *_ in cli_fields(cls)})
+    return cls(
+        **{
+            name: tuple(v) if isinstance(v, list) else v
+            for name, v in ((name, getattr(args, name)) for name, *_ in cli_fields(cls))
+        }
+    )
 
 
 def _add_backbone(p: argparse.ArgumentParser, precision: bool = True) -> None:
@@ -137,6 +154,7 @@ def cmd_stats(args: argparse.Namespace) -> None:
     from .distributed import rank_world, shard_dataset
     from .stats import compute_stats
 
+    classifier = config_from_args(ClassifierConfig, args)
     rank = _join_torchrun(args)
     backbone = _backbone(args)
     data = _data(args, backbone.input_size)
@@ -147,7 +165,7 @@ def cmd_stats(args: argparse.Namespace) -> None:
         loader,
         data.class_names,
         f"{data.name}:{fingerprint(data.train)}",
-        classifier_epochs=args.classifier_epochs,
+        classifier=classifier,
         device=args.device,
     )
     if rank != 0:
@@ -181,72 +199,95 @@ def cmd_distill(args: argparse.Namespace) -> None:
         print(f"wrote {Path(args.out) / 'synset.safetensors'}, synset.png, loss.png and metrics.jsonl")
 
 
-def cmd_eval(args: argparse.Namespace) -> None:
-    import json
-
-    from .baselines.reals import centroid_reals, random_reals
-    from .data import labels_of, stack_images
-    from .evaluate import evaluate_images, summarise
+def _image_sets(args: argparse.Namespace, data, stats, distill_bb, resolution: int) -> dict:
+    """The sets to evaluate: --synset files/folders and the --baselines that select real images."""
+    from .baselines.reals import centroid_reals, neighbor_reals, random_reals
+    from .data import center_crop, labels_of, stack_images
+    from .evaluate import ImageSet, load_image_set
     from .probe import encode
-    from .stats import ClassStats
-    from .synset import load_images
 
-    backbone = _backbone(args)
-    stats = ClassStats.load(args.stats) if args.stats else None
-    if stats is not None and stats.meta.get("backbone") != backbone.identity:
-        print(
-            f"note: statistics are of {stats.meta.get('backbone')}, the probe backbone is {backbone.identity}: "
-            "classifier inheritance is skipped"
-        )
-        stats = None
-    data = _data(args, backbone.input_size)
-    if data.test is None:
-        raise SystemExit("--test-data is needed (the real test split)")
-    test_f = encode(backbone, stack_images(data.test, range(len(data.test))), device=args.device)
-    test_y = labels_of(data.test)
     sets = {}
     for path in args.synset:
-        images, labels, _ = load_images(path)
-        sets[str(path)] = (images, labels)
-    ipc = int(torch.bincount(next(iter(sets.values()))[1]).max()) if sets else args.ipc
+        image_set = load_image_set(path, stats, resolution)
+        sets[image_set.name] = image_set
+    ipc = args.ipc or (int(torch.bincount(next(iter(sets.values())).labels).max()) if sets else 1)
     train_y = labels_of(data.train)
-    if args.baselines:
-        sets[f"random real (IPC={ipc})"] = None
-        if stats is not None:
-            feats = encode(backbone, stack_images(data.train_eval, range(len(data.train_eval))), device=args.device)
-            idx = centroid_reals(feats, train_y, stats.means.to(feats.device), ipc)
-            sets[f"centroid real (IPC={ipc})"] = (stack_images(data.train, idx), train_y[idx])
-    scores = []
-    for seed in range(args.seeds):
-        for name, pair in sets.items():
-            if pair is None:  # random reals differ per seed
-                idx = random_reals(train_y, data.num_classes, ipc, seed)
-                pair = (stack_images(data.train, idx), train_y[idx])
-            scores.append(
-                evaluate_images(
-                    backbone,
-                    pair[0],
-                    pair[1],
-                    test_f,
-                    test_y,
-                    stats,
-                    args.epochs,
-                    seed,
-                    name,
-                    device=args.device,
-                    probe_lr=args.probe_lr,
-                )
-            )
-    table = summarise(scores)
-    print(json.dumps(table, indent=1))
+
+    def reals(idx) -> tuple:
+        return stack_images(data.train, idx), train_y[idx]
+
+    baselines = set(args.baselines)
+    if "random" in baselines:
+        sets[f"random real (IPC={ipc})"] = lambda seed: ImageSet(
+            "", *reals(random_reals(train_y, stats.num_classes, ipc, seed))
+        )
+    if baselines & {"centroid", "neighbors"}:
+        feats = encode(distill_bb, data.train_eval, device=args.device, workers=args.workers, progress=True)
+        if "centroid" in baselines:
+            sets[f"centroid real (IPC={ipc})"] = ImageSet("", *reals(centroid_reals(feats, train_y, stats.means, ipc)))
+        if "neighbors" in baselines:
+            for name, image_set in list(sets.items()):
+                if isinstance(image_set, ImageSet) and not name.endswith(")"):
+                    crops = center_crop(image_set.images, min(distill_bb.input_size, image_set.images.shape[-1]))
+                    syn = encode(distill_bb, crops, device=args.device)
+                    sets[f"nearest reals of {name}"] = ImageSet(
+                        "", *reals(neighbor_reals(syn, image_set.labels, feats, train_y))
+                    )
+    if not sets and "full" not in baselines:
+        raise ValueError("nothing to evaluate: give --synset and/or --baselines")
+    return sets
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from .backbones import load_backbone
+    from .evaluate import Evaluator, FeatureCache, compare, format_markdown, summarise, write_results
+    from .stats import ClassStats
+
+    config = config_from_args(EvalConfig, args)
+    distill_bb = _backbone(args)
+    eval_bb = distill_bb
+    if args.eval_backbone:
+        pretrained = False if args.random_init else (args.eval_weights or True)
+        eval_bb = load_backbone(
+            args.eval_backbone,
+            pretrained,
+            args.image_size,
+            device=args.device,
+            preprocess=args.preprocess,
+            precision=args.precision,
+        )
+    stats = ClassStats.load(args.stats)
+    data = _data(args, eval_bb.input_size)
+    if data.test is None:
+        raise ValueError("--test-data is needed (the real test split)")
+    stats.check_compatible(distill_bb, num_classes=data.num_classes)
+    resolution = args.resolution or (32 if args.data == "digits" else 256)
+    sets = _image_sets(args, data, stats, distill_bb, resolution)
+    evaluator = Evaluator(distill_bb, stats, FeatureCache(data.test, args.device), config, [eval_bb], args.device)
+    scores = compare(evaluator, sets, config.seeds, full_data="full" in args.baselines)
+    print(format_markdown(summarise(scores)))
     if args.out:
-        Path(args.out).write_text(json.dumps(table, indent=1))
+        meta = {
+            "distill_backbone": distill_bb.identity,
+            "eval_backbone": eval_bb.identity,
+            "config": json.dumps(asdict(config)),
+            "stats": str(args.stats),
+        }
+        write_results(scores, args.out, meta)
+        print(f"wrote {Path(args.out) / 'results.json'} and results.md")
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
     from .demo import run_demo
 
-    run_demo(args.out, seeds=args.seeds, steps=args.steps, ipc=args.ipc, probe_epochs=args.probe_epochs)
+    run_demo(
+        args.out,
+        seeds=args.seeds,
+        steps=args.steps,
+        ipc=args.ipc,
+        eval_epochs=args.eval_epochs,
+        pretrained=not args.random_init,
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -263,7 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="statistics file to write (.safetensors)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--classifier-epochs", type=int, default=100)
+    add_config_flags(p, ClassifierConfig, "real-data classifier (ClassifierConfig)")
     p.set_defaults(func=cmd_stats)
 
     p = sub.add_parser("distill", help="distill a synthetic set with SFM (or the LGM baseline)")
@@ -275,25 +316,46 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(p, DistillConfig, "distillation (DistillConfig)")
     p.set_defaults(func=cmd_distill)
 
-    p = sub.add_parser("eval", help="linear probe + classifier inheritance on the real test split")
+    p = sub.add_parser("eval", help="probe / classifier inheritance / KD on the real test split, with baselines")
     _add_backbone(p)
+    p.add_argument(
+        "--eval-backbone",
+        default=None,
+        help="backbone whose features are classified (default: --backbone, the distillation backbone)",
+    )
+    p.add_argument("--eval-weights", default=None, help="local weight file of the evaluation backbone")
     _add_data(p, required=True, test=True)
-    p.add_argument("--synset", nargs="*", default=[], help="synset.safetensors file(s) to evaluate")
-    p.add_argument("--stats", default=None, help="statistics of the probe backbone (enables inheritance, centroids)")
-    p.add_argument("--baselines", action="store_true", help="also evaluate random and centroid real images")
-    p.add_argument("--ipc", type=int, default=1, help="IPC of the baselines when no --synset is given")
-    p.add_argument("--epochs", type=int, default=1000, help="probe epochs (LGM: 1000)")
-    p.add_argument("--probe-lr", type=float, default=None, help="default: LGM's 1e-3 * batch / 256")
-    p.add_argument("--seeds", type=int, default=5)
-    p.add_argument("--out", default=None, help="write the table as JSON here")
+    p.add_argument("--stats", required=True, help="statistics of the distillation backbone (real classifier)")
+    p.add_argument(
+        "--synset",
+        nargs="*",
+        default=[],
+        help="synset.safetensors files, or folders of images made by any method (one subfolder per class)",
+    )
+    p.add_argument(
+        "--baselines",
+        nargs="*",
+        default=[],
+        choices=["random", "centroid", "neighbors", "full"],
+        help="real-image baselines at the same IPC (neighbors: of each --synset) and the full-data classifier",
+    )
+    p.add_argument("--ipc", type=int, default=None, help="IPC of the baselines (default: the first --synset's, else 1)")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--out", default=None, help="folder for results.json and results.md")
+    add_config_flags(p, EvalConfig, "evaluation (EvalConfig)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("demo", help="the whole pipeline offline on CPU on the embedded digits data")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--steps", type=int, default=None, help="distillation steps (default 200)")
+    p.add_argument("--steps", type=int, default=None, help="distillation steps (default 300)")
     p.add_argument("--ipc", type=int, default=1)
-    p.add_argument("--probe-epochs", type=int, default=300)
+    p.add_argument("--eval-epochs", type=int, default=None, help="evaluation epochs (default 300)")
+    p.add_argument(
+        "--random-init",
+        action="store_true",
+        help="randomly initialised backbones instead of the shipped self-supervised ones",
+    )
     p.set_defaults(func=cmd_demo)
     return parser
 

@@ -55,6 +55,13 @@ Preprocess = Literal["authors", "model"]
 """Backbone input normalisation: ``authors`` (ImageNet mean/std for every backbone, as both papers'
 code does) or ``model`` (the mean/std of the model's own timm configuration)."""
 
+EvalMode = Literal["probe", "inherit", "kd", "inherit_ce"]
+"""Evaluation of a small training set (the authors' ``eval_mode`` normal / CI / KD): a fresh linear
+probe; classifier inheritance (a projector into the distillation backbone's space, regressed on
+its features, then its frozen real-data classifier); knowledge distillation from that classifier.
+``inherit_ce`` (not the authors'): fastsfm's earlier inheritance, an identity-initialised projector
+trained with cross-entropy through the frozen classifier; distillation backbone only."""
+
 
 def _opt(default, help: str, **extra):
     return field(default=default, metadata={"help": help, **extra})
@@ -116,6 +123,49 @@ class DistillConfig:
         execution choices (steps may grow; chunking, offload and checkpoint cadence do not change results)."""
         free = ("steps", "checkpoint_every", "chunk_size", "offload")
         return {k: json.dumps(v) for k, v in asdict(self).items() if k not in free}
+
+
+@dataclass
+class ClassifierConfig:
+    """The distillation backbone's real-data linear classifier, fitted during ``fastsfm stats``.
+
+    The authors' ``baselines/full_dataset.py`` as SFM's ``get_classifier.sh`` runs it: a linear head
+    (N(0, 0.01^2) weights, zero bias), Adam lr 0.001 * 128 / 256, batch 128, cosine annealing per
+    epoch, 10 epochs.  fastsfm fits it on the features cached by the statistics pass (centre
+    crops, read once) where the authors re-encode augmented views every epoch.
+    """
+
+    classifier_epochs: int = _opt(10, "epochs of the real-data classifier (the authors' script: 10)")
+    classifier_lr: float = _opt(5e-4, "its Adam learning rate (0.001 * 128 / 256)")
+    classifier_batch: int = _opt(128, "its batch size")
+
+
+@dataclass
+class EvalConfig:
+    """How a small training set is evaluated (the authors' ``distillation/eval_syn.py``).
+
+    Batch ``min(batch, #images)``; Adam at ``lr * batch / 256`` (probe and KD: 1e-3, inheritance
+    projector: 1e-2), cosine annealing per epoch, every batch freshly augmented (flip and
+    random-resized crop); top-1 and top-5 on the real test split after the last epoch.
+    """
+
+    mode: tuple[EvalMode, ...] = _opt(("probe",), "evaluation modes (any of probe, inherit, kd)")
+    epochs: int = _opt(1000, "training epochs per evaluation")
+    seeds: int = _opt(3, "evaluations per set (seeds 0, 1, ...): mean and std are reported")
+    batch: int = _opt(100, "largest batch (the batch is min(batch, #images))")
+    probe_lr: float = _opt(1e-3, "probe and KD head learning rate, times batch / 256")
+    inherit_lr: float = _opt(1e-2, "inheritance projector learning rate, times batch / 256")
+    temperature: float = _opt(4.0, "KD temperature")
+    kd_weight: float = _opt(0.5, "KD: weight of the KL term (1 - it: cross-entropy)")
+
+    def __post_init__(self) -> None:
+        if not self.mode or any(m not in get_args(EvalMode) for m in self.mode):
+            raise ValueError(f"mode must be a non-empty subset of {list(get_args(EvalMode))}, got {self.mode!r}")
+        if self.epochs < 1 or self.seeds < 1 or self.batch < 1:
+            raise ValueError(
+                f"epochs, seeds and batch must be at least 1, got {self.epochs}, {self.seeds}, {self.batch}"
+            )
+        self.mode = tuple(dict.fromkeys(self.mode))
 
 
 def choices(kind: object) -> list[str]:

@@ -76,7 +76,7 @@ def digits(image_size: int = 32, crop: int | None = None, test_fraction: float =
         test_idx.append(idx[: int(round(len(idx) * test_fraction))])
     is_test = torch.zeros(len(labels), dtype=torch.bool)
     is_test[torch.cat(test_idx)] = True
-    cropped = _center_crop(images, crop or image_size)
+    cropped = center_crop(images, crop or image_size)
     return ImageData(
         TensorDataset(images[~is_test], labels[~is_test]),
         TensorDataset(cropped[~is_test], labels[~is_test]),
@@ -86,7 +86,8 @@ def digits(image_size: int = 32, crop: int | None = None, test_fraction: float =
     )
 
 
-def _center_crop(images: Tensor, size: int) -> Tensor:
+def center_crop(images: Tensor, size: int) -> Tensor:
+    """The central ``size`` x ``size`` crop of images (..., H, W)."""
     top, left = (images.shape[-2] - size) // 2, (images.shape[-1] - size) // 2
     return images[..., top : top + size, left : left + size].contiguous()
 
@@ -133,6 +134,34 @@ def image_folder(root: str | Path, resolution: int, crop: int, test_root: str | 
 
 def _to_rgb(x: Tensor) -> Tensor:
     return x.expand(3, -1, -1) if x.shape[0] == 1 else x[:3]
+
+
+def image_set_folder(root: str | Path, class_names: list[str], resolution: int) -> tuple[Tensor, Tensor]:
+    """Images made by another method, one folder per class (``root/<class name>/<image>``), as
+    ``(images (N, 3, R, R) in [0, 1], labels (N,))`` with labels in ``class_names``' order.
+
+    Every folder must name a known class and hold at least one image (clear errors otherwise).
+    """
+    from torchvision import datasets
+
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder {root} does not exist")
+    folders = sorted(p.name for p in root.iterdir() if p.is_dir())
+    unknown = [f for f in folders if f not in class_names]
+    if not folders or unknown:
+        raise ValueError(
+            f"{root}: expected one folder per class named as the dataset's classes "
+            f"({class_names[:3]}...), found {folders[:5] if not unknown else unknown[:5]}"
+        )
+    try:
+        dataset = datasets.ImageFolder(str(root), transform=view_transform(resolution, resolution))
+    except FileNotFoundError as err:  # torchvision: a class folder without images
+        raise ValueError(f"{root}: {err}") from err
+    index = {name: class_names.index(name) for name in dataset.classes}
+    images = stack_images(dataset, range(len(dataset)))
+    labels = torch.tensor([index[dataset.classes[y]] for y in dataset.targets], dtype=torch.int64)
+    return images, labels
 
 
 def load_data(spec: str, resolution: int, crop: int, test_spec: str | None = None) -> ImageData:

@@ -1,80 +1,306 @@
-"""Evaluation of a small training set (synthetic or real baseline) on the real test split.
+"""Evaluation of small training sets (synthetic or real baselines) on the real test split.
 
-Two numbers per set and seed: a fresh linear probe trained on the set, and classifier
-inheritance (the real-data classifier with a projector trained on the set).  Both train on
-re-augmented images every batch (flip + random-resized crop, no noise), as LGM evaluates.
+One orchestration for the CLI, the demo and the grid runner: :class:`Evaluator` evaluates
+one image set with one (distillation backbone, evaluation backbone) pair in the modes of an
+:class:`fastsfm.config.EvalConfig` -- ``probe``, ``inherit``, ``kd`` (:mod:`fastsfm.inherit`)
+-- and :func:`compare` runs image sets x seeds through one or more evaluators into rows of
+mean ± std; :func:`format_markdown` and :func:`write_results` present them.
+
+The statistics and the real-data classifier always belong to the *distillation* backbone
+(checked); the evaluation backbone may be any other (cross-backbone inheritance).  Test
+features are encoded once per evaluation backbone and shared by every evaluator built on
+the same :class:`FeatureCache`.
 """
 
 from __future__ import annotations
 
+import json
 import statistics
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
-from torch import Tensor
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import Dataset
 
 from .augment import BatchAugment
 from .backbones import Backbone
-from .inherit import InheritedClassifier
-from .probe import accuracy, new_head, train_head_on_images
+from .config import EvalConfig
+from .data import labels_of
+from .inherit import InheritedClassifier, kd_loss
+from .probe import Head, encode, new_head, topk_accuracy, train_heads
 from .stats import ClassStats
 
-__all__ = ["evaluate_images", "Score", "summarise"]
+__all__ = [
+    "ImageSet",
+    "Score",
+    "FeatureCache",
+    "Evaluator",
+    "compare",
+    "summarise",
+    "format_markdown",
+    "write_results",
+    "load_image_set",
+]
+
+
+@dataclass
+class ImageSet:
+    """A small training set: images (N, 3, R, R) in [0, 1] and labels (N,)."""
+
+    name: str
+    images: Tensor
+    labels: Tensor
 
 
 @dataclass
 class Score:
-    method: str
+    """One evaluation: top-1/top-5 accuracy (%) of ``set`` in ``mode`` with ``backbone`` for ``seed``."""
+
+    set: str
+    mode: str
+    backbone: str
     seed: int
-    probe: float
-    inherit: float | None
+    top1: float
+    top5: float | None
 
 
-def evaluate_images(
-    backbone: Backbone,
-    images: Tensor,
-    labels: Tensor,
-    test_features: Tensor,
-    test_labels: Tensor,
-    stats: ClassStats | None,
-    epochs: int,
-    seed: int,
-    method: str,
-    device: str | torch.device = "cpu",
-    probe_lr: float | None = None,
-) -> Score:
-    """Accuracy (%) of a probe and, if ``stats`` is given, of classifier inheritance.
+@dataclass
+class FeatureCache:
+    """Test-split features per backbone identity (encoded once, shared by evaluators)."""
 
-    ``stats`` must come from ``backbone`` for inheritance (its classifier lives in that
-    feature space); pass None when the probe backbone differs from the distillation one.
+    test: Dataset
+    device: str | torch.device = "cpu"
+    features: dict[str, Tensor] = field(default_factory=dict)
+
+    def __call__(self, backbone: Backbone) -> Tensor:
+        if backbone.identity not in self.features:
+            self.features[backbone.identity] = encode(backbone, self.test, device=self.device)
+        return self.features[backbone.identity]
+
+    @property
+    def labels(self) -> Tensor:
+        return labels_of(self.test)
+
+
+class Evaluator:
+    """Evaluates image sets with a distillation backbone (statistics, real classifier) and one or
+    more evaluation backbones, each in every mode of ``config``.
+
+    Args:
+        distill_backbone: the backbone the statistics and real classifier belong to (checked).
+        stats: its statistics (``classifier_weight``/``bias`` used by ``inherit`` and ``kd``).
+        cache: the test split and its cached features.
+        config: modes, epochs, seeds and learning rates (:class:`EvalConfig`).
+        eval_backbones: the backbones whose features are classified (default: the distillation
+            backbone).  All heads of one set and seed train on the same augmented views, and
+            each backbone encodes each view once (the distillation backbone's features serve
+            every evaluation backbone's inheritance and KD).  ``inherit_ce`` is evaluated for
+            the distillation backbone only.
     """
-    augment = BatchAugment(backbone.input_size, noise_std=0.0)
-    c = int(labels.max()) + 1 if stats is None else stats.num_classes
-    head = train_head_on_images(
-        backbone, images, labels, new_head(backbone.feature_dim, c, seed), augment, epochs, device, seed, lr=probe_lr
-    )
-    inherit = None
-    if stats is not None:
-        stats.check_compatible(backbone)
-        # The projector starts at the identity, i.e. at the real-data classifier: it keeps LGM's
-        # small learning rate so that a handful of images refines rather than overwrites it.
-        model = train_head_on_images(
-            backbone, images, labels, InheritedClassifier(stats), augment, epochs, device, seed
+
+    def __init__(
+        self,
+        distill_backbone: Backbone,
+        stats: ClassStats,
+        cache: FeatureCache,
+        config: EvalConfig | None = None,
+        eval_backbones: list[Backbone] | None = None,
+        device: str | torch.device = "cpu",
+        progress: bool = False,
+    ):
+        stats.check_compatible(distill_backbone)
+        test_max = int(cache.labels.max())
+        if test_max >= stats.num_classes:
+            raise ValueError(
+                f"the test split has labels up to {test_max}, the statistics only {stats.num_classes} classes"
+            )
+        self.distill = distill_backbone
+        self.evals = list(eval_backbones or [distill_backbone])
+        if len({b.name for b in self.evals}) != len(self.evals):
+            raise ValueError(f"evaluation backbones need distinct names, got {[b.name for b in self.evals]}")
+        self.stats, self.cache, self.config = stats, cache, config or EvalConfig()
+        self.device, self.progress = torch.device(device), progress
+
+    def real_classifier(self) -> nn.Linear:
+        head = nn.Linear(self.stats.feature_dim, self.stats.num_classes)
+        with torch.no_grad():
+            head.weight.copy_(self.stats.classifier_weight)
+            head.bias.copy_(self.stats.classifier_bias)
+        return head.to(self.device).requires_grad_(False)
+
+    def full_data(self) -> Score:
+        """The real-data classifier on the distillation backbone's test features (the "full data" row)."""
+        with torch.no_grad():
+            logits = self.real_classifier()(self.cache(self.distill).to(self.device))
+        acc = topk_accuracy(logits, self.cache.labels)
+        return Score("full data", "classifier", self.distill.name, 0, acc[1], acc[5])
+
+    def _heads(self, backbone: Backbone, batch: int, seed: int) -> dict[str, Head]:
+        """The heads of every mode on ``backbone``'s features (keys: mode)."""
+        cfg, c, d = self.config, self.stats.num_classes, backbone.feature_dim
+        own, distill, scale = backbone.identity, self.distill.identity, batch / 256
+        heads: dict[str, Head] = {}
+        if "probe" in cfg.mode:
+            probe = new_head(d, c, seed)
+            heads["probe"] = Head(probe, lambda f, y: F.cross_entropy(probe(f[own]), y), cfg.probe_lr * scale)
+        if "inherit" in cfg.mode:
+            inherited = InheritedClassifier(self.stats.classifier_weight, self.stats.classifier_bias, d, seed)
+            heads["inherit"] = Head(
+                inherited, lambda f, y: inherited.regression_loss(f[own], f[distill]), cfg.inherit_lr * scale
+            )
+        if "kd" in cfg.mode:
+            student, teacher = new_head(d, c, seed), self.real_classifier()
+            heads["kd"] = Head(
+                student,
+                lambda f, y: kd_loss(student(f[own]), teacher(f[distill]), y, cfg.temperature, cfg.kd_weight),
+                cfg.probe_lr * scale,
+            )
+        if "inherit_ce" in cfg.mode and backbone is self.distill:  # identity start: the distillation backbone only
+            ce = InheritedClassifier(self.stats.classifier_weight, self.stats.classifier_bias, d, seed, identity=True)
+            heads["inherit_ce"] = Head(ce, lambda f, y: F.cross_entropy(ce(f[own]), y), cfg.probe_lr * scale)
+        return heads
+
+    def evaluate(self, image_set: ImageSet, seed: int) -> list[Score]:
+        """Train each (evaluation backbone, mode) head on ``image_set`` (seeded); score it on the test split."""
+        labels = image_set.labels.long()
+        if len(labels) == 0:
+            raise ValueError(f"image set {image_set.name!r} is empty")
+        if int(labels.min()) < 0 or int(labels.max()) >= self.stats.num_classes:
+            raise ValueError(
+                f"image set {image_set.name!r} has labels in [{int(labels.min())}, "
+                f"{int(labels.max())}], the statistics {self.stats.num_classes} classes"
+            )
+        batch = min(self.config.batch, len(labels))
+        heads = {(b.name, mode): head for b in self.evals for mode, head in self._heads(b, batch, seed).items()}
+        backbones = {b.identity: b for b in self.evals}
+        if any(mode in ("inherit", "kd") for _, mode in heads):
+            backbones[self.distill.identity] = self.distill
+        augment = BatchAugment(self.evals[0].input_size, noise_std=0.0)
+        train_heads(
+            heads,
+            image_set.images,
+            labels,
+            backbones,
+            augment,
+            self.config.epochs,
+            self.config.batch,
+            seed,
+            self.device,
+            self.progress,
         )
-        inherit = accuracy(model, test_features, test_labels)
-    return Score(method, seed, accuracy(head, test_features, test_labels), inherit)
+        scores = []
+        with torch.no_grad():
+            for backbone in self.evals:
+                test = self.cache(backbone).to(self.device)
+                for mode in (m for m in self.config.mode if (backbone.name, m) in heads):
+                    acc = topk_accuracy(heads[(backbone.name, mode)].module(test), self.cache.labels)
+                    scores.append(Score(image_set.name, mode, backbone.name, seed, acc[1], acc[5]))
+        return scores
+
+
+def load_image_set(path: str | Path, stats: ClassStats, resolution: int) -> ImageSet:
+    """A set to evaluate: an exported ``synset.safetensors`` (checked against the statistics'
+    backbone and classes) or a folder of images made by any method, one subfolder per class."""
+    from .data import image_set_folder
+    from .synset import load_images
+
+    path = Path(path)
+    if path.is_dir():
+        images, labels = image_set_folder(path, stats.class_names, resolution)
+        return ImageSet(path.name, images, labels)
+    if not path.is_file():
+        raise FileNotFoundError(f"image set {path} does not exist (a synset.safetensors file or a folder)")
+    images, labels, meta = load_images(path)
+    made_with, stats_of = meta.get("backbone"), stats.meta.get("backbone")
+    if made_with and stats_of and made_with != stats_of:
+        raise ValueError(
+            f"{path} was distilled with backbone {made_with!r}, the statistics are of {stats_of!r}: "
+            "pass the distillation backbone's statistics (evaluate on another backbone with "
+            "--eval-backbone)"
+        )
+    if meta.get("num_classes") and int(meta["num_classes"]) != stats.num_classes:
+        raise ValueError(f"{path} has {meta['num_classes']} classes, the statistics {stats.num_classes}")
+    return ImageSet(path.parent.name if path.name == "synset.safetensors" else path.stem, images, labels)
+
+
+SetSource = ImageSet | Callable[[int], ImageSet]
+"""An image set, or a function of the seed returning one (random real images differ per seed)."""
+
+
+def compare(
+    evaluators: Evaluator | list[Evaluator], sets: Mapping[str, SetSource], seeds: int, full_data: bool = True
+) -> list[Score]:
+    """Every set x seed through every evaluator (in its modes); plus the full-data score of each
+    distillation backbone.  Sets given as functions are re-drawn per seed."""
+    evaluators = [evaluators] if isinstance(evaluators, Evaluator) else evaluators
+    scores = []
+    for seed in range(seeds):
+        for name, source in sets.items():
+            image_set = source(seed) if callable(source) else source
+            image_set = ImageSet(name, image_set.images, image_set.labels)
+            for evaluator in evaluators:
+                scores += evaluator.evaluate(image_set, seed)
+    if full_data:
+        seen = set()
+        for evaluator in evaluators:
+            if evaluator.distill.identity not in seen:
+                seen.add(evaluator.distill.identity)
+                scores.append(evaluator.full_data())
+    return scores
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), statistics.pstdev(values)
 
 
 def summarise(scores: list[Score]) -> list[dict]:
-    """Mean and std over seeds per method, in first-seen order."""
+    """Mean and (population, as the authors' ``np.std``) standard deviation over seeds per
+    (set, mode, backbone), in first-seen order."""
+    groups: dict[tuple, list[Score]] = {}
+    for s in scores:
+        groups.setdefault((s.set, s.mode, s.backbone), []).append(s)
     rows = []
-    for method in dict.fromkeys(s.method for s in scores):
-        group = [s for s in scores if s.method == method]
-        row = {"method": method, "seeds": len(group)}
-        for key in ("probe", "inherit"):
-            vals = [getattr(s, key) for s in group if getattr(s, key) is not None]
-            if vals:
-                row[f"{key} mean"] = statistics.fmean(vals)
-                row[f"{key} std"] = statistics.pstdev(vals)
+    for (name, mode, backbone), group in groups.items():
+        row = {"set": name, "mode": mode, "backbone": backbone, "seeds": len(group)}
+        row["top1 mean"], row["top1 std"] = _mean_std([s.top1 for s in group])
+        if all(s.top5 is not None for s in group):
+            row["top5 mean"], row["top5 std"] = _mean_std([s.top5 for s in group])
         rows.append(row)
+    return rows
+
+
+def format_markdown(rows: list[dict], metric: str = "top1") -> str:
+    """A Markdown table: one row per set, one column per (mode, backbone), cells ``mean ± std``."""
+    columns = list(dict.fromkeys((r["mode"], r["backbone"]) for r in rows))
+    sets = list(dict.fromkeys(r["set"] for r in rows))
+    cell = {(r["set"], r["mode"], r["backbone"]): r for r in rows}
+    header = "| set | " + " | ".join(f"{m} ({b})" for m, b in columns) + " |"
+    lines = [header, "|" + "---|" * (len(columns) + 1)]
+    for name in sets:
+        values = []
+        for mode, backbone in columns:
+            r = cell.get((name, mode, backbone))
+            values.append(
+                ""
+                if r is None or f"{metric} mean" not in r
+                else f"{r[f'{metric} mean']:.1f} ± {r[f'{metric} std']:.1f}"
+            )
+        lines.append(f"| {name} | " + " | ".join(values) + " |")
+    return "\n".join(lines)
+
+
+def write_results(scores: list[Score], out_dir: str | Path, meta: dict | None = None) -> list[dict]:
+    """Write ``results.json`` (rows, every score, ``meta``) and ``results.md`` (top-1, then top-5
+    tables) into ``out_dir``."""
+    rows = summarise(scores)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    payload = {"rows": rows, "scores": [asdict(s) for s in scores], "meta": meta or {}}
+    (out / "results.json").write_text(json.dumps(payload, indent=1))
+    (out / "results.md").write_text(
+        f"Top-1 accuracy (%)\n\n{format_markdown(rows)}\n\nTop-5 accuracy (%)\n\n{format_markdown(rows, 'top5')}\n"
+    )
     return rows

@@ -26,6 +26,9 @@ def atomic_save_safetensors(tensors: dict[str, Tensor], path: str | Path, metada
     os.close(fd)
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 -> the permissions of any newly written file
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

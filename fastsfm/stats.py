@@ -10,7 +10,7 @@ from another backbone or dataset.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -20,6 +20,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from .backbones import Backbone
+from .config import ClassifierConfig
 from .distributed import interleave_shards, rank_world
 from .io import atomic_save_safetensors, read_safetensors
 from .probe import fit_linear_classifier
@@ -133,13 +134,14 @@ def compute_stats(
     loader: DataLoader,
     class_names: list[str],
     dataset_id: str,
-    classifier_epochs: int = 100,
+    classifier: ClassifierConfig | None = None,
     device: str | torch.device = "cpu",
     progress: bool = True,
 ) -> ClassStats:
     """One pass over ``loader`` (images in [0, 1], int labels): per-class sums and counts by a
-    segmented reduction (``index_add_``), plus the real-data linear classifier fitted on the
-    features cached in float16 during the same pass (so images are read exactly once).
+    segmented reduction (``index_add_``), plus the real-data linear classifier
+    (:class:`fastsfm.config.ClassifierConfig`, recorded in the metadata) fitted on the features
+    cached in float16 during the same pass (so images are read exactly once).
 
     Under ``torch.distributed`` each rank passes a loader over
     ``shard_dataset(dataset, rank, world)`` in order (no shuffling): sums and counts are
@@ -172,8 +174,9 @@ def compute_stats(
         missing = [class_names[i] for i in torch.nonzero(counts == 0).squeeze(1).tolist()]
         raise ValueError(f"classes without any image: {missing[:10]}")
     means = (sums / counts[:, None]).float()
+    classifier = classifier or ClassifierConfig()
     head = fit_linear_classifier(
-        features, feature_labels, c, epochs=classifier_epochs, device=device, progress=progress and rank == 0
+        features, feature_labels, c, classifier, device=device, progress=progress and rank == 0
     )
     meta = {
         "backbone": backbone.identity,
@@ -183,6 +186,7 @@ def compute_stats(
         "dataset": dataset_id,
         "feature_dim": str(d),
         "num_images": str(int(counts.sum())),
+        "classifier": json.dumps(asdict(classifier)),
     }
     return ClassStats(
         means.cpu(), counts.cpu(), head.weight.detach().cpu(), head.bias.detach().cpu(), list(class_names), meta

@@ -4,7 +4,10 @@ import torch
 from torch.utils.data import TensorDataset
 
 from fastsfm.backbones import load_backbone
+from fastsfm.config import ClassifierConfig
 from fastsfm.stats import compute_stats
+
+TOY_CLASSIFIER = ClassifierConfig(classifier_epochs=5, classifier_lr=1e-2)
 
 
 def tiny_backbone(seed: int = 0):
@@ -23,5 +26,10 @@ def toy_data(n_per_class: int = 6, classes: int = 3, size: int = 16, seed: int =
 def toy_stats(backbone, data, classes: int = 3):
     loader = torch.utils.data.DataLoader(data, batch_size=8)
     return compute_stats(
-        backbone, loader, [f"c{i}" for i in range(classes)], "toy", classifier_epochs=5, progress=False
+        backbone,
+        loader,
+        [f"c{i}" for i in range(classes)],
+        "toy",
+        classifier=TOY_CLASSIFIER,
+        progress=False,
     )

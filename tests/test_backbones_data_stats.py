@@ -1,5 +1,7 @@
 """Datasets, backbones and class statistics on tiny data."""
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -113,6 +115,9 @@ def test_stats_means_roundtrip_and_validation(tmp_path):
         torch.testing.assert_close(stats.means[c], feats[y == c].mean(0), rtol=1e-4, atol=1e-5)
     assert stats.counts.tolist() == [6, 6, 6] and stats.classifier_weight.shape == (3, 192)
     stats.save(tmp_path / "s.safetensors")
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert (tmp_path / "s.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's 0600
     back = ClassStats.load(tmp_path / "s.safetensors")
     assert torch.equal(back.means, stats.means) and back.class_names == ["c0", "c1", "c2"]
     assert back.meta["backbone"] == bb.identity

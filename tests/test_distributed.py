@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from conftest import make_problem
-from helpers import tiny_backbone, toy_data, toy_stats
+from helpers import TOY_CLASSIFIER, tiny_backbone, toy_data, toy_stats
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
@@ -67,7 +67,7 @@ def _loss_job(rank, world, tmp):
 
 def _stats_job(rank, world, tmp):
     loader = DataLoader(shard_dataset(toy_data(), rank, world), batch_size=4)
-    stats = compute_stats(tiny_backbone(), loader, ["c0", "c1", "c2"], "toy", classifier_epochs=5, progress=False)
+    stats = compute_stats(tiny_backbone(), loader, ["c0", "c1", "c2"], "toy", classifier=TOY_CLASSIFIER, progress=False)
     stats.save(tmp / f"stats{rank}.safetensors")
 
 

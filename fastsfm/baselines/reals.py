@@ -1,11 +1,28 @@
-"""Real-image baselines at a given IPC: random real images and class-centroid-nearest ones."""
+"""Real-image baselines at a given IPC, as the authors select them (``baselines/*.py``).
+
+* random: ``ipc`` random train images per class (a new draw per seed);
+* centroid: per class, the images whose features are nearest (L2) to the class mean;
+* neighbours: for every synthetic image, the real image of its class with the highest
+  cosine similarity of features -- a memorisation check of the distilled set.
+
+Features are the distillation backbone's, of centre crops (the statistics view); the
+selected images are then evaluated in the synthetic resolution view like any set.
+"""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["random_reals", "centroid_reals"]
+__all__ = ["random_reals", "centroid_reals", "neighbor_reals"]
+
+
+def _class_indices(labels: Tensor, c: int, ipc: int) -> Tensor:
+    idx = torch.nonzero(labels == c).squeeze(1)
+    if len(idx) < ipc:
+        raise ValueError(f"class {c} has {len(idx)} images, fewer than ipc={ipc}")
+    return idx
 
 
 def random_reals(labels: Tensor, num_classes: int, ipc: int, seed: int = 0) -> Tensor:
@@ -13,21 +30,29 @@ def random_reals(labels: Tensor, num_classes: int, ipc: int, seed: int = 0) -> T
     gen = torch.Generator().manual_seed(seed)
     picks = []
     for c in range(num_classes):
-        idx = torch.nonzero(labels == c).squeeze(1)
-        if len(idx) < ipc:
-            raise ValueError(f"class {c} has {len(idx)} images, fewer than ipc={ipc}")
+        idx = _class_indices(labels, c, ipc)
         picks.append(idx[torch.randperm(len(idx), generator=gen)[:ipc]])
     return torch.cat(picks)
 
 
 def centroid_reals(features: Tensor, labels: Tensor, means: Tensor, ipc: int) -> Tensor:
     """Indices (C*IPC,) of the ``ipc`` images per class whose features are nearest (L2) to the
-    class mean (LGM's "Centroids" baseline); deterministic."""
+    class mean (the authors' "Centroids"); deterministic."""
     picks = []
     for c in range(means.shape[0]):
-        idx = torch.nonzero(labels == c).squeeze(1)
-        if len(idx) < ipc:
-            raise ValueError(f"class {c} has {len(idx)} images, fewer than ipc={ipc}")
+        idx = _class_indices(labels, c, ipc)
         dist = (features[idx].float() - means[c].float()).norm(dim=1)
         picks.append(idx[dist.argsort()[:ipc]])
     return torch.cat(picks)
+
+
+def neighbor_reals(syn_features: Tensor, syn_labels: Tensor, features: Tensor, labels: Tensor) -> Tensor:
+    """Index (N_syn,) of the real image of the same class with the highest cosine similarity to
+    each synthetic image (the authors' "Neighbors")."""
+    real = F.normalize(features.float(), dim=1)
+    syn = F.normalize(syn_features.float(), dim=1)
+    picks = []
+    for z, c in zip(syn, syn_labels.tolist(), strict=True):
+        idx = _class_indices(labels, c, 1)
+        picks.append(idx[(real[idx] @ z).argmax()])
+    return torch.stack(picks)

@@ -1,53 +1,18 @@
-"""Evaluation, classifier inheritance, baselines and the command line on tiny data."""
+"""The command line end to end on tiny data: stats, distill, eval, demo, help and errors."""
 
 import numpy as np
 import pytest
-import torch
-from helpers import tiny_backbone, toy_data, toy_stats
 from PIL import Image
 
-from fastsfm.baselines.reals import centroid_reals, random_reals
 from fastsfm.cli import main
-from fastsfm.evaluate import evaluate_images, summarise
-from fastsfm.inherit import InheritedClassifier
 
 
-def test_inherited_classifier_starts_as_the_real_classifier():
-    bb = tiny_backbone()
-    stats = toy_stats(bb, toy_data())
-    f = torch.randn(4, 192)
-    torch.testing.assert_close(InheritedClassifier(stats)(f), f @ stats.classifier_weight.T + stats.classifier_bias)
-    torch.testing.assert_close(InheritedClassifier(stats, diagonal=True)(f), InheritedClassifier(stats)(f))
-
-
-def test_baselines_pick_per_class():
-    labels = torch.tensor([0, 1, 0, 1, 2, 2, 0])
-    idx = random_reals(labels, 3, 2, seed=0)
-    assert labels[idx].tolist() == [0, 0, 1, 1, 2, 2]
-    feats = torch.tensor([[0.0], [5.0], [1.0], [9.0], [3.0], [4.0], [2.0]])
-    means = torch.tensor([[1.1], [8.0], [3.4]])
-    assert centroid_reals(feats, labels, means, 1).tolist() == [2, 3, 4]
-    with pytest.raises(ValueError, match="fewer than ipc=4"):
-        random_reals(labels, 3, 4)
-
-
-def test_evaluate_and_summarise():
-    bb = tiny_backbone()
-    data = toy_data()
-    stats = toy_stats(bb, data)
-    x, y = data.tensors
-    scores = [evaluate_images(bb, x[::6], y[::6], bb(x), y, stats, epochs=2, seed=s, method="m") for s in range(2)]
-    assert all(0 <= s.probe <= 100 and 0 <= s.inherit <= 100 for s in scores)
-    (row,) = summarise(scores)
-    assert row["seeds"] == 2 and "inherit std" in row
-
-
-def _folder(root, classes=("a", "b", "c"), per_class=4):
+def _folder(root, classes=("a", "b", "c"), per_class=4, size=12):
     rng = np.random.default_rng(0)
     for i, cls in enumerate(classes):
         (root / cls).mkdir(parents=True)
         for j in range(per_class):
-            arr = np.clip(rng.normal(60 * i + 40, 20, (12, 12, 3)), 0, 255).astype(np.uint8)
+            arr = np.clip(rng.normal(60 * i + 40, 20, (size, size, 3)), 0, 255).astype(np.uint8)
             Image.fromarray(arr).save(root / cls / f"{j}.png")
     return root
 
@@ -66,6 +31,8 @@ def test_cli_stats_distill_eval_on_an_image_folder(tmp_path, capsys):
             "0",
             "--classifier-epochs",
             "2",
+            "--resolution",
+            "16",
             *bb,
         ]
     )
@@ -91,6 +58,8 @@ def test_cli_stats_distill_eval_on_an_image_folder(tmp_path, capsys):
         ]
     )
     assert (run / "synset.png").exists()
+    other = tmp_path / "other_method"  # images of another method: one folder per class
+    _folder(other, per_class=1, size=16)
     main(
         [
             "eval",
@@ -100,30 +69,138 @@ def test_cli_stats_distill_eval_on_an_image_folder(tmp_path, capsys):
             str(test),
             "--synset",
             str(run / "synset.safetensors"),
+            str(other),
             "--stats",
             str(tmp_path / "s.safetensors"),
             "--baselines",
+            "random",
+            "centroid",
+            "neighbors",
+            "full",
+            "--mode",
+            "probe",
+            "inherit",
+            "kd",
             "--epochs",
             "2",
             "--seeds",
             "1",
+            "--resolution",
+            "16",
+            "--workers",
+            "0",
             "--out",
-            str(tmp_path / "table.json"),
+            str(tmp_path / "eval"),
+            "--eval-backbone",
+            "vit_tiny_patch16_224",
             *bb,
         ]
     )
     out = capsys.readouterr().out
-    assert "centroid real (IPC=1)" in out and "inherit mean" in out
+    for row in (
+        "| run |",
+        "| other_method |",
+        "| random real (IPC=1) |",
+        "| centroid real (IPC=1) |",
+        "| nearest reals of run |",
+        "| nearest reals of other_method |",
+        "| full data |",
+    ):
+        assert row in out, row
+    assert "probe (vit_tiny_patch16_224) | inherit (vit_tiny_patch16_224) | kd (vit_tiny_patch16_224)" in out
+    assert (tmp_path / "eval" / "results.json").exists() and (tmp_path / "eval" / "results.md").exists()
     with pytest.raises(SystemExit) as exc:
         main(["distill", "--stats", str(tmp_path / "s.safetensors"), "--out", str(run), "--steps", "3", *bb])
     assert exc.value.code == 2 and "--resume" in capsys.readouterr().err
 
 
+def test_cli_eval_bad_inputs_write_nothing(tmp_path, capsys):
+    train, test = _folder(tmp_path / "train"), _folder(tmp_path / "test", per_class=2)
+    bb = ["--backbone", "vit_tiny_patch16_224", "--random-init", "--image-size", "16", "--device", "cpu"]
+    main(
+        [
+            "stats",
+            "--data",
+            str(train),
+            "--out",
+            str(tmp_path / "s.safetensors"),
+            "--workers",
+            "0",
+            "--classifier-epochs",
+            "1",
+            "--resolution",
+            "16",
+            *bb,
+        ]
+    )
+    common = [
+        "eval",
+        "--data",
+        str(train),
+        "--test-data",
+        str(test),
+        "--stats",
+        str(tmp_path / "s.safetensors"),
+        "--epochs",
+        "1",
+        "--seeds",
+        "1",
+        "--resolution",
+        "16",
+        "--out",
+        str(tmp_path / "eval"),
+    ]
+    (tmp_path / "empty").mkdir()
+    cases = [
+        (["--synset", str(tmp_path / "empty"), *bb], "one folder per class"),
+        (
+            [
+                "--baselines",
+                "random",
+                "--backbone",
+                "vit_tiny_patch16_224",
+                "--random-init",
+                "--image-size",
+                "16",
+                "--device",
+                "cpu",
+                "--preprocess",
+                "model",
+            ],
+            "computed with backbone",
+        ),  # statistics of another backbone
+        (["--synset", str(tmp_path / "missing.safetensors"), *bb], "does not exist"),
+        ([*bb], "nothing to evaluate"),
+    ]
+    for extra, message in cases:
+        with pytest.raises(SystemExit) as exc:
+            main(common + extra)
+        assert exc.value.code == 2 and message in capsys.readouterr().err, message
+    assert not (tmp_path / "eval").exists()
+
+
 def test_cli_demo_tiny(tmp_path, capsys):
-    main(["demo", "--out", str(tmp_path / "demo"), "--seeds", "1", "--steps", "2", "--probe-epochs", "1"])
+    main(["demo", "--out", str(tmp_path / "demo"), "--seeds", "1", "--steps", "2", "--eval-epochs", "1"])
     out = capsys.readouterr().out
-    assert "RANDOMLY INITIALISED" in out and "SFM" in out and "centroid real" in out
-    assert (tmp_path / "demo" / "comparison.png").exists() and (tmp_path / "demo" / "results.json").exists()
+    assert "pre-trained self-supervised" in out and "| SFM |" in out and "| centroid real |" in out
+    assert "| nearest reals of SFM |" in out and "inherit (digits_resnet)" in out and "| full data |" in out
+    for name in ("comparison.png", "results.json", "results.md", "sfm-seed0/synset.png"):
+        assert (tmp_path / "demo" / name).exists(), name
+    main(
+        [
+            "demo",
+            "--out",
+            str(tmp_path / "random"),
+            "--seeds",
+            "1",
+            "--steps",
+            "1",
+            "--eval-epochs",
+            "1",
+            "--random-init",
+        ]
+    )
+    assert "RANDOMLY INITIALISED" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("command", ["stats", "distill", "eval", "demo"])
