@@ -290,6 +290,16 @@ def cmd_demo(args: argparse.Namespace) -> None:
     )
 
 
+def cmd_reproduce(args: argparse.Namespace) -> None:
+    from .grid import load_grid, run_grid
+
+    grid = load_grid(args.config, root=args.root, out=args.out)
+    _join_torchrun(args)
+    if args.device is not None:
+        grid.device = args.device
+    run_grid(grid, dry_run=args.dry_run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fastsfm",
@@ -344,6 +354,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="folder for results.json and results.md")
     add_config_flags(p, EvalConfig, "evaluation (EvalConfig)")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("reproduce", help="a resumable grid of datasets x backbones x IPC x methods x evaluations")
+    p.add_argument("config", help="a grid TOML file, or a shipped one: imagenet100-ipc1, imagenet1k-ipc1")
+    p.add_argument("--root", default=None, help="dataset root (overrides the config's `root`)")
+    p.add_argument("--out", default=None, help="output folder (overrides the config's `out`)")
+    p.add_argument("--device", default=None, help="overrides the config's `device`")
+    p.add_argument("--dry-run", action="store_true", help="print the plan with projected device hours; run nothing")
+    p.set_defaults(func=cmd_reproduce)
 
     p = sub.add_parser("demo", help="the whole pipeline offline on CPU on the embedded digits data")
     p.add_argument("--out", default="runs/demo")

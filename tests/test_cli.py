@@ -203,13 +203,13 @@ def test_cli_demo_tiny(tmp_path, capsys):
     assert "RANDOMLY INITIALISED" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("command", ["stats", "distill", "eval", "demo"])
+@pytest.mark.parametrize("command", ["stats", "distill", "eval", "reproduce", "demo"])
 def test_cli_help_lists_options(command, capsys):
     with pytest.raises(SystemExit) as exc:
         main([command, "--help"])
     assert exc.value.code == 0
     out = capsys.readouterr().out
-    assert "--out" in out and (command == "demo" or "--backbone" in out)
+    assert "--out" in out and (command in ("demo", "reproduce") or "--backbone" in out)
 
 
 def test_distill_flags_are_derived_from_the_config(capsys):
