@@ -102,12 +102,13 @@ def _add_backbone(p: argparse.ArgumentParser, precision: bool = True) -> None:
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _backbone(args: argparse.Namespace):
+def _backbone(args: argparse.Namespace, name: str | None = None, weights: str | None = None):
+    """The backbone of the flags (``--backbone``/``--weights``), or ``name``/``weights`` with the same options."""
     from .backbones import load_backbone
 
-    pretrained = False if args.random_init else (args.weights or True)
+    pretrained = False if args.random_init else ((weights if name else args.weights) or True)
     return load_backbone(
-        args.backbone,
+        name or args.backbone,
         pretrained,
         args.image_size,
         device=args.device,
@@ -239,23 +240,12 @@ def _image_sets(args: argparse.Namespace, data, stats, distill_bb, resolution: i
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from .backbones import load_backbone
     from .evaluate import Evaluator, FeatureCache, compare, format_markdown, summarise, write_results
     from .stats import ClassStats
 
     config = config_from_args(EvalConfig, args)
     distill_bb = _backbone(args)
-    eval_bb = distill_bb
-    if args.eval_backbone:
-        pretrained = False if args.random_init else (args.eval_weights or True)
-        eval_bb = load_backbone(
-            args.eval_backbone,
-            pretrained,
-            args.image_size,
-            device=args.device,
-            preprocess=args.preprocess,
-            precision=args.precision,
-        )
+    eval_bb = _backbone(args, args.eval_backbone, args.eval_weights) if args.eval_backbone else distill_bb
     stats = ClassStats.load(args.stats)
     data = _data(args, eval_bb.input_size)
     if data.test is None:

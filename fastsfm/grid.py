@@ -552,67 +552,46 @@ def _cell(mean: float, std: float | None, anchor: float | None) -> str:
     return text + (f" ({anchor:.1f})" if anchor is not None else "")
 
 
-def _same_table(rows: list[dict], full: dict, backbones: list[str], dataset: str, ipc: int, mode: str) -> str:
-    lines = ["| train set | " + " | ".join(backbones) + " | Avg |", "|---" * (len(backbones) + 2) + "|"]
-    for key, title in ROWS.items():
-        cells, means = [], []
-        for b in backbones:
-            if key == "full":
-                r = full.get(b)
-                value = None if r is None else (r["top1"], None)
-            else:
-                r = next(
-                    (
-                        x
-                        for x in rows
-                        if x["set"] == key
-                        and x["distill_backbone"] == b
-                        and x["eval_backbone"] == b
-                        and x["mode"] == mode
-                    ),
-                    None,
-                )
-                value = None if r is None else (r["top1 mean"], r["top1 std"])
-            cells.append("" if value is None else _cell(*value, _anchor(dataset, ipc, mode, key, b)))
-            if value is not None:
-                means.append(value[0])
-        if any(cells):
-            avg = f"{statistics.fmean(means):.1f}" if len(means) == len(backbones) else ""
-            lines.append(f"| {title} | " + " | ".join(cells) + f" | {avg} |")
+def _table(corner: str, columns: list[str], body: list[tuple[str, list[str], list[float]]]) -> str:
+    """Markdown rows ``title | cells | Avg`` (the average only where every column has a value)."""
+    lines = [f"| {corner} | " + " | ".join(columns) + " | Avg |", "|---" * (len(columns) + 2) + "|"]
+    for title, cells, means in body:
+        avg = f"{statistics.fmean(means):.1f}" if means and len(means) == len(columns) else ""
+        lines.append(f"| {title} | " + " | ".join(cells) + f" | {avg} |")
     return "\n".join(lines)
 
 
+def _same_table(index: dict, full: dict, backbones: list[str], dataset: str, ipc: int, mode: str) -> str:
+    body = []
+    for key, title in ROWS.items():
+        cells, means = [], []
+        for b in backbones:
+            r = full.get(b) if key == "full" else index.get((key, b, b, mode))
+            value = None if r is None else (r["top1"], None) if key == "full" else (r["top1 mean"], r["top1 std"])
+            cells.append("" if value is None else _cell(*value, _anchor(dataset, ipc, mode, key, b)))
+            means += [] if value is None else [value[0]]
+        if any(cells):
+            body.append((title, cells, means))
+    return _table("train set", backbones, body)
+
+
 def _cross_table(
-    rows: list[dict], backbones: list[str], evals: list[str], dataset: str, ipc: int, method: str, mode: str
+    index: dict, backbones: list[str], evals: list[str], dataset: str, ipc: int, method: str, mode: str
 ) -> str | None:
     pub = _published()
     anchors = pub["cross_backbone_lgm"].get(dataset) if method == "lgm" and mode == "probe" and ipc == 1 else None
-    lines = ["| distill \\ eval | " + " | ".join(evals) + " | Avg |", "|---" * (len(evals) + 2) + "|"]
-    found = False
+    body = []
     for d in backbones:
         cells, means = [], []
         for e in evals:
-            r = next(
-                (
-                    x
-                    for x in rows
-                    if x["set"] == method
-                    and x["distill_backbone"] == d
-                    and x["eval_backbone"] == e
-                    and x["mode"] == mode
-                ),
-                None,
-            )
+            r = index.get((method, d, e, mode))
             anchor = None
             if anchors and d in pub["backbones"] and e in pub["backbones"]:
                 anchor = anchors[pub["backbones"].index(d)][pub["backbones"].index(e)]
             cells.append("" if r is None else _cell(r["top1 mean"], r["top1 std"], anchor))
-            if r is not None:
-                means.append(r["top1 mean"])
-                found = True
-        avg = f"{statistics.fmean(means):.1f}" if means and len(means) == len(evals) else ""
-        lines.append(f"| {d} | " + " | ".join(cells) + f" | {avg} |")
-    return "\n".join(lines) if found else None
+            means += [] if r is None else [r["top1 mean"]]
+        body.append((d, cells, means))
+    return _table("distill \\ eval", evals, body) if any(means for _, _, means in body) else None
 
 
 def write_tables(grid: GridConfig, dataset: str, ipc: int) -> Path:
@@ -620,6 +599,7 @@ def write_tables(grid: GridConfig, dataset: str, ipc: int) -> Path:
     import csv
 
     rows, full = _collect(grid, dataset, ipc)
+    index = {(r["set"], r["distill_backbone"], r["eval_backbone"], r["mode"]): r for r in rows}
     backbones = [resolve_name(b)[0] for b in grid.backbones]
     evals = list(dict.fromkeys(r["eval_backbone"] for r in rows)) or backbones
     parts = [
@@ -629,9 +609,9 @@ def write_tables(grid: GridConfig, dataset: str, ipc: int) -> Path:
         "Neighbors are of LGM's images).\n",
     ]
     for mode in grid.eval.mode:
-        parts += [f"\n## Same backbone, {mode}\n", _same_table(rows, full, backbones, dataset, ipc, mode)]
+        parts += [f"\n## Same backbone, {mode}\n", _same_table(index, full, backbones, dataset, ipc, mode)]
         for method in DISTILLED:
-            table = _cross_table(rows, backbones, evals, dataset, ipc, method, mode)
+            table = _cross_table(index, backbones, evals, dataset, ipc, method, mode)
             if table:
                 parts += [f"\n## Cross-backbone, {method.upper()}, {mode} (rows: distillation backbone)\n", table]
     base = _dataset_folder(grid, dataset)

@@ -17,25 +17,32 @@ def _folder(root, classes=("a", "b", "c"), per_class=4, size=12):
     return root
 
 
-def test_cli_stats_distill_eval_on_an_image_folder(tmp_path, capsys):
-    train, test = _folder(tmp_path / "train"), _folder(tmp_path / "test", per_class=2)
-    bb = ["--backbone", "vit_tiny_patch16_224", "--random-init", "--image-size", "16", "--device", "cpu"]
+BACKBONE = ["--backbone", "vit_tiny_patch16_224", "--random-init", "--image-size", "16", "--device", "cpu"]
+
+
+def _stats(train, out, bb, epochs: int, resolution: int = 16) -> None:
     main(
         [
             "stats",
             "--data",
             str(train),
             "--out",
-            str(tmp_path / "s.safetensors"),
+            str(out),
             "--workers",
             "0",
             "--classifier-epochs",
-            "2",
+            str(epochs),
             "--resolution",
-            "16",
+            str(resolution),
             *bb,
         ]
     )
+
+
+def test_cli_stats_distill_eval_on_an_image_folder(tmp_path, capsys):
+    train, test = _folder(tmp_path / "train"), _folder(tmp_path / "test", per_class=2)
+    bb = BACKBONE
+    _stats(train, tmp_path / "s.safetensors", bb, epochs=2)
     run = tmp_path / "run"
     main(
         [
@@ -116,23 +123,8 @@ def test_cli_stats_distill_eval_on_an_image_folder(tmp_path, capsys):
 
 def test_cli_eval_bad_inputs_write_nothing(tmp_path, capsys):
     train, test = _folder(tmp_path / "train"), _folder(tmp_path / "test", per_class=2)
-    bb = ["--backbone", "vit_tiny_patch16_224", "--random-init", "--image-size", "16", "--device", "cpu"]
-    main(
-        [
-            "stats",
-            "--data",
-            str(train),
-            "--out",
-            str(tmp_path / "s.safetensors"),
-            "--workers",
-            "0",
-            "--classifier-epochs",
-            "1",
-            "--resolution",
-            "16",
-            *bb,
-        ]
-    )
+    bb = BACKBONE
+    _stats(train, tmp_path / "s.safetensors", bb, epochs=1)
     common = [
         "eval",
         "--data",
@@ -228,23 +220,8 @@ def test_distill_flags_are_derived_from_the_config(capsys):
 
 def test_cli_distill_chunked_offloaded_views(tmp_path, capsys):
     train = _folder(tmp_path / "train")
-    bb = ["--backbone", "vit_tiny_patch16_224", "--random-init", "--image-size", "16", "--device", "cpu"]
-    main(
-        [
-            "stats",
-            "--data",
-            str(train),
-            "--out",
-            str(tmp_path / "s.safetensors"),
-            "--workers",
-            "0",
-            "--classifier-epochs",
-            "1",
-            "--resolution",
-            "20",
-            *bb,
-        ]
-    )
+    bb = BACKBONE
+    _stats(train, tmp_path / "s.safetensors", bb, epochs=1, resolution=20)
     run = tmp_path / "run"
     main(
         [
