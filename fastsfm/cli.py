@@ -253,7 +253,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
     stats.check_compatible(distill_bb, num_classes=data.num_classes)
     resolution = args.resolution or (32 if args.data == "digits" else 256)
     sets = _image_sets(args, data, stats, distill_bb, resolution)
-    evaluator = Evaluator(distill_bb, stats, FeatureCache(data.test, args.device), config, [eval_bb], args.device)
+    evaluator = Evaluator(
+        distill_bb, stats, FeatureCache(data.test, args.device, args.workers), config, [eval_bb], args.device
+    )
     scores = compare(evaluator, sets, config.seeds, full_data="full" in args.baselines)
     print(format_markdown(summarise(scores)))
     if args.out:

@@ -69,15 +69,17 @@ class Score:
 
 @dataclass
 class FeatureCache:
-    """Test-split features per backbone identity (encoded once, shared by evaluators)."""
+    """Test-split features per backbone identity (encoded once, shared by evaluators; ``workers``
+    decode images in parallel)."""
 
     test: Dataset
     device: str | torch.device = "cpu"
+    workers: int = 0
     features: dict[str, Tensor] = field(default_factory=dict)
 
     def __call__(self, backbone: Backbone) -> Tensor:
         if backbone.identity not in self.features:
-            self.features[backbone.identity] = encode(backbone, self.test, device=self.device)
+            self.features[backbone.identity] = encode(backbone, self.test, device=self.device, workers=self.workers)
         return self.features[backbone.identity]
 
     @property

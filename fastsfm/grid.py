@@ -306,7 +306,7 @@ class _Run:
         from .evaluate import FeatureCache
 
         if dataset not in self.caches:
-            self.caches[dataset] = FeatureCache(self.dataset(dataset).test, self.device)
+            self.caches[dataset] = FeatureCache(self.dataset(dataset).test, self.device, self.grid.workers)
         return self.caches[dataset]
 
     def stats(self, cell: Cell):
