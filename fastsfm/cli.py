@@ -131,11 +131,14 @@ def _add_data(p: argparse.ArgumentParser, required: bool, test: bool = False, re
         )
 
 
+def _resolution(args: argparse.Namespace) -> int:
+    return args.resolution or (32 if args.data == "digits" else 256)
+
+
 def _data(args: argparse.Namespace, crop: int):
     from .data import load_data
 
-    resolution = args.resolution or (32 if args.data == "digits" else 256)
-    return load_data(args.data, resolution, crop, getattr(args, "test_data", None))
+    return load_data(args.data, _resolution(args), crop, getattr(args, "test_data", None))
 
 
 def _join_torchrun(args: argparse.Namespace) -> int:
@@ -149,26 +152,13 @@ def _join_torchrun(args: argparse.Namespace) -> int:
 
 
 def cmd_stats(args: argparse.Namespace) -> None:
-    from torch.utils.data import DataLoader
-
-    from .data import fingerprint
-    from .distributed import rank_world, shard_dataset
-    from .stats import compute_stats
+    from .stats import dataset_stats
 
     classifier = config_from_args(ClassifierConfig, args)
     rank = _join_torchrun(args)
     backbone = _backbone(args)
     data = _data(args, backbone.input_size)
-    shard = shard_dataset(data.train_eval, *rank_world())
-    loader = DataLoader(shard, batch_size=args.batch_size, num_workers=args.workers, shuffle=False)
-    stats = compute_stats(
-        backbone,
-        loader,
-        data.class_names,
-        f"{data.name}:{fingerprint(data.train)}",
-        classifier=classifier,
-        device=args.device,
-    )
+    stats = dataset_stats(backbone, data, classifier, args.device, args.batch_size, args.workers)
     if rank != 0:
         return
     stats.save(args.out)
@@ -202,8 +192,8 @@ def cmd_distill(args: argparse.Namespace) -> None:
 
 def _image_sets(args: argparse.Namespace, data, stats, distill_bb, resolution: int) -> dict:
     """The sets to evaluate: --synset files/folders and the --baselines that select real images."""
-    from .baselines.reals import centroid_reals, neighbor_reals, random_reals
-    from .data import center_crop, labels_of, stack_images
+    from .baselines.reals import centroid_reals, nearest_reals, random_reals
+    from .data import labels_of, stack_images
     from .evaluate import ImageSet, load_image_set
     from .probe import encode
 
@@ -229,11 +219,8 @@ def _image_sets(args: argparse.Namespace, data, stats, distill_bb, resolution: i
         if "neighbors" in baselines:
             for name, image_set in list(sets.items()):
                 if isinstance(image_set, ImageSet) and not name.endswith(")"):
-                    crops = center_crop(image_set.images, min(distill_bb.input_size, image_set.images.shape[-1]))
-                    syn = encode(distill_bb, crops, device=args.device)
-                    sets[f"nearest reals of {name}"] = ImageSet(
-                        "", *reals(neighbor_reals(syn, image_set.labels, feats, train_y))
-                    )
+                    idx = nearest_reals(distill_bb, image_set.images, image_set.labels, feats, train_y, args.device)
+                    sets[f"nearest reals of {name}"] = ImageSet("", *reals(idx))
     if not sets and "full" not in baselines:
         raise ValueError("nothing to evaluate: give --synset and/or --baselines")
     return sets
@@ -251,8 +238,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     if data.test is None:
         raise ValueError("--test-data is needed (the real test split)")
     stats.check_compatible(distill_bb, num_classes=data.num_classes)
-    resolution = args.resolution or (32 if args.data == "digits" else 256)
-    sets = _image_sets(args, data, stats, distill_bb, resolution)
+    sets = _image_sets(args, data, stats, distill_bb, _resolution(args))
     evaluator = Evaluator(
         distill_bb, stats, FeatureCache(data.test, args.device, args.workers), config, [eval_bb], args.device
     )

@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from .backbones import Backbone, load_backbone
-from .baselines.reals import centroid_reals, neighbor_reals, random_reals
+from .baselines.reals import centroid_reals, nearest_reals, random_reals
 from .config import ClassifierConfig, DistillConfig, EvalConfig
 from .data import digits
 from .distill import distill
@@ -100,7 +100,7 @@ def run_demo(
 
     def neighbours(seed: int) -> ImageSet:
         syn = sfm(seed)
-        idx = neighbor_reals(encode(backbone, syn.images), syn.labels, train_f, train_y)
+        idx = nearest_reals(backbone, syn.images, syn.labels, train_f, train_y)
         return ImageSet("", train_x[idx], train_y[idx])
 
     sets = {

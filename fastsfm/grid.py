@@ -331,23 +331,14 @@ class _Run:
 
 
 def _run_stats(run: _Run, cell: Cell) -> None:
-    from torch.utils.data import DataLoader
+    from .stats import dataset_stats
 
-    from .data import fingerprint
-    from .distributed import shard_dataset
-    from .stats import compute_stats
-
-    data = run.dataset(cell.dataset)
-    loader = DataLoader(
-        shard_dataset(data.train_eval, run.rank, run.world), batch_size=128, num_workers=run.grid.workers
-    )
-    stats = compute_stats(
+    stats = dataset_stats(
         run.backbone(cell.backbone),
-        loader,
-        data.class_names,
-        f"{data.name}:{fingerprint(data.train)}",
-        classifier=run.grid.classifier,
-        device=run.device,
+        run.dataset(cell.dataset),
+        run.grid.classifier,
+        run.device,
+        workers=run.grid.workers,
         progress=run.progress,
     )
     if run.rank == 0:
@@ -379,9 +370,7 @@ def _run_distill(run: _Run, cell: Cell) -> None:
 
 
 def _run_baseline(run: _Run, cell: Cell) -> None:
-    from .baselines.reals import centroid_reals, neighbor_reals, random_reals
-    from .data import center_crop
-    from .probe import encode
+    from .baselines.reals import centroid_reals, nearest_reals, random_reals
     from .synset import load_images
 
     data = run.dataset(cell.dataset)
@@ -395,9 +384,15 @@ def _run_baseline(run: _Run, cell: Cell) -> None:
         }
     else:
         images, syn_labels, _ = load_images(cell.path.parent.parent / "sfm" / "synset.safetensors")
-        backbone = run.backbone(cell.backbone)
-        syn = encode(backbone, center_crop(images, min(backbone.input_size, images.shape[-1])), device=run.device)
-        picks = {"all": neighbor_reals(syn, syn_labels, run.features(cell.dataset, cell.backbone), labels).tolist()}
+        idx = nearest_reals(
+            run.backbone(cell.backbone),
+            images,
+            syn_labels,
+            run.features(cell.dataset, cell.backbone),
+            labels,
+            run.device,
+        )
+        picks = {"all": idx.tolist()}
     _write_json(cell.path, {"method": cell.name, "ipc": cell.ipc, "indices": picks})
 
 

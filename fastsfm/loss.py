@@ -94,8 +94,6 @@ class SFMLoss(nn.Module):
         plan, check = self._label_plan(features, labels)
         backend = resolve_backend(self.backend, features)
         consts = self.constants()
-        if backend == "triton":
-            consts = consts.to(torch.float32)
         return ops.sfm_loss(
             features,
             plan,

@@ -26,7 +26,7 @@ from .io import atomic_save_safetensors, read_safetensors
 from .probe import fit_linear_classifier
 from .progress import track
 
-__all__ = ["ClassStats", "compute_stats"]
+__all__ = ["ClassStats", "compute_stats", "dataset_stats"]
 
 FORMAT = "fastsfm-stats-v1"
 
@@ -190,4 +190,31 @@ def compute_stats(
     }
     return ClassStats(
         means.cpu(), counts.cpu(), head.weight.detach().cpu(), head.bias.detach().cpu(), list(class_names), meta
+    )
+
+
+def dataset_stats(
+    backbone: Backbone,
+    data,
+    classifier: ClassifierConfig | None = None,
+    device: str | torch.device = "cpu",
+    batch_size: int = 128,
+    workers: int = 0,
+    progress: bool = True,
+) -> ClassStats:
+    """:func:`compute_stats` of an :class:`fastsfm.data.ImageData`'s train split (its centre-crop
+    view), identified by name and file fingerprint; under ``torch.distributed`` each rank reads
+    its shard of the images."""
+    from .data import fingerprint
+    from .distributed import shard_dataset
+
+    loader = DataLoader(shard_dataset(data.train_eval, *rank_world()), batch_size=batch_size, num_workers=workers)
+    return compute_stats(
+        backbone,
+        loader,
+        data.class_names,
+        f"{data.name}:{fingerprint(data.train)}",
+        classifier=classifier,
+        device=device,
+        progress=progress,
     )

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["random_reals", "centroid_reals", "neighbor_reals"]
+__all__ = ["random_reals", "centroid_reals", "neighbor_reals", "nearest_reals"]
 
 
 def _class_indices(labels: Tensor, c: int, ipc: int) -> Tensor:
@@ -56,3 +56,16 @@ def neighbor_reals(syn_features: Tensor, syn_labels: Tensor, features: Tensor, l
         idx = _class_indices(labels, c, 1)
         picks.append(idx[(real[idx] @ z).argmax()])
     return torch.stack(picks)
+
+
+def nearest_reals(
+    backbone, images: Tensor, labels: Tensor, features: Tensor, real_labels: Tensor, device: str | torch.device = "cpu"
+) -> Tensor:
+    """:func:`neighbor_reals` of synthetic ``images`` (N, 3, R, R): encoded by ``backbone`` from their
+    centre crop at its input size, as the authors' ``neighbors.py``; ``features`` are the real
+    images' (the statistics view)."""
+    from ..data import center_crop
+    from ..probe import encode
+
+    crops = center_crop(images, min(backbone.input_size, images.shape[-1]))
+    return neighbor_reals(encode(backbone, crops, device=device), labels, features, real_labels)
