@@ -1,12 +1,22 @@
 """SFM vs LGM distillation steps with the same backbone and precision, in one run; SFM alone at large IPC.
 
 Per configuration: mean step time over ``--steps`` timed steps after one warm-up step (which
-also sizes SFM's chunks), peak memory (CUDA: ``torch.cuda.max_memory_allocated``; CPU: peak
-RSS of a fresh child process per configuration), the projected wall time of the authors'
-5001-step loop, and LGM/SFM ratios.  ``--profile`` adds where one SFM step's time goes
-(``torch.profiler`` over the objective's ranges: render, augment, backbone forward, loss,
-backward, optimiser).  Backbones have random weights: time and memory do not depend on them.
-The synthetic set has all its pyramid levels, as after step 1600.
+also sizes the chunks), peak memory (CUDA: ``torch.cuda.max_memory_allocated``; CPU: peak RSS
+of a fresh child process per configuration), the step's FLOPs (counted by
+``torch.utils.flop_counter`` on the backbone: forward, and for chunked steps the recomputed
+forward, plus the backward to the pixels) and their rate as a share of the tensor cores'
+dense bf16 peak (``--peak-tflops``, the H100/H200 datasheet's 989), the projected wall time of
+the authors' 5001-step loop, and LGM/SFM ratios.  ``--profile`` adds where one SFM step's time
+goes (``torch.profiler`` over the objective's ranges).  Backbones have random weights: time
+and memory do not depend on them.  The synthetic set has all its pyramid levels.
+
+Offloaded rows also report the page-locked host memory the set and its Adam moments hold
+against their byte size (``pinned/data``, at most 1.1 is the target), and ``--growth`` adds a
+row that grows an offloaded set through every pyramid level and reports the largest such ratio
+seen at any level.
+
+Rows are written to the CSV/JSON as each finishes; a configuration that fails (out of memory,
+an error) is recorded with its error and the run goes on.
 
     python benches/bench_distill.py                      # CUDA: the paper preset; CPU: a tiny preset
     python benches/bench_distill.py --preset paper --precision bf16 --profile
@@ -21,22 +31,17 @@ import argparse
 import json
 import multiprocessing as mp
 import resource
-import sys
-import time
 from pathlib import Path
 
 import torch
-from torch.utils.data import TensorDataset
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, print_table, write_csv  # noqa: E402
-
-from fastsfm.backbones import load_backbone  # noqa: E402
-from fastsfm.config import DistillConfig  # noqa: E402
-from fastsfm.objective import build_objective  # noqa: E402
-from fastsfm.optim import ChunkAdam  # noqa: E402
-from fastsfm.stats import ClassStats  # noqa: E402
-from fastsfm.synset import SyntheticSet  # noqa: E402
+from fastsfm import pinned
+from fastsfm.backbones import load_backbone
+from fastsfm.benchmark import distill_setup, environment, print_table, run_step, time_steps, write_csv
+from fastsfm.config import DistillConfig
+from fastsfm.io import atomic_write_json
+from fastsfm.optim import ChunkAdam
+from fastsfm.synset import SyntheticSet
 
 LOOP_STEPS = 5001
 PROFILE_RANGES = ("render", "augment", "backbone", "loss", "backward", "optimizer")
@@ -46,9 +51,9 @@ def _paper() -> list[dict]:
     runs = []
     for backbone in ("vit_base_patch16_224", "dinov2_vitb14"):
         base = {"backbone": backbone, "image_size": 224, "resolution": 256}
-        for classes, ipc, augs in ((100, 1, 10), (100, 10, 10), (1000, 1, 3)):
+        for classes, ipc, views in ((100, 1, 10), (100, 10, 10), (1000, 1, 3)):
             runs.append({**base, "method": "sfm", "classes": classes, "ipc": ipc})
-            runs.append({**base, "method": "lgm", "classes": classes, "ipc": ipc, "augs": augs})
+            runs.append({**base, "method": "lgm", "classes": classes, "ipc": ipc, "views": views})
     base = {"backbone": "dinov2_vitb14", "image_size": 224, "resolution": 256, "method": "sfm", "classes": 1000}
     runs.append({**base, "ipc": 10})
     runs.append({**base, "ipc": 50, "offload": True})
@@ -58,9 +63,9 @@ def _paper() -> list[dict]:
 def _cpu() -> list[dict]:
     base = {"backbone": "vit_tiny_patch16_224", "image_size": 32, "resolution": 32, "classes": 10}
     runs = []
-    for ipc, augs in ((1, 10), (2, 3)):
+    for ipc, views in ((1, 10), (2, 3)):
         runs.append({**base, "method": "sfm", "ipc": ipc})
-        runs.append({**base, "method": "lgm", "ipc": ipc, "augs": augs})
+        runs.append({**base, "method": "lgm", "ipc": ipc, "views": views})
     runs.append({**base, "method": "sfm", "ipc": 4, "chunk": 8, "offload": True})
     return runs
 
@@ -68,37 +73,16 @@ def _cpu() -> list[dict]:
 PRESETS = {"paper": _paper, "cpu": _cpu}
 
 
-def _setup(run: dict, args):
-    device = torch.device(args.device)
-    backbone = load_backbone(
-        run["backbone"], pretrained=False, image_size=run["image_size"], device=device, precision=args.precision
-    )
-    c, d, res = run["classes"], backbone.feature_dim, run["resolution"]
-    gen = torch.Generator().manual_seed(0)
-    stats = ClassStats(
-        torch.randn(c, d, generator=gen),
-        torch.full((c,), 10),
-        torch.zeros(c, d),
-        torch.zeros(c),
-        [str(i) for i in range(c)],
-        {"backbone": backbone.identity},
-    ).to(device)
-    real = TensorDataset(torch.rand(c * 2, 3, res, res, generator=gen), torch.arange(c).repeat_interleave(2))
-    config = DistillConfig(
+def _config(run: dict, precision: str) -> DistillConfig:
+    return DistillConfig(
         method=run["method"],
         ipc=run["ipc"],
-        resolution=res,
-        lgm_augs=run.get("augs", 10),
-        precision=args.precision,
+        resolution=run["resolution"],
+        views=run.get("views"),
+        precision=precision,
         chunk_size=run.get("chunk"),
         offload=run.get("offload", False),
     )
-    synset = SyntheticSet(c, run["ipc"], res, storage="cpu" if config.offload else device, offload=config.offload)
-    step = 0
-    while synset.grow(step, device):  # all pyramid levels, as from step 1600 on
-        step += synset.extent
-    objective = build_objective(config, backbone, stats, device, real=real)
-    return device, synset, ChunkAdam(synset, config.lr), objective
 
 
 def _profile(objective, synset, optim, device) -> dict:
@@ -106,7 +90,7 @@ def _profile(objective, synset, optim, device) -> dict:
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     with torch.profiler.profile(activities=activities) as prof:
-        objective.step(synset, optim, 1)
+        run_step(objective, synset, optim, 1)
     times = {}
     for evt in prof.key_averages():
         if evt.key.startswith("fastsfm."):
@@ -116,36 +100,93 @@ def _profile(objective, synset, optim, device) -> dict:
     return {f"% {name}": 100.0 * times.get(name, 0.0) / total for name in PROFILE_RANGES}
 
 
+def backbone_flops(backbone, device: torch.device) -> tuple[float, float]:
+    """(forward, backward to the pixels) FLOPs per image at the backbone's input size."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = torch.rand(2, 3, backbone.input_size, backbone.input_size, device=device, requires_grad=True)
+    with FlopCounterMode(display=False) as counter:
+        out = backbone(x)
+    forward = counter.get_total_flops() / 2
+    with FlopCounterMode(display=False) as counter:
+        out.sum().backward()
+    return forward, counter.get_total_flops() / 2
+
+
+def _step_flops(objective, synset, flops: tuple[float, float]) -> float:
+    """FLOPs of one step: every view forward (twice when chunked) and backward; LGM adds its real batch."""
+    forward, backward = flops
+    rows = objective.views * synset.num_images
+    chunked = objective.chunk_size is not None and objective.chunk_size < synset.num_images
+    total = rows * ((2 if chunked else 1) * forward + backward)
+    return total + getattr(objective, "batch", 0) * forward
+
+
+def _pinned_ratio(synset, optim) -> float | None:
+    held = sum(t.numel() * 4 for t in [*synset.levels, *optim.exp_avg, *optim.exp_avg_sq])
+    stats = pinned.stats()
+    return stats["peak"] / held if stats["peak"] else None
+
+
 def measure(run: dict, args) -> dict:
-    """One configuration: step time (ms), peak memory (MiB), projected loop hours, optional profile."""
+    """One configuration: step time (ms), peak memory (MiB), FLOP rate, projected loop hours, optional profile."""
     row = {k: run.get(k) for k in ("backbone", "classes", "ipc", "method")}
-    row["augs"] = run.get("augs") if run["method"] == "lgm" else 1
+    config = _config(run, args.precision)
+    row["views"] = config.effective_views
     row["chunk/offload"] = f"{run.get('chunk') or 'auto'}/{'yes' if run.get('offload') else 'no'}"
+    device = torch.device(args.device)
     try:
-        device, synset, optim, objective = _setup(run, args)
-        objective.step(synset, optim, 0)  # warm-up; sizes SFM's chunks
+        backbone = load_backbone(
+            run["backbone"], pretrained=False, image_size=run["image_size"], device=device, precision=args.precision
+        )
+        flops = backbone_flops(backbone, device)
+        pinned.reset_peak()
+        synset, optim, objective = distill_setup(backbone, config, run["classes"], device)
         if device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
-        start = time.perf_counter()
-        for step in range(1, args.steps + 1):
-            objective.step(synset, optim, step)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        seconds = (time.perf_counter() - start) / args.steps
+        seconds = time_steps(objective, synset, optim, args.steps, device)
         peak = (
             torch.cuda.max_memory_allocated()
             if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         ) / 2**20
-        row.update({"step ms": 1e3 * seconds, "peak MiB": peak, "5001 steps h": seconds * LOOP_STEPS / 3600})
-        if run["method"] == "sfm":
-            row["chunk"] = getattr(objective, "chunk_size", None)
-            if args.profile:
-                row.update(_profile(objective, synset, optim, device))
-    except torch.cuda.OutOfMemoryError:
-        row.update({"step ms": None, "peak MiB": None, "note": "out of memory"})
+        tflops = _step_flops(objective, synset, flops) / seconds / 1e12
+        row.update({"step ms": 1e3 * seconds, "peak MiB": peak, "TFLOP/s": tflops})
+        row["tensor-core %"] = 100.0 * tflops / args.peak_tflops if device.type == "cuda" else None
+        row["5001 steps h"] = seconds * LOOP_STEPS / 3600
+        row["chunk"] = objective.chunk_size
+        if config.offload:
+            row["pinned/data"] = _pinned_ratio(synset, optim)
+        if args.profile and run["method"] == "sfm":
+            row.update(_profile(objective, synset, optim, device))
+    except Exception as err:  # noqa: BLE001 - a failed configuration is a row, not the end of the run
+        row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
     return row
+
+
+def growth_row(classes: int, ipc: int, resolution: int) -> dict:
+    """Grow an offloaded set (and its Adam moments) through every pyramid level; the largest ratio
+    of page-locked host bytes to the bytes the set and moments hold, at any level."""
+    pinned.reset_peak()
+    synset = SyntheticSet(classes, ipc, resolution, extent=1, storage="cpu", offload=True)
+    optim = ChunkAdam(synset, 1e-3)
+    worst, step = 0.0, 0
+    while len(synset.levels) < len(synset.sizes):
+        step += 1
+        if synset.grow(step):
+            optim.reset()
+        ratio = _pinned_ratio(synset, optim)
+        worst = max(worst, ratio or 0.0)
+    held = sum(t.numel() * 4 for t in [*synset.levels, *optim.exp_avg, *optim.exp_avg_sq])
+    return {
+        "backbone": "-",
+        "classes": classes,
+        "ipc": ipc,
+        "method": "offload growth",
+        "held GiB": held / 2**30,
+        "pinned/data": worst if pinned.stats()["peak"] else None,
+    }
 
 
 def _child(queue, run, args):
@@ -186,6 +227,8 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     done = [r for r in rows if r.get("step ms")]
+    if not done:
+        return
     names = [f"{r['method'].upper()} {r['backbone'].split('_')[0]}\nC={r['classes']} IPC={r['ipc']}" for r in done]
     fig, axes = plt.subplots(1, 2, figsize=(max(8, 1.1 * len(done)), 4))
     for ax, key in zip(axes, ("step ms", "peak MiB"), strict=True):
@@ -201,6 +244,11 @@ def plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def _write(rows: list[dict], out: Path) -> None:
+    write_csv(rows, out)
+    atomic_write_json(out.with_suffix(".json"), rows)
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -209,17 +257,23 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
     parser.add_argument("--steps", type=int, default=3, help="timed steps per configuration")
     parser.add_argument("--profile", action="store_true", help="profile one SFM step per configuration")
+    parser.add_argument("--growth", default=None, help="C:IPC:RES of an offloaded set grown through every level")
+    parser.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 tensor-core peak (H100/H200)")
     parser.add_argument("--out", type=Path, default=Path("benches/out/bench_distill.csv"))
     args = parser.parse_args(argv)
     runs = (
         json.loads(args.runs) if args.runs else PRESETS[args.preset or ("paper" if args.device != "cpu" else "cpu")]()
     )
-    print(f"# bench_distill: {environment(torch.device(args.device))}, precision {args.precision}")
-    rows = [measure_isolated(run, args) for run in runs]
-    add_ratios(rows)
+    print(f"# bench_distill: {environment(torch.device(args.device))}, precision {args.precision}", flush=True)
+    rows = []
+    for run in runs:
+        rows.append(measure_isolated(run, args))
+        add_ratios(rows)
+        _write(rows, args.out)
+    if args.growth:
+        rows.append(growth_row(*(int(v) for v in args.growth.split(":"))))
+        _write(rows, args.out)
     print_table(rows)
-    write_csv(rows, args.out)
-    args.out.with_suffix(".json").write_text(json.dumps(rows, indent=1))
     plot(rows, args.out.with_suffix(".png"))
     print(f"wrote {args.out} (.json, .png)")
     return rows

@@ -22,16 +22,13 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, peak_extra_bytes, print_table, time_ms, write_csv  # noqa: E402
-
-from fastsfm import SFMLoss  # noqa: E402
-from fastsfm.reference import sfm_reference  # noqa: E402
+from fastsfm import SFMLoss
+from fastsfm.benchmark import environment, peak_extra_bytes, print_table, time_ms, write_csv
+from fastsfm.reference import sfm_reference
 
 GPU_SWEEP = list(itertools.product([1000], [1, 10, 50], [1, 4], [384, 768, 1024]))
 CPU_SWEEP = list(itertools.product([50], [1, 10], [1, 2], [64, 384]))

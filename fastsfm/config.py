@@ -22,7 +22,12 @@ __all__ = [
     "Init",
     "Precision",
     "Preprocess",
+    "EvalMode",
     "DistillConfig",
+    "ClassifierConfig",
+    "EvalConfig",
+    "METHOD_VIEWS",
+    "DRAWS_VERSION",
     "choices",
     "cli_fields",
 ]
@@ -63,6 +68,12 @@ its features, then its frozen real-data classifier); knowledge distillation from
 trained with cross-entropy through the frozen classifier; distillation backbone only."""
 
 
+METHOD_VIEWS = {"sfm": 1, "lgm": 10}
+"""Augmented copies of the synthetic set per step when ``views`` is not given."""
+DRAWS_VERSION = "2"
+"""Version of the keyed random draws (:mod:`fastsfm.rng`); checkpoints of another cannot resume."""
+
+
 def _opt(default, help: str, **extra):
     return field(default=default, metadata={"help": help, **extra})
 
@@ -84,7 +95,11 @@ class DistillConfig:
     pyramid_start: int = _opt(1, "resolution of the first pyramid level")
     pyramid_extent: int = _opt(200, "steps between pyramid levels")
     decorrelate: bool = _opt(True, "colour decorrelation of the pyramid")
-    views: int = _opt(1, "SFM: augmented copies of the synthetic set per step (extra rows of the loss)")
+    views: int | None = _opt(
+        None,
+        "augmented copies of the synthetic set per step (default: 1 for sfm, the paper's single pass; "
+        "10 for lgm, LGM's augs_per_batch; its real batch is ipc x views x C images)",
+    )
     objective: Objective = _opt("flow", "SFM objective")
     alpha: float = _opt(1.0, "decouple: weight of MSE(mu, t)")
     nontarget_divisor: float | None = _opt(
@@ -92,37 +107,38 @@ class DistillConfig:
     )
     noise_std: float = _opt(0.2, "augmentation noise std (0 disables the noise)")
     noise_mean: float = _opt(0.5, "augmentation noise mean (0.5: LGM's code when SFM forked it; 0.0: LGM's current)")
-    lgm_augs: int = _opt(10, "LGM: augmented copies of the synthetic set (real batch: ipc x augs x C)")
     precision: Precision = _opt("auto", "backbone precision")
     chunk_size: int | None = _opt(None, "images per chunk of the exact two-pass step (default: from free memory)")
-    offload: bool = _opt(False, "keep the synthetic set and its Adam state in pinned host memory")
+    offload: bool = _opt(False, "keep the synthetic set and its Adam state in page-locked host memory")
+    workers: int | None = _opt(None, "LGM: real-image loading workers (default: the CPUs of this rank)")
     seed: int = _opt(0, "seed of every random draw of the run")
     checkpoint_every: int = _opt(100, "steps between checkpoints")
 
     def __post_init__(self) -> None:
-        for name in (
-            "ipc",
-            "steps",
-            "resolution",
-            "pyramid_start",
-            "pyramid_extent",
-            "views",
-            "lgm_augs",
-            "checkpoint_every",
-        ):
+        for name in ("ipc", "steps", "resolution", "pyramid_start", "pyramid_extent", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.chunk_size is not None and self.chunk_size < 1:
-            raise ValueError(f"chunk_size must be at least 1 image, got {self.chunk_size}")
+        for name in ("views", "chunk_size"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.workers is not None and self.workers < 0:
+            raise ValueError(f"workers must be >= 0, got {self.workers}")
         for name, kind in typing.get_type_hints(DistillConfig).items():
             if typing.get_origin(kind) is Literal and getattr(self, name) not in get_args(kind):
                 raise ValueError(f"{name} must be one of {list(get_args(kind))}, got {getattr(self, name)!r}")
 
+    @property
+    def effective_views(self) -> int:
+        """``views``, or the method's default: 1 for SFM (the paper), 10 for LGM (its ``augs_per_batch``)."""
+        return self.views if self.views is not None else METHOD_VIEWS[self.method]
+
     def identity(self) -> dict[str, str]:
         """What must match for a checkpoint to be resumed: everything but the length and the
-        execution choices (steps may grow; chunking, offload and checkpoint cadence do not change results)."""
-        free = ("steps", "checkpoint_every", "chunk_size", "offload")
-        return {k: json.dumps(v) for k, v in asdict(self).items() if k not in free}
+        execution choices (steps may grow; chunking, offload, workers and checkpoint cadence do not
+        change results), plus the version of the random draws (:data:`DRAWS_VERSION`)."""
+        free = ("steps", "checkpoint_every", "chunk_size", "offload", "workers", "views")
+        kept = {k: json.dumps(v) for k, v in asdict(self).items() if k not in free}
+        return {**kept, "views": str(self.effective_views), "draws": DRAWS_VERSION}
 
 
 @dataclass

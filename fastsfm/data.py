@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +36,9 @@ __all__ = [
     "stack_images",
     "view_transform",
     "with_transform",
+    "default_workers",
+    "loader_kwargs",
+    "shm_items",
 ]
 
 
@@ -219,6 +223,34 @@ def load_data(spec: str, resolution: int, crop: int, test_spec: str | None = Non
     if head in SUBSETS and root:
         return imagenet_subset(root, head, resolution, crop)
     return image_folder(spec, resolution, crop, test_spec)
+
+
+def default_workers() -> int:
+    """Data-loading workers of this process: the CPUs it may run on, shared among the processes of
+    its node (``LOCAL_WORLD_SIZE`` under torchrun), at least 1."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cpus // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
+def loader_kwargs(device: str | torch.device, workers: int | None = None) -> dict:
+    """``DataLoader`` options that keep a device fed: :func:`default_workers` workers unless given,
+    and on CUDA pinned batches (asynchronous copies) and persistent workers."""
+    workers = default_workers() if workers is None else workers
+    cuda = torch.device(device).type == "cuda"
+    return {"num_workers": workers, "pin_memory": cuda, "persistent_workers": cuda and workers > 0}
+
+
+def shm_items(item_bytes: int, workers: int, prefetch: int = 2, free: int | None = None, share: float = 0.5) -> int:
+    """Items per batch such that the batches workers keep in flight (``workers * prefetch``) fit in
+    ``share`` of the free shared memory (``/dev/shm``, through which workers hand tensors over; a
+    container's default is 64 MB).  0: not even one item fits, load in the main process."""
+    if free is None:
+        try:
+            stat = os.statvfs("/dev/shm")
+            free = stat.f_bavail * stat.f_frsize
+        except OSError:
+            return 0
+    return int(share * free // (max(workers, 1) * prefetch * max(item_bytes, 1)))
 
 
 def labels_of(dataset: Dataset) -> Tensor:

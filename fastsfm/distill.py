@@ -14,15 +14,23 @@ torch.distributed), ``metrics.jsonl`` (step, loss, pyramid levels, step time, pe
 ``loss.png``, ``synset.safetensors`` (images (N, 3, R, R) in [0, 1], labels, metadata) and
 ``synset.png``.
 
+**A step counts as done only once its loss is on the host**: the objective queues the step
+and returns the loss on the device; the loop reads it back (the step's one synchronisation),
+then :meth:`ChunkAdam.finish_step` and ``done`` advance.  An interrupt before that leaves the
+optimiser marked in-step, and no checkpoint is written for a step whose results are not known.
+
 Under ``torch.distributed`` each rank owns a contiguous block of classes -- their images
 and optimiser state -- and the SFM objective all-reduces class sums and counts every step,
 so the ranks optimise the one global objective and produce exactly the single-process
-images.  Resuming needs the same world size; rank 0 writes the merged set.
+images.  Resuming needs the same world size.  For the exported set every rank writes its
+shard (``synset.rank{r}of{w}.safetensors``) and rank 0 streams them into ``synset.safetensors``
+(:func:`fastsfm.io.concat_safetensors`): no rank holds more than its own shard.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import signal
 import time
@@ -34,19 +42,23 @@ import torch.distributed as dist
 from torch.utils.data import Dataset
 
 from .backbones import Backbone
+from .baselines.lgm import LGMObjective
 from .baselines.reals import random_reals
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import DistillConfig
 from .data import labels_of, stack_images
-from .distributed import rank_world, shard_classes
+from .distributed import barrier, rank_world, shard_classes
+from .io import concat_safetensors
 from .metrics import MetricsLog, plot_loss
-from .objective import Objective, build_objective
+from .objective import DistillStep, SFMObjective
 from .optim import ChunkAdam
 from .progress import Progress
 from .stats import ClassStats
-from .synset import SyntheticSet, save_grid, save_images
+from .synset import SyntheticSet, load_images, save_grid, save_images
 
-__all__ = ["DistillConfig", "distill", "StopSignals"]
+__all__ = ["DistillConfig", "distill", "build_objective", "StopSignals"]
+
+log = logging.getLogger(__name__)
 
 _SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
@@ -137,14 +149,37 @@ def _build_synset(
     )
 
 
+def build_objective(
+    config: DistillConfig, backbone: Backbone, stats: ClassStats, device: torch.device, *, real=None, group=None
+) -> DistillStep:
+    """The objective of ``config.method``: SFM, or LGM (needs ``real``: a dataset of real images
+    at the synthetic resolution; single process only)."""
+    if config.method == "sfm":
+        return SFMObjective(backbone, stats, config, device, group)
+    if group is not None:
+        raise ValueError("LGM runs in a single process (its loss matches one global gradient); drop torchrun")
+    if real is None:
+        raise ValueError("LGM needs the real training images (--data): it samples a real batch every step")
+    return LGMObjective(backbone, real, stats.num_classes, config, device)
+
+
 def _save(ckpt: Path, synset: SyntheticSet, optim: ChunkAdam, step: int, identity: dict[str, str]) -> None:
     save_checkpoint(ckpt, {**synset.state(), **optim.state()}, step, optim.steps, identity)
+
+
+def _read_back(loss, skipped) -> tuple[float, int]:
+    """The step's loss (and the chunks skipped for non-finite gradients) on the host: one synchronisation."""
+    if skipped is None:
+        return float(loss), 0
+    both = torch.stack([torch.as_tensor(loss).float().reshape(()).to(skipped.device), skipped.float().reshape(())])
+    value, count = both.tolist()
+    return value, int(count)
 
 
 def _optimise(
     synset: SyntheticSet,
     optim: ChunkAdam,
-    objective: Objective,
+    objective: DistillStep,
     config: DistillConfig,
     start: int,
     ckpt: Path,
@@ -165,7 +200,8 @@ def _optimise(
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(device)
                 began = time.perf_counter()
-                loss = objective.step(synset, optim, step)
+                loss, skipped = _read_back(objective.step(synset, optim, step), optim.skipped)
+                optim.finish_step()
                 if not math.isfinite(loss):
                     raise FloatingPointError(
                         f"the loss became {loss} at step {step} (NaN/Inf features or images); "
@@ -175,23 +211,25 @@ def _optimise(
                 seconds = time.perf_counter() - began
                 peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
                 done = step + 1
-                metrics.log(step=step, loss=loss, levels=len(synset.levels), step_s=seconds, peak_mib=peak)
+                extra = {"skipped_chunks": skipped} if optim.check_finite else {}
+                metrics.log(step=step, loss=loss, levels=len(synset.levels), step_s=seconds, peak_mib=peak, **extra)
                 bar.update(loss=loss, levels=len(synset.levels))
                 halt = stop.requested(group)
                 if halt or done % config.checkpoint_every == 0 or done == config.steps:
                     _save(ckpt, synset, optim, done, identity)
                     saved = done
                 if halt:
-                    print(
-                        f"\nstopped by signal {stop.signum} after step {done}: checkpoint written to {ckpt}; "
-                        "continue with --resume",
-                        flush=True,
+                    log.warning(
+                        "stopped by signal %d after step %d: checkpoint written to %s; continue with --resume",
+                        stop.signum,
+                        done,
+                        ckpt,
                     )
                     raise SystemExit(stop.code)
     except KeyboardInterrupt:
-        if not optim.in_step:  # no chunk of an unfinished step was updated: the state is step `done`
+        if not optim.in_step:  # the state is exactly step `done` (no chunk of an unfinished step applied)
             _save(ckpt, synset, optim, done, identity)
-            print(f"\ninterrupted: checkpoint of step {done} written to {ckpt}; continue with --resume", flush=True)
+            log.warning("interrupted: checkpoint of step %d written to %s; continue with --resume", done, ckpt)
         raise
     finally:
         bar.close()
@@ -207,14 +245,8 @@ def _export(
     rank: int,
     world: int,
 ) -> None:
-    """Render the set; gather the shards on rank 0, which writes synset.safetensors/png and loss.png."""
-    images, labels = synset.render(device=device).cpu(), synset.labels
-    if world > 1:
-        shards = [None] * world
-        dist.all_gather_object(shards, (images, labels))
-        images, labels = torch.cat([i for i, _ in shards]), torch.cat([y for _, y in shards])
-    if rank != 0:
-        return
+    """Render the set and write synset.safetensors (merged by rank 0 from per-rank shard files
+    under torch.distributed), synset.png and loss.png."""
     meta = {
         "method": config.method,
         "backbone": backbone.identity,
@@ -224,9 +256,24 @@ def _export(
         "ipc": str(config.ipc),
         "num_classes": str(stats.num_classes),
     }
-    save_images(out / "synset.safetensors", images, labels, meta)
+    images = synset.render(device=device).cpu()
+    path = out / "synset.safetensors"
+    if world > 1:
+        shards = [out / f"synset.rank{r}of{world}.safetensors" for r in range(world)]
+        save_images(shards[rank], images, synset.labels, meta)
+        barrier()
+        if rank == 0:
+            concat_safetensors(shards, path, meta)
+            for shard in shards:
+                shard.unlink()
+        barrier()
+    else:
+        save_images(path, images, synset.labels, meta)
+    if rank != 0:
+        return
+    shown, labels, _ = load_images(path, rows=20 * config.ipc)  # the grid shows at most 20 classes
     title = f"{config.method.upper()} IPC={config.ipc}, {backbone.name}"
-    save_grid(images, labels, stats.class_names, out / "synset.png", title=title)
+    save_grid(shown, labels, stats.class_names, out / "synset.png", title=title)
     plot_loss(out / "metrics.jsonl", out / "loss.png", title=title)
 
 
@@ -240,7 +287,7 @@ def distill(
     resume: bool = False,
     device: str | torch.device = "cpu",
     progress: bool = True,
-    objective: Objective | None = None,
+    objective: DistillStep | None = None,
     local: bool = False,
 ) -> SyntheticSet:
     """Run (or resume) a distillation; returns this rank's :class:`SyntheticSet`.
@@ -252,7 +299,7 @@ def distill(
         out_dir: the run folder (see the module docstring for its files).
         real: real training images at the synthetic resolution (``init="real"``, LGM).
         resume: continue from the checkpoint; without it an existing checkpoint is an error.
-        objective: a custom :class:`fastsfm.objective.Objective` (default: from ``config``).
+        objective: a custom :class:`fastsfm.objective.DistillStep` (default: from ``config``).
         local: run the whole set in this process even under ``torch.distributed`` (the grid
             runner's LGM cells, which rank 0 runs alone).
     """
@@ -270,14 +317,14 @@ def distill(
     }
     state = _open_run(out, ckpt, identity, resume)
     classes = shard_classes(stats.num_classes, rank, world)
+    backbone, stats = backbone.to(device), stats.to(device)
     synset = _build_synset(config, real, stats.num_classes, classes, device)
-    optim = ChunkAdam(synset, config.lr)
+    optim = ChunkAdam(synset, config.lr, check_finite=backbone.autocast_dtype() == torch.float16)
     start = 0
     if state is not None:
         synset.load_state(state["tensors"])
         optim.load_state(state["tensors"], state["optimizer_steps"])
         start = state["step"]
-    backbone, stats = backbone.to(device), stats.to(device)
     if objective is None:
         objective = build_objective(config, backbone, stats, device, real=real, group=group)
     metrics = MetricsLog(out / "metrics.jsonl", start, enabled=rank == 0)

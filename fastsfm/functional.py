@@ -129,9 +129,7 @@ def resolve_backend(backend: str, features: Tensor) -> str:
                 "use backend='torch' for float64"
             )
         if not features.is_cuda:
-            from fastsfm.kernels import interpreter_active
-
-            if not interpreter_active():
+            if not ops.interpreter_active():
                 raise ValueError(
                     f"the triton backend needs CUDA tensors (got {features.device}); set "
                     "TRITON_INTERPRET=1 before importing triton to run it on CPU, or use backend='torch'"
@@ -176,7 +174,7 @@ def sfm_loss(
     work = torch.float64 if centers.dtype == torch.float64 and chosen != "triton" else torch.float32
     consts = ops.flow_constants(centers, work)
     plan = ops.label_plan(labels, num_classes, contiguous)
-    return ops.sfm_loss(
+    return ops.dispatch(
         features,
         plan,
         consts,

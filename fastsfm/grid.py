@@ -44,7 +44,7 @@ import torch
 import torch.distributed as dist
 
 from .backbones import Backbone, load_backbone, resolve_name
-from .config import ClassifierConfig, DistillConfig, EvalConfig, Precision, Preprocess
+from .config import METHOD_VIEWS, ClassifierConfig, DistillConfig, EvalConfig, Precision, Preprocess
 from .data import ImageData, labels_of, load_data, stack_images
 from .distributed import rank_world
 
@@ -88,6 +88,7 @@ class GridConfig:
     eval_backbones: str | list[str] = "all"
     full_data: bool = True
     resolution: int = 256
+    views: dict[str, int] = field(default_factory=lambda: dict(METHOD_VIEWS))
     image_size: int | None = None
     random_init: bool = False
     weights: dict[str, str] = field(default_factory=dict)
@@ -348,8 +349,14 @@ def _run_stats(run: _Run, cell: Cell) -> None:
 def _run_distill(run: _Run, cell: Cell) -> None:
     from .distill import distill
 
+    g = run.grid
     config = dataclasses.replace(
-        run.grid.distill, method=cell.name, ipc=cell.ipc, resolution=run.grid.resolution, precision=run.grid.precision
+        g.distill,
+        method=cell.name,
+        ipc=cell.ipc,
+        resolution=g.resolution,
+        precision=g.precision,
+        views=g.views[cell.name],
     )
     local = cell.name == "lgm"  # LGM cannot be sharded: rank 0 runs it alone
     if local and run.rank != 0:
@@ -642,38 +649,18 @@ def _step_seconds(
     grid: GridConfig, backbone: Backbone, method: str, classes: int, ipc: int, device: torch.device
 ) -> float:
     """Measured seconds of one distillation step (random statistics and set, all pyramid levels)."""
-    from torch.utils.data import TensorDataset
+    from .benchmark import distill_setup, time_steps
 
-    from .objective import build_objective
-    from .optim import ChunkAdam
-    from .stats import ClassStats
-    from .synset import SyntheticSet
-
-    d, res = backbone.feature_dim, grid.resolution
-    stats = ClassStats(
-        torch.randn(classes, d),
-        torch.ones(classes),
-        torch.zeros(classes, d),
-        torch.zeros(classes),
-        [str(i) for i in range(classes)],
-        {"backbone": backbone.identity},
-    ).to(device)
-    real = TensorDataset(torch.rand(2 * classes, 3, res, res), torch.arange(classes).repeat(2))
-    config = dataclasses.replace(grid.distill, method=method, ipc=ipc, resolution=res, precision=grid.precision)
-    synset = SyntheticSet(classes, ipc, res, storage=device)
-    step = 0
-    while synset.grow(step, device):
-        step += synset.extent
-    objective = build_objective(config, backbone, stats, device, real=real)
-    optim = ChunkAdam(synset, config.lr)
-    objective.step(synset, optim, 0)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    began = time.perf_counter()
-    objective.step(synset, optim, 1)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - began
+    config = dataclasses.replace(
+        grid.distill,
+        method=method,
+        ipc=ipc,
+        resolution=grid.resolution,
+        precision=grid.precision,
+        views=grid.views[method],
+    )
+    synset, optim, objective = distill_setup(backbone, config, classes, device)
+    return time_steps(objective, synset, optim, 1, device)
 
 
 def print_projection(run: _Run, cells: list[Cell]) -> float:

@@ -1,31 +1,47 @@
-"""safetensors files with string metadata: atomic writes and one-pass reads.
+"""Files of fastsfm: safetensors with string metadata, JSON and text, always written atomically.
 
-Statistics, synthetic sets and checkpoints are all such files; this is their only reader
-and writer.
+Statistics, synthetic sets and checkpoints are safetensors files; grid cells, evaluation
+results and reports are JSON.  This is their only writer: every write goes to a temporary file
+in the same folder and is renamed over the target, so a crash leaves the previous file intact,
+never a truncated one.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import struct
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
+import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-__all__ = ["atomic_save_safetensors", "read_safetensors"]
+__all__ = [
+    "atomic_save_safetensors",
+    "read_safetensors",
+    "atomic_write",
+    "atomic_write_text",
+    "atomic_write_json",
+    "read_json",
+    "concat_safetensors",
+]
 
 
-def atomic_save_safetensors(tensors: dict[str, Tensor], path: str | Path, metadata: dict[str, str]) -> None:
-    """Write a safetensors file via a temporary file in the same folder and ``os.replace``:
-    a crash mid-write leaves the previous file intact, never a truncated one."""
+@contextlib.contextmanager
+def atomic_write(path: str | Path) -> Iterator[str]:
+    """Yield a temporary file name beside ``path``; on success it replaces ``path`` (with the
+    permissions of a newly written file), on failure it is removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        yield tmp
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 -> the permissions of any newly written file
@@ -33,6 +49,57 @@ def atomic_save_safetensors(tensors: dict[str, Tensor], path: str | Path, metada
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    with atomic_write(path) as tmp:
+        Path(tmp).write_text(text)
+
+
+def atomic_write_json(path: str | Path, payload: object) -> None:
+    atomic_write_text(path, json.dumps(payload, indent=1))
+
+
+def read_json(path: str | Path, what: str) -> object:
+    """A JSON file, or a ``ValueError`` naming ``what`` it should have been."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path} is not a readable {what} (JSON): {err}") from err
+
+
+def atomic_save_safetensors(tensors: dict[str, Tensor], path: str | Path, metadata: dict[str, str]) -> None:
+    """Write a safetensors file atomically (:func:`atomic_write`)."""
+    with atomic_write(path) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+
+
+_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64", torch.uint8: "U8"}
+
+
+def concat_safetensors(parts: list[str | Path], path: str | Path, metadata: dict[str, str]) -> None:
+    """Write ``path`` whose every tensor is the concatenation (along dim 0) of that tensor in each
+    of ``parts``, holding one part's tensor in memory at a time (the file is streamed in the
+    safetensors layout: an 8-byte little-endian header length, a JSON header, the raw data)."""
+    with contextlib.ExitStack() as stack:
+        handles = [stack.enter_context(safe_open(str(p), "pt")) for p in parts]
+        keys = list(handles[0].keys())
+        header: dict[str, object] = {"__metadata__": dict(metadata)}
+        offset = 0
+        for key in keys:
+            slices = [h.get_slice(key) for h in handles]
+            shape = [sum(s.get_shape()[0] for s in slices), *slices[0].get_shape()[1:]]
+            first = slices[0][:1]  # one row: the dtype without reading the tensor
+            nbytes = first.element_size() * int(torch.Size(shape).numel())
+            header[key] = {"dtype": _DTYPES[first.dtype], "shape": shape, "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        blob += b" " * (-len(blob) % 8)
+        with atomic_write(path) as tmp, open(tmp, "wb") as out:
+            out.write(struct.pack("<Q", len(blob)) + blob)
+            for key in keys:
+                for handle in handles:
+                    out.write(memoryview(handle.get_tensor(key).contiguous().flatten().view(torch.uint8).numpy()))
 
 
 def read_safetensors(path: str | Path) -> tuple[dict[str, Tensor], dict[str, str]]:

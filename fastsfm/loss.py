@@ -32,6 +32,13 @@ class SFMLoss(nn.Module):
     The centres' derived constants (non-target means, real flows) are computed once in
     float64 and kept as float32 buffers (float64 for float64 centres), so ``.to(device)``
     moves them.  The per-labels row plan (class order, boundaries) is cached as well.
+
+    **torch.compile**: a step that calls the module compiles with ``fullgraph=True`` (both
+    backends).  While Dynamo traces, the module keeps no Python-side cache and runs no check
+    that needs a host synchronisation (a data-dependent ``raise`` cannot be traced): the row
+    plan is rebuilt inside the graph (a sort of the labels) and the label range, empty classes
+    and non-finite features are not checked.  Validate eagerly first (one eager call, or
+    :func:`fastsfm.sfm_loss`) when the labels or features may be bad.
     """
 
     def __init__(
@@ -91,10 +98,14 @@ class SFMLoss(nn.Module):
 
     def forward(self, features: Tensor, labels: Tensor) -> Tensor:
         """``features`` (N, D), ``labels`` (N,) -> the loss (0-dim)."""
-        plan, check = self._label_plan(features, labels)
+        if torch.compiler.is_compiling():
+            check_batch(features, labels, self.num_classes, self.centers.shape[1], self.centers.device, sync=False)
+            plan, check = ops.label_plan(labels, self.num_classes, contiguous=False), False
+        else:
+            plan, check = self._label_plan(features, labels)
         backend = resolve_backend(self.backend, features)
         consts = self.constants()
-        return ops.sfm_loss(
+        return ops.dispatch(
             features,
             plan,
             consts,

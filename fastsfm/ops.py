@@ -2,8 +2,10 @@
 
 The loss depends on the synthetic features only through per-class sums, so every path is
 
-1. :func:`class_sums`: features (N, D) -> a float32 buffer (SPLIT, C, D+1) of per-class
-   sums with the row counts in the last column (one all-reduce moves both);
+1. :func:`class_sums`: features (N, D) -> the **sums buffer**, float32 (SPLIT, C, W): per-class
+   sums in columns 0..D-1 and the row counts in column D (one all-reduce moves both), rows
+   padded to ``W = sums_width(D)``, a multiple of 16 elements, so the kernels that read and
+   write it use aligned 16-byte vector accesses;
 2. :func:`epilogue`: that buffer -> ``(loss, G/n)``, ``G = dL/dt`` (C, D) for the class means ``t``;
 3. :func:`grad_rows`: ``dL/dz_i = g * (G/n)[y_i]``.
 
@@ -34,10 +36,21 @@ __all__ = [
     "epilogue",
     "grad_rows",
     "check_class_sums",
-    "sfm_loss",
+    "dispatch",
     "loss_torch",
     "means_loss",
+    "sums_width",
+    "interpreter_active",
+    "ROW_ALIGN",
 ]
+
+ROW_ALIGN = 16
+"""Rows of the sums buffer are padded to a multiple of this many elements (64 bytes of float32)."""
+
+
+def sums_width(d: int) -> int:
+    """Row width W of the sums buffer for D features: D sums, the count, padding to :data:`ROW_ALIGN`."""
+    return -(-(d + 1) // ROW_ALIGN) * ROW_ALIGN
 
 
 @dataclass(frozen=True)
@@ -132,6 +145,11 @@ def _kernels():
     return kernels
 
 
+def interpreter_active() -> bool:
+    """True when the Triton kernels run in Triton's CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return _kernels().interpreter_active()
+
+
 def _work_dtype(features: Tensor) -> torch.dtype:
     return torch.float64 if features.dtype == torch.float64 else torch.float32
 
@@ -139,17 +157,17 @@ def _work_dtype(features: Tensor) -> torch.dtype:
 def class_sums(
     features: Tensor, plan: LabelPlan, num_classes: int, backend: str, out: Tensor | None = None, split: int = 1
 ) -> Tensor:
-    """Per-class sums and counts of ``features`` (N, D): a (SPLIT, C, D+1) buffer, no autograd.
+    """Per-class sums and counts of ``features`` (N, D): a (SPLIT, C, W) sums buffer, no autograd.
 
     Accumulates into ``out`` when given (chunked steps).  float32, or float64 for float64
-    features on the torch backend.
+    features on the torch backend.  The Triton path writes every sum and count (and never the
+    padding), so a fresh buffer needs no zero fill.
     """
     n, d = features.shape
+    accumulate = out is not None
     if out is None:
-        out = torch.zeros(split, num_classes, d + 1, device=features.device, dtype=_work_dtype(features))
-        accumulate = False
-    else:
-        accumulate = True
+        alloc = torch.empty if backend == "triton" else torch.zeros
+        out = alloc(split, num_classes, sums_width(d), device=features.device, dtype=_work_dtype(features))
     if backend == "triton":
         _kernels().class_sums(features, plan.perm, plan.offsets, out, contiguous=plan.contiguous, accumulate=accumulate)
         return out
@@ -159,14 +177,15 @@ def class_sums(
     return out
 
 
-def check_class_sums(buf: Tensor) -> None:
-    """Raise ``ValueError`` for a class without rows or non-finite sums (one host sync).
+def check_class_sums(buf: Tensor, d: int) -> None:
+    """Raise ``ValueError`` for a class without rows or non-finite sums of a (SPLIT, C, W) buffer.
 
     Non-finite features make their class sum non-finite, so checking the (C, D) sums is
-    checking the (N, D) features at a fraction of the cost.
+    checking the (N, D) features at a fraction of the cost.  Two host synchronisations (the
+    two index lists are read back).
     """
     total = buf.sum(0)
-    counts, sums = total[:, -1], total[:, :-1]
+    counts, sums = total[:, d], total[:, :d]
     empty = torch.nonzero(counts == 0).flatten()[:10]
     bad = torch.nonzero(~torch.isfinite(sums).all(1)).flatten()[:10]
     empty, bad = empty.tolist(), bad.tolist()
@@ -189,9 +208,10 @@ def means_loss(means: Tensor, consts: FlowConstants, objective: Objective, alpha
     )
 
 
-def _means(buf: Tensor) -> tuple[Tensor, Tensor]:
+def _means(buf: Tensor, d: int) -> tuple[Tensor, Tensor]:
+    """Class means (C, D) and counts (C,) of a (SPLIT, C, W) sums buffer."""
     total = buf.sum(0)
-    return total[:, :-1] / total[:, -1:], total[:, -1]
+    return total[:, :d] / total[:, d : d + 1], total[:, d]
 
 
 def epilogue(
@@ -217,7 +237,7 @@ def epilogue(
             inv_k=1.0 / divisor,
         )
         return loss.reshape(()), gn
-    means, counts = _means(buf)
+    means, counts = _means(buf, consts.dim)
     means = means.detach().requires_grad_()
     with torch.enable_grad():
         loss = means_loss(means, consts.to(means.dtype), objective, alpha, divisor)
@@ -275,7 +295,7 @@ class _FusedSFM(torch.autograd.Function):
         )
         buf = _all_reduce(class_sums(features, plan, consts.num_classes, "triton", split=split), group)
         if validate:
-            check_class_sums(buf)
+            check_class_sums(buf, consts.dim)
         loss, gn = epilogue(buf, consts, objective, alpha, divisor, "triton")
         ctx.save_for_backward(gn, plan.labels)
         ctx.dtype = features.dtype
@@ -307,12 +327,12 @@ def loss_torch(
     if group is not None:
         packed = _AllReduceSum.apply(packed, group)
     if validate:
-        check_class_sums(packed.detach()[None])
-    means, _ = _means(packed[None])
+        check_class_sums(packed.detach()[None], d)
+    means, _ = _means(packed[None], d)
     return means_loss(means, consts.to(work), objective, alpha, divisor)
 
 
-def sfm_loss(
+def dispatch(
     features: Tensor,
     plan: LabelPlan,
     consts: FlowConstants,
@@ -332,5 +352,5 @@ def sfm_loss(
     if group is not None:
         raise ValueError("backend='reference' runs in a single process; use 'torch' or 'triton' with a process group")
     if validate:
-        check_class_sums(class_sums(features.detach(), plan, consts.num_classes, "torch"))
+        check_class_sums(class_sums(features.detach(), plan, consts.num_classes, "torch"), consts.dim)
     return sfm_reference(features, plan.labels, consts.centers, objective, alpha, divisor)

@@ -2,14 +2,23 @@
 
 Adam is elementwise, and an image's parameters are its own pyramid levels, so stepping the
 images chunk by chunk -- right after each chunk's gradient is known -- is exactly one Adam
-step of the whole set.  That is what lets a set in pinned host memory (``offload``) be
-optimised on the GPU one chunk at a time: the chunk's levels and moments are copied in,
-stepped by ``torch.optim.Adam`` there, and copied back.  Without offload the chunk's
-tensors are views of the stored ones and the step happens in place.  Either way the same
-code runs, so offloaded and resident runs give the same images.
+step of the whole set.  That is what lets a set in host memory (``offload``) be optimised on
+the GPU one chunk at a time: the chunk's levels and moments are copied in, stepped by
+``torch.optim.Adam`` there, and copied back (asynchronously; the loop's loss readback, queued
+after them on the same stream, orders them before any host read).  Without offload the
+chunk's tensors are views of the stored ones and the step happens in place.  Either way the
+same code runs, so offloaded and resident runs give the same images.
 
-The moments live beside the levels (same storage); a new pyramid level resets them all, as
-LGM re-creates its optimiser at each level.
+The moments live beside the levels (same storage, exact-size page-locked host memory when
+offloaded); a new pyramid level zeroes them in place and adds moments for the new level
+only, as LGM re-creates its optimiser at each level.
+
+**Non-finite gradients** (``check_finite``, the fp16 policy): each chunk's gradients are
+unscaled and checked on the device (``torch._amp_foreach_non_finite_check_and_unscale_``, no
+host synchronisation); a chunk with an Inf or NaN keeps its parameters and moments for that
+step (the update is undone on the device), as a gradient scaler skips a step, and
+:attr:`ChunkAdam.skipped` counts such chunks for the loop to report.  So an overflow never
+poisons the images, their moments or a checkpoint.
 """
 
 from __future__ import annotations
@@ -23,19 +32,49 @@ __all__ = ["ChunkAdam"]
 
 
 class ChunkAdam:
-    """Adam (``torch.optim.Adam`` semantics, no weight decay) for a :class:`SyntheticSet`."""
+    """Adam (``torch.optim.Adam`` semantics, no weight decay) for a :class:`SyntheticSet`.
 
-    def __init__(self, synset: SyntheticSet, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
-        self.synset, self.lr, self.betas, self.eps = synset, lr, betas, eps
-        self.in_step = False  # True from the first chunk of a step until finish_step
+    ``in_step`` is True from the first chunk of a step until :meth:`finish_step`, which the
+    loop calls once the step's loss is on the host.
+    """
+
+    def __init__(
+        self,
+        synset: SyntheticSet,
+        lr: float,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        check_finite: bool = False,
+    ):
+        self.synset, self.lr, self.betas, self.eps, self.check_finite = synset, lr, betas, eps, check_finite
+        self.in_step = False
+        self.skipped: Tensor | None = None  # chunks skipped for non-finite gradients (device counter)
+        self.exp_avg: list[Tensor] = []
+        self.exp_avg_sq: list[Tensor] = []
         self.reset()
 
     def reset(self) -> None:
-        """Fresh moments and step count for every level (at start and whenever a level is added)."""
-        store = self.synset.store
-        self.exp_avg = [store(torch.zeros_like(level)) for level in self.synset.levels]
-        self.exp_avg_sq = [store(torch.zeros_like(level)) for level in self.synset.levels]
+        """Zero moments and step count for every level (at start and whenever a level is added):
+        existing moments are zeroed in place, only the new levels' are allocated."""
+        for moments in (self.exp_avg, self.exp_avg_sq):
+            for m in moments:
+                m.zero_()
+            for level in self.synset.levels[len(moments) :]:
+                moments.append(self.synset.empty(tuple(level.shape)).zero_())
         self.steps = 0
+
+    def _unscale(self, params: list[Tensor], grad_scale: float) -> Tensor | None:
+        """Multiply the gradients by ``grad_scale``; with ``check_finite`` also return a (1,) flag of
+        non-finite ones."""
+        grads = [p.grad for p in params]
+        if not self.check_finite:
+            if grad_scale != 1.0:
+                torch._foreach_mul_(grads, grad_scale)
+            return None
+        device = params[0].device
+        found = torch.zeros(1, device=device)
+        torch._amp_foreach_non_finite_check_and_unscale_(grads, found, torch.full((1,), grad_scale, device=device))
+        return found
 
     def step_chunk(self, start: int, stop: int, params: list[Tensor], grad_scale: float = 1.0) -> None:
         """One Adam step of images ``start:stop``, whose levels ``params`` (from
@@ -43,6 +82,7 @@ class ChunkAdam:
         multiplied by ``grad_scale`` first (the inverse of a loss scale)."""
         self.in_step = True
         device = params[0].device
+        found = self._unscale(params, grad_scale)
         opt = torch.optim.Adam(params, lr=self.lr, betas=self.betas, eps=self.eps)
         moments = []
         for i, p in enumerate(params):
@@ -54,20 +94,23 @@ class ChunkAdam:
             }
             opt.state[p] = state
             moments.append((avg, sq, state))
-            if grad_scale != 1.0:
-                p.grad.mul_(grad_scale)
+        touched = [t for p, (_, _, s) in zip(params, moments, strict=True) for t in (p, s["exp_avg"], s["exp_avg_sq"])]
+        before = [t.detach().clone() for t in touched] if found is not None else None
         opt.step()
+        if found is not None:
+            skip = found.bool()
+            for old, new in zip(before, touched, strict=True):
+                new.data.copy_(torch.where(skip, old, new.detach()))
+            self.skipped = found if self.skipped is None else self.skipped + found
         for level, p, (avg, sq, state) in zip(self.synset.levels, params, moments, strict=True):
             for stored, new in ((level[start:stop], p), (avg, state["exp_avg"]), (sq, state["exp_avg_sq"])):
                 if stored.data_ptr() != new.data_ptr():  # offloaded: copy the chunk back to host memory
                     stored.copy_(new.detach(), non_blocking=True)
 
     def finish_step(self) -> None:
-        """Call once all chunks of a step were stepped."""
+        """Call once all chunks of a step were stepped and the step's loss was read back."""
         self.steps += 1
         self.in_step = False
-        if self.synset.storage.type == "cpu" and torch.cuda.is_available():
-            torch.cuda.synchronize()  # host copies of the last chunk must land before anyone reads them
 
     def state(self) -> dict[str, Tensor]:
         """Moments for checkpoints (``adam.exp_avg.i``, ``adam.exp_avg_sq.i``); the step count is
@@ -79,6 +122,6 @@ class ChunkAdam:
     def load_state(self, tensors: dict[str, Tensor], steps: int) -> None:
         store = self.synset.store
         count = len(self.synset.levels)
-        self.exp_avg = [store(tensors[f"adam.exp_avg.{i}"].clone()) for i in range(count)]
-        self.exp_avg_sq = [store(tensors[f"adam.exp_avg_sq.{i}"].clone()) for i in range(count)]
+        self.exp_avg = [store(tensors[f"adam.exp_avg.{i}"]) for i in range(count)]
+        self.exp_avg_sq = [store(tensors[f"adam.exp_avg_sq.{i}"]) for i in range(count)]
         self.steps = steps

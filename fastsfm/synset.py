@@ -4,17 +4,19 @@ Parameterisation (LGM's pyramid, which SFM inherits; ``shared/references/lgm.md`
 is ``sigmoid(2 * D(sum_l up(P_l)))`` where ``P_l`` are levels of resolution ``start, 2 start,
 ..., resolution`` upsampled bilinearly to full size and ``D`` is the fixed 3x3 colour
 decorrelation matrix (Olah et al. 2017) divided by its largest column norm.  Training starts
-with the coarsest level; every ``extent`` steps the next level is added (existing levels
-scaled by old/new level count, the new one noise / new count) and the optimiser state is
+with the coarsest level; the next level is added at steps ``extent + 1``, ``2 extent + 1``,
+... (201, 401, ... by default: the authors' ``(step - 1) % extent == 0 and step > 1``), existing
+levels scaled by old/new level count, the new one noise / new count, and the optimiser state is
 reset, as in LGM.  ``param="pixels"`` is the same machinery with the finest level alone.
 
 Initialisation: ``"noise"`` (random colours growing into images) or ``"real"`` (given real
 images: every level is active from the start and the finest holds the inverse of the
 image, so step 0 renders the real images exactly).
 
-Storage: the levels are plain tensors on a *storage* device -- the compute device, or pinned
-host memory for ``offload`` -- and are handed out a chunk of images at a time
-(:meth:`SyntheticSet.chunk`): views when resident, copies when offloaded.  Every random
+Storage: the levels are plain tensors on a *storage* device -- the compute device, or
+exact-size page-locked host memory for ``offload`` (:mod:`fastsfm.pinned`: the set pins what it
+holds, and a new level is drawn straight into its destination) -- and are handed out a chunk of
+images at a time (:meth:`SyntheticSet.chunk`): views when resident, copies when offloaded.  Every random
 number is keyed by the image's global index (:mod:`fastsfm.rng`), so a set sharded over
 ranks, chunked or offloaded holds exactly the images of the single-process set.
 """
@@ -25,13 +27,14 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
-from . import rng
+from . import pinned, rng
 from .config import Init, Param
-from .io import atomic_save_safetensors, read_safetensors
+from .io import atomic_save_safetensors
 
-__all__ = ["SyntheticSet", "COLOR_DECORRELATION", "save_grid", "save_images", "load_images"]
+__all__ = ["SyntheticSet", "COLOR_DECORRELATION", "save_grid", "save_images", "load_images", "SYNSET_FORMAT"]
 
 COLOR_DECORRELATION = torch.tensor([[0.26, 0.09, 0.02], [0.27, 0.00, -0.05], [0.27, -0.09, 0.03]])
 _NOISE_BATCH = 256  # images per batch when drawing a new level's noise (bounds temporary memory)
@@ -85,6 +88,7 @@ class SyntheticSet:
         self.image_ids = torch.arange(first_class * ipc, first_class * ipc + n)
         decor = COLOR_DECORRELATION / COLOR_DECORRELATION.norm(dim=0).max()
         self.decor = decor if decorrelate else torch.eye(3)
+        self._on_device: dict[tuple[str, torch.device], Tensor] = {}
         if init == "real":
             if real_images is None or real_images.shape != (n, 3, resolution, resolution):
                 got = None if real_images is None else tuple(real_images.shape)
@@ -95,39 +99,62 @@ class SyntheticSet:
             finest = torch.einsum("ij,njhw->nihw", torch.linalg.inv(self.decor), logits)
             self.levels = [self.store(torch.zeros(n, 3, s, s)) for s in self.sizes[:-1]] + [self.store(finest)]
         else:
-            self.levels = [self.store(self._noise(0, self.storage))]
+            self.levels = [self._noise(0, self.storage, 1.0)]
 
     @property
     def num_images(self) -> int:
         return self.labels.numel()
 
-    def store(self, t: Tensor) -> Tensor:
-        """``t`` as a float32 tensor on the storage device (pinned host memory when offloaded)."""
-        t = t.to(self.storage, torch.float32).contiguous()
-        return t.pin_memory() if self.offload and self.storage.type == "cpu" and torch.cuda.is_available() else t
+    def bytes_per_image(self, final: bool = False) -> int:
+        """Bytes of one image's parameters: its current levels, or (``final``) all of them."""
+        sizes = self.sizes if final else [level.shape[-1] for level in self.levels]
+        return 4 * 3 * sum(s * s for s in sizes)
 
-    def _noise(self, level: int, device: torch.device) -> Tensor:
-        """N(0, 1) of level ``level`` for every image, keyed by (seed, level, global image id)."""
+    def empty(self, shape: tuple[int, ...]) -> Tensor:
+        """An uninitialised float32 tensor on the storage device (exact-size page-locked host
+        memory when offloaded, :mod:`fastsfm.pinned`)."""
+        if self.offload and self.storage.type == "cpu":
+            return pinned.empty(shape)
+        return torch.empty(shape, device=self.storage)
+
+    def store(self, t: Tensor) -> Tensor:
+        """A float32 copy of ``t`` on the storage device (see :meth:`empty`)."""
+        out = self.empty(tuple(t.shape))
+        out.copy_(t)
+        return out
+
+    def on_device(self, name: str, device: torch.device) -> Tensor:
+        """``labels``, ``image_ids`` or ``decor`` on ``device``, copied once (no copy, hence no
+        host synchronisation, on later steps)."""
+        key = (name, torch.device(device))
+        if key not in self._on_device:
+            self._on_device[key] = getattr(self, name).to(key[1])
+        return self._on_device[key]
+
+    def _noise(self, level: int, device: torch.device, scale: float) -> Tensor:
+        """``scale`` * N(0, 1) of level ``level`` for every image, keyed by (seed, level, global image
+        id), drawn on ``device`` a batch of images at a time straight into a new storage tensor."""
         size = self.sizes[level]
-        parts = [
-            rng.normal(rng.derive(self.seed, 1 + level, ids.to(device)), (3, size, size)).to(self.storage)
-            for ids in self.image_ids.split(_NOISE_BATCH)
-        ]
-        return torch.cat(parts)
+        out = self.empty((self.num_images, 3, size, size))
+        ids = self.on_device("image_ids", device)
+        for start in range(0, self.num_images, _NOISE_BATCH):
+            keys = rng.derive(rng.derive(self.seed, rng.PYRAMID_STREAM, level), ids[start : start + _NOISE_BATCH])
+            out[start : start + _NOISE_BATCH].copy_(rng.normal(keys, (3, size, size)).mul_(scale))
+        return out
 
     def grow(self, step: int, device: str | torch.device | None = None) -> bool:
-        """Add the next level if ``step`` reached its start (``len(levels) * extent``); True if added.
+        """Add the next level at its first step (``count * extent + 1``, the authors' schedule); True if added.
 
-        Existing levels are scaled by ``count / (count + 1)`` and the new one is N(0, 1) / (count + 1).
-        The noise is drawn on ``device`` (default: the storage device).
+        Existing levels are scaled in place by ``count / (count + 1)`` and the new one is
+        N(0, 1) / (count + 1), drawn on ``device`` (default: the storage device).
         """
         count = len(self.levels)
-        if count >= len(self.sizes) or step < count * self.extent:
+        if count >= len(self.sizes) or step < count * self.extent + 1:
             return False
         for level in self.levels:
             level.mul_(count / (count + 1))
-        noise = self._noise(count, torch.device(device) if device is not None else self.storage)
-        self.levels.append(self.store(noise / (count + 1)))
+        device = torch.device(device) if device is not None else self.storage
+        self.levels.append(self._noise(count, device, 1 / (count + 1)))
         return True
 
     def chunk(self, start: int, stop: int, device: str | torch.device, requires_grad: bool = False) -> list[Tensor]:
@@ -150,7 +177,7 @@ class SyntheticSet:
             level if level.shape[-1] == r else F.interpolate(level, size=(r, r), mode="bilinear", align_corners=False)
             for level in levels
         )
-        return torch.sigmoid(2.0 * torch.einsum("ij,njhw->nihw", self.decor.to(total.device), total))
+        return torch.sigmoid(2.0 * torch.einsum("ij,njhw->nihw", self.on_device("decor", total.device), total))
 
     @torch.no_grad()
     def render(
@@ -182,18 +209,39 @@ class SyntheticSet:
                     f"checkpoint level {i} has shape {tuple(tensors[f'level_{i}'].shape)}, "
                     f"this synthetic set expects {expected}"
                 )
-        self.levels = [self.store(tensors[f"level_{i}"].clone()) for i in range(count)]
+        self.levels = [self.store(tensors[f"level_{i}"]) for i in range(count)]
+
+
+SYNSET_FORMAT = "fastsfm-synset-v1"
 
 
 def save_images(path: str | Path, images: Tensor, labels: Tensor, meta: dict[str, str]) -> None:
     """Atomically write an image set: ``images`` (N, 3, R, R), ``labels`` (N,), string metadata."""
-    atomic_save_safetensors({"images": images, "labels": labels}, path, meta)
+    atomic_save_safetensors({"images": images, "labels": labels}, path, {**meta, "format": SYNSET_FORMAT})
 
 
-def load_images(path: str | Path) -> tuple[Tensor, Tensor, dict[str, str]]:
-    """Read an exported set: ``(images, labels, metadata)``."""
-    tensors, meta = read_safetensors(path)
-    return tensors["images"], tensors["labels"], meta
+def load_images(path: str | Path, rows: int | None = None) -> tuple[Tensor, Tensor, dict[str, str]]:
+    """Read an exported set: ``(images (N, 3, R, R), labels (N,), metadata)``; ``rows``: only the first
+    rows (read as a slice of the file).  Anything else -- a statistics file, a checkpoint, a
+    truncated or empty file -- is a ``ValueError`` that says what the file holds."""
+    path = Path(path)
+    try:
+        with safe_open(str(path), "pt") as fh:
+            keys, meta = set(fh.keys()), dict(fh.metadata() or {})
+            if not {"images", "labels"} <= keys or meta.get("format", SYNSET_FORMAT) != SYNSET_FORMAT:
+                raise ValueError(
+                    f"{path} is not a synthetic set (a synset.safetensors written by `fastsfm distill`): it holds "
+                    f"{sorted(keys)[:5]}{' ...' if len(keys) > 5 else ''} with format {meta.get('format')!r}"
+                )
+            images = fh.get_slice("images")[:rows] if rows else fh.get_tensor("images")
+            labels = fh.get_slice("labels")[:rows] if rows else fh.get_tensor("labels")
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"{path} is not a readable safetensors synthetic set: {err}") from err
+    if images.dim() != 4 or images.shape[1] != 3 or labels.shape != images.shape[:1]:
+        raise ValueError(
+            f"{path}: expected images (N, 3, R, R) and labels (N,), got {tuple(images.shape)} and {tuple(labels.shape)}"
+        )
+    return images, labels, meta
 
 
 def save_grid(images: Tensor, labels: Tensor, class_names: list[str], path: str | Path, title: str = "") -> None:

@@ -37,12 +37,12 @@ def test_same_seed_same_result_and_outputs(setup, tmp_path):
     bb, stats = setup
     a = distill(bb, stats, CFG, tmp_path / "a", progress=False)
     b = distill(bb, stats, CFG, tmp_path / "b", progress=False)
-    assert len(a.levels) == 3  # grew at steps 2 and 4
+    assert len(a.levels) == 3  # grew at steps 3 and 5 (the authors' extent + 1, 2 extent + 1)
     _assert_same(a, b)
     for name in ("synset.png", "synset.safetensors", "loss.png", "metrics.jsonl", "checkpoint.safetensors"):
         assert (tmp_path / "a" / name).exists(), name
     lines = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
-    assert [m["step"] for m in lines] == list(range(6)) and [m["levels"] for m in lines] == [1, 1, 2, 2, 3, 3]
+    assert [m["step"] for m in lines] == list(range(6)) and [m["levels"] for m in lines] == [1, 1, 1, 2, 2, 3]
     assert all(m["loss"] >= 0 and m["step_s"] > 0 and "peak_mib" in m for m in lines)
     assert not torch.equal(
         _levels(a)[0], _levels(distill(bb, stats, replace(CFG, seed=1), tmp_path / "c", progress=False))[0]
@@ -144,7 +144,7 @@ def test_real_init_and_lgm_need_real_images(setup, tmp_path):
     )
     assert s.render().shape == (6, 3, 16, 16)
     lgm = distill(
-        bb, stats, replace(CFG, method="lgm", lgm_augs=2, steps=2), tmp_path / "l", real=toy_data(), progress=False
+        bb, stats, replace(CFG, method="lgm", views=2, steps=2), tmp_path / "l", real=toy_data(), progress=False
     )
     assert lgm.render().shape == (6, 3, 16, 16)
 

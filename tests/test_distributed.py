@@ -87,7 +87,7 @@ class _Recorder:
 
 def _objective_step(stats, first_class, classes, group, chunk):
     synset = SyntheticSet(classes, 2, 16, extent=1, seed=2, first_class=first_class)
-    synset.grow(1)
+    synset.grow(2)
     recorder = _Recorder(synset)
     config = replace(CFG, chunk_size=chunk)
     loss = SFMObjective(tiny_backbone(), stats, config, torch.device("cpu"), group).step(synset, recorder, 4)

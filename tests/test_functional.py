@@ -159,9 +159,9 @@ def test_module_validates_once_per_labels_tensor(monkeypatch):
         calls["sync"].append(kwargs["sync"])
         return real_check(*args, **kwargs)
 
-    def check_sums(buf):
+    def check_sums(buf, d):
         calls["sums"] += 1
-        return real_sums(buf)
+        return real_sums(buf, d)
 
     monkeypatch.setattr(loss_mod, "check_batch", check_batch)
     monkeypatch.setattr(ops_mod, "check_class_sums", check_sums)

@@ -174,7 +174,7 @@ def test_bad_grids_fail_before_any_work(tmp_path, change, error, match):
 def test_grid_toml_loading(tmp_path):
     shipped = load_grid("imagenet100-ipc1", root=str(tmp_path))
     assert shipped.backbones == ["clip_vitb16", "dinov2_vitb14", "eva02_vitb14", "mocov3_vitb16"]
-    assert shipped.distill.steps == 5000 and shipped.distill.views == 1 and shipped.eval.epochs == 1000
+    assert shipped.distill.steps == 5000 and shipped.views == {"sfm": 1, "lgm": 10} and shipped.eval.epochs == 1000
     assert shipped.root == str(tmp_path) and load_grid("imagenet1k-ipc1").datasets == ["imagenet-1k"]
     bad = tmp_path / "bad.toml"
     bad.write_text('out = "x"\ndatasets = ["digits"]\nbackbones = ["test_vit"]\nbatch = 3\n')

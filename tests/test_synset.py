@@ -13,7 +13,8 @@ def test_pyramid_grows_on_schedule_and_renders_in_range():
     assert s.labels.tolist() == [0, 0, 1, 1, 2, 2] and s.image_ids.tolist() == list(range(6))
     img = s.render()
     assert img.shape == (6, 3, 16, 16) and 0 <= img.min() and img.max() <= 1
-    assert not s.grow(4) and s.grow(5) and len(s.levels) == 2 and not s.grow(9) and s.grow(10)
+    # the authors' schedule: a level at steps extent + 1, 2 extent + 1, ...
+    assert not s.grow(5) and s.grow(6) and len(s.levels) == 2 and not s.grow(10) and s.grow(11)
     assert SyntheticSet(2, 1, 12, param="pixels").sizes == [12]
     assert SyntheticSet(2, 1, 12, start_res=2).sizes == [2, 4, 8, 12]
 
@@ -23,7 +24,7 @@ def test_a_shard_holds_exactly_the_rows_of_the_whole_set():
     whole = SyntheticSet(5, 2, 8, extent=1, seed=3)
     shard = SyntheticSet(2, 2, 8, extent=1, seed=3, first_class=2)
     assert shard.labels.tolist() == [2, 2, 3, 3] and shard.image_ids.tolist() == [4, 5, 6, 7]
-    for step in range(1, 4):
+    for step in range(1, 5):
         whole.grow(step)
         shard.grow(step)
     for a, b in zip(whole.levels, shard.levels, strict=True):
@@ -58,7 +59,7 @@ def _loss(levels):
 @pytest.mark.parametrize("offload", [False, True])
 def test_chunked_adam_equals_torch_adam_on_whole_tensors(offload):
     synset = SyntheticSet(4, 3, 8, extent=1, offload=offload)
-    synset.grow(1)
+    synset.grow(2)
     reference = [p.clone().requires_grad_() for p in synset.levels]
     torch_adam = torch.optim.Adam(reference, lr=0.05)
     ours = ChunkAdam(synset, lr=0.05)
@@ -83,7 +84,7 @@ def test_chunked_adam_equals_torch_adam_on_whole_tensors(offload):
 
 def test_export_load_levels_and_grid(tmp_path):
     s = SyntheticSet(3, 1, 8, extent=1)
-    s.grow(1)
+    s.grow(2)
     save_images(tmp_path / "s.safetensors", s.render(), s.labels, {"method": "sfm"})
     images, labels, meta = load_images(tmp_path / "s.safetensors")
     torch.testing.assert_close(images, s.render())

@@ -1,0 +1,156 @@
+"""Shared helpers of the benchmark scripts (``benches/``) and the acceptance run: timing, peak
+memory, the environment header, Markdown tables and CSV output."""
+
+from __future__ import annotations
+
+import csv
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+__all__ = [
+    "time_ms",
+    "peak_extra_bytes",
+    "write_csv",
+    "markdown_table",
+    "print_table",
+    "device_name",
+    "environment",
+    "distill_setup",
+    "run_step",
+    "time_steps",
+]
+
+
+def time_ms(fn: Callable[[], object], device: torch.device, reps: int = 5) -> float:
+    """Median wall time of ``fn`` in ms: ``triton.testing.do_bench`` on CUDA, perf_counter on CPU."""
+    if device.type == "cuda":
+        import triton.testing
+
+        return float(triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median"))
+    fn()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def peak_extra_bytes(fn: Callable[[], object], device: torch.device) -> int | None:
+    """Peak CUDA memory ``fn`` allocates beyond what was live before it (None on CPU)."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - before
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    keys = list(dict.fromkeys(k for row in rows for k in row))
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _fmt(value: object) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else ("-" if value is None else str(value))
+
+
+def markdown_table(rows: list[dict], keys: list[str] | None = None) -> str:
+    """A Markdown table of ``rows`` (columns: ``keys``, default every key in first-seen order)."""
+    keys = keys or list(dict.fromkeys(k for row in rows for k in row))
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(_fmt(row.get(k)) for k in keys) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def print_table(rows: list[dict], keys: list[str] | None = None) -> None:
+    """Print :func:`markdown_table` (pasteable into RESULTS.md)."""
+    print(markdown_table(rows, keys), flush=True)
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def environment(device: torch.device) -> str:
+    """Device, library versions and date: the header every benchmark prints and RESULTS.md records."""
+    import datetime
+    import platform
+
+    import triton
+
+    return (
+        f"{device_name(device)}, torch {torch.__version__}, triton {triton.__version__}, "
+        f"python {platform.python_version()}, {datetime.date.today().isoformat()}"
+    )
+
+
+def distill_setup(
+    backbone,
+    config,
+    classes: int,
+    device: torch.device,
+    real_per_class: int = 2,
+    seed: int = 0,
+):
+    """What one timed distillation step needs: random statistics of ``backbone`` for ``classes``
+    classes, random real images at ``config.resolution`` (``real_per_class`` each), a synthetic set
+    with every pyramid level (as after its last growth), its optimiser and the objective of
+    ``config.method`` -- ``(synset, optim, objective)``.  Time and memory do not depend on the values."""
+    from torch.utils.data import TensorDataset
+
+    from .distill import build_objective
+    from .optim import ChunkAdam
+    from .stats import ClassStats
+    from .synset import SyntheticSet
+
+    d, res = backbone.feature_dim, config.resolution
+    gen = torch.Generator().manual_seed(seed)
+    stats = ClassStats(
+        torch.randn(classes, d, generator=gen),
+        torch.full((classes,), real_per_class),
+        torch.zeros(classes, d),
+        torch.zeros(classes),
+        [str(i) for i in range(classes)],
+        {"backbone": backbone.identity},
+    ).to(device)
+    real = TensorDataset(
+        torch.rand(classes * real_per_class, 3, res, res, generator=gen),
+        torch.arange(classes).repeat_interleave(real_per_class),
+    )
+    storage = "cpu" if config.offload else device
+    synset = SyntheticSet(classes, config.ipc, res, extent=1, storage=storage, offload=config.offload, seed=seed)
+    step = 0
+    while len(synset.levels) < len(synset.sizes):
+        step += 1
+        synset.grow(step, device)
+    optim = ChunkAdam(synset, config.lr, check_finite=backbone.autocast_dtype() == torch.float16)
+    return synset, optim, build_objective(config, backbone, stats, device, real=real)
+
+
+def run_step(objective, synset, optim, step: int) -> float:
+    """One step as the distillation loop runs it: queue it, read the loss back, finish the optimiser step."""
+    loss = float(objective.step(synset, optim, step))
+    optim.finish_step()
+    return loss
+
+
+def time_steps(objective, synset, optim, steps: int, device: torch.device) -> float:
+    """Seconds per step over ``steps`` steps, after one warm-up step (which also sizes the chunks)."""
+    run_step(objective, synset, optim, 0)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for step in range(1, steps + 1):
+        run_step(objective, synset, optim, step)
+    return (time.perf_counter() - start) / steps
