@@ -29,6 +29,8 @@ from .config import ClassifierConfig, DistillConfig, EvalConfig, Precision, Prep
 
 __all__ = ["main", "build_parser", "add_config_flags", "config_from_args"]
 
+WORKERS_HELP = "image-decoding worker processes (default: this process's CPUs shared among the node's processes)"
+
 
 def add_config_flags(parser: argparse.ArgumentParser, cls: type, title: str) -> None:
     """One ``--flag`` per field of the config dataclass ``cls`` (Literal -> choices, bool -> --x/--no-x)."""
@@ -291,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data(p, required=True)
     p.add_argument("--out", required=True, help="statistics file to write (.safetensors)")
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--workers", type=int, default=None, help=WORKERS_HELP)
     add_config_flags(p, ClassifierConfig, "real-data classifier (ClassifierConfig)")
     p.set_defaults(func=cmd_stats)
 
@@ -328,7 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="real-image baselines at the same IPC (neighbors: of each --synset) and the full-data classifier",
     )
     p.add_argument("--ipc", type=int, default=None, help="IPC of the baselines (default: the first --synset's, else 1)")
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--workers", type=int, default=None, help=WORKERS_HELP)
     p.add_argument("--out", default=None, help="folder for results.json and results.md")
     add_config_flags(p, EvalConfig, "evaluation (EvalConfig)")
     p.set_defaults(func=cmd_eval)

@@ -74,7 +74,7 @@ class FeatureCache:
 
     test: Dataset
     device: str | torch.device = "cpu"
-    workers: int = 0
+    workers: int | None = None
     features: dict[str, Tensor] = field(default_factory=dict)
 
     def __call__(self, backbone: Backbone) -> Tensor:

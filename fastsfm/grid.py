@@ -95,7 +95,7 @@ class GridConfig:
     preprocess: Preprocess = "authors"
     precision: Precision = "auto"
     device: str = "auto"
-    workers: int = 4
+    workers: int | None = None
     distill: DistillConfig = field(default_factory=DistillConfig)
     eval: EvalConfig = field(default_factory=lambda: EvalConfig(mode=("probe", "inherit")))
     classifier: ClassifierConfig = field(default_factory=ClassifierConfig)

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from .config import ClassifierConfig
+from .data import loader_kwargs
 from .progress import Progress, track
 
 __all__ = ["new_head", "fit_linear_classifier", "encode", "topk_accuracy", "Head", "train_heads"]
@@ -74,19 +75,21 @@ def encode(
     images: Tensor | Dataset,
     batch_size: int = 256,
     device: str | torch.device = "cpu",
-    workers: int = 0,
+    workers: int | None = 0,
     progress: bool = False,
 ) -> Tensor:
-    """Features (N, D) float32 (on CPU) of images (N, 3, H, W) or of an image dataset, batched, no grad."""
+    """Features (N, D) float32 (on CPU) of images (N, 3, H, W) or of an image dataset, batched, no grad
+    (a dataset is decoded by ``workers`` loader processes, None: :func:`fastsfm.data.default_workers`)."""
     if isinstance(images, Tensor):
         batches = (images[i : i + batch_size] for i in range(0, len(images), batch_size))
         total = (len(images) + batch_size - 1) // batch_size
     else:
-        batches = (x for x, _ in DataLoader(images, batch_size=batch_size, num_workers=workers))
+        loader = DataLoader(images, batch_size=batch_size, **loader_kwargs(device, workers))
+        batches = (x for x, _ in loader)
         total = None
     return torch.cat(
         [
-            backbone(x.to(device)).float().cpu()
+            backbone(x.to(device, non_blocking=True)).float().cpu()
             for x in track(batches, "encoding", total=total, enabled=progress, unit="batch")
         ]
     )

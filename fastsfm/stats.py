@@ -21,7 +21,8 @@ from torch.utils.data import DataLoader
 
 from .backbones import Backbone
 from .config import ClassifierConfig
-from .distributed import interleave_shards, rank_world
+from .data import fingerprint, loader_kwargs
+from .distributed import control_group, gather_to_rank0, interleave_shards, rank_world, shard_dataset
 from .io import atomic_save_safetensors, read_safetensors
 from .probe import fit_linear_classifier
 from .progress import track
@@ -145,8 +146,9 @@ def compute_stats(
 
     Under ``torch.distributed`` each rank passes a loader over
     ``shard_dataset(dataset, rank, world)`` in order (no shuffling): sums and counts are
-    all-reduced and the cached features gathered back into dataset order, so every rank
-    returns the statistics a single process would compute.
+    all-reduced, the cached features are gathered to rank 0 only (in dataset order), rank 0 fits
+    the classifier and sends it to the others, so every rank returns the statistics a single
+    process would compute and no rank but 0 ever holds another rank's features.
     """
     c, d = len(class_names), backbone.feature_dim
     sums = torch.zeros(c, d, dtype=torch.float64, device=device)
@@ -156,7 +158,7 @@ def compute_stats(
         labels = labels.to(device)
         if int(labels.min()) < 0 or int(labels.max()) >= c:
             raise ValueError(f"labels must lie in [0, {c}), got [{int(labels.min())}, {int(labels.max())}]")
-        feats = backbone(images.to(device)).float()
+        feats = backbone(images.to(device, non_blocking=True)).float()
         sums.index_add_(0, labels, feats.double())
         counts += torch.bincount(labels, minlength=c)
         cached.append(feats.half().cpu())
@@ -166,18 +168,25 @@ def compute_stats(
     if world > 1:
         dist.all_reduce(sums)
         dist.all_reduce(counts)
-        shards = [None] * world
-        dist.all_gather_object(shards, (features, feature_labels))
-        features = interleave_shards([f for f, _ in shards])
-        feature_labels = interleave_shards([y for _, y in shards])
     if bool((counts == 0).any()):
         missing = [class_names[i] for i in torch.nonzero(counts == 0).squeeze(1).tolist()]
         raise ValueError(f"classes without any image: {missing[:10]}")
     means = (sums / counts[:, None]).float()
     classifier = classifier or ClassifierConfig()
-    head = fit_linear_classifier(
-        features, feature_labels, c, classifier, device=device, progress=progress and rank == 0
-    )
+    shards = gather_to_rank0((features, feature_labels))
+    head = [None, None]
+    if rank == 0:
+        fitted = fit_linear_classifier(
+            interleave_shards([f for f, _ in shards]),
+            interleave_shards([y for _, y in shards]),
+            c,
+            classifier,
+            device=device,
+            progress=progress,
+        )
+        head = [fitted.weight.detach().cpu(), fitted.bias.detach().cpu()]
+    if world > 1:
+        dist.broadcast_object_list(head, src=0, group=control_group())
     meta = {
         "backbone": backbone.identity,
         "input_size": str(backbone.input_size),
@@ -188,9 +197,7 @@ def compute_stats(
         "num_images": str(int(counts.sum())),
         "classifier": json.dumps(asdict(classifier)),
     }
-    return ClassStats(
-        means.cpu(), counts.cpu(), head.weight.detach().cpu(), head.bias.detach().cpu(), list(class_names), meta
-    )
+    return ClassStats(means.cpu(), counts.cpu(), head[0], head[1], list(class_names), meta)
 
 
 def dataset_stats(
@@ -199,16 +206,15 @@ def dataset_stats(
     classifier: ClassifierConfig | None = None,
     device: str | torch.device = "cpu",
     batch_size: int = 128,
-    workers: int = 0,
+    workers: int | None = None,
     progress: bool = True,
 ) -> ClassStats:
     """:func:`compute_stats` of an :class:`fastsfm.data.ImageData`'s train split (its centre-crop
     view), identified by name and file fingerprint; under ``torch.distributed`` each rank reads
     its shard of the images."""
-    from .data import fingerprint
-    from .distributed import shard_dataset
-
-    loader = DataLoader(shard_dataset(data.train_eval, *rank_world()), batch_size=batch_size, num_workers=workers)
+    loader = DataLoader(
+        shard_dataset(data.train_eval, *rank_world()), batch_size=batch_size, **loader_kwargs(device, workers)
+    )
     return compute_stats(
         backbone,
         loader,

@@ -12,6 +12,16 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 
+def pytest_collection_modifyitems(config, items):
+    """``gpu``-marked tests are skipped, with the reason, where CUDA is not available."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (run on a GPU: python benches/gpu_check.py)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture
 def device() -> torch.device:
     """The device the Triton kernels run on: CUDA when present, else CPU (interpreter)."""

@@ -10,7 +10,7 @@ import pytest
 import torch
 from helpers import tiny_backbone, toy_data, toy_stats
 
-from fastsfm.checkpoint import CheckpointError
+from fastsfm.checkpoint import CheckpointError, load_checkpoint
 from fastsfm.distill import DistillConfig, distill
 from fastsfm.objective import SFMObjective
 from fastsfm.progress import Progress
@@ -157,3 +157,41 @@ def test_progress_writes_few_lines_to_a_log():
     bar.close()
     lines = log.getvalue().splitlines()
     assert len(lines) == 1 and lines[0].startswith("distill: 5000/5000 it") and "loss=0.5" in lines[0]
+
+
+class _LossNeverReadBack:
+    """The step's chunks are applied, but reading its loss back is interrupted (a Ctrl-C while the
+    host waits for the GPU): the loop must not count the step, nor checkpoint it as done."""
+
+    def __init__(self, inner, at):
+        self.inner, self.at, self.calls = inner, at, 0
+
+    def step(self, synset, optim, step):
+        loss = self.inner.step(synset, optim, step)
+        self.calls += 1
+        return _Interrupting() if self.calls - 1 == self.at else loss
+
+
+class _Interrupting:
+    def __float__(self):
+        raise KeyboardInterrupt
+
+
+def test_interrupt_between_the_chunks_and_the_loss_readback_resumes_exactly(setup, tmp_path):
+    bb, stats = setup
+    full = distill(bb, stats, CFG, tmp_path / "full", progress=False)
+    inner = SFMObjective(bb, stats, CFG, torch.device("cpu"))
+    with pytest.raises(KeyboardInterrupt):
+        distill(bb, stats, CFG, tmp_path / "cut", objective=_LossNeverReadBack(inner, 4), progress=False)
+    saved = load_checkpoint(tmp_path / "cut" / "checkpoint.safetensors", DistillConfig.identity(CFG) | _run_ids(stats))
+    assert saved["step"] == 3  # the last regular checkpoint; step 4 ran but was never counted
+    resumed = distill(bb, stats, CFG, tmp_path / "cut", resume=True, progress=False)
+    _assert_same(full, resumed)
+
+
+def _run_ids(stats):
+    return {
+        "stats_backbone": stats.meta.get("backbone", ""),
+        "stats_dataset": stats.meta.get("dataset", ""),
+        "world_size": "1",
+    }

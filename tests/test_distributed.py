@@ -117,6 +117,25 @@ def _distill_job(rank, world, tmp):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+def _rank0_failure_job(rank, world, tmp):
+    """Rank 0 raises inside rank-0-only work while rank 1 waits on the gloo control group: both leave
+    with the error, neither hangs; a failure on rank 1 during all-rank work reaches rank 0 too."""
+    from fastsfm.distributed import run_on_all, run_on_rank0
+
+    assert run_on_rank0(lambda: "done") == ("done" if rank == 0 else None)
+
+    def fail():
+        raise ValueError("bad cell")
+
+    with pytest.raises(ValueError if rank == 0 else RuntimeError, match="bad cell") as err:
+        run_on_rank0(fail)
+    if rank == 1:
+        assert str(err.value) == "rank 0 failed: ValueError: bad cell"
+    with pytest.raises((ValueError, RuntimeError), match="rank 1" if rank == 0 else "only rank 1"):
+        run_on_all(lambda: (_ for _ in ()).throw(ValueError("only rank 1")) if rank == 1 else None)
+    (tmp / f"ok{rank}").write_text("ok")
+
+
 def _spawn(job, tmp):
     mp.spawn(_worker, args=(2, _free_port(), job, str(tmp)), nprocs=2, join=True)
 
@@ -128,6 +147,11 @@ def test_shard_helpers():
     data = list(range(7))
     parts = [torch.tensor([data[i] for i in shard_dataset(data, r, 3).indices]) for r in range(3)]
     assert interleave_shards(parts).tolist() == data
+
+
+def test_a_failing_rank_makes_every_rank_exit_with_its_error(tmp_path):
+    _spawn("_rank0_failure_job", tmp_path)
+    assert (tmp_path / "ok0").exists() and (tmp_path / "ok1").exists()
 
 
 def test_process_group_loss_equals_single_process(tmp_path):

@@ -5,12 +5,17 @@ On a CPU machine the kernels run in Triton's interpreter (see conftest.py); on a
 the same tests run the compiled kernels on CUDA.
 """
 
+import contextlib
+
 import pytest
 import torch
 from conftest import make_problem
 
 from fastsfm import SFMLoss, kernels, ops, sfm_loss
+from fastsfm.kernels import sfm as kernel_module
 from fastsfm.reference import sfm_reference
+
+KERNELS = ("_class_sums_kernel", "_epi_colsum_kernel", "_epi_partials_kernel", "_epi_grad_kernel", "_broadcast_kernel")
 
 # (loss rtol, loss atol, gradient error relative to the largest reference gradient entry).
 # Inputs are rounded to the dtype first and the reference runs on the rounded values in float64,
@@ -22,22 +27,22 @@ TOL = {torch.float32: (1e-5, 1e-6, 1e-4), torch.bfloat16: (1e-5, 1e-6, 8e-3), to
 def _check(z, y, mu, dtype, **options):
     x = z.to(dtype).clone().requires_grad_()
     got = sfm_loss(x, y, mu, backend="triton", **options)
-    ref_in = z.to(dtype).double().cpu().requires_grad_()
+    ref_in = z.to(dtype).double().requires_grad_()
     want = sfm_reference(
         ref_in,
-        y.cpu(),
-        mu.cpu(),
+        y,
+        mu,
         options.get("objective", "flow"),
         options.get("alpha", 1.0),
         options.get("nontarget_divisor"),
     )
     rtol, atol, gtol = TOL[dtype]
-    torch.testing.assert_close(got.double().cpu(), want, rtol=rtol, atol=atol)
+    torch.testing.assert_close(got.double(), want, rtol=rtol, atol=atol)
     upstream = 1024.0  # the authors' fixed loss scale: keeps float16 gradients (~G/n) out of the subnormals
     (got * upstream).backward()
     (want * upstream).backward()
     assert x.grad.dtype == dtype and x.grad.shape == z.shape
-    err = (x.grad.double().cpu() - ref_in.grad).abs().max().item() / ref_in.grad.abs().max().item()
+    err = (x.grad.double() - ref_in.grad).abs().max().item() / ref_in.grad.abs().max().item()
     assert err < gtol, f"relative gradient error {err:.2e} >= {gtol:.0e}"
 
 
@@ -156,7 +161,7 @@ def test_sfmloss_module_auto_dispatch_and_buffers(device):
     torch.testing.assert_close(fused.double().cpu(), want, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.gpu
 def test_cuda_no_host_sync_and_graph_capture():
     z, y, mu = make_problem(4000, 100, 256, device="cuda")
     module = SFMLoss(mu).cuda()
@@ -184,8 +189,71 @@ def test_cuda_no_host_sync_and_graph_capture():
     torch.testing.assert_close(static_x.grad, eager)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.gpu
 def test_device_mismatch_is_a_clear_error():
     z, y, mu = make_problem(4, 3, 8)
     with pytest.raises(ValueError, match="device mismatch"):
         SFMLoss(mu.cuda())(z, y)
+
+
+class _Recorded:
+    """Stands in for a kernel object: records each launch (the device guard active at launch time,
+    the devices of its tensor arguments), then launches the real kernel."""
+
+    def __init__(self, kernel, name, launches, guards):
+        self.kernel, self.name, self.launches, self.guards = kernel, name, launches, guards
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            devices = {a.device for a in args if isinstance(a, torch.Tensor)}
+            self.launches.append((self.name, list(self.guards), devices))
+            return self.kernel[grid](*args, **kwargs)
+
+        return launch
+
+
+def test_each_launch_runs_under_its_tensors_device_guard(monkeypatch, device):
+    """Triton launches on the current device: every launcher enters the guard of its tensors' device
+    (``torch.cuda.device(t.device)`` on CUDA) around its launches; one forward+backward is five launches."""
+    launches, guards = [], []
+
+    @contextlib.contextmanager
+    def guard(t):
+        guards.append(t.device)
+        yield
+        guards.pop()
+
+    monkeypatch.setattr(kernel_module, "_device_of", guard)
+    for name in KERNELS:
+        monkeypatch.setattr(kernel_module, name, _Recorded(getattr(kernel_module, name), name, launches, guards))
+    z, y, mu = make_problem(40, 5, 24, device=device)
+    x = z.float().requires_grad_()
+    sfm_loss(x, y, mu, backend="triton").backward()
+    assert [name for name, *_ in launches] == list(KERNELS)
+    for name, active, devices in launches:
+        assert active == [x.device] and devices == {x.device}, name
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("objective", ["flow", "decouple"])
+@pytest.mark.parametrize("order", ["contiguous", "shuffled"])
+@pytest.mark.parametrize("n,c,d", [(1000, 100, 384), (50_000, 1000, 768)])
+def test_cuda_kernels_match_reference_at_scale(n, c, d, order, objective, dtype):
+    """The compiled kernels on CUDA against the literal reference in float64 (on the GPU), up to N = 50,000."""
+    z, y, mu = make_problem(n, c, d, device="cuda", order=order, seed=n + c)
+    _check(z, y, mu, dtype, objective=objective)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_kernels_launch_on_their_tensors_device_not_the_current_one():
+    z, y, mu = make_problem(300, 10, 64, device="cuda:1")
+    want = sfm_reference(z.double(), y, mu)
+    with torch.cuda.device(0):
+        x = z.float().requires_grad_()
+        got = sfm_loss(x, y, mu, backend="triton")
+        got.backward()
+    torch.cuda.synchronize(1)
+    assert x.grad.device == torch.device("cuda:1")
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)

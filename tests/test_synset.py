@@ -3,7 +3,6 @@
 import pytest
 import torch
 
-from fastsfm.optim import ChunkAdam
 from fastsfm.synset import SyntheticSet, load_images, save_grid, save_images
 
 
@@ -50,36 +49,6 @@ def test_chunks_are_views_when_resident_and_copies_when_offloaded():
     assert view.is_leaf and view.requires_grad and view.data_ptr() == resident.levels[0][1:4].data_ptr()
     assert copy.is_leaf and copy.data_ptr() != offloaded.levels[0][1:4].data_ptr()
     torch.testing.assert_close(copy, view)
-
-
-def _loss(levels):
-    return sum(((lv - 0.3) ** 2 * torch.arange(1, lv.numel() + 1).view_as(lv)).sum() for lv in levels)
-
-
-@pytest.mark.parametrize("offload", [False, True])
-def test_chunked_adam_equals_torch_adam_on_whole_tensors(offload):
-    synset = SyntheticSet(4, 3, 8, extent=1, offload=offload)
-    synset.grow(2)
-    reference = [p.clone().requires_grad_() for p in synset.levels]
-    torch_adam = torch.optim.Adam(reference, lr=0.05)
-    ours = ChunkAdam(synset, lr=0.05)
-    for _ in range(3):
-        torch_adam.zero_grad()
-        _loss(reference).backward()
-        torch_adam.step()
-        for start, stop in ((0, 5), (5, 7), (7, 12)):
-            params = synset.chunk(start, stop, "cpu", requires_grad=True)
-            _loss(params).backward()
-            ours.step_chunk(start, stop, params)
-        ours.finish_step()
-        assert not ours.in_step
-    for a, b in zip(reference, synset.levels, strict=True):
-        torch.testing.assert_close(a.detach(), b, rtol=1e-6, atol=1e-7)
-    restored = ChunkAdam(synset, lr=0.05)
-    restored.load_state(ours.state(), ours.steps)
-    assert restored.steps == 3 and torch.equal(restored.exp_avg_sq[1], ours.exp_avg_sq[1])
-    ours.reset()
-    assert ours.steps == 0 and not any(m.any() for m in ours.exp_avg)
 
 
 def test_export_load_levels_and_grid(tmp_path):

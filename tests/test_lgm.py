@@ -1,0 +1,129 @@
+"""The LGM baseline objective: its closed-form head gradient against autograd, its exact two-pass
+chunks against one graph and against the literal double backward, its real batches drawn per epoch."""
+
+from dataclasses import replace
+
+import pytest
+import torch
+from helpers import tiny_backbone, toy_data, toy_stats
+
+from fastsfm import rng
+from fastsfm.baselines.lgm import LGMObjective, RealBatches, lgm_loss, linear_ce_grad
+from fastsfm.config import DistillConfig
+from fastsfm.distill import build_objective
+from fastsfm.synset import SyntheticSet
+
+CFG = DistillConfig(method="lgm", ipc=4, resolution=16, views=2, seed=5)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    bb = tiny_backbone()
+    return bb, toy_stats(bb, toy_data())
+
+
+class _Recorder:
+    """Stands in for ChunkAdam: keeps each chunk's gradients instead of stepping."""
+
+    def __init__(self, synset):
+        self.grads = [torch.zeros_like(level) for level in synset.levels]
+
+    def step_chunk(self, start, stop, params, grad_scale=1.0):
+        for full, p in zip(self.grads, params, strict=True):
+            full[start:stop] = p.grad * grad_scale
+
+
+def _set(seed=1):
+    synset = SyntheticSet(3, 4, 16, extent=1, seed=seed)
+    for step in range(1, 4):
+        synset.grow(step)
+    return synset
+
+
+def test_linear_ce_grad_matches_autograd():
+    gen = torch.Generator().manual_seed(0)
+    f = torch.randn(7, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, 4, (7,), generator=gen)
+    w = torch.randn(4, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(4, generator=gen, dtype=torch.float64, requires_grad=True)
+    ce = torch.nn.functional.cross_entropy(f @ w.T + b, y)
+    gw, gb = torch.autograd.grad(ce, (w, b), create_graph=True)
+    want = torch.cat([gw.flatten(), gb])
+    torch.testing.assert_close(linear_ce_grad(f, y, w, b), want)
+    # and the bi-level gradient (through the synthetic gradient into the features)
+    g_real = torch.randn(want.shape, generator=gen, dtype=torch.float64)
+    direct = 1 - torch.nn.functional.cosine_similarity(g_real, want, dim=0)
+    (df_direct,) = torch.autograd.grad(direct, f, retain_graph=True)
+    ours = 1 - torch.nn.functional.cosine_similarity(g_real, linear_ce_grad(f, y, w, b), dim=0)
+    (df_ours,) = torch.autograd.grad(ours, f)
+    torch.testing.assert_close(df_ours, df_direct)
+    assert 0 <= lgm_loss(f, y, f, y, w, b).item() < 1e-12  # identical batches: cosine 1
+
+
+def test_lgm_objective_is_a_function_of_seed_and_step(setup):
+    bb, stats = setup
+    cfg = CFG
+    losses = []
+    for order in ((0, 1, 2), (2,)):  # a fresh objective jumping to step 2 (a resume) sees the same batch
+        objective = build_objective(cfg, bb, stats, torch.device("cpu"), real=toy_data())
+        assert isinstance(objective, LGMObjective)
+        for step in order:
+            synset = _set()
+            loss = float(objective.step(synset, _Recorder(synset), step))
+        losses.append(loss)
+    assert losses[0] == losses[1]
+
+
+def test_chunked_lgm_step_equals_one_graph_and_the_double_backward(setup):
+    """Chunks of 5 and 1 images give the one-graph step's loss and gradients; the one-graph step equals
+    the literal bi-level computation (LGM's double backward through the synthetic head gradient)."""
+    bb, stats = setup
+    real = toy_data()
+    results = {}
+    for chunk in (None, 5, 1):
+        synset = _set()
+        recorder = _Recorder(synset)
+        objective = build_objective(replace(CFG, chunk_size=chunk), bb, stats, torch.device("cpu"), real=real)
+        results[chunk] = (float(objective.step(synset, recorder, 3)), recorder.grads)
+    for chunk in (5, 1):
+        assert abs(results[chunk][0] - results[None][0]) < 1e-6
+        for a, b in zip(results[chunk][1], results[None][1], strict=True):
+            assert (a - b).abs().max() <= 1e-6 * max(1.0, b.abs().max().item())
+    # the literal computation: the same batch, keys and head, one autograd graph, create_graph double backward
+    synset = _set()
+    objective = build_objective(CFG, bb, stats, torch.device("cpu"), real=real)
+    objective.begin(synset, 3)
+    batch = objective.sampler.batch_indices(3)
+    images = torch.stack([real[int(i)][0] for i in batch])
+    labels = torch.stack([real[int(i)][1] for i in batch])
+    keys = rng.derive(rng.derive(CFG.seed, rng.REAL_STREAM, 3), torch.arange(len(batch)))
+    with torch.no_grad():
+        real_f = bb(objective.augment(images, keys))
+    params = synset.chunk(0, 12, "cpu", requires_grad=True)
+    crops = objective.augment(
+        synset.render_levels(params).repeat(2, 1, 1, 1), rng.augment_keys(CFG.seed, 3, 2, synset.image_ids)
+    )
+    weight, bias = objective.weight.clone().requires_grad_(), objective.bias.clone().requires_grad_()
+    syn_f = bb(crops)
+    g_syn = torch.autograd.grad(
+        torch.nn.functional.cross_entropy(syn_f @ weight.T + bias, synset.labels.repeat(2)),
+        (weight, bias),
+        create_graph=True,
+    )
+    g_real = linear_ce_grad(real_f, labels, objective.weight, objective.bias)
+    loss = 1 - torch.nn.functional.cosine_similarity(g_real, torch.cat([g_syn[0].flatten(), g_syn[1]]), dim=0)
+    loss.backward()
+    assert abs(loss.item() - results[None][0]) < 1e-6
+    for p, g in zip(params, results[None][1], strict=True):
+        torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-6 * g.abs().max().item())
+
+
+def test_real_batches_are_drawn_per_epoch_without_replacement():
+    """LGM's shuffled loader: every epoch is a permutation; a step's batch continues across epochs."""
+    sampler = RealBatches(size=10, batch=4, piece=3, seed=0)
+    positions = torch.cat([sampler.batch_indices(s) for s in range(5)])  # 20 positions: two epochs
+    assert sorted(positions[:10].tolist()) == list(range(10)) and sorted(positions[10:].tolist()) == list(range(10))
+    assert not torch.equal(positions[:10], positions[10:])
+    pieces = iter(sampler)
+    assert [len(next(pieces)) for _ in range(4)] == [3, 1, 3, 1] and sampler.pieces_per_step() == 2
+    assert torch.equal(RealBatches(10, 4, 3, seed=0).batch_indices(3), sampler.batch_indices(3))

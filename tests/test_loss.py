@@ -1,0 +1,65 @@
+"""``SFMLoss`` inside compiled training steps: ``torch.compile(fullgraph=True)`` traces the whole
+step (no graph break) on the PyTorch path (CPU) and on the Triton path (a ``gpu`` test), and gives
+the eager loss and gradients."""
+
+import pytest
+import torch
+from conftest import make_problem
+
+from fastsfm import SFMLoss
+
+
+def _step_parts(device, dtype=torch.float32, seed=0):
+    """A small 'backbone' (two linear layers), the loss, and a batch with shuffled, unequal labels."""
+    z, y, mu = make_problem(96, 8, 32, device=device, seed=seed)
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 48), torch.nn.GELU(), torch.nn.Linear(48, 32)).to(device, dtype)
+    return model, SFMLoss(mu.float()).to(device), z.to(dtype), y
+
+
+def _compare(device, backend, dtype=torch.float32, rtol=1e-5):
+    model, criterion, x, y = _step_parts(device, dtype)
+
+    def step(inputs, labels):
+        return criterion(model(inputs), labels)
+
+    eager = step(x, y)
+    eager.backward()
+    want = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, backend=backend)  # fullgraph: any graph break raises
+    got = compiled(x, y)
+    got.backward()
+    torch.testing.assert_close(got, eager, rtol=rtol, atol=1e-6)
+    scale = max(g.abs().max().item() for g in want)  # the last bias's gradient is 0: the loss ignores shifts
+    for p, g in zip(model.parameters(), want, strict=True):
+        torch.testing.assert_close(p.grad, g, rtol=rtol, atol=1e-5 * scale)
+    second = compiled(x, y[torch.randperm(len(y))])  # new labels: no stale cache inside the graph
+    assert torch.isfinite(second) and not torch.equal(second, got)
+
+
+def test_compiled_step_traces_whole_on_the_torch_path():
+    _compare("cpu", "aot_eager")
+
+
+@pytest.mark.slow
+def test_compiled_step_with_inductor_on_the_torch_path():
+    _compare("cpu", "inductor", rtol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_step_with_inductor_on_the_triton_path(dtype):
+    _compare("cuda", "inductor", dtype, rtol=1e-5 if dtype == torch.float32 else 2e-2)
+
+
+def test_eager_module_still_validates_once_outside_compile():
+    """Outside compilation the module keeps its validated, cached row plan (the eager fast path)."""
+    model, criterion, x, y = _step_parts("cpu")
+    criterion(x, y)
+    plan = criterion._plan
+    criterion(2 * x, y)
+    assert criterion._plan is plan
+    with pytest.raises(ValueError, match="labels must lie"):
+        criterion(x, y + 100)
