@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import resource
 from pathlib import Path
 
@@ -37,7 +36,7 @@ import torch
 
 from fastsfm import pinned
 from fastsfm.backbones import load_backbone
-from fastsfm.benchmark import distill_setup, environment, print_table, run_step, time_steps, write_csv
+from fastsfm.benchmark import distill_setup, environment, in_child, print_table, run_step, time_steps, write_csv
 from fastsfm.config import DistillConfig
 from fastsfm.io import atomic_write_json
 from fastsfm.optim import ChunkAdam
@@ -189,23 +188,13 @@ def growth_row(classes: int, ipc: int, resolution: int) -> dict:
     }
 
 
-def _child(queue, run, args):
-    queue.put(measure(run, args))
-
-
 def measure_isolated(run: dict, args) -> dict:
     """CUDA: in process (then the cache is emptied); CPU: a fresh process, so peak RSS is this run's."""
     if args.device != "cpu":
         result = measure(run, args)
         torch.cuda.empty_cache()
         return result
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_child, args=(queue, run, args))
-    proc.start()
-    result = queue.get()
-    proc.join()
-    return result
+    return in_child(__file__, "measure", run, args)
 
 
 def add_ratios(rows: list[dict]) -> None:

@@ -12,7 +12,9 @@ a distillation step, so labels are not class-contiguous):
 Reported: median time, extra peak memory (beyond the inputs and the N x D gradient, CUDA
 only), achieved bandwidth counting one read and one write of N x D, its share of the HBM
 floor (from ``--hbm-tbps``, default the H100 SXM's 3.35 TB/s), and, measured in the same
-run, a plain ``copy_`` of N x D (the practical floor).
+run, a plain ``copy_`` of N x D (the practical floor: the same bytes read and written).  For
+the fused loss on CUDA also the time of one CUDA-graph replay of forward+backward (``graph
+ms``): the GPU's own time without the Python-side launch overhead.
 
     python benches/bench_loss.py                         # CUDA: C=1000 sweep; CPU: small shapes
     python benches/bench_loss.py --dtypes bfloat16 --shapes 1000:50:1:768
@@ -41,6 +43,20 @@ def _problem(c: int, ipc: int, views: int, d: int, dtype: torch.dtype, device: t
     labels = torch.arange(c).repeat_interleave(ipc).repeat(views)
     feats = centers[labels] + 0.5 * torch.randn(len(labels), d, generator=gen)
     return feats.to(device, dtype), labels.to(device), centers.to(device)
+
+
+def _graph_ms(run, x: torch.Tensor, device: torch.device) -> float:
+    """Median time of replaying ``run`` captured in a CUDA graph (warmed up on a side stream first)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        run()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    x.grad = None
+    with torch.cuda.graph(graph):
+        run()
+    return time_ms(graph.replay, device)
 
 
 def bench_shape(
@@ -87,6 +103,8 @@ def bench_shape(
         if device.type == "cuda":
             row["% of HBM floor"] = 100.0 * (moved / (hbm_tbps * 1e12) * 1e3) / ms
         rows.append(row)
+    if "triton (fused)" in methods:
+        rows[0]["graph ms"] = _graph_ms(step(methods["triton (fused)"]), x, device)
     first = rows[0]["fwd+bwd ms"]
     for row in rows:
         row["x slower than " + rows[0]["method"]] = row["fwd+bwd ms"] / first

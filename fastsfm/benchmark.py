@@ -22,6 +22,7 @@ __all__ = [
     "distill_setup",
     "run_step",
     "time_steps",
+    "in_child",
 ]
 
 
@@ -154,3 +155,28 @@ def time_steps(objective, synset, optim, steps: int, device: torch.device) -> fl
     for step in range(1, steps + 1):
         run_step(objective, synset, optim, step)
     return (time.perf_counter() - start) / steps
+
+
+def _child(queue, path: str, name: str, args: tuple) -> None:
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location(Path(path).stem, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    queue.put(getattr(module, name)(*args))
+
+
+def in_child(path: str, name: str, *args):
+    """``name(*args)`` of the script at ``path``, run in a fresh (spawned) process: what it measures of
+    its process -- peak RSS -- is its own.  Works whether the script was run or imported by path."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_child, args=(queue, str(path), name, args))
+    proc.start()
+    result = queue.get()
+    proc.join()
+    return result

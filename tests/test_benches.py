@@ -1,16 +1,26 @@
-"""The benchmark scripts run end to end on tiny shapes (numbers are not checked, only that
-they are produced): a benchmark that is never run rots."""
+"""The benchmark scripts and the GPU acceptance run work end to end on tiny CPU shapes (numbers are
+not checked, only that they are produced): a benchmark that is never run rots."""
 
+import importlib.util
+import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benches"))
+import pytest
+
+BENCHES = Path(__file__).resolve().parents[1] / "benches"
+
+
+def _bench(name: str):
+    spec = importlib.util.spec_from_file_location(name, BENCHES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses and pickling look modules up by name
+    spec.loader.exec_module(module)
+    return module
 
 
 def test_bench_loss_runs_on_cpu(tmp_path):
-    import bench_loss
-
-    rows = bench_loss.main(
+    rows = _bench("bench_loss").main(
         ["--device", "cpu", "--shapes", "5:2:3:16,3:1:1:8", "--no-compile", "--out", str(tmp_path / "loss.csv")]
     )
     assert {r["method"] for r in rows} == {"torch (eager)", "reference (eager)"}
@@ -18,21 +28,28 @@ def test_bench_loss_runs_on_cpu(tmp_path):
     assert (tmp_path / "loss.csv").read_text().startswith("C,IPC,views,N,D")
 
 
-def test_bench_distill_runs_on_cpu(tmp_path):
-    import json
-
-    import bench_distill
-
+def test_bench_distill_runs_on_cpu_and_records_failures(tmp_path):
     base = {"backbone": "vit_tiny_patch16_224", "image_size": 16, "resolution": 16, "classes": 3, "ipc": 2}
     runs = [
         {**base, "method": "sfm"},
-        {**base, "method": "lgm", "augs": 2},
+        {**base, "method": "lgm", "views": 2},
         {**base, "method": "sfm", "chunk": 4, "offload": True},
+        {**base, "method": "sfm", "backbone": "no_such_model"},
     ]
-    rows = bench_distill.main(
-        ["--device", "cpu", "--runs", json.dumps(runs), "--steps", "1", "--profile", "--out", str(tmp_path / "d.csv")]
-    )
-    assert [r["method"] for r in rows] == ["sfm", "lgm", "sfm"] and rows[2]["chunk"] == 4
-    assert all(r["step ms"] > 0 and r["peak MiB"] > 0 and r["5001 steps h"] > 0 for r in rows)
+    args = ["--device", "cpu", "--runs", json.dumps(runs), "--steps", "1", "--profile", "--growth", "3:2:16"]
+    rows = _bench("bench_distill").main([*args, "--out", str(tmp_path / "d.csv")])
+    assert [r["method"] for r in rows] == ["sfm", "lgm", "sfm", "sfm", "offload growth"] and rows[2]["chunk"] == 4
+    assert all(r["step ms"] > 0 and r["peak MiB"] > 0 and r["5001 steps h"] > 0 for r in rows[:3])
     assert rows[1]["time LGM/SFM"] > 0 and abs(sum(v for k, v in rows[0].items() if k.startswith("% ")) - 100) < 1e-6
-    assert (tmp_path / "d.png").exists() and (tmp_path / "d.json").exists()
+    assert "error" in rows[3] and "no_such_model" in rows[3]["error"]  # a failed configuration is a row
+    assert (tmp_path / "d.png").exists() and len(json.loads((tmp_path / "d.json").read_text())) == 5
+
+
+@pytest.mark.slow
+def test_gpu_check_smoke_runs_every_section(tmp_path):
+    report = _bench("gpu_check").main(["--smoke", "--out", str(tmp_path)])
+    sections = {s["section"]: s["status"] for s in report.sections}
+    assert len(sections) == 7 and set(sections.values()) == {"done"}, sections
+    assert not [c for c in report.checks if c["passed"] is False]
+    payload = json.loads((tmp_path / "report.json").read_text())
+    assert payload["environment"]["device"] == "cpu (smoke)" and (tmp_path / "report.md").exists()

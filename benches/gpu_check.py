@@ -1,0 +1,484 @@
+"""The GPU acceptance run: everything a CPU cannot prove, in one command, in at most 8 minutes on one
+H100/H200.  **Run it first whenever a GPU is lent.**
+
+    python benches/gpu_check.py --out DIR            # on a GPU
+    python benches/gpu_check.py --smoke --out DIR    # the same sequence on CPU, tiny sizes (in the test suite)
+
+In one process, in this order (each section is timed, and skipped when ``--budget`` seconds have
+passed, so the report always comes back):
+
+1. environment: device, driver, torch/Triton/CUDA versions, and the two ceilings measured now
+   (device-to-device copy bandwidth, bf16 matrix-product rate);
+2. ``pytest -m gpu``: every CUDA-only test (``--smoke``: their collection only);
+3. the fused loss against :mod:`fastsfm.reference` (float64) on CUDA: fp32/bf16/fp16, both
+   objectives, class-contiguous and shuffled labels, N up to 50,000;
+4. no host synchronisation in ``SFMLoss`` forward+backward (``set_sync_debug_mode("error")``),
+   CUDA-graph capture and replay equal to eager;
+5. ``benches/bench_loss.py`` at the target sizes (fused vs eager vs ``torch.compile``);
+6. ``benches/bench_distill.py``, a reduced paper preset (ViT-B/16 and DINOv2-B/14 at 224 px,
+   random weights): C = 100, IPC 1, SFM vs LGM; C = 1000, IPC 1, SFM; C = 1000, IPC 10, chunked;
+   and an offloaded set grown through every pyramid level (pinned bytes vs held bytes);
+7. a digits distillation on CUDA in bf16, whole vs chunked vs offloaded (equal up to bf16 rounding).
+
+``DIR/report.md`` and ``DIR/report.json`` put each target of ``benches/RESULTS.md`` beside its
+measurement with pass/fail; they are rewritten after every section.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.util
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _prepare_smoke(argv: list[str] | None) -> None:
+    """``--smoke`` on a machine without CUDA runs the kernels in Triton's interpreter: set it before triton loads."""
+    if "--smoke" in (argv if argv is not None else sys.argv) and not os.path.exists("/dev/nvidiactl"):
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@dataclass
+class Report:
+    """Checks as they are made, written to ``out`` after each section."""
+
+    out: Path
+    environment: dict = field(default_factory=dict)
+    checks: list[dict] = field(default_factory=list)
+    sections: list[dict] = field(default_factory=list)
+
+    def check(self, section: str, name: str, target: str, measured: str, passed: bool | None) -> None:
+        self.checks.append(
+            {"section": section, "check": name, "target": target, "measured": measured, "passed": passed}
+        )
+
+    def write(self) -> None:
+        from fastsfm.benchmark import markdown_table
+        from fastsfm.io import atomic_write_json, atomic_write_text
+
+        self.out.mkdir(parents=True, exist_ok=True)
+        payload = {"environment": self.environment, "sections": self.sections, "checks": self.checks}
+        atomic_write_json(self.out / "report.json", payload)
+        verdict = {True: "pass", False: "**FAIL**", None: "info"}
+        rows = [{**c, "passed": verdict[c["passed"]]} for c in self.checks]
+        env = "\n".join(f"- {k}: {v}" for k, v in self.environment.items())
+        times = markdown_table(self.sections) if self.sections else ""
+        atomic_write_text(
+            self.out / "report.md",
+            f"# GPU acceptance report\n\n{env}\n\n## Sections\n\n{times}\n\n## Checks\n\n{markdown_table(rows)}\n",
+        )
+
+
+@dataclass
+class Context:
+    device: object
+    smoke: bool
+    budget: float
+    report: Report
+    started: float = field(default_factory=time.perf_counter)
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
+
+    def target(self, ok: bool) -> bool | None:
+        """A performance target's verdict: none in ``--smoke`` (tiny CPU sizes say nothing about GPU targets)."""
+        return None if self.smoke else ok
+
+
+def _bench(name: str):
+    """A sibling script of ``benches/`` as a module (the folder is not a package)."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "benches" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses and pickling look modules up by name
+    spec.loader.exec_module(module)
+    return module
+
+
+def _fmt(value: float, unit: str = "") -> str:
+    return f"{value:.3g}{unit}"
+
+
+def environment(ctx: Context) -> None:
+    import torch
+    import triton
+
+    env = {
+        "date": datetime.date.today().isoformat(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "cuda": str(torch.version.cuda),
+        "device": "cpu (smoke)",
+    }
+    if ctx.device.type == "cuda":
+        props = torch.cuda.get_device_properties(ctx.device)
+        env["device"] = f"{props.name}, {props.multi_processor_count} SMs, {props.total_memory / 2**30:.0f} GiB"
+        try:
+            smi = ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]
+            env["driver"] = subprocess.run(smi, capture_output=True, text=True, timeout=20).stdout.strip()
+        except (OSError, subprocess.SubprocessError) as err:
+            env["driver"] = f"unknown ({err})"
+        env.update(_ceilings(ctx))
+    ctx.report.environment = env
+    for key, value in env.items():
+        print(f"{key}: {value}", flush=True)
+
+
+def _ceilings(ctx: Context) -> dict:
+    """Measured now: copy bandwidth (bytes read + written) and the bf16 matrix-product rate."""
+    import torch
+
+    from fastsfm.benchmark import time_ms
+
+    src = torch.empty(2**29, device=ctx.device, dtype=torch.float32)  # 2 GiB
+    dst = torch.empty_like(src)
+    copy_ms = time_ms(lambda: dst.copy_(src), ctx.device)
+    a = torch.randn(8192, 8192, device=ctx.device, dtype=torch.bfloat16)
+    mm_ms = time_ms(lambda: a @ a, ctx.device)
+    return {
+        "copy TB/s (measured)": round(2 * 2**31 / copy_ms / 1e9, 2),
+        "bf16 TFLOP/s (measured)": round(2 * 8192**3 / mm_ms / 1e9, 1),
+    }
+
+
+def gpu_tests(ctx: Context) -> None:
+    if ctx.smoke:  # the CUDA-only tests are collected (so they cannot rot), not run
+        cmd = [sys.executable, "-m", "pytest", "--collect-only", "-q", "-m", "gpu", str(REPO / "tests")]
+        done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600)
+        lines = [x for x in done.stdout.splitlines() if "::" in x]
+        ctx.report.check("gpu tests", "collected (smoke)", "> 0 gpu tests", str(len(lines)), len(lines) > 0)
+        return
+    import pytest
+
+    xml = ctx.report.out / "gpu_tests.xml"
+    code = pytest.main(["-q", "-m", "gpu", "-p", "no:cacheprovider", f"--junitxml={xml}", str(REPO / "tests")])
+    ctx.report.check("gpu tests", "pytest -m gpu", "exit 0", f"exit {int(code)} (details: {xml.name})", int(code) == 0)
+
+
+def loss_correctness(ctx: Context) -> None:
+    import torch
+
+    from fastsfm import sfm_loss
+    from fastsfm.reference import sfm_reference
+
+    sizes = [(5, 20, 24)] if ctx.smoke else [(100, 1000, 384), (1000, 10_000, 768), (1000, 50_000, 768)]
+    tol = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+    worst: dict[str, float] = {}
+    for (c, n, d), dtype, objective, order in _product(
+        sizes, list(tol), ("flow", "decouple"), ("contiguous", "shuffled")
+    ):
+        z, y, mu = _problem(n, c, d, ctx.device, order, seed=n + c)
+        x = z.to(dtype).requires_grad_()
+        loss = sfm_loss(x, y, mu, objective=objective, backend="triton")
+        (1024.0 * loss).backward()
+        ref_in = z.to(dtype).double().requires_grad_()
+        want = sfm_reference(ref_in, y, mu, objective)
+        (1024.0 * want).backward()
+        loss_err = abs(loss.item() - want.item()) / max(abs(want.item()), 1e-6)
+        grad_err = ((x.grad.double() - ref_in.grad).norm() / ref_in.grad.norm()).item()
+        key = str(dtype).replace("torch.", "")
+        worst[key] = max(worst.get(key, 0.0), grad_err)
+        ok = loss_err < 1e-4 and grad_err < tol[dtype]
+        if not ok:
+            name = f"C={c} N={n} D={d} {key} {objective} {order}"
+            ctx.report.check("loss vs reference", name, f"grad rel err < {tol[dtype]}", _fmt(grad_err), False)
+    for key, err in worst.items():
+        target = tol[getattr(torch, key)]
+        ctx.report.check(
+            "loss vs reference",
+            f"{key}, both objectives and label orders, N up to {sizes[-1][1]:,}",
+            f"relative L2 error of dL/dz < {target}",
+            _fmt(err),
+            err < target,
+        )
+
+
+def _product(*lists):
+    import itertools
+
+    return itertools.product(*lists)
+
+
+def _problem(n, c, d, device, order, seed):
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    offset = 3.0 * torch.randn(d, generator=gen, dtype=torch.float64)
+    centers = offset + torch.randn(c, d, generator=gen, dtype=torch.float64)
+    labels = torch.cat([torch.arange(c), torch.randint(0, c, (n - c,), generator=gen)])
+    labels = labels.sort().values if order == "contiguous" else labels[torch.randperm(n, generator=gen)]
+    feats = centers[labels] + 0.7 * torch.randn(n, d, generator=gen, dtype=torch.float64)
+    return feats.to(device), labels.to(device), centers.to(device)
+
+
+def sync_and_graphs(ctx: Context) -> None:
+    if ctx.device.type != "cuda":
+        ctx.report.check("host syncs, CUDA graphs", "SFMLoss", "CUDA only", "n/a on CPU", None)
+        return
+    import torch
+
+    from fastsfm import SFMLoss
+
+    z, y, mu = _problem(10_000, 1000, 768, ctx.device, "shuffled", seed=1)
+    module = SFMLoss(mu).to(ctx.device)
+    x = z.to(torch.bfloat16).requires_grad_()
+    module(x, y).backward()  # validation and plan: the one call allowed to synchronise
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        x.grad = None
+        module(x, y).backward()
+        synced = "none"
+    except RuntimeError as err:
+        synced = str(err).splitlines()[0][:120]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    ctx.report.check(
+        "host syncs, CUDA graphs", "SFMLoss fwd+bwd after the first call", "no host sync", synced, synced == "none"
+    )
+    eager = x.grad.clone()
+    static_x = x.detach().clone().requires_grad_()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        module(static_x, y).backward()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    static_x.grad = None
+    with torch.cuda.graph(graph):
+        module(static_x, y).backward()
+    graph.replay()
+    same = torch.equal(static_x.grad, eager)
+    ctx.report.check("host syncs, CUDA graphs", "graph capture + replay", "gradient equal to eager", str(same), same)
+
+
+def bench_loss_section(ctx: Context) -> None:
+    import torch
+
+    bench_loss = _bench("bench_loss")
+
+    shapes = [(5, 2, 2, 16)] if ctx.smoke else [(1000, 1, 1, 768), (1000, 10, 1, 768), (1000, 50, 1, 768)]
+    rows = []
+    for c, ipc, views, d in shapes:
+        rows += bench_loss.bench_shape(
+            c, ipc, views, d, torch.bfloat16 if not ctx.smoke else torch.float32, ctx.device, not ctx.smoke, 3.35
+        )
+    (ctx.report.out / "bench_loss.json").write_text(json.dumps(rows, indent=1))
+    fused = {r["N"]: r for r in rows if r["method"] == "triton (fused)"}
+    if not fused:
+        ctx.report.check("loss benchmark", "ran", "rows", f"{len(rows)} rows (no fused kernel off CUDA)", len(rows) > 0)
+        return
+    by = {(r["N"], r["method"]): r for r in rows}
+    big = max(fused)
+    r = fused[big]
+    ctx.report.check(
+        "loss benchmark",
+        f"fwd+bwd bf16 N={big:,} D=768 (floor: {_fmt(r['copy ms'] * 1e3, ' us')} copy of the same bytes here)",
+        "<= 69 us (1.5x the H100 HBM floor)",
+        f"{_fmt(r['fwd+bwd ms'] * 1e3, ' us')} (graph replay {_fmt(r['graph ms'] * 1e3, ' us')}, "
+        f"{_fmt(r['fwd+bwd ms'] / r['copy ms'], 'x')} the copy)",
+        ctx.target(r["fwd+bwd ms"] * 1e3 <= 69),
+    )
+    small = [n for n in fused if n <= 10_000]
+    slowest = max(fused[n]["fwd+bwd ms"] for n in small) * 1e3
+    graph = max(fused[n]["graph ms"] for n in small) * 1e3
+    ctx.report.check(
+        "loss benchmark",
+        f"fwd+bwd bf16, N <= 10,000 (N = {sorted(small)})",
+        "<= 40 us",
+        f"{_fmt(slowest, ' us')} (graph replay {_fmt(graph, ' us')})",
+        ctx.target(slowest <= 40),
+    )
+    for other, target in (("torch (eager)", 3.0), ("torch (compile)", 1.5)):
+        if (big, other) in by:
+            speedup = by[(big, other)]["fwd+bwd ms"] / r["fwd+bwd ms"]
+            ctx.report.check(
+                "loss benchmark",
+                f"speed-up over {other}, N={big:,}",
+                f">= {target}x",
+                _fmt(speedup, "x"),
+                speedup >= target,
+            )
+    extra = max(v["extra MiB"] for v in fused.values()) * 2**20
+    ctx.report.check(
+        "loss benchmark",
+        "extra memory (C = 1000, D = 768)",
+        f"<= 8*C*D = {8 * 1000 * 768 / 2**20:.2f} MiB",
+        _fmt(extra / 2**20, " MiB"),
+        extra <= 8 * 1000 * 768,
+    )
+
+
+def bench_distill_section(ctx: Context) -> None:
+    import argparse as ap
+
+    bench_distill = _bench("bench_distill")
+
+    if ctx.smoke:
+        base = {"backbone": "vit_tiny_patch16_224", "image_size": 16, "resolution": 16}
+        runs = [
+            {**base, "method": "sfm", "classes": 3, "ipc": 1},
+            {**base, "method": "lgm", "classes": 3, "ipc": 1, "views": 2},
+        ]
+        growth = (3, 2, 16)
+    else:
+        runs = []
+        for backbone in ("vit_base_patch16_224", "dinov2_vitb14"):
+            base = {"backbone": backbone, "image_size": 224, "resolution": 256}
+            runs += [
+                {**base, "method": "sfm", "classes": 100, "ipc": 1},
+                {**base, "method": "lgm", "classes": 100, "ipc": 1, "views": 10},
+            ]
+        base = {"backbone": "dinov2_vitb14", "image_size": 224, "resolution": 256, "method": "sfm", "classes": 1000}
+        runs += [{**base, "ipc": 1}, {**base, "ipc": 10}]
+        growth = (100, 10, 256)
+    args = ap.Namespace(device=str(ctx.device), precision="auto", steps=2, profile=not ctx.smoke, peak_tflops=989.0)
+    rows = []
+    for run in runs:
+        if ctx.elapsed() > ctx.budget:
+            break
+        rows.append(bench_distill.measure(run, args))
+        bench_distill.add_ratios(rows)
+        print(json.dumps(rows[-1]), flush=True)
+    rows.append(bench_distill.growth_row(*growth))
+    (ctx.report.out / "bench_distill.json").write_text(json.dumps(rows, indent=1))
+    for r in rows:
+        if "error" in r:
+            ctx.report.check(
+                "distill benchmark",
+                f"{r['method']} {r['backbone']} C={r['classes']} IPC={r['ipc']}",
+                "runs",
+                r["error"],
+                False,
+            )
+    for r in (r for r in rows if r.get("time LGM/SFM")):
+        name = f"LGM/SFM, {r['backbone']}, C={r['classes']}, IPC={r['ipc']}, LGM views={r['views']}"
+        ctx.report.check(
+            "distill benchmark",
+            name + ": time",
+            ">= 8x",
+            _fmt(r["time LGM/SFM"], "x"),
+            ctx.target(r["time LGM/SFM"] >= 8),
+        )
+        ctx.report.check(
+            "distill benchmark",
+            name + ": memory",
+            ">= 10x",
+            _fmt(r["memory LGM/SFM"], "x"),
+            ctx.target(r["memory LGM/SFM"] >= 10),
+        )
+    for r in (r for r in rows if r["method"] == "sfm" and r.get("step ms") and r["classes"] == 1000):
+        minutes = r["step ms"] * 5000 / 6e4
+        share = _fmt(r["tensor-core %"] or 0.0, "%")
+        name = f"SFM {r['backbone']} C=1000 IPC={r['ipc']}: 5000 steps (chunk {r['chunk']}, {share} of tensor peak)"
+        target = "<= 20 min" if r["ipc"] == 1 else "runs chunked on one GPU"
+        ok = minutes <= 20 if r["ipc"] == 1 else r["chunk"] < r["classes"] * r["ipc"]
+        ctx.report.check("distill benchmark", name, target, _fmt(minutes, " min"), ctx.target(ok))
+    g = rows[-1]
+    ratio = g.get("pinned/data")
+    ctx.report.check(
+        "distill benchmark",
+        f"offloaded C={g['classes']} IPC={g['ipc']} set + Adam moments, every level ({_fmt(g['held GiB'], ' GiB')})",
+        "page-locked <= 1.1x held",
+        "n/a (no CUDA)" if ratio is None else _fmt(ratio, "x"),
+        None if ratio is None else ratio <= 1.1,
+    )
+
+
+def digits_section(ctx: Context) -> None:
+    import tempfile
+
+    from fastsfm.backbones import load_backbone
+    from fastsfm.data import digits
+    from fastsfm.demo import DEMO_CLASSIFIER, DEMO_CONFIG
+    from fastsfm.distill import distill
+    from fastsfm.stats import dataset_stats
+
+    precision = "fp32" if ctx.smoke else "bf16"
+    backbone = load_backbone("digits_vit", precision=precision, device=ctx.device)
+    data = digits(32)
+    stats = dataset_stats(backbone, data, DEMO_CLASSIFIER, ctx.device, workers=0, progress=False)
+    config = replace(DEMO_CONFIG, steps=3 if ctx.smoke else 30, precision=precision, checkpoint_every=1000)
+    images = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, variant in (("whole", {}), ("chunked", {"chunk_size": 3}), ("offloaded", {"offload": True})):
+            synset = distill(
+                backbone, stats, replace(config, **variant), Path(tmp) / name, device=ctx.device, progress=False
+            )
+            images[name] = synset.render(device=ctx.device).float().cpu()
+    tol = 1e-5 if ctx.smoke else 2e-2
+    for name in ("chunked", "offloaded"):
+        diff = (images[name] - images["whole"]).abs()
+        ctx.report.check(
+            "digits distillation",
+            f"{precision}, {config.steps} steps: {name} vs whole (images in [0, 1])",
+            f"mean |diff| <= {tol}",
+            f"mean {_fmt(diff.mean().item())}, max {_fmt(diff.max().item())}",
+            diff.mean().item() <= tol,
+        )
+
+
+SECTIONS = [
+    ("environment", environment),
+    ("pytest -m gpu", gpu_tests),
+    ("loss vs reference", loss_correctness),
+    ("host syncs, CUDA graphs", sync_and_graphs),
+    ("loss benchmark", bench_loss_section),
+    ("distill benchmark", bench_distill_section),
+    ("digits distillation", digits_section),
+]
+
+
+def main(argv: list[str] | None = None) -> Report:
+    _prepare_smoke(argv)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("benches/out/gpu_check"))
+    parser.add_argument("--smoke", action="store_true", help="the same sequence on CPU with tiny sizes")
+    parser.add_argument(
+        "--budget", type=float, default=420.0, help="seconds after which remaining sections are skipped"
+    )
+    parser.add_argument("--only", nargs="*", default=None, help="run only these sections (names as in the report)")
+    args = parser.parse_args(argv)
+    import torch
+
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
+    if device.type != "cuda" and not args.smoke:
+        raise SystemExit("gpu_check needs a CUDA device; use --smoke for the CPU rehearsal")
+    ctx = Context(device, args.smoke, args.budget, Report(args.out))
+    for name, section in SECTIONS:
+        if args.only and name not in args.only and name != "environment":
+            continue
+        began = time.perf_counter()
+        if ctx.elapsed() > ctx.budget:
+            status = "skipped: time budget spent"
+        else:
+            print(f"\n== {name} ({ctx.elapsed():.0f} s)", flush=True)
+            try:
+                section(ctx)
+                status = "done"
+            except Exception as err:  # noqa: BLE001 - a broken section is reported, the others still run
+                status = f"error: {type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}"
+                ctx.report.check(name, "section ran", "no error", status, False)
+        ctx.report.sections.append(
+            {"section": name, "status": status, "seconds": round(time.perf_counter() - began, 1)}
+        )
+        ctx.report.write()
+    failed = [c for c in ctx.report.checks if c["passed"] is False]
+    print(f"\n{len(ctx.report.checks)} checks, {len(failed)} failed; wrote {args.out / 'report.md'} and report.json")
+    verdict = {True: "pass", False: "FAIL", None: "info"}
+    for c in ctx.report.checks:
+        print(f"[{verdict[c['passed']]}] {c['section']}: {c['check']}: {c['measured']} (target {c['target']})")
+    return ctx.report
+
+
+if __name__ == "__main__":
+    main()
