@@ -142,7 +142,7 @@ def measure(run: dict, args) -> dict:
         pinned.reset_peak()
         synset, optim, objective = distill_setup(backbone, config, run["classes"], device)
         if device.type == "cuda":
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(device)
             torch.cuda.reset_peak_memory_stats()
         seconds = time_steps(objective, synset, optim, args.steps, device)
         peak = (

@@ -45,12 +45,12 @@ def peak_extra_bytes(fn: Callable[[], object], device: torch.device) -> int | No
     """Peak CUDA memory ``fn`` allocates beyond what was live before it (None on CPU)."""
     if device.type != "cuda":
         return None
-    torch.cuda.synchronize()
-    before = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
     fn()
-    torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() - before
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - before
 
 
 def write_csv(rows: list[dict], path: Path) -> None:

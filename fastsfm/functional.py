@@ -60,7 +60,7 @@ def check_options(objective: str, alpha: float, nontarget_divisor: float | None)
 
 
 def check_centers(centers: object) -> Tensor:
-    """Validate real class centres (C, D): floating point, C >= 2, finite (one host sync)."""
+    """Validate real class centres (C, D): floating point, C >= 2, finite (one host synchronisation)."""
     if not isinstance(centers, Tensor) or centers.dtype not in _FLOAT_DTYPES or centers.dim() != 2:
         raise TypeError(f"centers: expected a floating-point tensor (C, D), got {_describe(centers)}")
     if centers.shape[0] < 2:
@@ -163,8 +163,10 @@ def sfm_loss(
 
     Returns:
         The loss, float32 (float64 for float64 features on the torch/reference backends).
-        Gradients flow to ``features``.  Validation costs two host synchronisations per call;
-        for a training loop use :class:`fastsfm.SFMLoss`, which validates once per labels tensor.
+        Gradients flow to ``features``.  Validation costs three host synchronisations per call
+        (finite centres; label range and order; empty classes and non-finite features, read from
+        the class sums); for a training loop use :class:`fastsfm.SFMLoss`, which validates once
+        per labels tensor (two synchronisations, then none).
     """
     divisor = check_options(objective, alpha, nontarget_divisor)
     check_centers(centers)

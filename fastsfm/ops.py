@@ -181,14 +181,12 @@ def check_class_sums(buf: Tensor, d: int) -> None:
     """Raise ``ValueError`` for a class without rows or non-finite sums of a (SPLIT, C, W) buffer.
 
     Non-finite features make their class sum non-finite, so checking the (C, D) sums is
-    checking the (N, D) features at a fraction of the cost.  Two host synchronisations (the
-    two index lists are read back).
+    checking the (N, D) features at a fraction of the cost.  One host synchronisation: the
+    two (C,) flags are read back together.
     """
     total = buf.sum(0)
-    counts, sums = total[:, d], total[:, :d]
-    empty = torch.nonzero(counts == 0).flatten()[:10]
-    bad = torch.nonzero(~torch.isfinite(sums).all(1)).flatten()[:10]
-    empty, bad = empty.tolist(), bad.tolist()
+    flags = torch.stack([total[:, d] == 0, ~torch.isfinite(total[:, :d]).all(1)]).cpu()
+    empty, bad = (torch.nonzero(f).flatten()[:10].tolist() for f in flags)
     if empty:
         raise ValueError(
             f"every class needs at least one feature row (SFM averages each class); classes without "

@@ -180,3 +180,29 @@ def test_module_validates_once_per_labels_tensor(monkeypatch):
     with pytest.raises(ValueError, match="NaN or Inf"):
         SFMLoss(mu, validate="always")(bad, y)
     assert torch.isnan(SFMLoss(mu, validate="never")(bad, y))
+
+
+def _synchronisations(fn) -> int:
+    """Host synchronisations ``fn`` makes on CUDA, counted by PyTorch's sync debug mode."""
+    import warnings
+
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fn()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
+@pytest.mark.gpu
+def test_documented_host_synchronisations():
+    """sfm_loss: three (centres, labels, class sums); SFMLoss: two on a new labels tensor, then none."""
+    z, y, mu = make_problem(300, 10, 64, device="cuda")
+    x = z.float()
+    assert _synchronisations(lambda: sfm_loss(x, y, mu.float())) == 3
+    module = SFMLoss(mu.float()).cuda()
+    assert _synchronisations(lambda: module(x, y)) == 2
+    assert _synchronisations(lambda: module(x, y)) == 0

@@ -77,3 +77,28 @@ def test_reset_zeroes_moments_in_place_and_adds_the_new_levels():
     optim.reset()
     assert optim.exp_avg[0] is first and not first.any() and len(optim.exp_avg) == 2
     assert optim.exp_avg[1].shape == synset.levels[1].shape
+
+
+def test_offloaded_state_allocates_exactly_what_it_holds(monkeypatch):
+    """Offloaded levels and moments are allocated at their exact size, only when new: at every level
+    of growth the page-locked bytes asked for equal the bytes held (ratio 1.0; the caching host
+    allocator would round each block up to a power of two)."""
+    from fastsfm import pinned
+
+    asked = []
+    real_empty = pinned.empty
+
+    def counting(shape, dtype=torch.float32):
+        t = real_empty(shape, dtype)
+        asked.append(t.numel() * t.element_size())
+        return t
+
+    monkeypatch.setattr(pinned, "empty", counting)
+    synset = SyntheticSet(5, 3, 32, extent=1, offload=True)
+    optim = ChunkAdam(synset, lr=0.1)
+    for step in range(1, 2 * len(synset.sizes)):
+        if synset.grow(step):
+            optim.reset()
+        held = sum(t.numel() * 4 for t in [*synset.levels, *optim.exp_avg, *optim.exp_avg_sq])
+        assert sum(asked) == held
+    assert len(synset.levels) == len(synset.sizes) and sum(asked) == 3 * 15 * synset.bytes_per_image(final=True)

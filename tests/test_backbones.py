@@ -1,0 +1,73 @@
+"""Backbones: seeded random initialisation, the paper aliases and their preprocessing, precision, weights."""
+
+import pytest
+import torch
+from helpers import tiny_backbone
+from safetensors.torch import save_file
+
+from fastsfm.backbones import load_backbone
+
+
+def test_random_init_backbone_is_seeded_and_frozen():
+    a, b, c = tiny_backbone(0), tiny_backbone(0), tiny_backbone(1)
+    x = torch.rand(2, 3, 20, 20)
+    assert torch.equal(a(x), b(x)) and not torch.equal(a(x), c(x))
+    assert a.identity == "vit_tiny_patch16_224|random-init(seed=0)|16px|authors"
+    assert not any(p.requires_grad for p in a.parameters()) and not a.train().training
+    with pytest.raises(ValueError, match=r"expects images \(B, 3, H, W\)"):
+        a(torch.rand(3, 16, 16))
+
+
+def test_paper_aliases_run_at_224_with_the_authors_preprocessing():
+    from fastsfm.backbones import ALIASES, AUTHOR_NAMES, IMAGENET_MEAN, IMAGENET_STD
+
+    assert {
+        "dinov2_vitb14",
+        "clip_vitb16",
+        "eva02_vitb14",
+        "mocov3_vitb16",
+        "dino_vitb16",
+        "dinov2_vits14",
+        "dinov2_vitl14",
+        "clip_vitb32",
+        "clip_vitl14",
+        "eva02_vitt14",
+        "eva02_vits14",
+        "eva02_vitl14",
+        "mocov3_vitl16",
+    } <= set(ALIASES)
+    assert all(alias in ALIASES for alias in AUTHOR_NAMES.values())
+    clip = load_backbone("clip_vitb", pretrained=False)  # the authors' name of CLIP ViT-B/16
+    assert clip.name == "clip_vitb16" and clip.input_size == 224 and clip.feature_dim == 512  # projected embedding
+    assert (clip.mean, clip.std) == (IMAGENET_MEAN, IMAGENET_STD)
+    assert clip(torch.rand(1, 3, 224, 224)).shape == (1, 512)
+    own = load_backbone("eva02_vitt14", pretrained=False, preprocess="model")
+    assert own.input_size == 224 and own.mean != IMAGENET_MEAN and own.identity.endswith("|224px|model")
+    dino = load_backbone("dinov2_vits14", pretrained=False)  # timm's default would be 518 px
+    assert dino.input_size == 224 and dino.model.patch_embed.img_size == (224, 224)
+    with pytest.raises(ValueError, match="preprocess must be"):
+        load_backbone("eva02_vitt14", pretrained=False, preprocess="clip")
+
+
+def test_backbone_precision_runs_under_autocast():
+    bb = tiny_backbone()
+    x = torch.rand(3, 3, 16, 16)
+    bb.precision = "bf16"
+    low = bb(x)
+    bb.precision = "fp32"
+    assert low.dtype == torch.float32 and not torch.equal(low, bb(x))
+    torch.testing.assert_close(low, bb(x), rtol=0.05, atol=0.05)
+
+
+def test_backbone_local_weight_file_and_missing_weights(tmp_path):
+    src = tiny_backbone(3)
+    path = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in src.model.state_dict().items()}, str(path))
+    loaded = load_backbone("vit_tiny_patch16_224", pretrained=str(path), image_size=16)
+    x = torch.rand(2, 3, 16, 16)
+    torch.testing.assert_close(loaded(x), src(x))
+    assert loaded.identity.startswith("vit_tiny_patch16_224|file:")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_backbone("vit_tiny_patch16_224", pretrained=str(tmp_path / "missing.pth"))
+    with pytest.raises(FileNotFoundError, match="never downloads"):
+        load_backbone("vit_tiny_patch16_224", pretrained=True)
