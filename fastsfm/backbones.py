@@ -1,34 +1,50 @@
-"""Frozen feature extractors by timm name, as the SFM authors use them.
+"""Frozen feature extractors by timm name, computing the features the SFM authors' loaders compute.
 
 A :class:`Backbone` maps images in [0, 1] to float32 features (B, D): it resizes to its
 input size when needed, normalises, and runs the timm model under ``torch.autocast`` with
 its precision (:mod:`fastsfm.precision`).  Its ``identity`` (name, weights, input size,
 normalisation) is written into statistics files, so statistics of another backbone are refused.
 
-**The paper backbones** (:data:`ALIASES`; the authors' ``models/__init__.py`` loads them from
-torch.hub, OpenAI's ``clip``, timm and the Hugging Face hub; fastsfm loads the same weights
-through timm):
+**The paper backbones** (:data:`ALIASES`).  The authors' ``models/__init__.py`` loads them from
+torch.hub (DINO, DINOv2), OpenAI's ``clip`` (CLIP), timm (EVA-02) and a Hugging Face
+``PyTorchModelHubMixin`` class (MoCo-v3); fastsfm builds every one with timm and adapts where
+timm would compute something else (each adaptation is tested against the authors' model code
+on random weights in the published checkpoint format, ``tests/test_backbone_fidelity.py``):
 
-* every alias runs at **224 px** (the authors' crops).  timm's DINOv2 defaults to 518 px; at
-  224 its position embeddings are interpolated, as torch.hub's DINOv2 does at 224;
-* **ImageNet mean/std for every backbone** (``preprocess="authors"``, the default), CLIP and
-  EVA-02 included, as the authors' dataloaders normalise; ``preprocess="model"`` uses the
-  model's own timm mean/std instead;
-* outputs: the CLS token after the final norm (DINO, DINOv2, MoCo-v3), EVA-02's timm pooled
-  features (average pooling), and **CLIP's projected image embedding** (512-d for ViT-B,
-  768-d for ViT-L; timm keeps OpenAI's ``visual.proj`` as the model's head);
-* the authors' short names (``dinov2_vitb``, ``clip_vitb``, ...) are accepted too.
+* **CLIP** uses timm's ``*_clip_quickgelu_*`` models: OpenAI's towers use QuickGELU
+  (``x * sigmoid(1.702 x)``), and timm's plain ``vit_*_clip_224.openai`` builds the same
+  weights with GELU (timm's own note: "use quickgelu model variant for original results").
+  Output: the **projected** embedding (512-d for ViT-B, 768-d for ViT-L), ``visual.proj`` being
+  timm's head.
+* **DINOv2** keeps its 37x37 position table (the model is built at its native 518 px) and
+  re-interpolates it **at every forward**, as torch.hub's ``interpolate_pos_encoding`` does
+  (bicubic, ``scale_factor = (grid + 0.1) / 37``, no antialias): timm would instead resample
+  the table once at load, with antialiasing, to 16x16 -- a different table.  Output: the CLS
+  token after the final norm.
+* **MoCo-v3** is a ``PyTorchModelHubMixin`` checkpoint (``config.json`` of init arguments +
+  ``model.safetensors``), which ``timm.create_model("hf-hub:...")`` cannot parse (its config has
+  no ``architecture``): fastsfm reads the config and the weights itself
+  (:func:`fastsfm.weights.mixin_checkpoint`) into timm's ``VisionTransformer``, which the
+  authors' class subclasses (its fixed 2-D sin-cos position table is part of the weights).
+  Output: the CLS token after the final norm.
+* **EVA-02** and **DINO** are timm's own models (EVA-02: timm's average-pooled features).
 
-Weights: ``pretrained=True`` reads timm's local cache only (never downloads at run time: a
-missing file is an immediate error that says how to get it); a path loads a local file;
-``False`` builds a seeded random initialisation (said so in ``identity``).
+Every alias runs at **224 px** (the authors' crops) with **ImageNet mean/std for every
+backbone** (``preprocess="authors"``, the default), CLIP and EVA-02 included, as the authors'
+dataloaders normalise; ``preprocess="model"`` uses the model's own timm mean/std instead.
+The authors' short names (``dinov2_vitb``, ``clip_vitb``, ...) are accepted too.
+
+Weights: ``pretrained=True`` reads the local caches only (timm's / Hugging Face's; never
+downloads at run time: a missing file is an immediate error that says how to get it); a path
+loads a local file or folder in the publisher's format (:mod:`fastsfm.weights`); ``False``
+builds a seeded random initialisation (said so in ``identity``).
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import os
+import math
+import types
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +54,7 @@ from torch import Tensor, nn
 
 from .config import Precision, Preprocess
 from .precision import autocast, autocast_dtype
+from .weights import file_digest, hub_offline, load_into, mixin_checkpoint, read_state_dict
 
 __all__ = [
     "Backbone",
@@ -63,7 +80,9 @@ class BackboneSpec:
     ``projection``: keep timm's head (CLIP's projection) instead of ``num_classes=0``;
     ``source``: where the authors load it from; ``weights``: a weight file shipped inside
     fastsfm (used for ``pretrained=True``), relative to the package; ``size``: the input
-    size; ``kwargs``: extra ``timm.create_model`` arguments, as (name, value) pairs.
+    size; ``kwargs``: extra ``timm.create_model`` arguments, as (name, value) pairs;
+    ``hub_positions``: torch.hub DINOv2's per-forward position interpolation (module docstring);
+    ``mixin_repo``: the Hugging Face repository of a ``PyTorchModelHubMixin`` checkpoint.
     """
 
     timm_name: str
@@ -73,10 +92,12 @@ class BackboneSpec:
     weights: str | None = None
     size: int = 224
     kwargs: tuple = ()
+    hub_positions: bool = False
+    mixin_repo: str | None = None
 
 
-def _spec(timm_name: str, source: str, projection: bool = False, architecture: str | None = None) -> BackboneSpec:
-    return BackboneSpec(timm_name, architecture or timm_name, projection, source)
+def _spec(timm_name: str, source: str, projection: bool = False, **more) -> BackboneSpec:
+    return BackboneSpec(timm_name, more.pop("architecture", timm_name), projection, source, **more)
 
 
 ALIASES: dict[str, BackboneSpec] = {
@@ -85,26 +106,27 @@ ALIASES: dict[str, BackboneSpec] = {
     "dino_vits16": _spec("vit_small_patch16_224.dino", "torch.hub dino_vits16"),
     "dino_vitb8": _spec("vit_base_patch8_224.dino", "torch.hub dino_vitb8"),
     "dino_vitb16": _spec("vit_base_patch16_224.dino", "torch.hub dino_vitb16"),
-    # DINOv2 (torch.hub facebookresearch/dinov2)
-    "dinov2_vits14": _spec("vit_small_patch14_dinov2.lvd142m", "torch.hub dinov2_vits14"),
-    "dinov2_vitb14": _spec("vit_base_patch14_dinov2.lvd142m", "torch.hub dinov2_vitb14"),
-    "dinov2_vitl14": _spec("vit_large_patch14_dinov2.lvd142m", "torch.hub dinov2_vitl14"),
-    # CLIP (OpenAI clip.load(...).visual): projected embedding
-    "clip_vitb32": _spec("vit_base_patch32_clip_224.openai", "clip ViT-B/32", projection=True),
-    "clip_vitb16": _spec("vit_base_patch16_clip_224.openai", "clip ViT-B/16", projection=True),
-    "clip_vitl14": _spec("vit_large_patch14_clip_224.openai", "clip ViT-L/14", projection=True),
+    # DINOv2 (torch.hub facebookresearch/dinov2): positions interpolated per forward, as the hub does
+    "dinov2_vits14": _spec("vit_small_patch14_dinov2.lvd142m", "torch.hub dinov2_vits14", hub_positions=True),
+    "dinov2_vitb14": _spec("vit_base_patch14_dinov2.lvd142m", "torch.hub dinov2_vitb14", hub_positions=True),
+    "dinov2_vitl14": _spec("vit_large_patch14_dinov2.lvd142m", "torch.hub dinov2_vitl14", hub_positions=True),
+    # CLIP (OpenAI clip.load(...).visual): QuickGELU, projected embedding
+    "clip_vitb32": _spec("vit_base_patch32_clip_quickgelu_224.openai", "clip ViT-B/32", projection=True),
+    "clip_vitb16": _spec("vit_base_patch16_clip_quickgelu_224.openai", "clip ViT-B/16", projection=True),
+    "clip_vitl14": _spec("vit_large_patch14_clip_quickgelu_224.openai", "clip ViT-L/14", projection=True),
     # EVA-02 (timm, MIM on ImageNet-22k)
     "eva02_vitt14": _spec("eva02_tiny_patch14_224.mim_in22k", "timm"),
     "eva02_vits14": _spec("eva02_small_patch14_224.mim_in22k", "timm"),
     "eva02_vitb14": _spec("eva02_base_patch14_224.mim_in22k", "timm"),
     "eva02_vitl14": _spec("eva02_large_patch14_224.mim_in22k", "timm"),
-    # MoCo v3 (Hugging Face hub, timm ViTs)
+    # MoCo v3 (Hugging Face PyTorchModelHubMixin checkpoints of a timm VisionTransformer subclass)
     "mocov3_vitb16": _spec(
-        "hf-hub:nyu-visionx/moco-v3-vit-b", "hf nyu-visionx/moco-v3-vit-b", architecture="vit_base_patch16_224"
+        "vit_base_patch16_224", "hf nyu-visionx/moco-v3-vit-b", mixin_repo="nyu-visionx/moco-v3-vit-b"
     ),
     "mocov3_vitl16": _spec(
-        "hf-hub:nyu-visionx/moco-v3-vit-l", "hf nyu-visionx/moco-v3-vit-l", architecture="vit_large_patch16_224"
-    ),  # The demo's tiny self-supervised backbones, trained by fastsfm.pretrain and shipped with fastsfm.
+        "vit_large_patch16_224", "hf nyu-visionx/moco-v3-vit-l", mixin_repo="nyu-visionx/moco-v3-vit-l"
+    ),
+    # The demo's tiny self-supervised backbones, trained by fastsfm.pretrain and shipped with fastsfm.
     "digits_vit": BackboneSpec(
         "test_vit",
         "test_vit",
@@ -183,6 +205,16 @@ class Backbone(nn.Module):
     def autocast_dtype(self) -> torch.dtype | None:
         return autocast_dtype(self.precision, self.device)
 
+    @contextlib.contextmanager
+    def using_precision(self, precision: Precision):
+        """Run the forwards inside the block under ``precision`` instead of :attr:`precision` (the real
+        side -- statistics, real features, test features -- runs in fp32 by default, as the authors')."""
+        saved, self.precision = self.precision, precision
+        try:
+            yield self
+        finally:
+            self.precision = saved
+
     def normalize(self, images: Tensor) -> Tensor:
         """(B, 3, H, W) in [0, 1] -> resized to ``input_size`` (bilinear) if needed, normalised."""
         if images.shape[-1] != self.input_size or images.shape[-2] != self.input_size:
@@ -202,17 +234,63 @@ class Backbone(nn.Module):
         return nn.Module.train(self, False)
 
 
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:16]
+def _hub_pos_embed(self, x: Tensor) -> Tensor:
+    """torch.hub DINOv2's position embedding, as a replacement of timm's ``VisionTransformer._pos_embed``:
+    the native table (37x37 for DINOv2) re-interpolated at every forward to the patch grid of ``x``
+    (B, H, W, C): bicubic with ``scale_factor = ((H + 0.1) / 37, (W + 0.1) / 37)``, no antialias,
+    computed in float32 (the hub's ``interpolate_pos_encoding``)."""
+    b, h, w, c = x.shape
+    table = self.pos_embed.float()
+    cls_pos, patch_pos = table[:, :1], table[:, 1:]
+    n = math.isqrt(patch_pos.shape[1])
+    if (h, w) != (n, n):
+        grid = patch_pos.reshape(1, n, n, c).permute(0, 3, 1, 2)
+        grid = F.interpolate(grid, scale_factor=((h + 0.1) / n, (w + 0.1) / n), mode="bicubic", align_corners=False)
+        patch_pos = grid.permute(0, 2, 3, 1).reshape(1, h * w, c)
+    tokens = torch.cat([self.cls_token.expand(b, -1, -1), x.reshape(b, h * w, c)], dim=1)
+    return self.pos_drop(tokens + torch.cat([cls_pos, patch_pos], dim=1).to(tokens.dtype))
+
+
+def _build(timm, spec: BackboneSpec, name: str, kwargs: dict, pretrained: bool | str | Path, seed: int):
+    """``(model, weights identity)``: ``spec``'s timm model with the requested weights."""
+    if spec.mixin_repo is not None and pretrained:
+        location = None if pretrained is True else pretrained
+        path, config = mixin_checkpoint(spec.mixin_repo, location)
+        known = {"patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "qkv_bias", "class_token"}
+        model = _create(timm, spec.architecture, {**kwargs, **{k: v for k, v in config.items() if k in known}})
+        load_into(model, read_state_dict(path), f"{spec.mixin_repo} weights {path}")
+        return model, f"{'hf-cache' if location is None else 'file'}:{file_digest(path)}"
+    if isinstance(pretrained, (str, Path)) and not isinstance(pretrained, bool):
+        path = Path(pretrained)
+        if not path.is_file():
+            raise FileNotFoundError(f"weight file {path} for backbone {name!r} does not exist")
+        model = _create(timm, spec.timm_name, kwargs)
+        load_into(model, read_state_dict(path), f"weight file {path}")
+        return model, f"file:{file_digest(path)}"
+    if pretrained and spec.weights is not None:
+        path = Path(__file__).parent / spec.weights
+        model = _create(timm, spec.architecture, kwargs)
+        load_into(model, read_state_dict(path), f"shipped weights {path.name}")
+        return model, f"fastsfm:{file_digest(path)}"
+    if pretrained:
+        try:
+            with hub_offline():
+                return _create(timm, spec.timm_name, kwargs, pretrained=True), "timm-pretrained"
+        except Exception as err:  # noqa: BLE001 - re-raised with instructions
+            raise FileNotFoundError(
+                f"pretrained weights for {name!r} (timm: {spec.timm_name}) are not in the local cache and fastsfm "
+                f'never downloads at run time. Download them once where there is internet (python -c "import '
+                f"timm; timm.create_model('{spec.timm_name}', pretrained=True)\") or pass a local file with "
+                f"--weights PATH (Python: pretrained='PATH'). Cause: {type(err).__name__}: {err}"
+            ) from err
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return _create(timm, spec.architecture, kwargs), f"random-init(seed={seed})"
 
 
 def load_backbone(
     name: str,
-    pretrained: bool | str = True,
+    pretrained: bool | str | Path = True,
     image_size: int | None = None,
     seed: int = 0,
     device: str | torch.device = "cpu",
@@ -223,8 +301,9 @@ def load_backbone(
 
     Args:
         name: a paper alias (:data:`ALIASES`), an author name (:data:`AUTHOR_NAMES`) or any timm name.
-        pretrained: ``True`` (timm's local cache or the weights fastsfm ships, never
-            downloads), a local weight file path, or ``False`` (random init seeded by ``seed``).
+        pretrained: ``True`` (the local timm / Hugging Face caches or the weights fastsfm ships,
+            never downloads), a local weights file or checkpoint folder in its publisher's format
+            (:mod:`fastsfm.weights`), or ``False`` (random init seeded by ``seed``).
         image_size: input resolution; default 224 for aliases (the papers'), else the model's.
         preprocess: ``"authors"`` (ImageNet mean/std) or ``"model"`` (the model's own).
         precision: the autocast policy of the forward (:data:`fastsfm.config.Precision`).
@@ -236,61 +315,19 @@ def load_backbone(
     name, spec = resolve_name(name)
     spec = spec or BackboneSpec(name, name)
     kwargs: dict = dict(spec.kwargs) if spec.projection else {"num_classes": 0, **dict(spec.kwargs)}
-    if image_size is not None or name in ALIASES:
-        kwargs["img_size"] = image_size or spec.size
-    if isinstance(pretrained, (str, Path)) and not isinstance(pretrained, bool):
-        path = Path(pretrained)
-        if not path.is_file():
-            raise FileNotFoundError(f"weight file {path} for backbone {name!r} does not exist")
-        model = _create(timm, spec.timm_name, kwargs, pretrained=True, pretrained_cfg_overlay={"file": str(path)})
-        weights = f"file:{_file_digest(path)}"
-    elif pretrained and spec.weights is not None:
-        from safetensors.torch import load_file
-
-        path = Path(__file__).parent / spec.weights
-        model = _create(timm, spec.architecture, kwargs, pretrained=False)
-        model.load_state_dict(load_file(str(path)))
-        weights = f"fastsfm:{_file_digest(path)}"
-    elif pretrained:
-        try:
-            with _hub_offline():
-                model = _create(timm, spec.timm_name, kwargs, pretrained=True)
-        except Exception as err:  # noqa: BLE001 - re-raised with instructions
-            raise FileNotFoundError(
-                f"pretrained weights for {name!r} (timm: {spec.timm_name}) are not in the local cache and fastsfm "
-                f'never downloads at run time. Download them once where there is internet (python -c "import '
-                f"timm; timm.create_model('{spec.timm_name}', pretrained=True)\") or pass a local file with "
-                f"--weights PATH (Python: pretrained='PATH'). Cause: {type(err).__name__}: {err}"
-            ) from err
-        weights = "timm-pretrained"
-    else:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            model = _create(timm, spec.architecture, kwargs, pretrained=False)
-        weights = f"random-init(seed={seed})"
+    size = image_size or (spec.size if name in ALIASES else None)
+    if spec.hub_positions:  # built at its native size; positions follow the input at every forward
+        kwargs["dynamic_img_size"] = True
+    elif size is not None:
+        kwargs["img_size"] = size
+    model, weights = _build(timm, spec, name, kwargs, pretrained, seed)
+    if spec.hub_positions:
+        model._pos_embed = types.MethodType(_hub_pos_embed, model)
     cfg = timm.data.resolve_data_config({}, model=model)
-    size = int(kwargs.get("img_size") or cfg["input_size"][-1])
+    size = int(size or cfg["input_size"][-1])
     mean, std = (IMAGENET_MEAN, IMAGENET_STD) if preprocess == "authors" else (cfg["mean"], cfg["std"])
     dim = model.num_classes if spec.projection else model.num_features
     return Backbone(model, name, weights, size, tuple(mean), tuple(std), dim, preprocess, precision).to(device)
-
-
-@contextlib.contextmanager
-def _hub_offline():
-    """Make huggingface_hub (which timm downloads through) use its local cache only."""
-    import huggingface_hub.constants as hub
-
-    saved_env, saved_flag = os.environ.get("HF_HUB_OFFLINE"), getattr(hub, "HF_HUB_OFFLINE", None)
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    hub.HF_HUB_OFFLINE = True
-    try:
-        yield
-    finally:
-        hub.HF_HUB_OFFLINE = saved_flag
-        if saved_env is None:
-            os.environ.pop("HF_HUB_OFFLINE", None)
-        else:
-            os.environ["HF_HUB_OFFLINE"] = saved_env
 
 
 def _create(timm, timm_name: str, kwargs: dict, **more) -> nn.Module:

@@ -27,7 +27,7 @@ from torch.utils.data import Dataset
 
 from .augment import BatchAugment
 from .backbones import Backbone
-from .config import EvalConfig
+from .config import EvalConfig, Precision
 from .data import labels_of
 from .inherit import InheritedClassifier, kd_loss
 from .probe import Head, encode, new_head, topk_accuracy, train_heads
@@ -70,16 +70,19 @@ class Score:
 @dataclass
 class FeatureCache:
     """Test-split features per backbone identity (encoded once, shared by evaluators; ``workers``
-    decode images in parallel)."""
+    decode images in parallel), under ``precision`` (fp32 by default: the authors compute test
+    features without autocast)."""
 
     test: Dataset
     device: str | torch.device = "cpu"
     workers: int | None = None
+    precision: Precision = "fp32"
     features: dict[str, Tensor] = field(default_factory=dict)
 
     def __call__(self, backbone: Backbone) -> Tensor:
         if backbone.identity not in self.features:
-            self.features[backbone.identity] = encode(backbone, self.test, device=self.device, workers=self.workers)
+            with backbone.using_precision(self.precision):
+                self.features[backbone.identity] = encode(backbone, self.test, device=self.device, workers=self.workers)
         return self.features[backbone.identity]
 
     @property

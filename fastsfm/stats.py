@@ -20,7 +20,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from .backbones import Backbone
-from .config import ClassifierConfig
+from .config import ClassifierConfig, Precision
 from .data import fingerprint, loader_kwargs
 from .distributed import control_group, gather_to_rank0, interleave_shards, rank_world, shard_dataset
 from .io import atomic_save_safetensors, read_safetensors
@@ -138,11 +138,13 @@ def compute_stats(
     classifier: ClassifierConfig | None = None,
     device: str | torch.device = "cpu",
     progress: bool = True,
+    precision: Precision = "fp32",
 ) -> ClassStats:
     """One pass over ``loader`` (images in [0, 1], int labels): per-class sums and counts by a
     segmented reduction (``index_add_``), plus the real-data linear classifier
     (:class:`fastsfm.config.ClassifierConfig`, recorded in the metadata) fitted on the features
-    cached in float16 during the same pass (so images are read exactly once).
+    cached in float16 during the same pass (so images are read exactly once).  The backbone runs
+    under ``precision`` (fp32 by default: the authors compute class means without autocast).
 
     Under ``torch.distributed`` each rank passes a loader over
     ``shard_dataset(dataset, rank, world)`` in order (no shuffling): sums and counts are
@@ -154,11 +156,13 @@ def compute_stats(
     sums = torch.zeros(c, d, dtype=torch.float64, device=device)
     counts = torch.zeros(c, dtype=torch.int64, device=device)
     cached, cached_labels = [], []
-    for images, labels in track(loader, "class statistics", enabled=progress and rank_world()[0] == 0, unit="batch"):
+    batches = track(loader, "class statistics", enabled=progress and rank_world()[0] == 0, unit="batch")
+    for images, labels in batches:
         labels = labels.to(device)
         if int(labels.min()) < 0 or int(labels.max()) >= c:
             raise ValueError(f"labels must lie in [0, {c}), got [{int(labels.min())}, {int(labels.max())}]")
-        feats = backbone(images.to(device, non_blocking=True)).float()
+        with backbone.using_precision(precision):
+            feats = backbone(images.to(device, non_blocking=True)).float()
         sums.index_add_(0, labels, feats.double())
         counts += torch.bincount(labels, minlength=c)
         cached.append(feats.half().cpu())
@@ -196,6 +200,7 @@ def compute_stats(
         "feature_dim": str(d),
         "num_images": str(int(counts.sum())),
         "classifier": json.dumps(asdict(classifier)),
+        "precision": precision,
     }
     return ClassStats(means.cpu(), counts.cpu(), head[0], head[1], list(class_names), meta)
 
@@ -208,6 +213,7 @@ def dataset_stats(
     batch_size: int = 128,
     workers: int | None = None,
     progress: bool = True,
+    precision: Precision = "fp32",
 ) -> ClassStats:
     """:func:`compute_stats` of an :class:`fastsfm.data.ImageData`'s train split (its centre-crop
     view), identified by name and file fingerprint; under ``torch.distributed`` each rank reads
@@ -223,4 +229,5 @@ def dataset_stats(
         classifier=classifier,
         device=device,
         progress=progress,
+        precision=precision,
     )

@@ -43,8 +43,9 @@ def test_paper_aliases_run_at_224_with_the_authors_preprocessing():
     assert clip(torch.rand(1, 3, 224, 224)).shape == (1, 512)
     own = load_backbone("eva02_vitt14", pretrained=False, preprocess="model")
     assert own.input_size == 224 and own.mean != IMAGENET_MEAN and own.identity.endswith("|224px|model")
-    dino = load_backbone("dinov2_vits14", pretrained=False)  # timm's default would be 518 px
-    assert dino.input_size == 224 and dino.model.patch_embed.img_size == (224, 224)
+    dino = load_backbone("dinov2_vits14", pretrained=False)  # timm's default input would be 518 px
+    assert dino.input_size == 224 and dino.model.patch_embed.img_size == (518, 518)  # the native 37x37 table
+    assert dino(torch.rand(1, 3, 224, 224)).shape == (1, 384)  # interpolated to 16x16 at the forward
     with pytest.raises(ValueError, match="preprocess must be"):
         load_backbone("eva02_vitt14", pretrained=False, preprocess="clip")
 
