@@ -37,7 +37,7 @@ import torch
 from fastsfm import pinned
 from fastsfm.backbones import load_backbone
 from fastsfm.benchmark import distill_setup, environment, in_child, print_table, run_step, time_steps, write_csv
-from fastsfm.config import DistillConfig
+from fastsfm.config import DistillConfig, Precision, choices
 from fastsfm.io import atomic_write_json
 from fastsfm.optim import ChunkAdam
 from fastsfm.synset import SyntheticSet
@@ -243,7 +243,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--preset", choices=sorted(PRESETS), default=None, help="default: paper on CUDA, else cpu")
     parser.add_argument("--runs", default=None, help="JSON list of configurations (overrides the preset)")
-    parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
+    parser.add_argument("--precision", default="auto", choices=choices(Precision))
     parser.add_argument("--steps", type=int, default=3, help="timed steps per configuration")
     parser.add_argument("--profile", action="store_true", help="profile one SFM step per configuration")
     parser.add_argument("--growth", default=None, help="C:IPC:RES of an offloaded set grown through every level")

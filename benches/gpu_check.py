@@ -168,6 +168,7 @@ def loss_correctness(ctx: Context) -> None:
     import torch
 
     from fastsfm import sfm_loss
+    from fastsfm.benchmark import loss_problem
     from fastsfm.reference import sfm_reference
 
     sizes = [(5, 20, 24)] if ctx.smoke else [(100, 1000, 384), (1000, 10_000, 768), (1000, 50_000, 768)]
@@ -176,7 +177,7 @@ def loss_correctness(ctx: Context) -> None:
     for (c, n, d), dtype, objective, order in _product(
         sizes, list(tol), ("flow", "decouple"), ("contiguous", "shuffled")
     ):
-        z, y, mu = _problem(n, c, d, ctx.device, order, seed=n + c)
+        z, y, mu = loss_problem(n, c, d, device=ctx.device, order=order, seed=n + c)
         x = z.to(dtype).requires_grad_()
         loss = sfm_loss(x, y, mu, objective=objective, backend="triton")
         (1024.0 * loss).backward()
@@ -208,18 +209,6 @@ def _product(*lists):
     return itertools.product(*lists)
 
 
-def _problem(n, c, d, device, order, seed):
-    import torch
-
-    gen = torch.Generator().manual_seed(seed)
-    offset = 3.0 * torch.randn(d, generator=gen, dtype=torch.float64)
-    centers = offset + torch.randn(c, d, generator=gen, dtype=torch.float64)
-    labels = torch.cat([torch.arange(c), torch.randint(0, c, (n - c,), generator=gen)])
-    labels = labels.sort().values if order == "contiguous" else labels[torch.randperm(n, generator=gen)]
-    feats = centers[labels] + 0.7 * torch.randn(n, d, generator=gen, dtype=torch.float64)
-    return feats.to(device), labels.to(device), centers.to(device)
-
-
 def sync_and_graphs(ctx: Context) -> None:
     if ctx.device.type != "cuda":
         ctx.report.check("host syncs, CUDA graphs", "SFMLoss", "CUDA only", "n/a on CPU", None)
@@ -227,8 +216,9 @@ def sync_and_graphs(ctx: Context) -> None:
     import torch
 
     from fastsfm import SFMLoss
+    from fastsfm.benchmark import loss_problem
 
-    z, y, mu = _problem(10_000, 1000, 768, ctx.device, "shuffled", seed=1)
+    z, y, mu = loss_problem(10_000, 1000, 768, device=ctx.device, seed=1)
     module = SFMLoss(mu).to(ctx.device)
     x = z.to(torch.bfloat16).requires_grad_()
     module(x, y).backward()  # validation and plan: the one call allowed to synchronise

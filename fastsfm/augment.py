@@ -1,6 +1,7 @@
 """The differentiable augmentation of the SFM and LGM authors, batched, from per-image keys.
 
-Operations and distribution (``shared/references/lgm.md``, the authors' ``AugStandard``), in
+Operations and distribution (``GeorgeCazenavette/linear-gradient-matching``, ``augmentation/standard_aug.py``:
+the authors' ``AugStandard``), in
 their order, each drawn independently per image:
 
 1. horizontal flip with probability 0.5;

@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import Precision, Preprocess
+from .config import Precision, Preprocess, choices
 from .precision import autocast, autocast_dtype
 from .weights import file_digest, hub_offline, load_into, mixin_checkpoint, read_state_dict
 
@@ -310,8 +310,8 @@ def load_backbone(
     """
     import timm
 
-    if preprocess not in ("authors", "model"):
-        raise ValueError(f"preprocess must be 'authors' or 'model', got {preprocess!r}")
+    if preprocess not in choices(Preprocess):
+        raise ValueError(f"preprocess must be one of {choices(Preprocess)}, got {preprocess!r}")
     name, spec = resolve_name(name)
     spec = spec or BackboneSpec(name, name)
     kwargs: dict = dict(spec.kwargs) if spec.projection else {"num_classes": 0, **dict(spec.kwargs)}

@@ -19,6 +19,7 @@ __all__ = [
     "print_table",
     "device_name",
     "environment",
+    "loss_problem",
     "distill_setup",
     "run_step",
     "time_steps",
@@ -94,6 +95,24 @@ def environment(device: torch.device) -> str:
         f"{device_name(device)}, torch {torch.__version__}, triton {triton.__version__}, "
         f"python {platform.python_version()}, {datetime.date.today().isoformat()}"
     )
+
+
+def loss_problem(
+    n: int, c: int, d: int, dtype=torch.float32, device="cpu", seed: int = 0, order: str = "shuffled"
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A loss problem: features (N, D) in ``dtype``, labels (N,) and centres (C, D) float64, N >= C.
+
+    Every class has a row, the others are drawn at random (unequal counts); ``order`` is
+    ``"shuffled"`` or ``"contiguous"`` (class-sorted rows).  A large shared offset, as real
+    backbone features have, exercises the cancellation in the flows.  Tests and the GPU check use it.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    offset = 3.0 * torch.randn(d, generator=gen, dtype=torch.float64)
+    centers = offset + torch.randn(c, d, generator=gen, dtype=torch.float64)
+    labels = torch.cat([torch.arange(c), torch.randint(0, c, (n - c,), generator=gen)])
+    labels = labels.sort().values if order == "contiguous" else labels[torch.randperm(n, generator=gen)]
+    feats = centers[labels] + 0.7 * torch.randn(n, d, generator=gen, dtype=torch.float64)
+    return feats.to(device=device, dtype=dtype), labels.to(device), centers.to(device)
 
 
 def distill_setup(

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import types
 import typing
@@ -25,7 +26,7 @@ from typing import Literal
 import torch
 
 from . import __version__
-from .config import ClassifierConfig, DistillConfig, EvalConfig, Precision, Preprocess, choices, cli_fields
+from .config import Baseline, ClassifierConfig, DistillConfig, EvalConfig, Precision, Preprocess, choices, cli_fields
 
 __all__ = ["main", "build_parser", "add_config_flags", "config_from_args"]
 
@@ -71,7 +72,17 @@ def config_from_args(cls: type, args: argparse.Namespace):
     )
 
 
-def _add_backbone(p: argparse.ArgumentParser, precision: bool = True) -> None:
+SYNTHETIC_PRECISION_HELP = (
+    "backbone autocast of the synthetic side (eval: the augmented training views of every set): auto = bf16 "
+    "on CUDA, fp32 on CPU; fp16 uses the authors' fixed x1024 loss scale"
+)
+REAL_PRECISION_HELP = (
+    "backbone autocast of the real side -- class statistics, the real-data classifier's features, test "
+    "features, baseline selection (default fp32: the authors run these without autocast)"
+)
+
+
+def _add_backbone(p: argparse.ArgumentParser, synthetic: bool = True, real: bool = True) -> None:
     g = p.add_argument_group("backbone")
     g.add_argument(
         "--backbone",
@@ -80,7 +91,13 @@ def _add_backbone(p: argparse.ArgumentParser, precision: bool = True) -> None:
         "fastsfm.backbones.ALIASES), an author name (dinov2_vitb, ...) or any timm name",
     )
     w = g.add_mutually_exclusive_group()
-    w.add_argument("--weights", default=None, help="local weight file (.safetensors/.pth); default: timm's cache")
+    w.add_argument(
+        "--weights",
+        default=None,
+        help="local weights in their publisher's format: a file (.safetensors, a .pth state dict, OpenAI's "
+        "TorchScript .pt) or a checkpoint folder (MoCo-v3: config.json + model.safetensors); default: the local "
+        "timm / Hugging Face caches",
+    )
     w.add_argument("--random-init", action="store_true", help="no pretrained weights: seeded random init")
     g.add_argument(
         "--image-size",
@@ -94,13 +111,10 @@ def _add_backbone(p: argparse.ArgumentParser, precision: bool = True) -> None:
         default="authors",
         help="authors: ImageNet mean/std for every backbone (default); model: the model's own",
     )
-    if precision:
-        g.add_argument(
-            "--precision",
-            choices=choices(Precision),
-            default="auto",
-            help="backbone autocast: auto = bf16 on CUDA, fp32 on CPU",
-        )
+    if synthetic:
+        g.add_argument("--precision", choices=choices(Precision), default="auto", help=SYNTHETIC_PRECISION_HELP)
+    if real:
+        g.add_argument("--real-precision", choices=choices(Precision), default="fp32", help=REAL_PRECISION_HELP)
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 
 
@@ -115,7 +129,7 @@ def _backbone(args: argparse.Namespace, name: str | None = None, weights: str | 
         args.image_size,
         device=args.device,
         preprocess=args.preprocess,
-        precision=args.precision,
+        precision=getattr(args, "precision", "auto"),
     )
 
 
@@ -138,7 +152,7 @@ def _resolution(args: argparse.Namespace) -> int:
 
 
 def _data(args: argparse.Namespace, crop: int):
-    from .data import load_data
+    from .datasets import load_data
 
     return load_data(args.data, _resolution(args), crop, getattr(args, "test_data", None))
 
@@ -160,7 +174,9 @@ def cmd_stats(args: argparse.Namespace) -> None:
     rank = _join_torchrun(args)
     backbone = _backbone(args)
     data = _data(args, backbone.input_size)
-    stats = dataset_stats(backbone, data, classifier, args.device, args.batch_size, args.workers)
+    stats = dataset_stats(
+        backbone, data, classifier, args.device, args.batch_size, args.workers, precision=args.real_precision
+    )
     if rank != 0:
         return
     stats.save(args.out)
@@ -192,38 +208,25 @@ def cmd_distill(args: argparse.Namespace) -> None:
         print(f"wrote {Path(args.out) / 'synset.safetensors'}, synset.png, loss.png and metrics.jsonl")
 
 
-def _image_sets(args: argparse.Namespace, data, stats, distill_bb, resolution: int) -> dict:
-    """The sets to evaluate: --synset files/folders and the --baselines that select real images."""
-    from .baselines.reals import centroid_reals, nearest_reals, random_reals
-    from .data import labels_of, stack_images
-    from .evaluate import ImageSet, load_image_set
+def _image_sets(args: argparse.Namespace, data, stats, distill_bb, resolution: int) -> list:
+    """The sets to evaluate: --synset files/folders and the --baselines that select real images
+    (:mod:`fastsfm.baselines.sets`; neighbors: of each --synset)."""
+    from .baselines.sets import baseline_sources
+    from .evaluate import load_image_set
     from .probe import encode
 
-    sets = {}
-    for path in args.synset:
-        image_set = load_image_set(path, stats, resolution)
-        sets[image_set.name] = image_set
-    ipc = args.ipc or (int(torch.bincount(next(iter(sets.values())).labels).max()) if sets else 1)
-    train_y = labels_of(data.train)
+    synthetic = [load_image_set(path, stats, resolution) for path in args.synset]
+    ipc = args.ipc or (int(torch.bincount(synthetic[0].labels).max()) if synthetic else 1)
+    baselines = [b for b in args.baselines if b != "full"]
 
-    def reals(idx) -> tuple:
-        return stack_images(data.train, idx), train_y[idx]
+    def features():
+        with distill_bb.using_precision(args.real_precision):
+            return encode(distill_bb, data.train_eval, device=args.device, workers=args.workers, progress=True)
 
-    baselines = set(args.baselines)
-    if "random" in baselines:
-        sets[f"random real (IPC={ipc})"] = lambda seed: ImageSet(
-            "", *reals(random_reals(train_y, stats.num_classes, ipc, seed))
-        )
-    if baselines & {"centroid", "neighbors"}:
-        feats = encode(distill_bb, data.train_eval, device=args.device, workers=args.workers, progress=True)
-        if "centroid" in baselines:
-            sets[f"centroid real (IPC={ipc})"] = ImageSet("", *reals(centroid_reals(feats, train_y, stats.means, ipc)))
-        if "neighbors" in baselines:
-            for name, image_set in list(sets.items()):
-                if isinstance(image_set, ImageSet) and not name.endswith(")"):
-                    idx = nearest_reals(distill_bb, image_set.images, image_set.labels, feats, train_y, args.device)
-                    sets[f"nearest reals of {name}"] = ImageSet("", *reals(idx))
-    if not sets and "full" not in baselines:
+    sets = synthetic + baseline_sources(
+        data, baselines, ipc, args.seeds, features, stats.means, synthetic, distill_bb, args.device
+    )
+    if not sets and "full" not in args.baselines:
         raise ValueError("nothing to evaluate: give --synset and/or --baselines")
     return sets
 
@@ -241,10 +244,10 @@ def cmd_eval(args: argparse.Namespace) -> None:
         raise ValueError("--test-data is needed (the real test split)")
     stats.check_compatible(distill_bb, num_classes=data.num_classes)
     sets = _image_sets(args, data, stats, distill_bb, _resolution(args))
-    evaluator = Evaluator(
-        distill_bb, stats, FeatureCache(data.test, args.device, args.workers), config, [eval_bb], args.device
-    )
-    scores = compare(evaluator, sets, config.seeds, full_data="full" in args.baselines)
+    cache = FeatureCache(data.test, args.device, args.workers, args.real_precision)
+    evaluator = Evaluator(distill_bb, stats, cache, config, [eval_bb], args.device)
+    journal = Path(args.out) / "journal" if args.out else None  # a rerun of the command resumes
+    scores = compare(evaluator, sets, config.seeds, full_data="full" in args.baselines, journal=journal)
     print(format_markdown(summarise(scores)))
     if args.out:
         meta = {
@@ -271,10 +274,15 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 def cmd_reproduce(args: argparse.Namespace) -> None:
-    from .grid import load_grid, run_grid
+    from .distributed import init_from_env
+    from .reproduce import load_grid, run_grid
 
     grid = load_grid(args.config, root=args.root, out=args.out)
-    _join_torchrun(args)
+    if args.device is not None:
+        grid.device = args.device
+    device = init_from_env(grid.wait_hours)  # under torchrun: this rank's device
+    if device is not None:
+        grid.device = str(device)
     if args.device is not None:
         grid.device = args.device
     run_grid(grid, dry_run=args.dry_run)
@@ -289,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("stats", help="one pass over the real data: class means + real-data classifier")
-    _add_backbone(p)
+    _add_backbone(p, synthetic=False)
     _add_data(p, required=True)
     p.add_argument("--out", required=True, help="statistics file to write (.safetensors)")
     p.add_argument("--batch-size", type=int, default=128)
@@ -298,7 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_stats)
 
     p = sub.add_parser("distill", help="distill a synthetic set with SFM (or the LGM baseline)")
-    _add_backbone(p, precision=False)
+    _add_backbone(p, synthetic=False, real=False)  # the synthetic side's precision: --precision of DistillConfig
     _add_data(p, required=False, resolution=False)
     p.add_argument("--stats", required=True, help="statistics file from `fastsfm stats` (same backbone)")
     p.add_argument("--out", required=True, help="run folder: checkpoint, metrics, synset.safetensors, PNGs")
@@ -326,8 +334,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--baselines",
         nargs="*",
         default=[],
-        choices=["random", "centroid", "neighbors", "full"],
-        help="real-image baselines at the same IPC (neighbors: of each --synset) and the full-data classifier",
+        choices=[*choices(Baseline), "full"],
+        help="real-image baselines at the same IPC (kmeans: the reals nearest k-means centres, the authors' "
+        "centroid baseline extended beyond IPC 1; neighbors: of each --synset) and the full-data classifier",
     )
     p.add_argument("--ipc", type=int, default=None, help="IPC of the baselines (default: the first --synset's, else 1)")
     p.add_argument("--workers", type=int, default=None, help=WORKERS_HELP)
@@ -358,8 +367,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Stderr(logging.Handler):
+    """Writes records to the current ``sys.stderr`` (resolved at each record, not when configured)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(self.format(record), file=sys.stderr, flush=True)
+
+
+def _show_library_logs() -> None:
+    """Library modules log (``logging.getLogger(__name__)``); the command line shows their INFO messages."""
+    logger = logging.getLogger("fastsfm")
+    if not any(isinstance(h, _Stderr) for h in logger.handlers):
+        logger.addHandler(_Stderr())
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+
+
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    _show_library_logs()
     try:
         args.func(args)
     except (ValueError, FileNotFoundError, FileExistsError) as err:

@@ -23,6 +23,8 @@ __all__ = [
     "Precision",
     "Preprocess",
     "EvalMode",
+    "Baseline",
+    "GridMethod",
     "DistillConfig",
     "ClassifierConfig",
     "EvalConfig",
@@ -59,6 +61,14 @@ the authors' fixed x1024 loss scale.  Statistics and losses are always float32."
 Preprocess = Literal["authors", "model"]
 """Backbone input normalisation: ``authors`` (ImageNet mean/std for every backbone, as both papers'
 code does) or ``model`` (the mean/std of the model's own timm configuration)."""
+
+Baseline = Literal["random", "centroid", "kmeans", "neighbors"]
+"""Real-image baselines (:mod:`fastsfm.baselines.sets`): random reals, the reals nearest the class
+centroid (the authors'), the reals nearest k-means centres (its extension beyond IPC 1), and the
+reals nearest each synthetic image (a memorisation check)."""
+
+GridMethod = Literal["sfm", "lgm", "random", "centroid", "kmeans", "neighbors"]
+"""Rows of the reproduction grid: the two distillation methods and the real baselines."""
 
 EvalMode = Literal["probe", "inherit", "kd", "inherit_ce"]
 """Evaluation of a small training set (the authors' ``eval_mode`` normal / CI / KD): a fresh linear
@@ -173,14 +183,14 @@ class EvalConfig:
     inherit_lr: float = _opt(1e-2, "inheritance projector learning rate, times batch / 256")
     temperature: float = _opt(4.0, "KD temperature")
     kd_weight: float = _opt(0.5, "KD: weight of the KL term (1 - it: cross-entropy)")
+    checkpoint_every: int = _opt(100, "epochs between saves of a running evaluation (with a journal: --out)")
 
     def __post_init__(self) -> None:
         if not self.mode or any(m not in get_args(EvalMode) for m in self.mode):
             raise ValueError(f"mode must be a non-empty subset of {list(get_args(EvalMode))}, got {self.mode!r}")
-        if self.epochs < 1 or self.seeds < 1 or self.batch < 1:
-            raise ValueError(
-                f"epochs, seeds and batch must be at least 1, got {self.epochs}, {self.seeds}, {self.batch}"
-            )
+        for name in ("epochs", "seeds", "batch", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         self.mode = tuple(dict.fromkeys(self.mode))
 
 

@@ -4,7 +4,7 @@ Every dataset yields ``(image, label)`` with images as float tensors (3, H, W) i
 normalisation belongs to the backbone (:mod:`fastsfm.backbones`), so statistics, synthetic
 images and probes all see pixels the same way.
 
-Views of the real images, as the authors' loaders (``shared/references/sfm.md``):
+Views of the real images, as the authors' loaders (``einsteinxia/SFM``, ``data/dataloaders``):
 
 * ``train``: resized to ``resolution`` (shorter side) and centre-cropped to ``resolution``
   (256): the synthetic resolution, for real-image initialisation, LGM's real batches and
@@ -30,7 +30,8 @@ __all__ = [
     "ImageData",
     "digits",
     "image_folder",
-    "load_data",
+    "image_set_folder",
+    "center_crop",
     "labels_of",
     "fingerprint",
     "stack_images",
@@ -166,63 +167,6 @@ def image_set_folder(root: str | Path, class_names: list[str], resolution: int) 
     images = stack_images(dataset, range(len(dataset)))
     labels = torch.tensor([index[dataset.classes[y]] for y in dataset.targets], dtype=torch.int64)
     return images, labels
-
-
-def torchvision_dataset(name: str, root: str | Path, resolution: int, crop: int) -> ImageData:
-    """A ``torchvision.datasets`` class by name on a local ``root``, never downloading: the train
-    split (``train=True`` or ``split="train"``) and the test split (``"test"``, else ``"val"``)."""
-    import inspect
-
-    from torchvision import datasets
-
-    cls = getattr(datasets, name, None)
-    if not (inspect.isclass(cls) and issubclass(cls, Dataset)):
-        raise ValueError(f"torchvision.datasets has no dataset class {name!r}")
-    params = inspect.signature(cls).parameters
-
-    def split(train: bool, transform) -> Dataset:
-        kwargs = {"download": False} if "download" in params else {}
-        if "train" in params:
-            return cls(str(root), train=train, transform=transform, **kwargs)
-        if "split" not in params:
-            raise ValueError(f"torchvision.datasets.{name} has neither a train nor a split argument")
-        for value in ("train",) if train else ("test", "val"):
-            try:
-                return cls(str(root), split=value, transform=transform, **kwargs)
-            except ValueError:
-                continue
-        raise ValueError(f"torchvision.datasets.{name} has no test or val split")
-
-    try:
-        train = split(True, view_transform(resolution, resolution))
-        test = split(False, view_transform(resolution, crop))
-    except RuntimeError as err:  # torchvision: "Dataset not found or corrupted. You can use download=True ..."
-        raise FileNotFoundError(
-            f"torchvision.datasets.{name} is not under {root} (fastsfm never downloads): {err}"
-        ) from err
-    classes = list(getattr(train, "classes", [])) or [str(c) for c in range(int(labels_of(train).max()) + 1)]
-    return ImageData(train, with_transform(train, view_transform(resolution, crop)), test, classes, name.lower())
-
-
-def load_data(spec: str, resolution: int, crop: int, test_spec: str | None = None) -> ImageData:
-    """A dataset from a spec string:
-
-    * ``digits``: the embedded default;
-    * ``<imagenet subset>:<root>`` (``imagenet-100:/data/imagenet``; :mod:`fastsfm.imagenet`);
-    * ``torchvision:<Class>:<root>`` (``torchvision:CIFAR10:/data/cifar``), never downloading;
-    * anything else: an ImageFolder root, with ``test_spec`` the test split's root.
-    """
-    if spec == "digits":
-        return digits(resolution, crop)
-    if spec.startswith("torchvision:"):
-        _, name, root = (spec.split(":", 2) + [""])[:3]
-        return torchvision_dataset(name, root, resolution, crop)
-    head, _, root = spec.partition(":")
-    from .imagenet import SUBSETS, imagenet_subset
-
-    if head in SUBSETS and root:
-        return imagenet_subset(root, head, resolution, crop)
-    return image_folder(spec, resolution, crop, test_spec)
 
 
 def default_workers() -> int:

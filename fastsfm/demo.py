@@ -101,14 +101,14 @@ def run_demo(
     def neighbours(seed: int) -> ImageSet:
         syn = sfm(seed)
         idx = nearest_reals(backbone, syn.images, syn.labels, train_f, train_y)
-        return ImageSet("", train_x[idx], train_y[idx])
+        return ImageSet("nearest reals of SFM", train_x[idx], train_y[idx])
 
-    sets = {
-        "SFM": sfm,
-        "random real": lambda seed: ImageSet("", *data.train[random_reals(train_y, 10, ipc, seed)]),
-        "centroid real": ImageSet("", train_x[centroids], train_y[centroids]),
-        "nearest reals of SFM": neighbours,
-    }
+    sets = [
+        sfm,
+        lambda seed: ImageSet("random real", *data.train[random_reals(train_y, 10, ipc, seed)]),
+        ImageSet("centroid real", train_x[centroids], train_y[centroids]),
+        neighbours,
+    ]
     cache = FeatureCache(data.test)
     evaluator = Evaluator(backbone, stats, cache, eval_config, eval_backbones=[backbone, cross])
     scores = compare(evaluator, sets, eval_config.seeds)

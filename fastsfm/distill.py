@@ -32,7 +32,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import signal
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -53,53 +52,13 @@ from .metrics import MetricsLog, plot_loss
 from .objective import DistillStep, SFMObjective
 from .optim import ChunkAdam
 from .progress import Progress
+from .signals import StopSignals
 from .stats import ClassStats
 from .synset import SyntheticSet, load_images, save_grid, save_images
 
-__all__ = ["DistillConfig", "distill", "build_objective", "StopSignals"]
+__all__ = ["DistillConfig", "distill", "build_objective"]
 
 log = logging.getLogger(__name__)
-
-_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
-
-
-class StopSignals:
-    """Turns SIGTERM, SIGUSR1 and a first SIGINT into a request to stop after the current step.
-
-    ``requested(group)`` is True once any rank of ``group`` received one (an all-reduce when
-    there are several ranks, so all stop at the same step); ``code`` is ``128 + signal``.
-    """
-
-    def __init__(self):
-        self.signum = 0
-        self._saved = {}
-
-    def __enter__(self) -> StopSignals:
-        for sig in _SIGNALS:
-            self._saved[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._saved.items():
-            signal.signal(sig, handler)
-
-    def _handle(self, signum: int, frame) -> None:
-        self.signum = signum
-        if signum == signal.SIGINT:  # a second Ctrl-C interrupts at once
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-
-    def requested(self, group=None) -> bool:
-        if group is None:
-            return self.signum != 0
-        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else None
-        flag = torch.tensor([self.signum], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
-        self.signum = int(flag)
-        return self.signum != 0
-
-    @property
-    def code(self) -> int:
-        return 128 + self.signum
 
 
 def _checkpoint_path(out: Path, rank: int, world: int) -> Path:

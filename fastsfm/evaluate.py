@@ -14,9 +14,11 @@ the same :class:`FeatureCache`.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import statistics
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -30,7 +32,8 @@ from .backbones import Backbone
 from .config import EvalConfig, Precision
 from .data import labels_of
 from .inherit import InheritedClassifier, kd_loss
-from .probe import Head, encode, new_head, topk_accuracy, train_heads
+from .probe import Head, HeadCheckpoint, encode, new_head, topk_accuracy, train_heads
+from .signals import StopSignals
 from .stats import ClassStats
 
 __all__ = [
@@ -43,6 +46,9 @@ __all__ = [
     "format_markdown",
     "write_results",
     "load_image_set",
+    "mean_std",
+    "EvalJournal",
+    "SetSource",
 ]
 
 
@@ -168,8 +174,16 @@ class Evaluator:
             heads["inherit_ce"] = Head(ce, lambda f, y: F.cross_entropy(ce(f[own]), y), cfg.probe_lr * scale)
         return heads
 
-    def evaluate(self, image_set: ImageSet, seed: int) -> list[Score]:
-        """Train each (evaluation backbone, mode) head on ``image_set`` (seeded); score it on the test split."""
+    def key(self, image_set: ImageSet, seed: int) -> str:
+        """What identifies one evaluation of ``image_set`` for a journal: the set, the seed, the backbones,
+        the statistics and the settings."""
+        parts = [image_set.name, seed, self.distill.identity, [b.identity for b in self.evals]]
+        parts += [self.stats.meta.get("dataset", ""), asdict(self.config)]
+        return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+    def evaluate(self, image_set: ImageSet, seed: int, checkpoint: HeadCheckpoint | None = None) -> list[Score]:
+        """Train each (evaluation backbone, mode) head on ``image_set`` (seeded); score it on the test split.
+        ``checkpoint``: save and resume the heads' training (:class:`fastsfm.probe.HeadCheckpoint`)."""
         labels = image_set.labels.long()
         if len(labels) == 0:
             raise ValueError(f"image set {image_set.name!r} is empty")
@@ -195,6 +209,7 @@ class Evaluator:
             seed,
             self.device,
             self.progress,
+            checkpoint,
         )
         scores = []
         with torch.no_grad():
@@ -235,19 +250,67 @@ SetSource = ImageSet | Callable[[int], ImageSet]
 """An image set, or a function of the seed returning one (random real images differ per seed)."""
 
 
+class EvalJournal:
+    """A folder that makes a long evaluation resumable: ``scores.jsonl`` holds each finished
+    (set, seed, evaluators) result as it is written, ``heads.safetensors`` the training state of the
+    one running (:class:`fastsfm.probe.HeadCheckpoint`, every ``EvalConfig.checkpoint_every`` epochs)."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.path = self.folder / "scores.jsonl"
+        self.done: dict[str, list[Score]] = {}
+        if self.path.exists():
+            for line in self.path.read_text().splitlines():
+                try:
+                    entry = json.loads(line)
+                    self.done[entry["key"]] = [Score(**s) for s in entry["scores"]]
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    continue  # a line cut by a crash: that evaluation runs again
+
+    def record(self, key: str, scores: list[Score]) -> None:
+        self.done[key] = scores
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps({"key": key, "scores": [asdict(s) for s in scores]}) + "\n")
+            fh.flush()
+
+    def checkpoint(self, key: str, every: int, stop) -> HeadCheckpoint:
+        return HeadCheckpoint(self.folder / "heads.safetensors", key, every, stop)
+
+
 def compare(
-    evaluators: Evaluator | list[Evaluator], sets: Mapping[str, SetSource], seeds: int, full_data: bool = True
+    evaluators: Evaluator | list[Evaluator],
+    sets: Iterable[SetSource],
+    seeds: int,
+    full_data: bool = True,
+    journal: str | Path | None = None,
 ) -> list[Score]:
     """Every set x seed through every evaluator (in its modes); plus the full-data score of each
-    distillation backbone.  Sets given as functions are re-drawn per seed."""
+    distillation backbone.  Sets given as functions are re-drawn per seed; each keeps its own name.
+
+    ``journal``: a folder (:class:`EvalJournal`) where finished evaluations are recorded as they end
+    and the running one is checkpointed; a rerun with the same folder skips the finished ones and
+    continues the interrupted one exactly.  SIGTERM/SIGUSR1 (and a first Ctrl-C) then save the
+    running evaluation at its next block of epochs and exit with ``128 + signal``.
+    """
     evaluators = [evaluators] if isinstance(evaluators, Evaluator) else evaluators
+    sets = list(sets)
+    book = EvalJournal(journal) if journal is not None else None
     scores = []
-    for seed in range(seeds):
-        for name, source in sets.items():
-            image_set = source(seed) if callable(source) else source
-            image_set = ImageSet(name, image_set.images, image_set.labels)
-            for evaluator in evaluators:
-                scores += evaluator.evaluate(image_set, seed)
+    with StopSignals() if book is not None else contextlib.nullcontext() as stop:
+        for seed in range(seeds):
+            for source in sets:
+                image_set = source(seed) if callable(source) else source
+                for evaluator in evaluators:
+                    key = evaluator.key(image_set, seed)
+                    if book is not None and key in book.done:
+                        scores += book.done[key]
+                        continue
+                    ckpt = book.checkpoint(key, evaluator.config.checkpoint_every, stop) if book else None
+                    result = evaluator.evaluate(image_set, seed, ckpt)
+                    if book is not None:
+                        book.record(key, result)
+                    scores += result
     if full_data:
         seen = set()
         for evaluator in evaluators:
@@ -259,6 +322,11 @@ def compare(
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.pstdev(values)
+
+
+def mean_std(mean: float, std: float) -> str:
+    """A table cell: ``mean ± std`` with one decimal."""
+    return f"{mean:.1f} ± {std:.1f}"
 
 
 def summarise(scores: list[Score]) -> list[dict]:
@@ -289,9 +357,7 @@ def format_markdown(rows: list[dict], metric: str = "top1") -> str:
         for mode, backbone in columns:
             r = cell.get((name, mode, backbone))
             values.append(
-                ""
-                if r is None or f"{metric} mean" not in r
-                else f"{r[f'{metric} mean']:.1f} ± {r[f'{metric} std']:.1f}"
+                "" if r is None or f"{metric} mean" not in r else mean_std(r[f"{metric} mean"], r[f"{metric} std"])
             )
         lines.append(f"| {name} | " + " | ".join(values) + " |")
     return "\n".join(lines)

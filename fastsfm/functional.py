@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from . import ops
-from .config import Backend, Objective
+from .config import Backend, Objective, choices
 
 __all__ = ["sfm_loss", "check_options", "check_centers", "check_batch", "resolve_backend"]
 
@@ -41,8 +41,8 @@ def _describe(t: object) -> str:
 
 def check_options(objective: str, alpha: float, nontarget_divisor: float | None) -> float | None:
     """Validate the loss options; return the divisor as a float (or None for ``C - 1``)."""
-    if objective not in ("flow", "decouple"):
-        raise ValueError(f"objective must be 'flow' or 'decouple', got {objective!r}")
+    if objective not in choices(Objective):
+        raise ValueError(f"objective must be one of {choices(Objective)}, got {objective!r}")
     if not isinstance(alpha, (int, float)) or not 0.0 <= float(alpha) <= 1.0:
         raise ValueError(f"alpha must be a number in [0, 1], got {alpha!r}")
     if nontarget_divisor is None:
@@ -118,8 +118,8 @@ def check_batch(
 
 def resolve_backend(backend: str, features: Tensor) -> str:
     """``auto`` -> ``triton`` for CUDA float16/bfloat16/float32 features, else ``torch``; checks the others."""
-    if backend not in ("auto", "triton", "torch", "reference"):
-        raise ValueError(f"backend must be 'auto', 'triton', 'torch' or 'reference', got {backend!r}")
+    if backend not in choices(Backend):
+        raise ValueError(f"backend must be one of {choices(Backend)}, got {backend!r}")
     if backend == "auto":
         return "triton" if features.is_cuda and features.dtype in _KERNEL_DTYPES else "torch"
     if backend == "triton":

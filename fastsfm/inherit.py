@@ -1,6 +1,6 @@
 """Classifier inheritance and knowledge distillation from the distillation backbone's real classifier.
 
-The authors' ``eval_syn.py`` (``eval_mode`` CI and KD; ``shared/references/sfm.md``):
+The authors' ``distillation/eval_syn.py`` (``einsteinxia/SFM``; ``eval_mode`` CI and KD):
 
 * **inheritance**: the distillation backbone's linear classifier ``(W, b)``, trained on the
   full real train set (stored in :class:`fastsfm.ClassStats`), stays frozen.  A projector

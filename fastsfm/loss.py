@@ -60,8 +60,8 @@ class SFMLoss(nn.Module):
             )
         divisor = check_options(objective, alpha, nontarget_divisor)
         check_centers(centers)
-        if validate not in ("once", "always", "never"):
-            raise ValueError(f"validate must be 'once', 'always' or 'never', got {validate!r}")
+        if validate not in choices(Validate):
+            raise ValueError(f"validate must be one of {choices(Validate)}, got {validate!r}")
         if backend not in choices(Backend):
             raise ValueError(f"backend must be one of {choices(Backend)}, got {backend!r}")
         self.objective, self.alpha, self.backend, self.validate = objective, float(alpha), backend, validate

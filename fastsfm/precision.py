@@ -12,7 +12,7 @@ import contextlib
 
 import torch
 
-from .config import Precision
+from .config import Precision, choices
 
 __all__ = ["autocast_dtype", "autocast", "loss_scale", "FP16_LOSS_SCALE"]
 
@@ -24,8 +24,8 @@ def autocast_dtype(precision: Precision, device: torch.device | str) -> torch.dt
     """The autocast dtype for ``precision`` on ``device`` (None: no autocast, float32)."""
     if precision == "auto":
         return torch.bfloat16 if torch.device(device).type == "cuda" else None
-    if precision not in _DTYPES:
-        raise ValueError(f"precision must be one of auto, bf16, fp16, fp32; got {precision!r}")
+    if precision not in choices(Precision):
+        raise ValueError(f"precision must be one of {choices(Precision)}, got {precision!r}")
     return _DTYPES[precision]
 
 

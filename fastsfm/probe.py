@@ -14,8 +14,10 @@ Several heads (probe, inheritance, KD) can share one set of views.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -24,9 +26,10 @@ from torch.utils.data import DataLoader, Dataset
 
 from .config import ClassifierConfig
 from .data import loader_kwargs
+from .io import atomic_save_safetensors, read_safetensors
 from .progress import Progress, track
 
-__all__ = ["new_head", "fit_linear_classifier", "encode", "topk_accuracy", "Head", "train_heads"]
+__all__ = ["new_head", "fit_linear_classifier", "encode", "topk_accuracy", "Head", "HeadCheckpoint", "train_heads"]
 
 _VIEWS_PER_BLOCK = 50_000  # augmented views encoded at once (bounds the cached features' memory)
 
@@ -149,6 +152,58 @@ def _encode_views(
     return {name: torch.cat(o) for name, o in outs.items()}
 
 
+@dataclass
+class HeadCheckpoint:
+    """Where and how often :func:`train_heads` saves its state, so a long evaluation resumes exactly.
+
+    The file (safetensors, written atomically) holds every head's parameters and Adam moments;
+    its metadata the epoch reached, the optimisers' step counts and learning rates, the schedules,
+    and ``key`` (which evaluation it belongs to: a checkpoint of another is ignored).  ``every``:
+    epochs between saves (the views are encoded in blocks of at most that many epochs, so a save
+    falls at a block boundary).  ``stop``: a :class:`fastsfm.signals.StopSignals`; when it was
+    signalled the state is saved at the next block boundary and the process exits with its code.
+    """
+
+    path: Path
+    key: str
+    every: int = 100
+    stop: object | None = None
+
+    def save(self, heads: dict, opts: dict, epoch: int) -> None:
+        tensors, meta = {}, {"key": self.key, "epoch": str(epoch)}
+        for name, head in heads.items():
+            tag = "|".join(name) if isinstance(name, tuple) else str(name)
+            tensors.update({f"{tag}/module/{k}": v for k, v in head.module.state_dict().items()})
+            opt, sched = opts[name]
+            state = opt.state_dict()
+            for i, slots in state["state"].items():
+                tensors.update({f"{tag}/adam/{i}/{k}": torch.as_tensor(v) for k, v in slots.items()})
+            meta[f"{tag}/groups"] = json.dumps(state["param_groups"])
+            meta[f"{tag}/schedule"] = json.dumps(sched.state_dict())
+        atomic_save_safetensors(tensors, self.path, meta)
+
+    def load(self, heads: dict, opts: dict) -> int:
+        """Restore the saved state into ``heads``/``opts``; the epoch to continue from (0: none saved)."""
+        if not self.path.exists():
+            return 0
+        tensors, meta = read_safetensors(self.path)
+        if meta.get("key") != self.key:
+            return 0
+        for name, head in heads.items():
+            tag = "|".join(name) if isinstance(name, tuple) else str(name)
+            prefix = f"{tag}/module/"
+            head.module.load_state_dict({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)})
+            slots: dict[int, dict] = {}
+            for k, v in tensors.items():
+                if k.startswith(f"{tag}/adam/"):
+                    i, slot = k[len(tag) + 6 :].split("/")
+                    slots.setdefault(int(i), {})[slot] = v
+            opt, sched = opts[name]
+            opt.load_state_dict({"state": slots, "param_groups": json.loads(meta[f"{tag}/groups"])})
+            sched.load_state_dict(json.loads(meta[f"{tag}/schedule"]))
+        return int(meta["epoch"])
+
+
 def train_heads(
     heads: dict,
     images: Tensor,
@@ -160,12 +215,16 @@ def train_heads(
     seed: int,
     device: str | torch.device = "cpu",
     progress: bool = False,
+    checkpoint: HeadCheckpoint | None = None,
 ) -> None:
     """Train every head on the same augmented views of ``images`` (N, 3, H, W), the authors' protocol;
     each backbone of ``backbones`` (keyed as the heads' losses expect) encodes each view once.
 
     Each head has its own Adam (``head.lr``) and cosine schedule over ``epochs`` (stepped per
-    epoch); the batch is ``min(batch, N)``.
+    epoch); the batch is ``min(batch, N)``.  With ``checkpoint`` the state is saved every
+    ``checkpoint.every`` epochs and a run continues from a saved state: the result is the one an
+    uninterrupted run gives, bit for bit (every draw is a function of ``seed``, and the views are
+    encoded in the same blocks).
     """
     device = torch.device(device)
     n = len(images)
@@ -178,9 +237,12 @@ def train_heads(
         opts[name] = (opt, torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs))
     plan = _plan(n, epochs, batch, seed)
     per_block = max(1, _VIEWS_PER_BLOCK // n)
-    bar = Progress(epochs, "training heads", enabled=progress, unit="epoch", interval=30)
+    if checkpoint is not None:
+        per_block = min(per_block, checkpoint.every)
+    start = checkpoint.load(heads, opts) if checkpoint is not None else 0
+    bar = Progress(epochs, "training heads", initial=start, enabled=progress, unit="epoch", interval=30)
     with torch.enable_grad():
-        for first in range(0, epochs, per_block):
+        for first in range(start, epochs, per_block):
             block = plan[first : first + per_block]
             feats = _encode_views(images, [b for epoch in block for b in epoch], backbones, augment, device)
             offset = 0
@@ -197,6 +259,12 @@ def train_heads(
                 for _, sched in opts.values():
                     sched.step()
                 bar.update()
+            done = first + len(block)
+            if checkpoint is not None and done < epochs:
+                checkpoint.save(heads, opts, done)
+                if checkpoint.stop is not None and checkpoint.stop.requested():
+                    bar.close()
+                    raise SystemExit(checkpoint.stop.code)
     bar.close()
     for head in heads.values():
         head.module.eval()

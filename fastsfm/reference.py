@@ -1,7 +1,7 @@
 """The SFM objective written literally, as the authors' code computes it: the oracle of every test.
 
 Source: ``einsteinxia/SFM``, ``distillation/linear_gm.py`` (``get_real_flow``, ``get_flow``,
-``match_flow``); facts in ``shared/references/sfm.md``.  Nothing here is optimised: class
+``match_flow``; arXiv 2602.05391).  Nothing here is optimised: class
 means are taken one class at a time with boolean masks, flows are built as whole (C, D)
 matrices and the loss is ``torch.nn.functional.cosine_similarity`` of their flattenings,
 exactly as the released script does.

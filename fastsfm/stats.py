@@ -139,12 +139,15 @@ def compute_stats(
     device: str | torch.device = "cpu",
     progress: bool = True,
     precision: Precision = "fp32",
+    features_path: str | Path | None = None,
 ) -> ClassStats:
     """One pass over ``loader`` (images in [0, 1], int labels): per-class sums and counts by a
     segmented reduction (``index_add_``), plus the real-data linear classifier
     (:class:`fastsfm.config.ClassifierConfig`, recorded in the metadata) fitted on the features
     cached in float16 during the same pass (so images are read exactly once).  The backbone runs
     under ``precision`` (fp32 by default: the authors compute class means without autocast).
+    ``features_path``: rank 0 also writes the cached features (float16 (N, D), ``features``) and
+    their labels (``labels``) there, in dataset order, so baselines need not encode the images again.
 
     Under ``torch.distributed`` each rank passes a loader over
     ``shard_dataset(dataset, rank, world)`` in order (no shuffling): sums and counts are
@@ -180,9 +183,12 @@ def compute_stats(
     shards = gather_to_rank0((features, feature_labels))
     head = [None, None]
     if rank == 0:
+        features, feature_labels = interleave_shards([f for f, _ in shards]), interleave_shards([y for _, y in shards])
+        if features_path is not None:
+            atomic_save_safetensors({"features": features, "labels": feature_labels}, features_path, {})
         fitted = fit_linear_classifier(
-            interleave_shards([f for f, _ in shards]),
-            interleave_shards([y for _, y in shards]),
+            features,
+            feature_labels,
             c,
             classifier,
             device=device,
@@ -214,6 +220,7 @@ def dataset_stats(
     workers: int | None = None,
     progress: bool = True,
     precision: Precision = "fp32",
+    features_path: str | Path | None = None,
 ) -> ClassStats:
     """:func:`compute_stats` of an :class:`fastsfm.data.ImageData`'s train split (its centre-crop
     view), identified by name and file fingerprint; under ``torch.distributed`` each rank reads
@@ -230,4 +237,5 @@ def dataset_stats(
         device=device,
         progress=progress,
         precision=precision,
+        features_path=features_path,
     )

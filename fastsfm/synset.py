@@ -1,6 +1,7 @@
 """The synthetic set: image parameterisation, initialisation, storage and export.
 
-Parameterisation (LGM's pyramid, which SFM inherits; ``shared/references/lgm.md``): an image
+Parameterisation (LGM's pyramid, which SFM inherits; ``GeorgeCazenavette/linear-gradient-matching``,
+``synsets/pyramid.py``): an image
 is ``sigmoid(2 * D(sum_l up(P_l)))`` where ``P_l`` are levels of resolution ``start, 2 start,
 ..., resolution`` upsampled bilinearly to full size and ``D`` is the fixed 3x3 colour
 decorrelation matrix (Olah et al. 2017) divided by its largest column norm.  Training starts
@@ -31,7 +32,7 @@ from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
 from . import pinned, rng
-from .config import Init, Param
+from .config import Init, Param, choices
 from .io import atomic_save_safetensors
 
 __all__ = ["SyntheticSet", "COLOR_DECORRELATION", "save_grid", "save_images", "load_images", "SYNSET_FORMAT"]
@@ -73,10 +74,10 @@ class SyntheticSet:
         storage: str | torch.device = "cpu",
         offload: bool = False,
     ):
-        if param not in ("pyramid", "pixels"):
-            raise ValueError(f"param must be 'pyramid' or 'pixels', got {param!r}")
-        if init not in ("noise", "real"):
-            raise ValueError(f"init must be 'noise' or 'real', got {init!r}")
+        if param not in choices(Param):
+            raise ValueError(f"param must be one of {choices(Param)}, got {param!r}")
+        if init not in choices(Init):
+            raise ValueError(f"init must be one of {choices(Init)}, got {init!r}")
         if num_classes < 1 or ipc < 1 or resolution < 1:
             raise ValueError(f"need num_classes, ipc, resolution >= 1, got {num_classes}, {ipc}, {resolution}")
         n = num_classes * ipc

@@ -1,9 +1,12 @@
-"""Tiny fixtures shared by the pipeline tests: a random-init ViT at 16 px and toy images."""
+"""Fixtures shared by the tests: loss problems, a random-init ViT at 16 px, toy images, an ImageNet-layout folder."""
 
+import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import TensorDataset
 
 from fastsfm.backbones import load_backbone
+from fastsfm.benchmark import loss_problem as make_problem  # noqa: F401 - re-exported for the tests
 from fastsfm.config import ClassifierConfig
 from fastsfm.stats import compute_stats
 
@@ -33,3 +36,42 @@ def toy_stats(backbone, data, classes: int = 3):
         classifier=TOY_CLASSIFIER,
         progress=False,
     )
+
+
+IMAGENETTE = [
+    "n01440764",
+    "n02102040",
+    "n02979186",
+    "n03000684",
+    "n03028079",
+    "n03394916",
+    "n03417042",
+    "n03425413",
+    "n03445777",
+    "n03888257",
+]
+
+
+def imagenet_folder(root, wnids=IMAGENETTE, train=3, val=2, extra=("n09999999",)):
+    """An ImageNet-layout folder: train/<wnid>/ and val/<wnid>/ of tiny images, one colour per class."""
+    rng = np.random.default_rng(0)
+    for i, wnid in enumerate(list(wnids) + list(extra)):
+        for split, count in (("train", train), ("val", val)):
+            folder = root / split / wnid
+            folder.mkdir(parents=True, exist_ok=True)
+            for j in range(count):
+                colour = np.array([25 * i % 255, 80 + 15 * i % 170, 200 - 17 * i % 200])
+                arr = np.clip(colour + rng.normal(0, 10, (20, 20, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(arr).save(folder / f"{j}.png")
+    return root
+
+
+def class_folders(root, classes=("a", "b", "c"), per_class=4, size=12):
+    """An ImageFolder (``root/<class>/<i>.png``) of noisy images, one brightness per class."""
+    rng = np.random.default_rng(0)
+    for i, cls in enumerate(classes):
+        (root / cls).mkdir(parents=True)
+        for j in range(per_class):
+            arr = np.clip(rng.normal(60 * i + 40, 20, (size, size, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(arr).save(root / cls / f"{j}.png")
+    return root

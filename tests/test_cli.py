@@ -1,21 +1,9 @@
 """The command line end to end on tiny data: stats, distill, eval, demo, help and errors."""
 
-import numpy as np
 import pytest
-from PIL import Image
+from helpers import class_folders
 
 from fastsfm.cli import main
-
-
-def _folder(root, classes=("a", "b", "c"), per_class=4, size=12):
-    rng = np.random.default_rng(0)
-    for i, cls in enumerate(classes):
-        (root / cls).mkdir(parents=True)
-        for j in range(per_class):
-            arr = np.clip(rng.normal(60 * i + 40, 20, (size, size, 3)), 0, 255).astype(np.uint8)
-            Image.fromarray(arr).save(root / cls / f"{j}.png")
-    return root
-
 
 BACKBONE = ["--backbone", "vit_tiny_patch16_224", "--random-init", "--image-size", "16", "--device", "cpu"]
 
@@ -39,8 +27,8 @@ def _stats(train, out, bb, epochs: int, resolution: int = 16) -> None:
     )
 
 
-def test_cli_stats_distill_eval_on_an_image_folder(tmp_path, capsys):
-    train, test = _folder(tmp_path / "train"), _folder(tmp_path / "test", per_class=2)
+def test_cli_stats_distill_eval_on_an_imageclass_folders(tmp_path, capsys):
+    train, test = class_folders(tmp_path / "train"), class_folders(tmp_path / "test", per_class=2)
     bb = BACKBONE
     _stats(train, tmp_path / "s.safetensors", bb, epochs=2)
     run = tmp_path / "run"
@@ -66,7 +54,7 @@ def test_cli_stats_distill_eval_on_an_image_folder(tmp_path, capsys):
     )
     assert (run / "synset.png").exists()
     other = tmp_path / "other_method"  # images of another method: one folder per class
-    _folder(other, per_class=1, size=16)
+    class_folders(other, per_class=1, size=16)
     main(
         [
             "eval",
@@ -82,6 +70,7 @@ def test_cli_stats_distill_eval_on_an_image_folder(tmp_path, capsys):
             "--baselines",
             "random",
             "centroid",
+            "kmeans",
             "neighbors",
             "full",
             "--mode",
@@ -107,13 +96,15 @@ def test_cli_stats_distill_eval_on_an_image_folder(tmp_path, capsys):
     for row in (
         "| run |",
         "| other_method |",
-        "| random real (IPC=1) |",
-        "| centroid real (IPC=1) |",
-        "| nearest reals of run |",
-        "| nearest reals of other_method |",
+        "| random reals (IPC=1) |",
+        "| centroid reals (IPC=1) |",
+        "| k-means reals (IPC=1) |",
+        "| neighbors of run (IPC=1) |",
+        "| neighbors of other_method (IPC=1) |",
         "| full data |",
     ):
         assert row in out, row
+    assert (tmp_path / "eval" / "journal" / "scores.jsonl").exists()  # finished evaluations, as they ended
     assert "probe (vit_tiny_patch16_224) | inherit (vit_tiny_patch16_224) | kd (vit_tiny_patch16_224)" in out
     assert (tmp_path / "eval" / "results.json").exists() and (tmp_path / "eval" / "results.md").exists()
     with pytest.raises(SystemExit) as exc:
@@ -122,7 +113,7 @@ def test_cli_stats_distill_eval_on_an_image_folder(tmp_path, capsys):
 
 
 def test_cli_eval_bad_inputs_write_nothing(tmp_path, capsys):
-    train, test = _folder(tmp_path / "train"), _folder(tmp_path / "test", per_class=2)
+    train, test = class_folders(tmp_path / "train"), class_folders(tmp_path / "test", per_class=2)
     bb = BACKBONE
     _stats(train, tmp_path / "s.safetensors", bb, epochs=1)
     common = [
@@ -219,7 +210,7 @@ def test_distill_flags_are_derived_from_the_config(capsys):
 
 
 def test_cli_distill_chunked_offloaded_views(tmp_path, capsys):
-    train = _folder(tmp_path / "train")
+    train = class_folders(tmp_path / "train")
     bb = BACKBONE
     _stats(train, tmp_path / "s.safetensors", bb, epochs=1, resolution=20)
     run = tmp_path / "run"

@@ -12,8 +12,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import make_problem
-from helpers import TOY_CLASSIFIER, tiny_backbone, toy_data, toy_stats
+from helpers import TOY_CLASSIFIER, make_problem, tiny_backbone, toy_data, toy_stats
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import make_problem
+from helpers import make_problem
 
 import fastsfm
 from fastsfm import SFMLoss, sfm_loss
@@ -110,7 +110,7 @@ def test_bad_inputs_raise_clear_errors(make_bad, err, match):
 @pytest.mark.parametrize(
     "kwargs,match",
     [
-        ({"objective": "pairwise"}, "objective must be 'flow' or 'decouple'"),
+        ({"objective": "pairwise"}, r"objective must be one of \['flow', 'decouple'\]"),
         ({"alpha": 1.5}, r"alpha must be a number in \[0, 1\]"),
         ({"alpha": -0.1}, r"alpha must be a number in \[0, 1\]"),
         ({"alpha": float("nan")}, r"alpha must be a number in \[0, 1\]"),

@@ -9,7 +9,7 @@ import contextlib
 
 import pytest
 import torch
-from conftest import make_problem
+from helpers import make_problem
 
 from fastsfm import SFMLoss, kernels, ops, sfm_loss
 from fastsfm.kernels import sfm as kernel_module

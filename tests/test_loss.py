@@ -4,7 +4,7 @@ the eager loss and gradients."""
 
 import pytest
 import torch
-from conftest import make_problem
+from helpers import make_problem
 
 from fastsfm import SFMLoss
 

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import make_problem
+from helpers import make_problem
 
 from fastsfm.reference import sfm_reference
 

@@ -1,83 +1,11 @@
-"""Dataset presets and the resumable reproduction grid, on a tiny ImageNet-layout folder made here."""
+"""The resumable reproduction grid (``fastsfm reproduce``) on a tiny ImageNet-layout folder made here."""
 
-import shutil
-
-import numpy as np
 import pytest
-import torch
-from PIL import Image
+from helpers import imagenet_folder
 
-from fastsfm import grid as grid_mod
 from fastsfm.config import EvalConfig
-from fastsfm.data import load_data
-from fastsfm.grid import GridConfig, load_grid, plan_grid, run_grid
-from fastsfm.imagenet import SUBSETS, imagenet_subset, subset_wnids
-
-IMAGENETTE = [
-    "n01440764",
-    "n02102040",
-    "n02979186",
-    "n03000684",
-    "n03028079",
-    "n03394916",
-    "n03417042",
-    "n03425413",
-    "n03445777",
-    "n03888257",
-]
-
-
-def _imagenet(root, wnids=IMAGENETTE, train=3, val=2, extra=("n09999999",)):
-    """An ImageNet-layout folder: train/<wnid>/ and val/<wnid>/ of tiny images, one colour per class."""
-    rng = np.random.default_rng(0)
-    for i, wnid in enumerate(list(wnids) + list(extra)):
-        for split, count in (("train", train), ("val", val)):
-            folder = root / split / wnid
-            folder.mkdir(parents=True, exist_ok=True)
-            for j in range(count):
-                colour = np.array([25 * i % 255, 80 + 15 * i % 170, 200 - 17 * i % 200])
-                arr = np.clip(colour + rng.normal(0, 10, (20, 20, 3)), 0, 255).astype(np.uint8)
-                Image.fromarray(arr).save(folder / f"{j}.png")
-    return root
-
-
-def test_subsets_are_the_authors_lists_in_their_order():
-    assert {
-        "imagenet-1k",
-        "imagenet-100",
-        "imagenette",
-        "imagewoof",
-        "imagenet-birds",
-        "imagenet-fruits",
-        "imagenet-cats",
-        "imagenet-a",
-        "imagenet-b",
-        "imagenet-c",
-        "imagenet-d",
-        "imagenet-e",
-    } == set(SUBSETS)
-    assert subset_wnids("imagenette") == IMAGENETTE
-    in100 = subset_wnids("imagenet-100")
-    assert len(in100) == 100 and in100[:2] == ["n02869837", "n01749939"]  # the authors' imagenet100.txt order
-    assert len(set(subset_wnids("imagenet-1k"))) == 1000
-    with pytest.raises(ValueError, match="unknown ImageNet subset 'imagenet-7'"):
-        subset_wnids("imagenet-7")
-
-
-def test_imagenet_subset_relabels_in_order_and_ignores_other_classes(tmp_path):
-    root = _imagenet(tmp_path / "imagenet")
-    data = load_data(f"imagenette:{root}", 16, 12)
-    assert data.num_classes == 10 and data.class_names[0] == "tench" and len(data.train) == 30
-    assert data.train.classes == IMAGENETTE and data.train[3][1] == 1  # relabelled 0..9 in the listed order
-    assert data.train[0][0].shape == (3, 16, 16) and data.train_eval[0][0].shape == (3, 12, 12)
-    assert len(data.test) == 20 and data.test[0][0].shape == (3, 12, 12)
-    torch.save(({w: (f"name{i}", "x") for i, w in enumerate(IMAGENETTE)}, {}), root / "meta.bin")
-    assert imagenet_subset(root, "imagenette", 16, 12).class_names[:2] == ["name0", "name1"]  # torchvision's meta
-    shutil.rmtree(root / "val" / IMAGENETTE[4])
-    with pytest.raises(ValueError, match="1 classes of imagenette are missing from .*val.*n03028079"):
-        load_data(f"imagenette:{root}", 16, 12)
-    with pytest.raises(FileNotFoundError, match="torchvision.datasets.MNIST is not under"):
-        load_data(f"torchvision:MNIST:{tmp_path / 'nothing'}", 16, 12)
+from fastsfm.reproduce import GridConfig, load_grid, plan_grid, run_grid
+from fastsfm.reproduce import cells as cells_mod
 
 
 def _grid(tmp_path, data_root, **kw) -> GridConfig:
@@ -104,10 +32,10 @@ def _grid(tmp_path, data_root, **kw) -> GridConfig:
 
 
 def test_grid_runs_end_to_end_writes_the_tables_and_resumes(tmp_path, monkeypatch):
-    root = _imagenet(tmp_path / "imagenet")
+    root = imagenet_folder(tmp_path / "imagenet")
     grid = _grid(tmp_path, root)
     calls = []
-    runners = dict(grid_mod._RUNNERS)
+    runners = dict(cells_mod.RUNNERS)
 
     def counting(kind):
         def run(r, cell):
@@ -120,7 +48,7 @@ def test_grid_runs_end_to_end_writes_the_tables_and_resumes(tmp_path, monkeypatc
 
     interrupt = {"on": True}
     for kind in runners:
-        monkeypatch.setitem(grid_mod._RUNNERS, kind, counting(kind))
+        monkeypatch.setitem(cells_mod.RUNNERS, kind, counting(kind))
     with pytest.raises(KeyboardInterrupt):
         run_grid(grid, progress=False)
     first = list(calls)
@@ -133,7 +61,9 @@ def test_grid_runs_end_to_end_writes_the_tables_and_resumes(tmp_path, monkeypatc
     out = tmp_path / "grid" / "imagenette"
     md = (out / "results_ipc1.md").read_text()
     assert "## Same backbone, probe" in md and "## Cross-backbone, SFM, inherit" in md
-    assert "| Distilled (SFM) |" in md and "| Random |" in md and "| Full dataset |" in md
+    assert (
+        "| Distilled (SFM) |" in md and "| Random |" in md and "| Full dataset* |" in md and "5 runs x 100 epochs" in md
+    )
     assert "| vit_tiny_patch16_224 |" in md and "| test_vit |" in md  # matrix rows: distillation backbones
     rows = (out / "results_ipc1.csv").read_text().splitlines()
     assert rows[0].startswith("dataset,ipc,set,distill_backbone,eval_backbone,mode") and len(rows) == 1 + 2 * 2 * 2 * 2
@@ -143,10 +73,11 @@ def test_grid_runs_end_to_end_writes_the_tables_and_resumes(tmp_path, monkeypatc
     assert calls == []  # everything done: nothing runs
 
 
-def test_dry_run_prints_the_plan_with_projected_hours(tmp_path, capsys):
-    grid = _grid(tmp_path, _imagenet(tmp_path / "imagenet"), methods=["sfm", "lgm", "centroid"])
-    cells = run_grid(grid, dry_run=True)
-    out = capsys.readouterr().out
+def test_dry_run_logs_the_plan_with_projected_hours(tmp_path, caplog):
+    grid = _grid(tmp_path, imagenet_folder(tmp_path / "imagenet"), methods=["sfm", "lgm", "centroid"])
+    with caplog.at_level("INFO", logger="fastsfm"):
+        cells = run_grid(grid, dry_run=True)
+    out = caplog.text
     assert "| distill imagenette vit_tiny_patch16_224 IPC=1 sfm | to run |" in out
     assert "| distill imagenette test_vit IPC=1 lgm | to run |" in out and "projected device hours" in out
     assert len(cells) == len(plan_grid(grid)) and not (tmp_path / "grid").exists()
@@ -157,7 +88,9 @@ def test_dry_run_prints_the_plan_with_projected_hours(tmp_path, capsys):
     [
         ({"backbones": ["vit_tiny_patch16_224", "vit_nonexistent_9"]}, ValueError, "unknown backbones"),
         ({"datasets": ["imagenet-7"]}, ValueError, "unknown dataset 'imagenet-7'"),
-        ({"methods": ["sfm", "kmeans"]}, ValueError, r"unknown methods \['kmeans'\]"),
+        ({"methods": ["sfm", "dc"]}, ValueError, r"unknown methods \['dc'\]"),
+        ({"views": {"sfm": 0, "lgm": 10}}, ValueError, "views: a table of positive integers"),
+        ({"real_precision": "fp8"}, ValueError, "real_precision must be one of"),
         ({"methods": ["neighbors"]}, ValueError, "add 'sfm' to methods"),
         ({"root": "/no/such/imagenet"}, FileNotFoundError, "does not exist"),
         ({"datasets": ["imagewoof"]}, ValueError, "10 classes of imagewoof are missing"),
@@ -165,7 +98,7 @@ def test_dry_run_prints_the_plan_with_projected_hours(tmp_path, capsys):
     ],
 )
 def test_bad_grids_fail_before_any_work(tmp_path, change, error, match):
-    grid = _grid(tmp_path, _imagenet(tmp_path / "imagenet"), **change)
+    grid = _grid(tmp_path, imagenet_folder(tmp_path / "imagenet"), **change)
     with pytest.raises(error, match=match):
         run_grid(grid, progress=False)
     assert not (tmp_path / "grid").exists()
@@ -185,12 +118,18 @@ def test_grid_toml_loading(tmp_path):
         load_grid(bad)
     with pytest.raises(FileNotFoundError, match="shipped configs"):
         load_grid(tmp_path / "none.toml")
+    bad.write_text('out = "x"\ndatasets = ["digits"]\nbackbones = ["test_vit"]\n[distill]\nipc = 10\nviews = 3\n')
+    with pytest.raises(ValueError, match="the grid sets these keys per cell.*'ipc'.*'views'.*top-level `views` table"):
+        load_grid(bad)
+    bad.write_bytes(b"\xff\xfe not toml")
+    with pytest.raises(ValueError, match="is not valid TOML"):
+        load_grid(bad)
 
 
 def test_reproduce_command_line(tmp_path, capsys):
     from fastsfm.cli import main
 
-    root = _imagenet(tmp_path / "imagenet")
+    root = imagenet_folder(tmp_path / "imagenet")
     config = tmp_path / "grid.toml"
     config.write_text(
         f'out = "{tmp_path / "grid"}"\ndatasets = ["imagenette"]\nbackbones = ["test_vit"]\nmethods = ["sfm"]\n'
@@ -198,7 +137,8 @@ def test_reproduce_command_line(tmp_path, capsys):
         "[distill]\nsteps = 1\n[eval]\nepochs = 1\nseeds = 1\n"
     )
     main(["reproduce", str(config), "--root", str(root), "--device", "cpu", "--dry-run"])
-    assert "| distill imagenette test_vit IPC=1 sfm | to run |" in capsys.readouterr().out
+    shown = capsys.readouterr().err  # library messages go to stderr through the command line's handler
+    assert "| distill imagenette test_vit IPC=1 sfm | to run |" in shown and "images/s per worker" in shown
     main(["reproduce", str(config), "--root", str(root), "--device", "cpu"])
     assert (tmp_path / "grid" / "imagenette" / "results_ipc1.md").exists()
     with pytest.raises(SystemExit) as exc:

@@ -1,0 +1,80 @@
+"""Datasets by name, as the command line, the grid and the Python API spell them.
+
+``load_data(spec, resolution, crop)`` returns an :class:`fastsfm.data.ImageData` (train view at the
+synthetic resolution, train and test views centre-cropped to the backbone's input) for:
+
+* ``digits`` -- scikit-learn's digits, the embedded default (:func:`fastsfm.data.digits`);
+* ``<imagenet subset>:<root>`` -- ImageNet-1k or one of the authors' subsets on a local copy
+  (``imagenet-100:/data/imagenet``; :mod:`fastsfm.imagenet`);
+* ``torchvision:<Class>:<root>`` -- a ``torchvision.datasets`` class on a local root, never
+  downloading (``torchvision:CIFAR10:/data/cifar``);
+* anything else -- an ImageFolder root (``root/<class>/<image>``), with the test split's root.
+
+This module sits above :mod:`fastsfm.data` and :mod:`fastsfm.imagenet` (which it combines).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch.utils.data import Dataset
+
+from .data import ImageData, digits, image_folder, labels_of, view_transform, with_transform
+from .imagenet import SUBSETS, imagenet_subset
+
+__all__ = ["load_data", "torchvision_dataset"]
+
+
+def torchvision_dataset(name: str, root: str | Path, resolution: int, crop: int) -> ImageData:
+    """A ``torchvision.datasets`` class by name on a local ``root``, never downloading: the train
+    split (``train=True`` or ``split="train"``) and the test split (``"test"``, else ``"val"``)."""
+    import inspect
+
+    from torchvision import datasets
+
+    cls = getattr(datasets, name, None)
+    if not (inspect.isclass(cls) and issubclass(cls, Dataset)):
+        raise ValueError(f"torchvision.datasets has no dataset class {name!r}")
+    params = inspect.signature(cls).parameters
+
+    def split(train: bool, transform) -> Dataset:
+        kwargs = {"download": False} if "download" in params else {}
+        if "train" in params:
+            return cls(str(root), train=train, transform=transform, **kwargs)
+        if "split" not in params:
+            raise ValueError(f"torchvision.datasets.{name} has neither a train nor a split argument")
+        for value in ("train",) if train else ("test", "val"):
+            try:
+                return cls(str(root), split=value, transform=transform, **kwargs)
+            except ValueError:
+                continue
+        raise ValueError(f"torchvision.datasets.{name} has no test or val split")
+
+    try:
+        train = split(True, view_transform(resolution, resolution))
+        test = split(False, view_transform(resolution, crop))
+    except RuntimeError as err:  # torchvision: "Dataset not found or corrupted. You can use download=True ..."
+        raise FileNotFoundError(
+            f"torchvision.datasets.{name} is not under {root} (fastsfm never downloads): {err}"
+        ) from err
+    classes = list(getattr(train, "classes", [])) or [str(c) for c in range(int(labels_of(train).max()) + 1)]
+    return ImageData(train, with_transform(train, view_transform(resolution, crop)), test, classes, name.lower())
+
+
+def load_data(spec: str, resolution: int, crop: int, test_spec: str | None = None) -> ImageData:
+    """A dataset from a spec string:
+
+    * ``digits``: the embedded default;
+    * ``<imagenet subset>:<root>`` (``imagenet-100:/data/imagenet``; :mod:`fastsfm.imagenet`);
+    * ``torchvision:<Class>:<root>`` (``torchvision:CIFAR10:/data/cifar``), never downloading;
+    * anything else: an ImageFolder root, with ``test_spec`` the test split's root.
+    """
+    if spec == "digits":
+        return digits(resolution, crop)
+    if spec.startswith("torchvision:"):
+        _, name, root = (spec.split(":", 2) + [""])[:3]
+        return torchvision_dataset(name, root, resolution, crop)
+    head, _, root = spec.partition(":")
+    if head in SUBSETS and root:
+        return imagenet_subset(root, head, resolution, crop)
+    return image_folder(spec, resolution, crop, test_spec)

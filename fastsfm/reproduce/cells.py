@@ -1,0 +1,178 @@
+"""The grid's cell runners and the state they share (loaded datasets, backbones, cached features)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from ..backbones import Backbone, load_backbone, resolve_name
+from ..baselines.sets import Selection, select
+from ..data import ImageData, labels_of
+from ..datasets import load_data
+from ..distributed import rank_world
+from ..evaluate import Evaluator, FeatureCache, ImageSet, compare
+from ..io import atomic_write_json, read_safetensors
+from ..stats import ClassStats, dataset_stats
+from ..synset import load_images
+from .config import GridConfig, dataset_spec, input_size
+from .plan import DISTILLED, Cell, backbone_folder
+
+__all__ = ["Run", "RUNNERS", "ALL_RANKS"]
+
+FEATURES = "train_features.safetensors"
+
+
+class Run:
+    """State of one grid execution: loaded datasets and backbones, cached features."""
+
+    def __init__(self, grid: GridConfig, progress: bool):
+        self.grid, self.progress = grid, progress
+        self.device = grid.resolved_device()
+        self.rank, self.world = rank_world()
+        self.backbones: dict[str, Backbone] = {}
+        self.data: dict[str, ImageData] = {}
+        self.train_features: dict[tuple[str, str], torch.Tensor] = {}
+        self.caches: dict[str, FeatureCache] = {}
+
+    def backbone(self, name: str) -> Backbone:
+        if name not in self.backbones:
+            g = self.grid
+            pretrained = False if g.random_init else g.weights.get(name, True)
+            self.backbones[name] = load_backbone(
+                name, pretrained, g.image_size, device=self.device, preprocess=g.preprocess, precision=g.precision
+            )
+        return self.backbones[name]
+
+    def dataset(self, dataset: str) -> ImageData:
+        if dataset not in self.data:
+            spec, test = dataset_spec(self.grid, dataset)
+            self.data[dataset] = load_data(spec, self.grid.resolution, input_size(self.grid), test)
+        return self.data[dataset]
+
+    def cache(self, dataset: str) -> FeatureCache:
+        if dataset not in self.caches:
+            test = self.dataset(dataset).test
+            self.caches[dataset] = FeatureCache(test, self.device, self.grid.workers, self.grid.real_precision)
+        return self.caches[dataset]
+
+    def stats(self, cell: Cell) -> ClassStats:
+        return ClassStats.load(backbone_folder(self.grid, cell.dataset, cell.backbone) / "stats.safetensors")
+
+    def features(self, dataset: str, backbone: str) -> torch.Tensor:
+        """The backbone's features of the train split's statistics view: those the statistics cell
+        wrote (no image is decoded again), else encoded now (grids started before that file existed)."""
+        from ..probe import encode
+
+        key = (dataset, backbone)
+        if key not in self.train_features:
+            saved = backbone_folder(self.grid, dataset, backbone) / FEATURES
+            if saved.exists():
+                self.train_features[key] = read_safetensors(saved)[0]["features"].float()
+            else:
+                with self.backbone(backbone).using_precision(self.grid.real_precision):
+                    self.train_features[key] = encode(
+                        self.backbone(backbone),
+                        self.dataset(dataset).train_eval,
+                        device=self.device,
+                        workers=self.grid.workers,
+                        progress=self.progress,
+                    )
+        return self.train_features[key]
+
+
+def run_stats(run: Run, cell: Cell) -> None:
+    stats = dataset_stats(
+        run.backbone(cell.backbone),
+        run.dataset(cell.dataset),
+        run.grid.classifier,
+        run.device,
+        workers=run.grid.workers,
+        progress=run.progress,
+        precision=run.grid.real_precision,
+        features_path=cell.path.with_name(FEATURES),
+    )
+    if run.rank == 0:
+        stats.save(cell.path)
+
+
+def run_distill(run: Run, cell: Cell) -> None:
+    from ..distill import distill
+
+    folder = cell.path.parent
+    distill(
+        run.backbone(cell.backbone),
+        run.stats(cell),
+        run.grid.distill_config(cell.name, cell.ipc),
+        folder,
+        real=run.dataset(cell.dataset).train,
+        resume=any(folder.glob("checkpoint*.safetensors")),
+        device=run.device,
+        progress=run.progress,
+        local=cell.name == "lgm",  # LGM cannot be sharded: rank 0 runs it alone
+    )
+
+
+def run_baseline(run: Run, cell: Cell) -> None:
+    data = run.dataset(cell.dataset)
+    synthetic = None
+    if cell.name == "neighbors":
+        images, labels, _ = load_images(cell.path.parent.parent / "sfm" / "synset.safetensors")
+        synthetic = ImageSet("SFM", images, labels)
+    chosen = select(
+        cell.name,
+        labels_of(data.train),
+        data.num_classes,
+        cell.ipc,
+        seeds=run.grid.eval.seeds,
+        features=None if cell.name == "random" else run.features(cell.dataset, cell.backbone),
+        means=run.stats(cell).means,
+        synthetic=synthetic,
+        backbone=run.backbone(cell.backbone),
+        device=run.device,
+    )
+    chosen.save(cell.path)
+
+
+def _source(run: Run, cell: Cell):
+    """The set a cell evaluates: a distilled ``ImageSet``, or a baseline's (a function of the seed for random)."""
+    folder = cell.path.parent
+    if cell.name in DISTILLED:
+        images, labels, _ = load_images(folder / "synset.safetensors")
+        return ImageSet(cell.name, images, labels)
+    return Selection.load(folder / "indices.json").source(run.dataset(cell.dataset))
+
+
+def run_eval(run: Run, cell: Cell) -> None:
+    grid = run.grid
+    evaluator = Evaluator(
+        run.backbone(cell.backbone),
+        run.stats(cell),
+        run.cache(cell.dataset),
+        grid.eval,
+        [run.backbone(b) for b in grid.eval_list(cell.backbone)],
+        run.device,
+        run.progress,
+    )
+    scores = compare(
+        evaluator, [_source(run, cell)], grid.eval.seeds, full_data=False, journal=cell.path.parent / "eval"
+    )
+    payload = {
+        "distill_backbone": resolve_name(cell.backbone)[0],
+        "set": cell.name,
+        "ipc": cell.ipc,
+        "scores": [dataclasses.asdict(s) for s in scores],
+    }
+    atomic_write_json(cell.path, payload)
+
+
+def run_full(run: Run, cell: Cell) -> None:
+    score = Evaluator(
+        run.backbone(cell.backbone), run.stats(cell), run.cache(cell.dataset), run.grid.eval, device=run.device
+    ).full_data()
+    atomic_write_json(cell.path, dataclasses.asdict(score))
+
+
+RUNNERS = {"stats": run_stats, "distill": run_distill, "baseline": run_baseline, "eval": run_eval, "full": run_full}
+ALL_RANKS = ("stats",)
+"""Cells every rank runs (sharded); SFM distillations too (:func:`fastsfm.reproduce.run.run_grid`)."""

@@ -1,0 +1,221 @@
+"""The grid's configuration: :class:`GridConfig`, read from TOML and validated before any work."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..backbones import resolve_name
+from ..config import (
+    METHOD_VIEWS,
+    ClassifierConfig,
+    DistillConfig,
+    EvalConfig,
+    GridMethod,
+    Precision,
+    Preprocess,
+    choices,
+)
+from ..distributed import WAIT_HOURS
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
+__all__ = ["GridConfig", "load_grid", "validate_grid", "dataset_spec", "input_size", "SHIPPED_CONFIGS", "PER_CELL"]
+
+SHIPPED_CONFIGS = Path(__file__).resolve().parents[1] / "resources" / "configs"
+PER_CELL = {
+    "method": "each distillation cell is one method of `methods`",
+    "ipc": "each cell is one value of the top-level `ipc` list",
+    "resolution": "the top-level `resolution` sets it for every cell (real and synthetic images)",
+    "precision": "the top-level `precision` sets it for every cell",
+    "views": "the top-level `views` table sets it per method (sfm, lgm)",
+}
+"""``[distill]`` keys the grid sets per cell, and why a value there would be ignored."""
+
+
+@dataclass
+class GridConfig:
+    """One grid; every field has a TOML key of the same name (sections: distill, eval, classifier).
+
+    ``datasets``: ImageNet subset names (``imagenet-100``, ...; on ``root``), ``torchvision:<Class>``
+    (on ``root``), ``folder:<dir>`` (``dir/train`` and ``dir/val`` ImageFolders) or ``digits``.
+    ``methods``: ``sfm``, ``lgm`` (distilled) and the real baselines ``random``, ``centroid``,
+    ``kmeans``, ``neighbors`` (the nearest reals of the SFM set).  ``eval_backbones``: ``"same"``
+    (each set with its distillation backbone), ``"all"`` (every backbone: the cross-backbone
+    matrix) or a list.  ``views``: augmented copies per step of each distillation method.
+    ``precision``: the synthetic side's backbone autocast; ``real_precision``: statistics, real
+    features and test features (fp32, as the authors).  ``wait_hours``: how long ranks wait for
+    rank 0's work under torchrun (:mod:`fastsfm.distributed`).
+    """
+
+    out: str
+    datasets: list[str]
+    backbones: list[str]
+    root: str | None = None
+    ipc: list[int] = field(default_factory=lambda: [1])
+    methods: list[GridMethod] = field(default_factory=lambda: ["sfm", "random", "centroid", "neighbors"])
+    eval_backbones: str | list[str] = "all"
+    full_data: bool = True
+    resolution: int = 256
+    views: dict[str, int] = field(default_factory=lambda: dict(METHOD_VIEWS))
+    image_size: int | None = None
+    random_init: bool = False
+    weights: dict[str, str] = field(default_factory=dict)
+    preprocess: Preprocess = "authors"
+    precision: Precision = "auto"
+    real_precision: Precision = "fp32"
+    device: str = "auto"
+    workers: int | None = None
+    wait_hours: float = WAIT_HOURS
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    eval: EvalConfig = field(default_factory=lambda: EvalConfig(mode=("probe", "inherit")))
+    classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
+
+    def eval_list(self, backbone: str) -> list[str]:
+        if self.eval_backbones == "same":
+            return [backbone]
+        return list(self.backbones) if self.eval_backbones == "all" else list(self.eval_backbones)
+
+    def resolved_device(self) -> torch.device:
+        if self.device != "auto":
+            return torch.device(self.device)
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    def distill_config(self, method: str, ipc: int) -> DistillConfig:
+        """The ``[distill]`` settings of one distillation cell, with the keys the grid sets per cell."""
+        return dataclasses.replace(
+            self.distill,
+            method=method,
+            ipc=ipc,
+            resolution=self.resolution,
+            precision=self.precision,
+            views=self.views[method],
+        )
+
+
+_SECTIONS = {"distill": DistillConfig, "eval": EvalConfig, "classifier": ClassifierConfig}
+
+
+def _unknown(where: str, values: dict, known: set[str]) -> None:
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"{where}: unknown keys {unknown}; known: {sorted(known)}")
+
+
+def _section(name: str, values: dict):
+    cls = _SECTIONS[name]
+    _unknown(f"[{name}]", values, {f.name for f in dataclasses.fields(cls)})
+    if name == "distill":
+        fixed = {k: PER_CELL[k] for k in values if k in PER_CELL}
+        if fixed:
+            raise ValueError(f"[distill]: the grid sets these keys per cell, remove them: {fixed}")
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+
+def load_grid(path: str | Path, **overrides) -> GridConfig:
+    """Read a grid TOML (a path, or the name of a shipped config such as ``imagenet100-ipc1``);
+    ``overrides`` replace top-level keys (the CLI's ``--root``, ``--out``)."""
+    path = Path(path)
+    if not path.is_file() and (SHIPPED_CONFIGS / f"{path.name}.toml").is_file():
+        path = SHIPPED_CONFIGS / f"{path.name}.toml"
+    if not path.is_file():
+        shipped = sorted(p.stem for p in SHIPPED_CONFIGS.glob("*.toml"))
+        raise FileNotFoundError(f"grid config {path} does not exist (shipped configs: {shipped})")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not valid TOML: {err}") from err
+    raw.update({k: v for k, v in overrides.items() if v is not None})
+    _unknown(str(path), raw, {f.name for f in dataclasses.fields(GridConfig)})
+    missing = [k for k in ("out", "datasets", "backbones") if k not in raw]
+    if missing:
+        raise ValueError(f"{path}: missing keys {missing}")
+    for name in _SECTIONS:
+        if name in raw:
+            raw[name] = _section(name, raw[name])
+    if "views" in raw:
+        raw["views"] = {**METHOD_VIEWS, **raw["views"]}
+    return GridConfig(**raw)
+
+
+def _backbone_known(name: str) -> bool:
+    import timm
+
+    canonical, spec = resolve_name(name)
+    return spec is not None or timm.is_model(canonical)
+
+
+def input_size(grid: GridConfig) -> int:
+    """The backbones' input size (the centre crop of statistics and test images): the grid's
+    ``image_size``, else the first backbone's (224 for the paper aliases)."""
+    spec = resolve_name(grid.backbones[0])[1]
+    return grid.image_size or (spec.size if spec else 224)
+
+
+def dataset_spec(grid: GridConfig, dataset: str) -> tuple[str, str | None]:
+    """``(load_data spec, test spec)`` of a grid dataset entry."""
+    from ..imagenet import SUBSETS
+
+    if dataset == "digits":
+        return "digits", None
+    if dataset.startswith("folder:"):
+        root = Path(dataset.split(":", 1)[1])
+        return str(root / "train"), str(root / "val")
+    if dataset in SUBSETS or dataset.startswith("torchvision:"):
+        if not grid.root:
+            raise ValueError(f"dataset {dataset!r} needs `root` (the local copy; fastsfm never downloads)")
+        return f"{dataset}:{grid.root}", None
+    raise ValueError(
+        f"unknown dataset {dataset!r}: an ImageNet subset ({', '.join(SUBSETS)}), "
+        "torchvision:<Class>, folder:<dir> or digits"
+    )
+
+
+def validate_grid(grid: GridConfig) -> None:
+    """Every check that needs no heavy work, so a bad config fails before anything runs."""
+    from ..imagenet import SUBSETS, check_imagenet_root
+
+    allowed = choices(GridMethod)
+    bad = [m for m in grid.methods if m not in allowed]
+    if bad or not grid.methods:
+        raise ValueError(f"unknown methods {bad}; known: {allowed}")
+    if "neighbors" in grid.methods and "sfm" not in grid.methods:
+        raise ValueError("the 'neighbors' baseline selects the nearest reals of the SFM set: add 'sfm' to methods")
+    if set(grid.views) - {"sfm", "lgm"} or any(not isinstance(v, int) or v < 1 for v in grid.views.values()):
+        raise ValueError(f"views: a table of positive integers for sfm and lgm, got {grid.views!r}")
+    for name in ("precision", "real_precision"):
+        if getattr(grid, name) not in choices(Precision):
+            raise ValueError(f"{name} must be one of {choices(Precision)}, got {getattr(grid, name)!r}")
+    if not grid.backbones or not grid.datasets or not grid.ipc or min(grid.ipc) < 1:
+        raise ValueError("backbones, datasets and ipc (values >= 1) must be non-empty")
+    named = list(grid.backbones) + ([] if isinstance(grid.eval_backbones, str) else list(grid.eval_backbones))
+    if isinstance(grid.eval_backbones, str) and grid.eval_backbones not in ("same", "all"):
+        raise ValueError(f"eval_backbones must be 'same', 'all' or a list, got {grid.eval_backbones!r}")
+    unknown = [b for b in named if not _backbone_known(b)]
+    if unknown:
+        raise ValueError(
+            f"unknown backbones {unknown}: use a fastsfm alias (fastsfm.backbones.ALIASES), an author "
+            "name or a timm model name"
+        )
+    for name, path in grid.weights.items():
+        if name not in named:
+            raise ValueError(f"weights for {name!r}, which is not a backbone of the grid")
+        if not Path(path).exists():
+            raise FileNotFoundError(f"weights {path} for {name} do not exist")
+    for dataset in grid.datasets:
+        spec, test = dataset_spec(grid, dataset)
+        if dataset in SUBSETS:
+            check_imagenet_root(grid.root, dataset)
+        elif dataset.startswith("torchvision:"):
+            if not Path(grid.root).exists():
+                raise FileNotFoundError(f"root {grid.root} of {dataset} does not exist")
+        elif test is not None:
+            for folder in (spec, test):
+                if not Path(folder).is_dir():
+                    raise FileNotFoundError(f"{folder} does not exist ({dataset} needs train/ and val/ folders)")

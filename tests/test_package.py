@@ -1,0 +1,129 @@
+"""The package's shape, read from its source (ast): no import cycles, lower layers import nothing above
+them, ``__all__`` lists what other modules import, library modules log instead of printing, and no
+comment points outside the repository."""
+
+import ast
+import importlib
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+PACKAGE = REPO / "fastsfm"
+LOWER = {
+    "fastsfm.config",
+    "fastsfm.rng",
+    "fastsfm.io",
+    "fastsfm.reference",
+    "fastsfm.pinned",
+    "fastsfm.weights",
+    "fastsfm.data",
+    "fastsfm.progress",
+    "fastsfm.precision",
+    "fastsfm.metrics",
+    "fastsfm.distributed",
+    "fastsfm.signals",
+    "fastsfm.kernels",
+    "fastsfm.kernels.sfm",
+}
+"""The bottom layers: they may import one another, nothing else of fastsfm."""
+FRONT_ENDS = {"fastsfm.cli", "fastsfm.demo", "fastsfm.pretrain", "fastsfm.progress", "fastsfm.benchmark"}
+"""Modules that talk to a user (they may print): the command line, the demo, the pretraining script,
+progress lines on a stream, the table printer of ``benches/``."""
+
+
+def _modules() -> dict[str, Path]:
+    found = {}
+    for path in PACKAGE.rglob("*.py"):
+        parts = list(path.relative_to(REPO).with_suffix("").parts)
+        found[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    for path in (REPO / "kernels").glob("*.py"):  # installed as fastsfm.kernels
+        found["fastsfm.kernels" if path.stem == "__init__" else f"fastsfm.kernels.{path.stem}"] = path
+    return found
+
+
+MODULES = _modules()
+
+
+def _imports(name: str, path: Path) -> list[tuple[str, str | None]]:
+    """``(module, imported name)`` of every fastsfm import in a module, at any depth (lazy imports too)."""
+    tree = ast.parse(path.read_text())
+    base = name.split(".") if path.stem == "__init__" else name.split(".")[:-1]
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            target = ".".join(base[: len(base) - node.level + 1] + [node.module or ""]) if node.level else node.module
+            target = (target or "").rstrip(".")
+            if not target.startswith("fastsfm"):
+                continue
+            for alias in node.names:
+                sub = f"{target}.{alias.name}"
+                found.append((sub, None) if sub in MODULES else (target, alias.name))
+        elif isinstance(node, ast.Import):
+            found += [(a.name, None) for a in node.names if a.name.startswith("fastsfm")]
+    return [(m, n) for m, n in found if m in MODULES and m != name]
+
+
+GRAPH = {name: {m for m, _ in _imports(name, path)} for name, path in MODULES.items()}
+
+
+def _cycle() -> list[str] | None:
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(GRAPH[node]):
+            if state.get(nxt) == 1:
+                return stack[stack.index(nxt) :] + [nxt]
+            if nxt not in state and (found := visit(nxt)):
+                return found
+        state[node] = 2
+        stack.pop()
+        return None
+
+    for node in sorted(GRAPH):
+        if node not in state and (found := visit(node)):
+            return found
+    return None
+
+
+def test_no_import_cycles():
+    assert _cycle() is None, " -> ".join(_cycle())
+
+
+def test_lower_layers_import_nothing_above_them():
+    upward = {(m, dep) for m in LOWER for dep in GRAPH[m] if dep not in LOWER}
+    assert not upward
+
+
+def test_all_lists_what_other_modules_import():
+    missing = []
+    for name, path in MODULES.items():
+        for module, imported in _imports(name, path):
+            if imported is None or imported.startswith("_") or module == "fastsfm":
+                continue
+            exported = getattr(importlib.import_module(module), "__all__", None)
+            if exported is not None and imported not in exported:
+                missing.append(f"{name} imports {module}.{imported}")
+    assert not missing
+    for module in MODULES:
+        loaded = importlib.import_module(module)
+        assert all(hasattr(loaded, n) for n in getattr(loaded, "__all__", [])), module
+
+
+def test_library_modules_log_instead_of_printing():
+    printing = []
+    for name, path in MODULES.items():
+        if name in FRONT_ENDS:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "print":
+                printing.append(f"{name}:{node.lineno}")
+    assert not printing
+
+
+def test_sources_point_to_papers_and_repositories_not_to_local_folders():
+    files = [*MODULES.values(), *REPO.glob("benches/*.py"), *REPO.glob("tests/*.py"), *PACKAGE.rglob("resources/*.*")]
+    outside = "shared" + "/"  # a folder beside the repository, which users do not have
+    assert not [str(p) for p in files if outside in p.read_text()]
+    assert not [str(p) for p in [*MODULES.values(), *REPO.glob("benches/*.py")] if "sys.path" in p.read_text()]
