@@ -1,6 +1,5 @@
 """The distillation loop: determinism, resume after interrupts and signals, checkpoints, metrics, progress."""
 
-import io
 import json
 import os
 import signal
@@ -13,7 +12,6 @@ from helpers import tiny_backbone, toy_data, toy_stats
 from fastsfm.checkpoint import CheckpointError, load_checkpoint
 from fastsfm.distill import DistillConfig, distill
 from fastsfm.objective import SFMObjective
-from fastsfm.progress import Progress
 
 CFG = DistillConfig(ipc=2, steps=6, lr=0.05, resolution=16, pyramid_extent=2, checkpoint_every=3)
 
@@ -147,16 +145,6 @@ def test_real_init_and_lgm_need_real_images(setup, tmp_path):
         bb, stats, replace(CFG, method="lgm", views=2, steps=2), tmp_path / "l", real=toy_data(), progress=False
     )
     assert lgm.render().shape == (6, 3, 16, 16)
-
-
-def test_progress_writes_few_lines_to_a_log():
-    log = io.StringIO()
-    bar = Progress(5000, "distill", stream=log, interval=3600)
-    for _ in range(5000):
-        bar.update(loss=0.5)
-    bar.close()
-    lines = log.getvalue().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("distill: 5000/5000 it") and "loss=0.5" in lines[0]
 
 
 class _LossNeverReadBack:
