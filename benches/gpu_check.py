@@ -352,20 +352,11 @@ def bench_distill_section(ctx: Context) -> None:
             )
     for r in (r for r in rows if r.get("time LGM/SFM")):
         name = f"LGM/SFM, {r['backbone']}, C={r['classes']}, IPC={r['ipc']}, LGM views={r['views']}"
-        ctx.report.check(
-            "distill benchmark",
-            name + ": time",
-            ">= 8x",
-            _fmt(r["time LGM/SFM"], "x"),
-            ctx.target(r["time LGM/SFM"] >= 8),
-        )
-        ctx.report.check(
-            "distill benchmark",
-            name + ": memory",
-            ">= 10x",
-            _fmt(r["memory LGM/SFM"], "x"),
-            ctx.target(r["memory LGM/SFM"] >= 10),
-        )
+        for what, target in (("time", 8), ("memory", 10)):
+            ratio = r[f"{what} LGM/SFM"]
+            ctx.report.check(
+                "distill benchmark", f"{name}: {what}", f">= {target}x", _fmt(ratio, "x"), ctx.target(ratio >= target)
+            )
     for r in (r for r in rows if r["method"] == "sfm" and r.get("step ms") and r["classes"] == 1000):
         minutes = r["step ms"] * 5000 / 6e4
         share = _fmt(r["tensor-core %"] or 0.0, "%")
@@ -389,7 +380,7 @@ def digits_section(ctx: Context) -> None:
 
     from fastsfm.backbones import load_backbone
     from fastsfm.data import digits
-    from fastsfm.demo import DEMO_CLASSIFIER, DEMO_CONFIG
+    from fastsfm.demo import DEMO_CLASSIFIER, DEMO_DISTILL
     from fastsfm.distill import distill
     from fastsfm.stats import dataset_stats
 
@@ -397,7 +388,7 @@ def digits_section(ctx: Context) -> None:
     backbone = load_backbone("digits_vit", precision=precision, device=ctx.device)
     data = digits(32)
     stats = dataset_stats(backbone, data, DEMO_CLASSIFIER, ctx.device, workers=0, progress=False)
-    config = replace(DEMO_CONFIG, steps=3 if ctx.smoke else 30, precision=precision, checkpoint_every=1000)
+    config = replace(DEMO_DISTILL, steps=3 if ctx.smoke else 30, precision=precision, checkpoint_every=1000)
     images = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, variant in (("whole", {}), ("chunked", {"chunk_size": 3}), ("offloaded", {"offload": True})):

@@ -6,4 +6,4 @@ from .loss import SFMLoss
 from .stats import ClassStats
 
 __all__ = ["SFMLoss", "ClassStats", "sfm_loss", "functional"]
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -100,6 +100,19 @@ def _spec(timm_name: str, source: str, projection: bool = False, **more) -> Back
     return BackboneSpec(timm_name, more.pop("architecture", timm_name), projection, source, **more)
 
 
+def _digits(name: str, timm_name: str, **kwargs) -> BackboneSpec:
+    """A demo backbone: timm's tiny test architecture at 32 px with weights fastsfm trained and ships."""
+    source = "fastsfm.pretrain (SimCLR on digits)"
+    return BackboneSpec(
+        timm_name,
+        timm_name,
+        source=source,
+        weights=f"weights/{name}.safetensors",
+        size=32,
+        kwargs=tuple(kwargs.items()),
+    )
+
+
 ALIASES: dict[str, BackboneSpec] = {
     # DINO v1 (torch.hub facebookresearch/dino)
     "dino_vits8": _spec("vit_small_patch8_224.dino", "torch.hub dino_vits8"),
@@ -127,21 +140,9 @@ ALIASES: dict[str, BackboneSpec] = {
         "vit_large_patch16_224", "hf nyu-visionx/moco-v3-vit-l", mixin_repo="nyu-visionx/moco-v3-vit-l"
     ),
     # The demo's tiny self-supervised backbones, trained by fastsfm.pretrain and shipped with fastsfm.
-    "digits_vit": BackboneSpec(
-        "test_vit",
-        "test_vit",
-        source="fastsfm.pretrain (SimCLR on digits)",
-        weights="weights/digits_vit.safetensors",
-        size=32,
-        kwargs=(("patch_size", 4),),
-    ),
-    "digits_resnet": BackboneSpec(
-        "test_resnet",
-        "test_resnet",
-        source="fastsfm.pretrain (SimCLR on digits)",
-        weights="weights/digits_resnet.safetensors",
-        size=32,
-    ),
+    "digits_vit": _digits("digits_vit", "test_vit", patch_size=4),
+    "digits_vit8": _digits("digits_vit8", "test_vit", patch_size=8),
+    "digits_resnet": _digits("digits_resnet", "test_resnet"),
 }
 
 AUTHOR_NAMES = {

@@ -14,6 +14,7 @@ import torch
 __all__ = [
     "time_ms",
     "peak_extra_bytes",
+    "step_peak_bytes",
     "write_csv",
     "markdown_table",
     "print_table",
@@ -52,6 +53,22 @@ def peak_extra_bytes(fn: Callable[[], object], device: torch.device) -> int | No
     fn()
     torch.cuda.synchronize(device)
     return torch.cuda.max_memory_allocated(device) - before
+
+
+def step_peak_bytes(fn: Callable[[], object], device: torch.device) -> int:
+    """Peak memory ``fn`` allocates beyond what was live before it: CUDA's allocator statistics, or on
+    CPU the profiler's memory events (each operation's own allocations and frees, in order) -- the
+    tensors of the step, not the process's resident set."""
+    if device.type == "cuda":
+        return peak_extra_bytes(fn, device)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    deltas = sorted((e.time_range.start, e.self_cpu_memory_usage) for e in prof.events() if e.self_cpu_memory_usage)
+    current = peak = 0
+    for _, delta in deltas:
+        current += delta
+        peak = max(peak, current)
+    return peak
 
 
 def write_csv(rows: list[dict], path: Path) -> None:

@@ -122,7 +122,8 @@ def _backbone(args: argparse.Namespace, name: str | None = None, weights: str | 
     """The backbone of the flags (``--backbone``/``--weights``), or ``name``/``weights`` with the same options."""
     from .backbones import load_backbone
 
-    pretrained = False if args.random_init else ((weights if name else args.weights) or True)
+    given = weights if name else args.weights  # an evaluation backbone's own --eval-weights count even with --random-init
+    pretrained = given or (False if args.random_init else True)
     return load_backbone(
         name or args.backbone,
         pretrained,
@@ -261,16 +262,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    from .demo import run_demo
+    from .demo import DemoConfig, run_demo
 
-    run_demo(
-        args.out,
-        seeds=args.seeds,
-        steps=args.steps,
-        ipc=args.ipc,
-        eval_epochs=args.eval_epochs,
-        pretrained=not args.random_init,
-    )
+    run_demo(config_from_args(DemoConfig, args))
 
 
 def cmd_reproduce(args: argparse.Namespace) -> None:
@@ -352,17 +346,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="print the plan with projected device hours; run nothing")
     p.set_defaults(func=cmd_reproduce)
 
-    p = sub.add_parser("demo", help="the whole pipeline offline on CPU on the embedded digits data")
-    p.add_argument("--out", default="runs/demo")
-    p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--steps", type=int, default=None, help="distillation steps (default 300)")
-    p.add_argument("--ipc", type=int, default=1)
-    p.add_argument("--eval-epochs", type=int, default=None, help="evaluation epochs (default 300)")
-    p.add_argument(
-        "--random-init",
-        action="store_true",
-        help="randomly initialised backbones instead of the shipped self-supervised ones",
-    )
+    p = sub.add_parser("demo", help="the whole pipeline offline on CPU on the embedded digits data, SFM beside LGM")
+    from .demo import DemoConfig
+
+    add_config_flags(p, DemoConfig, "demo (DemoConfig)")
     p.set_defaults(func=cmd_demo)
     return parser
 

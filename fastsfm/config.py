@@ -20,6 +20,7 @@ __all__ = [
     "Method",
     "Param",
     "Init",
+    "Channels",
     "Precision",
     "Preprocess",
     "EvalMode",
@@ -32,6 +33,7 @@ __all__ = [
     "DRAWS_VERSION",
     "choices",
     "cli_fields",
+    "option",
 ]
 
 Objective = Literal["flow", "decouple"]
@@ -50,6 +52,9 @@ Method = Literal["sfm", "lgm"]
 
 Param = Literal["pyramid", "pixels"]
 """Synthetic image parameterisation: LGM's multi-scale pyramid (the papers') or plain pixels."""
+
+Channels = Literal["rgb", "grey"]
+"""Synthetic image channels: colour (the papers'), or one grey channel replicated to RGB (grey data)."""
 
 Init = Literal["noise", "real"]
 """Synthetic image initialisation: random colours growing with the pyramid (the papers'), or real images."""
@@ -84,8 +89,12 @@ DRAWS_VERSION = "2"
 """Version of the keyed random draws (:mod:`fastsfm.rng`); checkpoints of another cannot resume."""
 
 
-def _opt(default, help: str, **extra):
+def option(default, help: str, **extra):
+    """A configuration field with its help text (the command line's flags are generated from them)."""
     return field(default=default, metadata={"help": help, **extra})
+
+
+_opt = option
 
 
 @dataclass
@@ -105,6 +114,7 @@ class DistillConfig:
     pyramid_start: int = _opt(1, "resolution of the first pyramid level")
     pyramid_extent: int = _opt(200, "steps between pyramid levels")
     decorrelate: bool = _opt(True, "colour decorrelation of the pyramid")
+    channels: Channels = _opt("rgb", "synthetic image channels (grey: one channel replicated to RGB, for grey data)")
     views: int | None = _opt(
         None,
         "augmented copies of the synthetic set per step (default: 1 for sfm, the paper's single pass; "

@@ -1,47 +1,67 @@
-"""The embedded default: the whole pipeline offline on CPU in about two minutes.
+"""The embedded default: the whole pipeline offline on CPU in about three minutes -- SFM beside LGM.
 
 Data: scikit-learn's digits (shipped in its wheel), 32 px.  Backbones: ``digits_vit`` (a tiny
-ViT) for distillation and ``digits_resnet`` (a tiny ResNet) for the cross-backbone row, both
-**pre-trained self-supervised, without labels** (SimCLR on the digits train split) by
+ViT) for distillation and ``digits_resnet`` (a tiny ResNet) for the cross-backbone columns, both
+**pre-trained self-supervised, without labels** (SimCLR on the digits train split, with colour
+augmentation so that, like natural-image backbones, they are not blind to colour) by
 :mod:`fastsfm.pretrain` and shipped inside the package -- the setting SFM exists for.
-``pretrained=False`` runs the same demo on randomly initialised backbones.
 
-Steps: statistics and the real-data classifier once; per seed, SFM distillation at IPC = 1
-from noise with the pyramid (the paper's setting, shortened), then the authors' evaluation
-(probe, classifier inheritance, KD) of SFM, random reals, centroid reals, the nearest real
-neighbours of the SFM images and the full-data classifier; the cross-backbone column
-evaluates every set with ``digits_resnet`` through inheritance from ``digits_vit``'s
-classifier.  Outputs: ``results.md``/``results.json``, ``comparison.png``, run folders.
+Steps: statistics and the real-data classifier once; per seed, SFM and LGM distillations at the
+same IPC with the same backbone, steps and pyramid (the paper's setting, shortened); one step of
+each measured for time and peak memory; then the authors' evaluation (probe, classifier
+inheritance, KD) of SFM, LGM, random reals, centroid reals (k-means reals beyond IPC 1) and the
+real images nearest the SFM images, on both backbones.  Outputs: ``results.md``/``results.json``
+(accuracy, and SFM vs LGM step time, peak memory and their ratios), ``comparison.png``, run folders.
+
+The quick default evaluates LGM with one seed; ``--full`` evaluates it with every seed.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, replace
+import logging
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
 
 from .backbones import Backbone, load_backbone
-from .baselines.reals import centroid_reals, nearest_reals, random_reals
-from .config import ClassifierConfig, DistillConfig, EvalConfig
+from .baselines.sets import baseline_sources
+from .benchmark import distill_setup, markdown_table, run_step, step_peak_bytes, time_steps
+from .config import ClassifierConfig, DistillConfig, EvalConfig, option
 from .data import digits
 from .distill import distill
 from .evaluate import Evaluator, FeatureCache, ImageSet, compare, format_markdown, summarise, write_results
+from .io import atomic_write_json
 from .probe import encode
 from .stats import compute_stats
 from .synset import save_grid
 
-__all__ = ["run_demo", "DEMO_CONFIG", "DEMO_EVAL", "DEMO_CLASSIFIER", "DEMO_BACKBONES"]
+__all__ = ["DemoConfig", "run_demo", "DEMO_DISTILL", "DEMO_EVAL", "DEMO_CLASSIFIER", "DEMO_BACKBONES"]
+
+log = logging.getLogger(__name__)
 
 DEMO_BACKBONES = ("digits_vit", "digits_resnet")
-DEMO_CONFIG = DistillConfig(ipc=1, steps=300, lr=2e-2, resolution=32, pyramid_extent=40, checkpoint_every=100)
-"""The paper's setting (noise init, pyramid from 1x1, colour decorrelation, one view) at 32 px,
-with fewer steps, faster pyramid growth and a larger learning rate to fit a CPU minute."""
+DEMO_DISTILL = DistillConfig(ipc=1, steps=300, lr=2e-2, resolution=32, pyramid_extent=40, checkpoint_every=100)
+"""The paper's setting (noise init, pyramid from 1x1, colour decorrelation, one view for SFM and LGM's
+ten) at 32 px, with fewer steps, faster pyramid growth and a larger learning rate to fit a CPU minute."""
 DEMO_EVAL = EvalConfig(mode=("probe", "inherit", "kd", "inherit_ce"), seeds=3)
 """The authors' evaluation protocol unchanged (1000 epochs, batch min(100, N), their learning rates)."""
 DEMO_CLASSIFIER = ClassifierConfig(classifier_epochs=100)
 """The authors' classifier settings, 100 epochs: 10 epochs of 1,257 digits are only 100 steps."""
+
+
+@dataclass
+class DemoConfig:
+    """What ``fastsfm demo`` runs (its flags are generated from these fields)."""
+
+    out: str = option("runs/demo", "output folder")
+    seeds: int = option(DEMO_EVAL.seeds, "evaluation seeds (the authors' eval_syn runs 3)")
+    steps: int = option(DEMO_DISTILL.steps, "distillation steps of SFM and LGM")
+    ipc: int = option(DEMO_DISTILL.ipc, "synthetic images per class")
+    eval_epochs: int = option(DEMO_EVAL.epochs, "evaluation epochs (the authors': 1000)")
+    full: bool = option(False, "evaluate LGM with every seed too (the quick default: one seed, ~3 min in all)")
+    random_init: bool = option(False, "randomly initialised backbones instead of the shipped self-supervised ones")
 
 
 def _describe(backbone: Backbone) -> str:
@@ -50,25 +70,51 @@ def _describe(backbone: Backbone) -> str:
     return f"{backbone.name} (pre-trained self-supervised by fastsfm.pretrain, {backbone.weights})"
 
 
+def _efficiency(backbone: Backbone, config: DistillConfig, classes: int, device: torch.device) -> list[dict]:
+    """Step time and peak memory of one SFM and one LGM step, the same backbone, set and pyramid."""
+    rows = []
+    for method in ("sfm", "lgm"):
+        method_config = replace(config, method=method)
+        synset, optim, objective = distill_setup(backbone, method_config, classes, device)
+        seconds = time_steps(objective, synset, optim, 3, device)
+        peak = step_peak_bytes(lambda o=objective, s=synset, a=optim: run_step(o, s, a, 9), device)
+        rows.append({"method": method.upper(), "views": method_config.effective_views, "step ms": 1e3 * seconds})
+        rows[-1]["peak MiB"] = peak / 2**20
+    sfm, lgm = rows
+    rows.append({"method": "LGM / SFM", "step ms": lgm["step ms"] / sfm["step ms"]})
+    rows[-1]["peak MiB"] = lgm["peak MiB"] / sfm["peak MiB"]
+    return rows
+
+
 def run_demo(
-    out_dir: str | Path = "runs/demo",
-    seeds: int = DEMO_EVAL.seeds,
-    steps: int | None = None,
-    ipc: int = 1,
-    eval_epochs: int | None = None,
-    pretrained: bool = True,
+    config: DemoConfig | None = None,
+    *,
+    distill_config: DistillConfig = DEMO_DISTILL,
+    backbones: tuple[str, str] = DEMO_BACKBONES,
+    weights: dict[str, str] | None = None,
+    methods: tuple[str, ...] = ("sfm", "lgm"),
     progress: bool = True,
-) -> list[dict]:
-    """Run the demo; print and return the table rows; write results and pictures into ``out_dir``."""
-    out = Path(out_dir)
+) -> dict:
+    """Run the demo; log and return ``{"rows": accuracy rows, "efficiency": SFM vs LGM rows}``; write
+    results and pictures into ``config.out``.  ``distill_config``, ``backbones``, ``weights`` (name ->
+    file) and ``methods`` let ``benches/demo_variants.py`` run the README's experiments."""
+    config = config or DemoConfig()
+    out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
+    device = torch.device("cpu")
     data = digits(32)
-    backbone, cross = (load_backbone(name, pretrained=pretrained) for name in DEMO_BACKBONES)
-    config = replace(DEMO_CONFIG, ipc=ipc, steps=steps or DEMO_CONFIG.steps)
-    eval_config = replace(DEMO_EVAL, seeds=seeds, epochs=eval_epochs or DEMO_EVAL.epochs)
-    print(
-        f"distillation backbone: {_describe(backbone)}\ncross-backbone evaluation: {_describe(cross)}\n"
-        f"data: {data.name}, {len(data.train)} train / {len(data.test)} test images, {data.num_classes} classes"
+    weights = weights or {}
+    backbone, cross = (load_backbone(n, False if config.random_init else weights.get(n, True)) for n in backbones)
+    base = replace(distill_config, ipc=config.ipc, steps=config.steps)
+    eval_config = replace(DEMO_EVAL, seeds=config.seeds, epochs=config.eval_epochs)
+    log.info(
+        "distillation backbone: %s\ncross-backbone evaluation: %s\ndata: %s, %d train / %d test images, %d classes",
+        _describe(backbone),
+        _describe(cross),
+        data.name,
+        len(data.train),
+        len(data.test),
+        data.num_classes,
     )
     stats = compute_stats(
         backbone,
@@ -79,67 +125,80 @@ def run_demo(
         progress=progress,
     )
     stats.save(out / "stats.safetensors")
-    train_x, train_y = data.train.tensors
     train_f = encode(backbone, data.train_eval.tensors[0])
-    centroids = centroid_reals(train_f, train_y, stats.means, ipc)
-    distilled: dict[int, ImageSet] = {}
+    distilled: dict[tuple[str, int], ImageSet] = {}
 
-    def sfm(seed: int) -> ImageSet:
-        if seed not in distilled:
-            run = out / f"sfm-seed{seed}"
-            synset = distill(
-                backbone,
-                stats,
-                replace(config, seed=seed),
-                run,
-                progress=progress,
-                resume=(run / "checkpoint.safetensors").exists(),
-            )
-            distilled[seed] = ImageSet("SFM", synset.render(), synset.labels)
-        return distilled[seed]
+    def distilled_set(method: str):
+        def make(seed: int) -> ImageSet:
+            if (method, seed) not in distilled:
+                run = out / f"{method}-seed{seed}"
+                synset = distill(
+                    backbone,
+                    stats,
+                    replace(base, method=method, seed=seed),
+                    run,
+                    real=data.train,
+                    progress=progress,
+                    resume=(run / "checkpoint.safetensors").exists(),
+                )
+                distilled[(method, seed)] = ImageSet(method.upper(), synset.render(), synset.labels)
+            return distilled[(method, seed)]
 
-    def neighbours(seed: int) -> ImageSet:
-        syn = sfm(seed)
-        idx = nearest_reals(backbone, syn.images, syn.labels, train_f, train_y)
-        return ImageSet("nearest reals of SFM", train_x[idx], train_y[idx])
+        return make
 
-    sets = [
-        sfm,
-        lambda seed: ImageSet("random real", *data.train[random_reals(train_y, 10, ipc, seed)]),
-        ImageSet("centroid real", train_x[centroids], train_y[centroids]),
-        neighbours,
-    ]
+    sfm = distilled_set("sfm")
+    selection = "centroid" if config.ipc == 1 else "kmeans"  # k-means reals are the centroid reals at IPC 1
+    real_sets = baseline_sources(
+        data, ["random", selection], config.ipc, config.seeds, lambda: train_f, stats.means, [], backbone, device
+    )
+
+    def neighbors(seed: int) -> ImageSet:
+        sources = baseline_sources(
+            data, ["neighbors"], config.ipc, 1, lambda: train_f, stats.means, [sfm(seed)], backbone
+        )
+        return sources[0]
+
     cache = FeatureCache(data.test)
     evaluator = Evaluator(backbone, stats, cache, eval_config, eval_backbones=[backbone, cross])
-    scores = compare(evaluator, sets, eval_config.seeds)
+    scores = compare(evaluator, [sfm], eval_config.seeds, full_data=False)
+    if "lgm" in methods:
+        lgm_seeds = eval_config.seeds if config.full else 1
+        scores += compare(evaluator, [distilled_set("lgm")], lgm_seeds, full_data=False)
+    scores += compare(evaluator, [*real_sets, neighbors], eval_config.seeds)
+    efficiency = _efficiency(backbone, base, data.num_classes, device) if "lgm" in methods else []
     rows = write_results(
         scores,
         out,
         {
             "distill_backbone": backbone.identity,
             "cross_backbone": cross.identity,
-            "config": asdict(config),
+            "config": asdict(base),
             "eval": asdict(eval_config),
+            "efficiency": efficiency,
         },
     )
-    shown = [
-        sfm(0),
-        ImageSet("", *data.train[random_reals(train_y, 10, ipc, 0)]),
-        ImageSet("", train_x[centroids], train_y[centroids]),
-        neighbours(0),
-    ]
-    grid = torch.cat([s.images for s in shown])
+    if efficiency:
+        with open(out / "results.md", "a") as fh:
+            fh.write(f"\nOne distillation step, SFM vs LGM (CPU)\n\n{markdown_table(efficiency)}\n")
+    shown = [s(0) if callable(s) else s for s in (sfm, *real_sets[:2])] + ([distilled[("lgm", 0)]] if "lgm" in methods else [])
     save_grid(
-        grid,
+        torch.cat([s.images for s in shown]),
         torch.arange(len(shown)).repeat_interleave(len(shown[0].labels)),
-        ["SFM", "random real", "centroid real", "nearest reals"],
+        [s.name for s in shown],
         out / "comparison.png",
         title="rows: image sets (seed 0); columns: digits 0-9",
     )
-    print(
-        f"\nIPC={ipc}, {eval_config.seeds} seeds, top-1 accuracy % on {len(cache.labels)} test digits "
-        f"(mean ± std); columns: evaluation mode (evaluation backbone)\n"
+    log.info(
+        "\nIPC=%d, %d seeds (LGM: %d), top-1 accuracy %% on %d test digits (mean ± std); columns: evaluation "
+        "mode (evaluation backbone)\n\n%s",
+        config.ipc,
+        eval_config.seeds,
+        eval_config.seeds if config.full else 1,
+        len(cache.labels),
+        format_markdown(summarise(scores)),
     )
-    print(format_markdown(summarise(scores)))
-    print(f"\nwrote {out / 'results.md'}, results.json, comparison.png and the sfm-seed* run folders")
-    return rows
+    if efficiency:
+        log.info("\none distillation step, SFM vs LGM, same backbone and pyramid:\n\n%s", markdown_table(efficiency))
+    log.info("\nwrote %s, results.json, comparison.png and the run folders", out / "results.md")
+    atomic_write_json(out / "efficiency.json", efficiency)
+    return {"rows": rows, "efficiency": efficiency}

@@ -102,6 +102,7 @@ def _build_synset(
         config.pyramid_extent,
         config.decorrelate,
         config.seed,
+        channels=config.channels,
         first_class=classes.start,
         storage=storage,
         offload=config.offload,

@@ -56,8 +56,14 @@ def subset_wnids(subset: str) -> list[str]:
 def _class_names(root: Path, wnids: list[str]) -> list[str]:
     meta = root / "meta.bin"
     if meta.is_file():  # torchvision's ImageNet metadata: wnid -> tuple of names
-        wnid_to_names = torch.load(meta, weights_only=False)[0]
-        return [wnid_to_names[w][0] for w in wnids]
+        try:  # plain data only, as torchvision loads it: a crafted file cannot run code here
+            wnid_to_names = torch.load(meta, weights_only=True)[0]
+            return [wnid_to_names[w][0] for w in wnids]
+        except Exception as err:  # noqa: BLE001 - every failure means the same: not torchvision's meta.bin
+            raise ValueError(
+                f"{meta} is not torchvision's ImageNet meta.bin (plain data: wnid -> class names); refused to "
+                f"load it ({type(err).__name__}: {str(err).splitlines()[0][:160]}); delete it to use timm's names"
+            ) from err
     from timm.data import ImageNetInfo
 
     info = ImageNetInfo()

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
+
+from .io import atomic_write_text
 
 __all__ = ["MetricsLog", "plot_loss"]
 
@@ -22,9 +23,7 @@ class MetricsLog:
         if not enabled:
             return
         kept = [line for line in read_metrics(self.path) if line["step"] < start] if start else []
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(json.dumps(line) + "\n" for line in kept))
-        os.replace(tmp, self.path)
+        atomic_write_text(self.path, "".join(json.dumps(line) + "\n" for line in kept))
 
     def log(self, **values: object) -> None:
         if self.enabled:

@@ -10,7 +10,17 @@ demo may use offline, so fastsfm trains two tiny ones itself and ships them
 Objective: SimCLR (Chen et al. 2020) -- two augmented views of every image, an MLP
 projection head, the NT-Xent loss at temperature ``temperature`` -- on the digits *train*
 split only, labels unused.  Views: random-resized crops (area 0.35-1), no flips (digits are
-not mirror-symmetric), Gaussian noise (std 0.1, p 0.5), random contrast and brightness.
+not mirror-symmetric), Gaussian noise (std 0.1, p 0.5), random contrast and brightness, and
+(``colour``, the default) random colour: per-channel gains in [0.3, 1.7] and offsets in
+[-0.25, 0.25], then grey again with probability 0.2, as SimCLR's colour distortion does for
+natural images -- so the backbones see colour and learn to look past it, as backbones
+pre-trained on natural images do (grey-only pretraining left them blind to colour, which the
+demo's distilled images then exploited; README, "A representative demo").  The views are grey
+for the first ``colour_start`` epochs, then the colour's strength ramps up linearly over
+``colour_ramp`` epochs: with colour from the start the 4x4-patch ViT never left the loss
+plateau of a collapsed embedding (150 epochs at full strength; with a linear ramp from epoch 0
+or a learning-rate warm-up it still sat there at epoch 25), while on grey views it leaves it
+after about ten epochs.
 AdamW with a cosine schedule.  Every setting, the seed and the final linear-probe accuracy
 (labels used only for this report) are written into each file's metadata.
 
@@ -53,6 +63,9 @@ class SimCLRConfig:
     weight_decay: float = 0.05
     temperature: float = 0.2
     projection: int = 64
+    colour: bool = True
+    colour_start: int = 20
+    colour_ramp: int = 40
     seed: int = 0
 
 
@@ -66,13 +79,20 @@ def nt_xent(z1: Tensor, z2: Tensor, temperature: float) -> Tensor:
     return F.cross_entropy(logits, targets)
 
 
-def _views(images: Tensor, augment: BatchAugment, keys: Tensor) -> Tensor:
-    """One augmented view per image: crop + noise (``augment``), then contrast and brightness."""
+def _views(images: Tensor, augment: BatchAugment, keys: Tensor, colour: float) -> Tensor:
+    """One augmented view per image: crop + noise (``augment``), contrast and brightness, and colour of
+    strength ``colour`` in [0, 1] (0: grey views)."""
     out = augment(images, keys)
-    u = rng.uniform(rng.derive(keys, 11), 2)
+    u = rng.uniform(rng.derive(keys, 11), 9)
     contrast, brightness = 0.6 + 0.8 * u[:, 0], 0.3 * (u[:, 1] - 0.5)
     mean = out.mean((1, 2, 3), keepdim=True)
-    return (out - mean) * contrast[:, None, None, None] + mean + brightness[:, None, None, None]
+    out = (out - mean) * contrast[:, None, None, None] + mean + brightness[:, None, None, None]
+    if not colour:
+        return out
+    gains, offsets = 1.0 + colour * 1.4 * (u[:, 2:5] - 0.5), colour * 0.5 * (u[:, 5:8] - 0.5)
+    tinted = out * gains[:, :, None, None] + offsets[:, :, None, None]
+    grey = (u[:, 8] < 0.2)[:, None, None, None]
+    return torch.where(grey, tinted.mean(1, keepdim=True).expand_as(tinted), tinted)
 
 
 def pretrain(name: str, config: SimCLRConfig, images: Tensor, progress: bool = True) -> tuple[nn.Module, list]:
@@ -99,7 +119,9 @@ def pretrain(name: str, config: SimCLRConfig, images: Tensor, progress: bool = T
             idx = order[b * config.batch : (b + 1) * config.batch]
             keys = rng.derive(config.seed, epoch, b, torch.arange(2 * len(idx)))
             x = torch.cat([images[idx], images[idx]])
-            z = head(model(backbone.normalize(_views(x, augment, keys))))
+            ramp = (epoch - config.colour_start) / max(1, config.colour_ramp)
+            strength = min(1.0, max(0.0, ramp)) if config.colour else 0.0
+            z = head(model(backbone.normalize(_views(x, augment, keys, strength))))
             loss = nt_xent(z[: len(idx)], z[len(idx) :], config.temperature)
             opt.zero_grad()
             loss.backward()
@@ -117,12 +139,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--names", default="digits_vit,digits_resnet")
     parser.add_argument("--out", type=Path, default=WEIGHTS)
     parser.add_argument("--epochs", type=int, default=SimCLRConfig.epochs)
+    parser.add_argument("--no-colour", action="store_true", help="grey views only (the earlier weights)")
     args = parser.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     data = digits(32)
     images, labels = data.train.tensors
     test_x, test_y = data.test.tensors
-    config = SimCLRConfig(epochs=args.epochs)
+    config = SimCLRConfig(epochs=args.epochs, colour=not args.no_colour)
     for name in args.names.split(","):
         began = time.perf_counter()
         model, losses = pretrain(name, config, images)

@@ -10,6 +10,9 @@ with the coarsest level; the next level is added at steps ``extent + 1``, ``2 ex
 levels scaled by old/new level count, the new one noise / new count, and the optimiser state is
 reset, as in LGM.  ``param="pixels"`` is the same machinery with the finest level alone.
 
+``channels="grey"`` (not the papers'; for grey data such as the demo's digits): every level has
+one channel, there is no colour decorrelation, and the rendered grey image is replicated to RGB.
+
 Initialisation: ``"noise"`` (random colours growing into images) or ``"real"`` (given real
 images: every level is active from the start and the finest holds the inverse of the
 image, so step 0 renders the real images exactly).
@@ -32,7 +35,7 @@ from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
 from . import pinned, rng
-from .config import Init, Param, choices
+from .config import Channels, Init, Param, choices
 from .io import atomic_save_safetensors
 
 __all__ = ["SyntheticSet", "COLOR_DECORRELATION", "save_grid", "save_images", "load_images", "SYNSET_FORMAT"]
@@ -54,8 +57,8 @@ class SyntheticSet:
     """``num_classes * ipc`` learnable images with labels ``[f]*ipc + [f+1]*ipc + ...``
     (``f = first_class``, nonzero for a rank's shard of classes under torch.distributed).
 
-    ``levels`` (list of (N, 3, s, s) float32 tensors on ``storage``) are the parameters;
-    :meth:`render` / :meth:`render_levels` give (N, 3, R, R) images in [0, 1].
+    ``levels`` (list of (N, K, s, s) float32 tensors on ``storage``, K = 3, or 1 for grey) are
+    the parameters; :meth:`render` / :meth:`render_levels` give (N, 3, R, R) images in [0, 1].
     """
 
     def __init__(
@@ -73,6 +76,7 @@ class SyntheticSet:
         first_class: int = 0,
         storage: str | torch.device = "cpu",
         offload: bool = False,
+        channels: Channels = "rgb",
     ):
         if param not in choices(Param):
             raise ValueError(f"param must be one of {choices(Param)}, got {param!r}")
@@ -88,7 +92,10 @@ class SyntheticSet:
         self.labels = classes.repeat_interleave(ipc)
         self.image_ids = torch.arange(first_class * ipc, first_class * ipc + n)
         decor = COLOR_DECORRELATION / COLOR_DECORRELATION.norm(dim=0).max()
-        self.decor = decor if decorrelate else torch.eye(3)
+        if channels not in choices(Channels):
+            raise ValueError(f"channels must be one of {choices(Channels)}, got {channels!r}")
+        self.channels = 3 if channels == "rgb" else 1
+        self.decor = decor if decorrelate and self.channels == 3 else torch.eye(self.channels)
         self._on_device: dict[tuple[str, torch.device], Tensor] = {}
         if init == "real":
             if real_images is None or real_images.shape != (n, 3, resolution, resolution):
@@ -96,9 +103,11 @@ class SyntheticSet:
                 raise ValueError(
                     f"init='real' needs real_images of shape ({n}, 3, {resolution}, {resolution}), got {got}"
                 )
-            logits = 0.5 * torch.logit(real_images.float().clamp(1e-3, 1 - 1e-3))
+            pixels = real_images.float() if self.channels == 3 else real_images.float().mean(1, keepdim=True)
+            logits = 0.5 * torch.logit(pixels.clamp(1e-3, 1 - 1e-3))
             finest = torch.einsum("ij,njhw->nihw", torch.linalg.inv(self.decor), logits)
-            self.levels = [self.store(torch.zeros(n, 3, s, s)) for s in self.sizes[:-1]] + [self.store(finest)]
+            zeros = [self.store(torch.zeros(n, self.channels, s, s)) for s in self.sizes[:-1]]
+            self.levels = zeros + [self.store(finest)]
         else:
             self.levels = [self._noise(0, self.storage, 1.0)]
 
@@ -109,7 +118,7 @@ class SyntheticSet:
     def bytes_per_image(self, final: bool = False) -> int:
         """Bytes of one image's parameters: its current levels, or (``final``) all of them."""
         sizes = self.sizes if final else [level.shape[-1] for level in self.levels]
-        return 4 * 3 * sum(s * s for s in sizes)
+        return 4 * self.channels * sum(s * s for s in sizes)
 
     def empty(self, shape: tuple[int, ...]) -> Tensor:
         """An uninitialised float32 tensor on the storage device (exact-size page-locked host
@@ -136,11 +145,11 @@ class SyntheticSet:
         """``scale`` * N(0, 1) of level ``level`` for every image, keyed by (seed, level, global image
         id), drawn on ``device`` a batch of images at a time straight into a new storage tensor."""
         size = self.sizes[level]
-        out = self.empty((self.num_images, 3, size, size))
+        out = self.empty((self.num_images, self.channels, size, size))
         ids = self.on_device("image_ids", device)
         for start in range(0, self.num_images, _NOISE_BATCH):
             keys = rng.derive(rng.derive(self.seed, rng.PYRAMID_STREAM, level), ids[start : start + _NOISE_BATCH])
-            out[start : start + _NOISE_BATCH].copy_(rng.normal(keys, (3, size, size)).mul_(scale))
+            out[start : start + _NOISE_BATCH].copy_(rng.normal(keys, (self.channels, size, size)).mul_(scale))
         return out
 
     def grow(self, step: int, device: str | torch.device | None = None) -> bool:
@@ -178,7 +187,8 @@ class SyntheticSet:
             level if level.shape[-1] == r else F.interpolate(level, size=(r, r), mode="bilinear", align_corners=False)
             for level in levels
         )
-        return torch.sigmoid(2.0 * torch.einsum("ij,njhw->nihw", self.on_device("decor", total.device), total))
+        images = torch.sigmoid(2.0 * torch.einsum("ij,njhw->nihw", self.on_device("decor", total.device), total))
+        return images if self.channels == 3 else images.expand(-1, 3, -1, -1)
 
     @torch.no_grad()
     def render(
@@ -204,7 +214,7 @@ class SyntheticSet:
         if count < 1 or count > len(self.sizes):
             raise ValueError(f"checkpoint has {count} pyramid levels; this set allows 1..{len(self.sizes)}")
         for i in range(count):
-            expected = (self.num_images, 3, self.sizes[i], self.sizes[i])
+            expected = (self.num_images, self.channels, self.sizes[i], self.sizes[i])
             if tuple(tensors[f"level_{i}"].shape) != expected:
                 raise ValueError(
                     f"checkpoint level {i} has shape {tuple(tensors[f'level_{i}'].shape)}, "

@@ -5,24 +5,5 @@ validation are in :mod:`fastsfm.ops` and :mod:`fastsfm.functional`.  Importing t
 imports triton, so set ``TRITON_INTERPRET=1`` beforehand to run the kernels on CPU.
 """
 
-from .sfm import (
-    MIN_PROGRAMS,
-    OBJECTIVES,
-    broadcast_grad,
-    class_sums,
-    default_split,
-    epilogue_blocks,
-    flow_epilogue,
-    interpreter_active,
-)
-
-__all__ = [
-    "class_sums",
-    "flow_epilogue",
-    "broadcast_grad",
-    "default_split",
-    "epilogue_blocks",
-    "interpreter_active",
-    "OBJECTIVES",
-    "MIN_PROGRAMS",
-]
+from .sfm import *  # noqa: F403 - the package is its kernels module
+from .sfm import __all__  # noqa: F401

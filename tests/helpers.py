@@ -75,3 +75,29 @@ def class_folders(root, classes=("a", "b", "c"), per_class=4, size=12):
             arr = np.clip(rng.normal(60 * i + 40, 20, (size, size, 3)), 0, 255).astype(np.uint8)
             Image.fromarray(arr).save(root / cls / f"{j}.png")
     return root
+
+
+class Recorder:
+    """Stands in for ChunkAdam: keeps each chunk's level gradients (times the grad scale) instead of stepping."""
+
+    def __init__(self, synset):
+        self.grads = [torch.zeros_like(level) for level in synset.levels]
+        self.chunks = []
+
+    def step_chunk(self, start, stop, params, grad_scale=1.0):
+        self.chunks.append((start, stop))
+        for full, p in zip(self.grads, params, strict=True):
+            full[start:stop] = p.grad * grad_scale
+
+    def finish_step(self):
+        pass
+
+
+def grown_set(seed=1, classes=3, ipc=4, size=16):
+    """A synthetic set with three pyramid levels (grown at steps 2 and 3 with extent 1)."""
+    from fastsfm.synset import SyntheticSet
+
+    synset = SyntheticSet(classes, ipc, size, extent=1, seed=seed)
+    for step in range(1, 4):
+        synset.grow(step)
+    return synset

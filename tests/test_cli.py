@@ -1,5 +1,7 @@
 """The command line end to end on tiny data: stats, distill, eval, demo, help and errors."""
 
+import re
+
 import pytest
 from helpers import class_folders
 
@@ -164,11 +166,13 @@ def test_cli_eval_bad_inputs_write_nothing(tmp_path, capsys):
 
 def test_cli_demo_tiny(tmp_path, capsys):
     main(["demo", "--out", str(tmp_path / "demo"), "--seeds", "1", "--steps", "2", "--eval-epochs", "1"])
-    out = capsys.readouterr().out
-    assert "pre-trained self-supervised" in out and "| SFM |" in out and "| centroid real |" in out
-    assert "| nearest reals of SFM |" in out and "inherit (digits_resnet)" in out and "| full data |" in out
-    for name in ("comparison.png", "results.json", "results.md", "sfm-seed0/synset.png"):
+    shown = capsys.readouterr().err  # the demo logs its tables (shown on stderr by the command line)
+    assert "pre-trained self-supervised" in shown and "| SFM |" in shown and "| LGM |" in shown
+    assert "| centroid reals (IPC=1) |" in shown and "| neighbors of SFM (IPC=1) |" in shown
+    assert "inherit (digits_resnet)" in shown and "| full data |" in shown and "| LGM / SFM |" in shown
+    for name in ("comparison.png", "results.json", "results.md", "sfm-seed0/synset.png", "lgm-seed0/synset.png"):
         assert (tmp_path / "demo" / name).exists(), name
+    assert "One distillation step, SFM vs LGM" in (tmp_path / "demo" / "results.md").read_text()
     main(
         [
             "demo",
@@ -183,7 +187,7 @@ def test_cli_demo_tiny(tmp_path, capsys):
             "--random-init",
         ]
     )
-    assert "RANDOMLY INITIALISED" in capsys.readouterr().out
+    assert "RANDOMLY INITIALISED" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("command", ["stats", "distill", "eval", "reproduce", "demo"])
@@ -243,3 +247,105 @@ def test_cli_distill_chunked_offloaded_views(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["distill", "--stats", str(tmp_path / "s.safetensors"), "--out", str(tmp_path / "r2"), "--ipc", "0", *bb])
     assert exc.value.code == 2 and "ipc must be at least 1" in capsys.readouterr().err
+
+
+def _bad_files(tmp_path, stats, synset):
+    """For each kind of file a command takes, a wrong-kind, a truncated and an empty one."""
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for name, source in (("stats", stats), ("synset", synset)):
+        (bad / f"truncated-{name}.safetensors").write_bytes(source.read_bytes()[: len(source.read_bytes()) // 2])
+    (bad / "empty.safetensors").write_bytes(b"")
+    (bad / "empty.toml").write_text("")
+    (bad / "truncated.toml").write_text('out = "x"\ndatasets = ["digits"\n')
+    (bad / "empty.pth").write_bytes(b"")
+    (bad / "truncated.pth").write_bytes(b"PK\x03\x04 not all of a zip")
+    return bad
+
+
+def test_every_file_option_refuses_wrong_truncated_and_empty_files(tmp_path, capsys):
+    """stats/distill/eval/reproduce x --stats/--synset/--weights/--eval-weights/checkpoint/TOML/folders: a
+    clear one-line error, exit 2, nothing written -- never a traceback."""
+    train, test = class_folders(tmp_path / "train"), class_folders(tmp_path / "test", per_class=2)
+    bb = BACKBONE
+    stats = tmp_path / "s.safetensors"
+    _stats(train, stats, bb, epochs=1)
+    run = tmp_path / "run"
+    main(["distill", "--stats", str(stats), "--out", str(run), "--steps", "1", "--resolution", "16", *bb])
+    synset = run / "synset.safetensors"
+    bad = _bad_files(tmp_path, stats, synset)
+    capsys.readouterr()
+    out = tmp_path / "out"
+    stats_cmd = [
+        "stats",
+        "--data",
+        str(train),
+        "--out",
+        str(out / "s.safetensors"),
+        "--workers",
+        "0",
+        "--resolution",
+        "16",
+    ]
+    distill_cmd = ["distill", "--out", str(out / "run"), "--steps", "1", "--resolution", "16"]
+    eval_cmd = ["eval", "--data", str(train), "--test-data", str(test), "--epochs", "1", "--seeds", "1"]
+    eval_cmd += ["--resolution", "16", "--out", str(out / "eval")]
+    tiny = ["--backbone", "vit_tiny_patch16_224", "--image-size", "16", "--device", "cpu"]
+    cases = [
+        # --stats: a synthetic set where statistics belong, a truncated file, an empty one
+        ([*distill_cmd, "--stats", str(synset), *bb], "not a fastsfm statistics file"),
+        ([*distill_cmd, "--stats", str(bad / "truncated-stats.safetensors"), *bb], "not a readable safetensors"),
+        ([*distill_cmd, "--stats", str(bad / "empty.safetensors"), *bb], "not a readable safetensors"),
+        ([*eval_cmd, "--stats", str(synset), "--baselines", "random", *bb], "not a fastsfm statistics file"),
+        # --synset: statistics where a synthetic set belongs (it named neither before), truncated, empty
+        ([*eval_cmd, "--stats", str(stats), "--synset", str(stats), *bb], "not a synthetic set.*holds.*means"),
+        (
+            [*eval_cmd, "--stats", str(stats), "--synset", str(bad / "truncated-synset.safetensors"), *bb],
+            "not a readable",
+        ),
+        ([*eval_cmd, "--stats", str(stats), "--synset", str(bad / "empty.safetensors"), *bb], "not a readable"),
+        # --weights / --eval-weights: statistics, a truncated archive, an empty file
+        ([*stats_cmd, *tiny, "--weights", str(stats)], "does not fit VisionTransformer"),
+        ([*stats_cmd, *tiny, "--weights", str(bad / "truncated.pth")], "not a readable weights file"),
+        ([*stats_cmd, *tiny, "--weights", str(bad / "empty.pth")], "not a readable weights file"),
+        (
+            [
+                *eval_cmd,
+                "--stats",
+                str(stats),
+                "--synset",
+                str(synset),
+                *bb,
+                "--eval-backbone",
+                "vit_tiny_patch16_224",
+                "--eval-weights",
+                str(bad / "empty.safetensors"),
+            ],
+            "not a readable weights file",
+        ),
+        # image folders: a file where a folder belongs, an empty folder
+        (
+            [*eval_cmd[:2], str(stats), *eval_cmd[3:], "--stats", str(stats), "--baselines", "random", *bb],
+            "does not exist",
+        ),
+        ([*eval_cmd, "--stats", str(stats), "--synset", str(tmp_path / "bad"), *bb], "one folder per class"),
+        # grid TOML: a safetensors file, a truncated TOML, an empty one
+        (["reproduce", str(stats)], "not valid TOML"),
+        (["reproduce", str(bad / "truncated.toml")], "not valid TOML"),
+        (["reproduce", str(bad / "empty.toml")], "missing keys"),
+    ]
+    for argv, message in cases:
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert exc.value.code == 2 and re.search(message, err[-1]) and err[-1].startswith("fastsfm "), (argv, err)
+        assert not out.exists(), argv
+    # checkpoints: a statistics file, a truncated checkpoint and an empty file where --resume reads one
+    for content in (stats.read_bytes(), (run / "checkpoint.safetensors").read_bytes()[:200], b""):
+        (out / "run").mkdir(parents=True, exist_ok=True)
+        (out / "run" / "checkpoint.safetensors").write_bytes(content)
+        with pytest.raises(SystemExit) as exc:
+            main([*distill_cmd, "--stats", str(stats), "--resume", *bb])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert exc.value.code == 2 and "corrupt or not a fastsfm checkpoint" in err[-1]
+        assert (out / "run" / "checkpoint.safetensors").read_bytes() == content  # left as it was

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from helpers import TOY_CLASSIFIER, make_problem, tiny_backbone, toy_data, toy_stats
+from helpers import TOY_CLASSIFIER, Recorder, make_problem, tiny_backbone, toy_data, toy_stats
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
@@ -70,24 +70,10 @@ def _stats_job(rank, world, tmp):
     stats.save(tmp / f"stats{rank}.safetensors")
 
 
-class _Recorder:
-    """Keeps each chunk's level gradients instead of stepping (stands in for ChunkAdam)."""
-
-    def __init__(self, synset):
-        self.grads = [torch.zeros_like(level) for level in synset.levels]
-
-    def step_chunk(self, start, stop, params, grad_scale=1.0):
-        for full, p in zip(self.grads, params, strict=True):
-            full[start:stop] = p.grad * grad_scale
-
-    def finish_step(self):
-        pass
-
-
 def _objective_step(stats, first_class, classes, group, chunk):
     synset = SyntheticSet(classes, 2, 16, extent=1, seed=2, first_class=first_class)
     synset.grow(2)
-    recorder = _Recorder(synset)
+    recorder = Recorder(synset)
     config = replace(CFG, chunk_size=chunk)
     loss = SFMObjective(tiny_backbone(), stats, config, torch.device("cpu"), group).step(synset, recorder, 4)
     return loss, recorder.grads
@@ -135,6 +121,37 @@ def _rank0_failure_job(rank, world, tmp):
     (tmp / f"ok{rank}").write_text("ok")
 
 
+def _grid_failure_job(rank, world, tmp):
+    """A grid under two ranks whose rank-0-only evaluation cell fails: rank 0 raises the cell's error,
+    rank 1 -- which waited on the gloo control group -- raises it too, instead of hanging."""
+    from fastsfm.config import ClassifierConfig, DistillConfig, EvalConfig
+    from fastsfm.reproduce import GridConfig, run_grid
+    from fastsfm.reproduce import cells as cells_mod
+
+    def failing(run, cell):
+        raise ValueError("evaluation cell failed")
+
+    cells_mod.RUNNERS["eval"] = failing
+    grid = GridConfig(
+        out=str(tmp / "grid"),
+        datasets=["digits"],
+        backbones=["test_vit"],
+        methods=["sfm"],
+        resolution=16,
+        image_size=16,
+        random_init=True,
+        device="cpu",
+        workers=0,
+        eval_backbones="same",
+        distill=DistillConfig(steps=1),
+        eval=EvalConfig(epochs=1, seeds=1),
+        classifier=ClassifierConfig(classifier_epochs=1),
+    )
+    with pytest.raises(ValueError if rank == 0 else RuntimeError, match="evaluation cell failed"):
+        run_grid(grid, progress=False)
+    (tmp / f"grid{rank}").write_text("ok")
+
+
 def _spawn(job, tmp):
     mp.spawn(_worker, args=(2, _free_port(), job, str(tmp)), nprocs=2, join=True)
 
@@ -151,6 +168,12 @@ def test_shard_helpers():
 def test_a_failing_rank_makes_every_rank_exit_with_its_error(tmp_path):
     _spawn("_rank0_failure_job", tmp_path)
     assert (tmp_path / "ok0").exists() and (tmp_path / "ok1").exists()
+
+
+def test_a_failing_rank0_grid_cell_ends_every_rank(tmp_path):
+    _spawn("_grid_failure_job", tmp_path)
+    assert (tmp_path / "grid0").exists() and (tmp_path / "grid1").exists()
+    assert (tmp_path / "grid" / "digits" / "test_vit" / "ipc1" / "sfm" / "synset.safetensors").exists()
 
 
 def test_process_group_loss_equals_single_process(tmp_path):

@@ -47,3 +47,18 @@ def test_imagenet_subset_relabels_in_order_and_ignores_other_classes(tmp_path):
         load_data(f"imagenette:{root}", 16, 12)
     with pytest.raises(FileNotFoundError, match="torchvision.datasets.MNIST is not under"):
         load_data(f"torchvision:MNIST:{tmp_path / 'nothing'}", 16, 12)
+
+
+class _Payload:
+    """Unpickling it would call ``ran.append`` -- code execution in a crafted meta.bin."""
+
+    def __reduce__(self):
+        return (print, ("code ran while loading meta.bin",))
+
+
+def test_a_crafted_meta_bin_is_refused_not_run(tmp_path, capsys):
+    root = imagenet_folder(tmp_path / "imagenet")
+    torch.save(({w: _Payload() for w in IMAGENETTE}, {}), root / "meta.bin")
+    with pytest.raises(ValueError, match="not torchvision's ImageNet meta.bin.*refused"):
+        imagenet_subset(root, "imagenette", 16, 12)
+    assert "code ran" not in capsys.readouterr().out

@@ -5,13 +5,12 @@ from dataclasses import replace
 
 import pytest
 import torch
-from helpers import tiny_backbone, toy_data, toy_stats
+from helpers import Recorder, grown_set, tiny_backbone, toy_data, toy_stats
 
 from fastsfm import rng
 from fastsfm.baselines.lgm import LGMObjective, RealBatches, lgm_loss, linear_ce_grad
 from fastsfm.config import DistillConfig
 from fastsfm.distill import build_objective
-from fastsfm.synset import SyntheticSet
 
 CFG = DistillConfig(method="lgm", ipc=4, resolution=16, views=2, seed=5)
 
@@ -20,24 +19,6 @@ CFG = DistillConfig(method="lgm", ipc=4, resolution=16, views=2, seed=5)
 def setup():
     bb = tiny_backbone()
     return bb, toy_stats(bb, toy_data())
-
-
-class _Recorder:
-    """Stands in for ChunkAdam: keeps each chunk's gradients instead of stepping."""
-
-    def __init__(self, synset):
-        self.grads = [torch.zeros_like(level) for level in synset.levels]
-
-    def step_chunk(self, start, stop, params, grad_scale=1.0):
-        for full, p in zip(self.grads, params, strict=True):
-            full[start:stop] = p.grad * grad_scale
-
-
-def _set(seed=1):
-    synset = SyntheticSet(3, 4, 16, extent=1, seed=seed)
-    for step in range(1, 4):
-        synset.grow(step)
-    return synset
 
 
 def test_linear_ce_grad_matches_autograd():
@@ -68,8 +49,8 @@ def test_lgm_objective_is_a_function_of_seed_and_step(setup):
         objective = build_objective(cfg, bb, stats, torch.device("cpu"), real=toy_data())
         assert isinstance(objective, LGMObjective)
         for step in order:
-            synset = _set()
-            loss = float(objective.step(synset, _Recorder(synset), step))
+            synset = grown_set()
+            loss = float(objective.step(synset, Recorder(synset), step))
         losses.append(loss)
     assert losses[0] == losses[1]
 
@@ -81,8 +62,8 @@ def test_chunked_lgm_step_equals_one_graph_and_the_double_backward(setup):
     real = toy_data()
     results = {}
     for chunk in (None, 5, 1):
-        synset = _set()
-        recorder = _Recorder(synset)
+        synset = grown_set()
+        recorder = Recorder(synset)
         objective = build_objective(replace(CFG, chunk_size=chunk), bb, stats, torch.device("cpu"), real=real)
         results[chunk] = (float(objective.step(synset, recorder, 3)), recorder.grads)
     for chunk in (5, 1):
@@ -90,7 +71,7 @@ def test_chunked_lgm_step_equals_one_graph_and_the_double_backward(setup):
         for a, b in zip(results[chunk][1], results[None][1], strict=True):
             assert (a - b).abs().max() <= 1e-6 * max(1.0, b.abs().max().item())
     # the literal computation: the same batch, keys and head, one autograd graph, create_graph double backward
-    synset = _set()
+    synset = grown_set()
     objective = build_objective(CFG, bb, stats, torch.device("cpu"), real=real)
     objective.begin(synset, 3)
     batch = objective.sampler.batch_indices(3)

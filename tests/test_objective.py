@@ -4,7 +4,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from helpers import tiny_backbone, toy_data, toy_stats
+from helpers import Recorder, grown_set, tiny_backbone, toy_data, toy_stats
 
 from fastsfm import SFMLoss
 from fastsfm.config import DistillConfig
@@ -22,29 +22,6 @@ def setup():
     return bb, toy_stats(bb, toy_data())
 
 
-class _Recorder:
-    """Stands in for ChunkAdam: keeps each chunk's gradients instead of stepping."""
-
-    def __init__(self, synset):
-        self.grads = [torch.zeros_like(level) for level in synset.levels]
-        self.chunks = []
-
-    def step_chunk(self, start, stop, params, grad_scale=1.0):
-        self.chunks.append((start, stop))
-        for full, p in zip(self.grads, params, strict=True):
-            full[start:stop] = p.grad * grad_scale
-
-    def finish_step(self):
-        pass
-
-
-def _set(seed=1):
-    synset = SyntheticSet(3, 4, 16, extent=1, seed=seed)
-    for step in range(1, 4):
-        synset.grow(step)
-    return synset
-
-
 @pytest.mark.parametrize(
     "config",
     [CFG, replace(CFG, views=1), replace(CFG, objective="decouple", alpha=0.4), replace(CFG, nontarget_divisor=11.0)],
@@ -53,8 +30,8 @@ def test_chunked_two_pass_gradient_equals_unchunked(setup, config):
     bb, stats = setup
     results = {}
     for chunk in (None, 5, 1):
-        synset = _set()
-        recorder = _Recorder(synset)
+        synset = grown_set()
+        recorder = Recorder(synset)
         objective = SFMObjective(bb, stats, replace(config, chunk_size=chunk), "cpu")
         loss = float(objective.step(synset, recorder, step=7))
         results[chunk] = (loss, recorder)
@@ -68,13 +45,13 @@ def test_chunked_two_pass_gradient_equals_unchunked(setup, config):
 
 def test_step_loss_is_sfm_loss_of_the_augmented_views(setup):
     bb, stats = setup
-    synset = _set()
+    synset = grown_set()
     objective = SFMObjective(bb, stats, CFG, "cpu")
     with torch.no_grad():
         feats, _ = objective.features(synset, 0, 12, 3, grad=False)
     assert feats.shape == (2 * 12, bb.feature_dim)
     want = SFMLoss(stats)(feats, synset.labels.repeat(2)).item()
-    assert abs(float(objective.step(synset, _Recorder(synset), 3)) - want) < 1e-6
+    assert abs(float(objective.step(synset, Recorder(synset), 3)) - want) < 1e-6
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
@@ -84,8 +61,8 @@ def test_reduced_precision_gradient_points_the_same_way(setup, precision):
     for p in ("fp32", precision):
         backbone = tiny_backbone()
         backbone.precision = p
-        synset = _set()
-        recorder = _Recorder(synset)
+        synset = grown_set()
+        recorder = Recorder(synset)
         objective = SFMObjective(backbone, stats, CFG, "cpu")
         assert objective.scale == (1024.0 if p == "fp16" else 1.0)
         objective.step(synset, recorder, 0)
@@ -134,7 +111,7 @@ def test_chunk_plan_from_two_probe_sizes():
 
 def test_steps_return_the_loss_on_the_device_without_finishing_the_optimiser(setup):
     bb, stats = setup
-    synset = _set()
+    synset = grown_set()
     optim = ChunkAdam(synset, 0.01)
     loss = SFMObjective(bb, stats, CFG, "cpu").step(synset, optim, 0)
     assert isinstance(loss, torch.Tensor) and loss.shape == () and optim.in_step and optim.steps == 0
@@ -196,7 +173,7 @@ def test_cuda_precision_policy_under_autocast(setup, precision):
         backbone.precision = p
         synset = SyntheticSet(3, 4, 16, extent=1, storage="cuda", seed=1)
         synset.grow(2)
-        recorder = _Recorder(synset)
+        recorder = Recorder(synset)
         objective = SFMObjective(backbone, stats.to("cuda"), CFG, "cuda")
         assert objective.scale == (1024.0 if p == "fp16" else 1.0)
         objective.step(synset, recorder, 0)

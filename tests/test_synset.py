@@ -65,3 +65,16 @@ def test_export_load_levels_and_grid(tmp_path):
         SyntheticSet(3, 2, 8).load_state(s.state())
     save_grid(images, labels, ["a", "b", "c"], tmp_path / "g.png")
     assert (tmp_path / "g.png").stat().st_size > 1000
+
+
+def test_grey_images_have_one_channel_replicated_to_rgb():
+    s = SyntheticSet(2, 2, 8, extent=1, channels="grey")
+    s.grow(2)
+    assert all(level.shape[1] == 1 for level in s.levels) and s.bytes_per_image() == 4 * (1 + 4)
+    img = s.render()
+    assert img.shape == (4, 3, 8, 8) and torch.equal(img[:, 0], img[:, 1]) and torch.equal(img[:, 1], img[:, 2])
+    real = torch.rand(4, 3, 8, 8) * 0.9 + 0.05
+    init = SyntheticSet(2, 2, 8, param="pixels", init="real", real_images=real, channels="grey")
+    torch.testing.assert_close(init.render()[:, 0], real.mean(1), rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="channels must be one of"):
+        SyntheticSet(2, 2, 8, channels="cmyk")

@@ -1,0 +1,99 @@
+"""Why are the demo's distilled digits colour patterns that transfer worse than real images?  The
+experiments behind README's "A representative demo": the demo (SFM only) under variants of its setting.
+
+Each variant runs :func:`fastsfm.demo.run_demo` with ``--seeds`` seeds and reports SFM's top-1 on the
+distillation backbone (same) and on the cross backbone (cross) in probe and inheritance modes, beside
+the random and centroid real images of the same backbones:
+
+* ``grey-pretrained backbones``: the earlier shipped weights, SimCLR without colour augmentation
+  (``--grey-weights DIR``, made by ``python -m fastsfm.pretrain --no-colour --out DIR``);
+* ``colour-pretrained backbones``: the shipped weights (SimCLR with colour augmentation);
+* ``grey parameterisation``: one channel replicated to RGB (``channels="grey"``);
+* ``4 views``: four augmented copies per step;
+* ``1500 steps at lr 2e-3``: the authors' learning rate and pyramid extent (200), three times the steps;
+* ``64 px``: synthetic images stored at 64 px (the backbones see 32 px crops);
+* ``8x8 patches``: ``digits_vit8`` as the distillation backbone.
+
+    python benches/demo_variants.py --grey-weights /tmp/grey --seeds 2      # about 15 minutes on 2 CPU cores
+
+Writes ``benches/out/demo_variants.md`` and ``.json``; never touches tracked files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from dataclasses import replace
+from pathlib import Path
+
+from fastsfm.benchmark import markdown_table
+from fastsfm.demo import DEMO_BACKBONES, DEMO_DISTILL, DemoConfig, run_demo
+
+VARIANTS = {
+    "colour-pretrained backbones (the default)": {},
+    "grey parameterisation": {"distill": {"channels": "grey"}},
+    "4 views per step": {"distill": {"views": 4}},
+    "1500 steps at lr 2e-3, pyramid every 200": {"distill": {"steps": 1500, "lr": 2e-3, "pyramid_extent": 200}},
+    "64 px synthetic images": {"distill": {"resolution": 64}},
+    "8x8 patches (digits_vit8)": {"backbones": ("digits_vit8", "digits_resnet")},
+}
+
+
+def _cell(rows: list[dict], name: str, mode: str, backbone: str) -> str:
+    row = next((r for r in rows if r["set"] == name and r["mode"] == mode and r["backbone"] == backbone), None)
+    return "" if row is None else f"{row['top1 mean']:.1f} ± {row['top1 std']:.1f}"
+
+
+def table_rows(variant: str, rows: list[dict], backbones: tuple[str, str]) -> list[dict]:
+    """SFM and the real baselines of one variant: same- and cross-backbone probe and inheritance."""
+    out = []
+    for name in ("SFM", "random reals (IPC=1)", "centroid reals (IPC=1)"):
+        entry = {"variant": variant if name == "SFM" else "", "set": name}
+        for label, backbone in (("same", backbones[0]), ("cross", backbones[1])):
+            for mode in ("probe", "inherit"):
+                entry[f"{mode} ({label})"] = _cell(rows, name, mode, backbone)
+        out.append(entry)
+    return out
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--grey-weights", type=Path, default=None, help="folder of the grey-pretrained weights")
+    parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument("--eval-epochs", type=int, default=1000)
+    parser.add_argument("--only", nargs="*", default=None, help="variant names to run (default: all)")
+    parser.add_argument("--out", type=Path, default=Path("benches/out/demo_variants"))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    variants = dict(VARIANTS)
+    if args.grey_weights:
+        weights = {n: str(args.grey_weights / f"{n}.safetensors") for n in DEMO_BACKBONES}
+        variants = {"grey-pretrained backbones (the earlier default)": {"weights": weights}, **variants}
+    table = []
+    for name, variant in variants.items():
+        if args.only and name not in args.only:
+            continue
+        backbones = variant.get("backbones", DEMO_BACKBONES)
+        steps = variant.get("distill", {}).get("steps", DEMO_DISTILL.steps)
+        config = DemoConfig(out=str(args.out / name.split(" (")[0].replace(" ", "_")), seeds=args.seeds, steps=steps)
+        config = replace(config, eval_epochs=args.eval_epochs)
+        result = run_demo(
+            config,
+            distill_config=replace(DEMO_DISTILL, **variant.get("distill", {})),
+            backbones=backbones,
+            weights=variant.get("weights"),
+            methods=("sfm",),
+            progress=False,
+        )
+        table += table_rows(name, result["rows"], backbones)
+        print(markdown_table(table[-3:]), flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out.with_suffix(".md")).write_text(markdown_table(table) + "\n")
+    (args.out.with_suffix(".json")).write_text(json.dumps(table, indent=1))
+    print(f"\n{markdown_table(table)}\nwrote {args.out.with_suffix('.md')}")
+    return table
+
+
+if __name__ == "__main__":
+    main()
