@@ -3,8 +3,11 @@ memory, the environment header, Markdown tables and CSV output."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import os
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -55,14 +58,29 @@ def peak_extra_bytes(fn: Callable[[], object], device: torch.device) -> int | No
     return torch.cuda.max_memory_allocated(device) - before
 
 
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Send file descriptor 2 to /dev/null for the block (output written by C++ code, not Python's)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(os.devnull, "w") as null:
+        os.dup2(null.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
 def step_peak_bytes(fn: Callable[[], object], device: torch.device) -> int:
     """Peak memory ``fn`` allocates beyond what was live before it: CUDA's allocator statistics, or on
     CPU the profiler's memory events (each operation's own allocations and frees, in order) -- the
     tensors of the step, not the process's resident set."""
     if device.type == "cuda":
         return peak_extra_bytes(fn, device)
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
+    with _quiet_stderr():  # the profiler's C++ side prints start/stop lines and a CUDA probe's failure
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+            fn()
     deltas = sorted((e.time_range.start, e.self_cpu_memory_usage) for e in prof.events() if e.self_cpu_memory_usage)
     current = peak = 0
     for _, delta in deltas:
