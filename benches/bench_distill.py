@@ -36,7 +36,16 @@ import torch
 
 from fastsfm import pinned
 from fastsfm.backbones import load_backbone
-from fastsfm.benchmark import distill_setup, environment, in_child, print_table, run_step, time_steps, write_csv
+from fastsfm.benchmark import (
+    distill_setup,
+    environment,
+    in_child,
+    print_table,
+    profiler,
+    run_step,
+    time_steps,
+    write_csv,
+)
 from fastsfm.config import DistillConfig, Precision, choices
 from fastsfm.io import atomic_write_json
 from fastsfm.optim import ChunkAdam
@@ -84,19 +93,28 @@ def _config(run: dict, precision: str) -> DistillConfig:
     )
 
 
-def _profile(objective, synset, optim, device) -> dict:
-    activities = [torch.profiler.ProfilerActivity.CPU]
-    if device.type == "cuda":
-        activities.append(torch.profiler.ProfilerActivity.CUDA)
-    with torch.profiler.profile(activities=activities) as prof:
+def _profile(objective, synset, optim, device, step_ms: float) -> dict:
+    """Shares of one step by stage (the ``fastsfm.*`` ranges).  CPU: shares of their CPU time.  CUDA:
+    shares of the step's kernel time; autograd launches the backward's kernels from its own thread,
+    outside the main thread's ranges, so the kernel time no range holds is ``% autograd``, and
+    ``device busy %`` is the kernel time over the step's wall time (low: the host is the bottleneck)."""
+    with profiler(device) as prof:
         run_step(objective, synset, optim, 1)
-    times = {}
-    for evt in prof.key_averages():
-        if evt.key.startswith("fastsfm."):
-            gpu = getattr(evt, "device_time_total", 0) or getattr(evt, "cuda_time_total", 0)
-            times[evt.key.split(".", 1)[1]] = (gpu if device.type == "cuda" else evt.cpu_time_total) / 1e3
-    total = sum(times.values()) or 1.0
-    return {f"% {name}": 100.0 * times.get(name, 0.0) / total for name in PROFILE_RANGES}
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    events = prof.key_averages()
+    ranges = {e.key.split(".", 1)[1]: e for e in events if e.key.startswith("fastsfm.")}
+    if device.type != "cuda":
+        times = {name: e.cpu_time_total for name, e in ranges.items()}
+        total = sum(times.values()) or 1.0
+        return {f"% {name}": 100.0 * times.get(name, 0.0) / total for name in PROFILE_RANGES}
+    times = {name: e.device_time_total for name, e in ranges.items()}
+    kernels = sum(e.self_device_time_total for e in events if e.device_type != torch.autograd.DeviceType.CPU)
+    total = max(kernels, sum(times.values())) or 1.0
+    row = {f"% {name}": 100.0 * times.get(name, 0.0) / total for name in PROFILE_RANGES}
+    row["% autograd"] = 100.0 * (total - sum(times.values())) / total
+    row["device busy %"] = 100.0 * total / 1e3 / step_ms
+    return row
 
 
 def backbone_flops(backbone, device: torch.device) -> tuple[float, float]:
@@ -158,7 +176,7 @@ def measure(run: dict, args) -> dict:
         if config.offload:
             row["pinned/data"] = _pinned_ratio(synset, optim)
         if args.profile and run["method"] == "sfm":
-            row.update(_profile(objective, synset, optim, device))
+            row.update(_profile(objective, synset, optim, device, row["step ms"]))
     except Exception as err:  # noqa: BLE001 - a failed configuration is a row, not the end of the run
         row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
     return row

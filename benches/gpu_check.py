@@ -14,7 +14,8 @@ passed, so the report always comes back):
    objectives, class-contiguous and shuffled labels, N up to 50,000;
 4. no host synchronisation in ``SFMLoss`` forward+backward (``set_sync_debug_mode("error")``),
    CUDA-graph capture and replay equal to eager;
-5. ``benches/bench_loss.py`` at the target sizes (fused vs eager vs ``torch.compile``);
+5. ``benches/bench_loss.py`` at the target sizes (fused vs eager vs ``torch.compile``), and
+   ``benches/profile_loss.py``: device time per kernel and host time per call;
 6. ``benches/bench_distill.py``, a reduced paper preset (ViT-B/16 and DINOv2-B/14 at 224 px,
    random weights): C = 100, IPC 1, SFM vs LGM; C = 1000, IPC 1, SFM; C = 1000, IPC 10, chunked;
    and an offloaded set grown through every pyramid level (pinned bytes vs held bytes);
@@ -172,34 +173,37 @@ def loss_correctness(ctx: Context) -> None:
     from fastsfm.reference import sfm_reference
 
     sizes = [(5, 20, 24)] if ctx.smoke else [(100, 1000, 384), (1000, 10_000, 768), (1000, 50_000, 768)]
-    tol = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+    tol = {torch.float32: 1e-4, torch.bfloat16: 2e-3, torch.float16: 2e-3}  # beyond the rounding floor
     worst: dict[str, float] = {}
     for (c, n, d), dtype, objective, order in _product(
         sizes, list(tol), ("flow", "decouple"), ("contiguous", "shuffled")
     ):
         z, y, mu = loss_problem(n, c, d, device=ctx.device, order=order, seed=n + c)
-        x = z.to(dtype).requires_grad_()
+        x = z.to(dtype).detach().requires_grad_()  # a leaf of its own even where ``z`` is already ``dtype``
         loss = sfm_loss(x, y, mu, objective=objective, backend="triton")
         (1024.0 * loss).backward()
-        ref_in = z.to(dtype).double().requires_grad_()
+        ref_in = x.detach().double().requires_grad_()
         want = sfm_reference(ref_in, y, mu, objective)
         (1024.0 * want).backward()
         loss_err = abs(loss.item() - want.item()) / max(abs(want.item()), 1e-6)
-        grad_err = ((x.grad.double() - ref_in.grad).norm() / ref_in.grad.norm()).item()
+        exact = ref_in.grad
+        grad_err = ((x.grad.double() - exact).norm() / exact.norm()).item()
+        floor = ((exact.to(dtype).double() - exact).norm() / exact.norm()).item()
         key = str(dtype).replace("torch.", "")
-        worst[key] = max(worst.get(key, 0.0), grad_err)
-        ok = loss_err < 1e-4 and grad_err < tol[dtype]
+        worst[key] = max(worst.get(key, (0.0, 0.0)), (grad_err - floor, floor))
+        ok = loss_err < 1e-4 and grad_err - floor < tol[dtype]
         if not ok:
             name = f"C={c} N={n} D={d} {key} {objective} {order}"
-            ctx.report.check("loss vs reference", name, f"grad rel err < {tol[dtype]}", _fmt(grad_err), False)
-    for key, err in worst.items():
+            measured = f"loss {_fmt(loss_err)}, dL/dz {_fmt(grad_err)} (rounding floor {_fmt(floor)})"
+            ctx.report.check("loss vs reference", name, f"dL/dz err - floor < {tol[dtype]}", measured, False)
+    for key, (excess, floor) in worst.items():
         target = tol[getattr(torch, key)]
         ctx.report.check(
             "loss vs reference",
             f"{key}, both objectives and label orders, N up to {sizes[-1][1]:,}",
-            f"relative L2 error of dL/dz < {target}",
-            _fmt(err),
-            err < target,
+            f"relative L2 error of dL/dz beyond the {key} rounding of the exact gradient < {target}",
+            f"{_fmt(excess)} beyond a floor of {_fmt(floor)}",
+            excess < target,
         )
 
 
@@ -308,6 +312,35 @@ def bench_loss_section(ctx: Context) -> None:
     )
 
 
+def loss_profile_section(ctx: Context) -> None:
+    """Device time per kernel and host time per call of the fused loss (``benches/profile_loss.py``):
+    the loss benchmark times a step from the host, which on a slow host is launch overhead."""
+    import torch
+
+    profile_loss = _bench("profile_loss")
+    shapes = [(5, 2, 24)] if ctx.smoke else [(1000, 1, 768), (1000, 50, 768)]
+    results = []
+    for c, ipc, d in shapes:
+        result = profile_loss.profile_loss(c, ipc, d, torch.bfloat16, ctx.device, steps=2 if ctx.smoke else 50)
+        results.append(result)
+        kernels = ", ".join(f"{k['name'][:24]} {k['us']:.1f}" for k in result["kernels"][:4])
+        ctx.report.check(
+            "loss profile",
+            f"bf16 C={c} N={result['N']:,} D={d}: device us per step (largest: {kernels or 'none on CPU'})",
+            "information: the share of a copy of the same bytes",
+            f"{_fmt(result['device us'])} us ({_fmt(result['x copy'] or 0.0)}x a copy of {_fmt(result['copy us'])} us)",
+            None,
+        )
+        ctx.report.check(
+            "loss profile",
+            f"bf16 C={c} N={result['N']:,} D={d}: host us per step (cProfile on)",
+            "information: launch and Python overhead",
+            f"{_fmt(result['host us'])} us",
+            None,
+        )
+    (ctx.report.out / "profile_loss.json").write_text(json.dumps(results, indent=1))
+
+
 def bench_distill_section(ctx: Context) -> None:
     import argparse as ap
 
@@ -414,6 +447,7 @@ SECTIONS = [
     ("loss vs reference", loss_correctness),
     ("host syncs, CUDA graphs", sync_and_graphs),
     ("loss benchmark", bench_loss_section),
+    ("loss profile", loss_profile_section),
     ("distill benchmark", bench_distill_section),
     ("digits distillation", digits_section),
 ]

@@ -9,7 +9,7 @@ import os
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -18,6 +18,7 @@ __all__ = [
     "time_ms",
     "peak_extra_bytes",
     "step_peak_bytes",
+    "profiler",
     "write_csv",
     "markdown_table",
     "print_table",
@@ -72,15 +73,27 @@ def _quiet_stderr():
             os.close(saved)
 
 
+@contextlib.contextmanager
+def profiler(device: torch.device, **kwargs: object) -> Iterator[torch.profiler.profile]:
+    """``torch.profiler.profile`` of CPU activity (and CUDA's on a GPU). On CPU the profiler's C++ side
+    prints start/stop lines and a failed CUDA probe to file descriptor 2 on every use; they are
+    dropped there so that a benchmark's log stays readable."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with _quiet_stderr() if device.type == "cpu" else contextlib.nullcontext():
+        with torch.profiler.profile(activities=activities, **kwargs) as prof:
+            yield prof
+
+
 def step_peak_bytes(fn: Callable[[], object], device: torch.device) -> int:
     """Peak memory ``fn`` allocates beyond what was live before it: CUDA's allocator statistics, or on
     CPU the profiler's memory events (each operation's own allocations and frees, in order) -- the
     tensors of the step, not the process's resident set."""
     if device.type == "cuda":
         return peak_extra_bytes(fn, device)
-    with _quiet_stderr():  # the profiler's C++ side prints start/stop lines and a CUDA probe's failure
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
-            fn()
+    with profiler(device, profile_memory=True) as prof:
+        fn()
     deltas = sorted((e.time_range.start, e.self_cpu_memory_usage) for e in prof.events() if e.self_cpu_memory_usage)
     current = peak = 0
     for _, delta in deltas:

@@ -194,8 +194,9 @@ def run_demo(
     shown = [s(0) if callable(s) else s for s in (sfm, *real_sets[:2])] + (
         [distilled[("lgm", 0)]] if "lgm" in methods else []
     )
+    size = data.train.tensors[0].shape[-1]  # one picture: every set at the data's resolution
     save_grid(
-        torch.cat([s.images for s in shown]),
+        torch.cat([torch.nn.functional.interpolate(s.images, size=(size, size), mode="area") for s in shown]),
         torch.arange(len(shown)).repeat_interleave(len(shown[0].labels)),
         [s.name for s in shown],
         out / "comparison.png",

@@ -11,6 +11,9 @@ from .functional import check_batch, check_centers, check_options, resolve_backe
 
 __all__ = ["SFMLoss"]
 
+_F32 = "_f32"
+"""Suffix of the float32 copies of float64 constants (non-persistent buffers: not in the state dict)."""
+
 
 class SFMLoss(nn.Module):
     """The SFM loss against fixed real statistics: ``SFMLoss(stats)(features, labels) -> 0-dim``.
@@ -30,8 +33,9 @@ class SFMLoss(nn.Module):
             are then assumed unsorted).
 
     The centres' derived constants (non-target means, real flows) are computed once in
-    float64 and kept as float32 buffers (float64 for float64 centres), so ``.to(device)``
-    moves them.  The per-labels row plan (class order, boundaries) is cached as well.
+    float64 and kept as float32 buffers (float64 for float64 centres, with float32 copies
+    outside the state dict for the Triton path), so ``.to(device)`` moves them.  The per-labels
+    row plan (class order, boundaries) is cached as well.
 
     **torch.compile**: a step that calls the module compiles with ``fullgraph=True`` (both
     backends).  While Dynamo traces, the module keeps no Python-side cache and runs no check
@@ -68,8 +72,12 @@ class SFMLoss(nn.Module):
         self.divisor = float(centers.shape[0] - 1) if divisor is None else divisor
         self.process_group = process_group
         dtype = torch.float64 if centers.dtype == torch.float64 else torch.float32
-        for name, value in ops.flow_constants(centers, dtype).tensors().items():
+        consts = ops.flow_constants(centers, dtype)
+        for name, value in consts.tensors().items():
             self.register_buffer(name, value)
+        if dtype != torch.float32:  # the Triton epilogue reads float32: cast once here, not in every call
+            for name, value in consts.to(torch.float32).tensors().items():
+                self.register_buffer(name + _F32, value, persistent=False)
         self._plan: ops.LabelPlan | None = None
         self._plan_key: tuple | None = None
 
@@ -77,8 +85,10 @@ class SFMLoss(nn.Module):
     def num_classes(self) -> int:
         return self.centers.shape[0]
 
-    def constants(self) -> ops.FlowConstants:
-        return ops.FlowConstants(**{name: getattr(self, name) for name in ops.FlowConstants.__dataclass_fields__})
+    def constants(self, backend: str = "torch") -> ops.FlowConstants:
+        """The real side's constants: float64 ones for float64 centres, their float32 copies for ``triton``."""
+        suffix = _F32 if backend == "triton" and hasattr(self, "centers" + _F32) else ""
+        return ops.FlowConstants(**{f: getattr(self, f + suffix) for f in ops.FlowConstants.__dataclass_fields__})
 
     def _label_plan(self, features: Tensor, labels: Tensor) -> tuple[ops.LabelPlan, bool]:
         """The cached plan for ``labels`` (rebuilt, and validated, when they change); whether to validate sums."""
@@ -104,7 +114,7 @@ class SFMLoss(nn.Module):
         else:
             plan, check = self._label_plan(features, labels)
         backend = resolve_backend(self.backend, features)
-        consts = self.constants()
+        consts = self.constants(backend)
         return ops.dispatch(
             features,
             plan,

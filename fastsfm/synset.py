@@ -30,7 +30,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
@@ -38,10 +37,33 @@ from . import pinned, rng
 from .config import Channels, Init, Param, choices
 from .io import atomic_save_safetensors
 
-__all__ = ["SyntheticSet", "COLOR_DECORRELATION", "save_grid", "save_images", "load_images", "SYNSET_FORMAT"]
+__all__ = [
+    "SyntheticSet",
+    "COLOR_DECORRELATION",
+    "save_grid",
+    "save_images",
+    "load_images",
+    "SYNSET_FORMAT",
+    "upsample_matrix",
+]
 
 COLOR_DECORRELATION = torch.tensor([[0.26, 0.09, 0.02], [0.27, 0.00, -0.05], [0.27, -0.09, 0.03]])
 _NOISE_BATCH = 256  # images per batch when drawing a new level's noise (bounds temporary memory)
+
+
+def upsample_matrix(size: int, resolution: int) -> Tensor:
+    """(resolution, size) float64 matrix ``A`` of bilinear upsampling along one axis, half-pixel
+    centres (``align_corners=False``), no antialiasing: ``A @ x @ A.T`` is LGM's ``Upsample_256``
+    of an (size, size) image ``x``.  Output pixel i samples ``(i + 0.5) * size / resolution - 0.5``,
+    clamped at 0, between its two neighbours (the last one repeated at the edge)."""
+    pos = ((torch.arange(resolution, dtype=torch.float64) + 0.5) * (size / resolution) - 0.5).clamp(min=0.0)
+    low = pos.floor().long()
+    frac = pos - low
+    rows = torch.arange(resolution)
+    out = torch.zeros(resolution, size, dtype=torch.float64)
+    out.index_put_((rows, low), 1.0 - frac, accumulate=True)
+    out.index_put_((rows, (low + 1).clamp(max=size - 1)), frac, accumulate=True)
+    return out
 
 
 def _level_sizes(start: int, resolution: int) -> list[int]:
@@ -180,13 +202,26 @@ class SyntheticSet:
             out.append(part.requires_grad_(requires_grad))
         return out
 
+    def _upsampler(self, size: int, device: torch.device) -> Tensor:
+        """:func:`upsample_matrix` from ``size`` to the resolution, float32 on ``device``, made once."""
+        key = (f"upsample {size}", torch.device(device))
+        if key not in self._on_device:
+            self._on_device[key] = upsample_matrix(size, self.resolution).float().to(key[1])
+        return self._on_device[key]
+
     def render_levels(self, levels: list[Tensor]) -> Tensor:
-        """Images (n, 3, R, R) in [0, 1] from the levels of n images (differentiable)."""
+        """Images (n, 3, R, R) in [0, 1] from the levels of n images (differentiable).
+
+        Each coarser level (n, c, S, S) is upsampled as ``A @ level @ A.T`` with A the (R, S)
+        bilinear matrix: the same numbers as ``F.interpolate(mode="bilinear")`` (float32 rounding
+        apart), but its backward is two matrix products, where interpolate's CUDA backward
+        scatters every output pixel into the input with atomic adds (all 65,536 of a 256 px
+        plane into one pixel for the 1x1 level)."""
         r = self.resolution
-        total = sum(
-            level if level.shape[-1] == r else F.interpolate(level, size=(r, r), mode="bilinear", align_corners=False)
-            for level in levels
-        )
+        total = 0
+        for level in levels:
+            up = self._upsampler(level.shape[-1], level.device) if level.shape[-1] != r else None
+            total = total + (level if up is None else up @ level @ up.T)
         images = torch.sigmoid(2.0 * torch.einsum("ij,njhw->nihw", self.on_device("decor", total.device), total))
         return images if self.channels == 3 else images.expand(-1, 3, -1, -1)
 

@@ -47,9 +47,11 @@ def test_bench_distill_runs_on_cpu_and_records_failures(tmp_path):
 
 @pytest.mark.slow
 def test_gpu_check_smoke_runs_every_section(tmp_path):
-    report = _bench("gpu_check").main(["--smoke", "--out", str(tmp_path)])
+    module = _bench("gpu_check")
+    report = module.main(["--smoke", "--out", str(tmp_path)])
     sections = {s["section"]: s["status"] for s in report.sections}
-    assert len(sections) == 7 and set(sections.values()) == {"done"}, sections
+    assert list(sections) == [name for name, _ in module.SECTIONS] and set(sections.values()) == {"done"}, sections
+    assert json.loads((tmp_path / "profile_loss.json").read_text())[0]["host us"] > 0
     assert not [c for c in report.checks if c["passed"] is False]
     payload = json.loads((tmp_path / "report.json").read_text())
     assert payload["environment"]["device"] == "cpu (smoke)" and (tmp_path / "report.md").exists()

@@ -62,12 +62,19 @@ class _Interrupt:
         return self.inner.step(synset, optim, step)
 
 
-def test_resume_after_ctrl_c_equals_uninterrupted(setup, tmp_path):
+def _full_and_interrupted(setup, tmp_path, wrapper):
+    """The uninterrupted run in ``full/`` and a run into ``cut/`` whose objective ``wrapper`` stops at step 4."""
     bb, stats = setup
     full = distill(bb, stats, CFG, tmp_path / "full", progress=False)
     inner = SFMObjective(bb, stats, CFG, torch.device("cpu"))
     with pytest.raises(KeyboardInterrupt):
-        distill(bb, stats, CFG, tmp_path / "cut", objective=_Interrupt(inner, 4), progress=False)
+        distill(bb, stats, CFG, tmp_path / "cut", objective=wrapper(inner, 4), progress=False)
+    return full
+
+
+def test_resume_after_ctrl_c_equals_uninterrupted(setup, tmp_path):
+    bb, stats = setup
+    full = _full_and_interrupted(setup, tmp_path, _Interrupt)
     with pytest.raises(FileExistsError, match="--resume"):
         distill(bb, stats, CFG, tmp_path / "cut", progress=False)
     resumed = distill(bb, stats, CFG, tmp_path / "cut", resume=True, progress=False)
@@ -167,10 +174,7 @@ class _Interrupting:
 
 def test_interrupt_between_the_chunks_and_the_loss_readback_resumes_exactly(setup, tmp_path):
     bb, stats = setup
-    full = distill(bb, stats, CFG, tmp_path / "full", progress=False)
-    inner = SFMObjective(bb, stats, CFG, torch.device("cpu"))
-    with pytest.raises(KeyboardInterrupt):
-        distill(bb, stats, CFG, tmp_path / "cut", objective=_LossNeverReadBack(inner, 4), progress=False)
+    full = _full_and_interrupted(setup, tmp_path, _LossNeverReadBack)
     saved = load_checkpoint(tmp_path / "cut" / "checkpoint.safetensors", DistillConfig.identity(CFG) | _run_ids(stats))
     assert saved["step"] == 3  # the last regular checkpoint; step 4 ran but was never counted
     resumed = distill(bb, stats, CFG, tmp_path / "cut", resume=True, progress=False)

@@ -17,7 +17,8 @@ def _step_parts(device, dtype=torch.float32, seed=0):
     return model, SFMLoss(mu.float()).to(device), z.to(dtype), y
 
 
-def _compare(device, backend, dtype=torch.float32, rtol=1e-5):
+def _compare(device, backend, dtype=torch.float32, rtol=1e-5, atol=1e-5):
+    """The compiled step's loss and parameter gradients against eager; ``atol`` relative to the largest gradient."""
     model, criterion, x, y = _step_parts(device, dtype)
 
     def step(inputs, labels):
@@ -34,7 +35,7 @@ def _compare(device, backend, dtype=torch.float32, rtol=1e-5):
     torch.testing.assert_close(got, eager, rtol=rtol, atol=1e-6)
     scale = max(g.abs().max().item() for g in want)  # the last bias's gradient is 0: the loss ignores shifts
     for p, g in zip(model.parameters(), want, strict=True):
-        torch.testing.assert_close(p.grad, g, rtol=rtol, atol=1e-5 * scale)
+        torch.testing.assert_close(p.grad, g, rtol=rtol, atol=atol * scale)
     second = compiled(x, y[torch.randperm(len(y))])  # new labels: no stale cache inside the graph
     assert torch.isfinite(second) and not torch.equal(second, got)
 
@@ -51,7 +52,10 @@ def test_compiled_step_with_inductor_on_the_torch_path():
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_compiled_step_with_inductor_on_the_triton_path(dtype):
-    _compare("cuda", "inductor", dtype, rtol=1e-5 if dtype == torch.float32 else 2e-2)
+    # bfloat16: inductor fuses the model's ops and rounds other intermediates than eager does; an
+    # H200 run measured differences of 1.5e-4 of the largest gradient (bf16's epsilon is 7.8e-3).
+    bf16 = dtype == torch.bfloat16
+    _compare("cuda", "inductor", dtype, rtol=2e-2 if bf16 else 1e-5, atol=2e-3 if bf16 else 1e-5)
 
 
 def test_eager_module_still_validates_once_outside_compile():

@@ -127,3 +127,35 @@ def test_sources_point_to_papers_and_repositories_not_to_local_folders():
     outside = "shared" + "/"  # a folder beside the repository, which users do not have
     assert not [str(p) for p in files if outside in p.read_text()]
     assert not [str(p) for p in [*MODULES.values(), *REPO.glob("benches/*.py")] if "sys.path" in p.read_text()]
+
+
+def test_wheel_ships_every_module_and_data_file_and_no_top_level_kernels(tmp_path):
+    """The built wheel (not the editable install the tests run on) holds every module of ``_modules()``
+    and every weight, resource and preset file, and no top-level ``kernels`` package (a PyPI name)."""
+    import shutil
+    import subprocess
+    import sys
+    import zipfile
+
+    src = tmp_path / "src"  # a copy: setuptools would reuse a stale build/ folder of the checkout
+    junk = shutil.ignore_patterns("__pycache__", "*.egg-info")
+    for name in ("fastsfm", "kernels"):
+        shutil.copytree(REPO / name, src / name, ignore=junk)
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, src / name)
+    cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path)]
+    subprocess.run([*cmd, str(src)], check=True, capture_output=True, timeout=300)
+    (wheel,) = tmp_path.glob("fastsfm-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    modules = {
+        name.replace(".", "/") + ("/__init__.py" if path.name == "__init__.py" else ".py")
+        for name, path in _modules().items()
+    }
+    assert modules - names == set()
+    data = {
+        str(p.relative_to(REPO))
+        for pattern in ("weights/*.safetensors", "resources/*.json", "resources/configs/*.toml")
+        for p in PACKAGE.glob(pattern)
+    }
+    assert data and data - names == set()
+    assert not any(n.startswith("kernels/") for n in names)

@@ -2,8 +2,9 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from fastsfm.synset import SyntheticSet, load_images, save_grid, save_images
+from fastsfm.synset import SyntheticSet, load_images, save_grid, save_images, upsample_matrix
 
 
 def test_pyramid_grows_on_schedule_and_renders_in_range():
@@ -78,3 +79,29 @@ def test_grey_images_have_one_channel_replicated_to_rgb():
     torch.testing.assert_close(init.render()[:, 0], real.mean(1), rtol=0, atol=1e-5)
     with pytest.raises(ValueError, match="channels must be one of"):
         SyntheticSet(2, 2, 8, channels="cmyk")
+
+
+@pytest.mark.parametrize("size,resolution", [(1, 256), (2, 7), (3, 28), (7, 32), (16, 32)])
+def test_upsampling_matrices_are_bilinear_interpolation(size, resolution):
+    """``A @ x @ A.T`` equals ``F.interpolate(mode="bilinear")`` (LGM's upsampling, no antialiasing),
+    values and gradients, float64, on sizes that do not divide the resolution too."""
+    x = torch.randn(2, 3, size, size, dtype=torch.float64, requires_grad=True)
+    a = upsample_matrix(size, resolution)
+    want = F.interpolate(x, size=(resolution, resolution), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(a @ x @ a.T, want, rtol=1e-12, atol=1e-12)
+    weights = torch.randn_like(want)
+    (got_grad,) = torch.autograd.grad((a @ x @ a.T * weights).sum(), x)
+    (want_grad,) = torch.autograd.grad((want * weights).sum(), x)
+    torch.testing.assert_close(got_grad, want_grad, rtol=1e-12, atol=1e-12)
+
+
+def test_render_is_the_sum_of_interpolated_levels():
+    """The set renders ``sigmoid(2 D (sum_l Upsample(P_l)))`` with interpolate's numbers (float32)."""
+    synset = SyntheticSet(3, 2, 24, extent=1)
+    while synset.grow(len(synset.levels) + 1):
+        pass
+    levels = synset.chunk(0, synset.num_images, "cpu", requires_grad=False)
+    total = sum(F.interpolate(level, size=(24, 24), mode="bilinear", align_corners=False) for level in levels)
+    want = torch.sigmoid(2.0 * torch.einsum("ij,njhw->nihw", synset.decor, total))
+    assert len(levels) == len(synset.sizes) > 3
+    torch.testing.assert_close(synset.render_levels(levels), want, rtol=1e-5, atol=1e-6)
