@@ -159,3 +159,12 @@ def test_wheel_ships_every_module_and_data_file_and_no_top_level_kernels(tmp_pat
     }
     assert data and data - names == set()
     assert not any(n.startswith("kernels/") for n in names)
+
+
+def test_ci_runs_exactly_the_readme_test_command():
+    """``.ci/run``'s command is, character for character, the README's second command, so CI proves the README."""
+    command = (REPO / ".ci" / "run").read_text().strip().splitlines()[-1]
+    block = (REPO / "README.md").read_text().split("## The two commands", 1)[1].split("```", 2)[1]
+    lines = [line for line in block.splitlines() if line and not line.startswith(("#", "bash"))]
+    assert len(lines) == 2 and lines[1] == command and "pytest" in command
+    assert lines[0].startswith("python3 -m venv .venv") and lines[0].endswith("fastsfm demo")
