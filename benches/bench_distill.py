@@ -40,9 +40,11 @@ from fastsfm.benchmark import (
     distill_setup,
     environment,
     in_child,
+    kernel_events,
     print_table,
     profiler,
     run_step,
+    synchronize,
     time_steps,
     write_csv,
 )
@@ -100,16 +102,14 @@ def _profile(objective, synset, optim, device, step_ms: float) -> dict:
     ``device busy %`` is the kernel time over the step's wall time (low: the host is the bottleneck)."""
     with profiler(device) as prof:
         run_step(objective, synset, optim, 1)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-    events = prof.key_averages()
-    ranges = {e.key.split(".", 1)[1]: e for e in events if e.key.startswith("fastsfm.")}
+        synchronize(device)
+    ranges = {e.key.split(".", 1)[1]: e for e in prof.key_averages() if e.key.startswith("fastsfm.")}
     if device.type != "cuda":
         times = {name: e.cpu_time_total for name, e in ranges.items()}
         total = sum(times.values()) or 1.0
         return {f"% {name}": 100.0 * times.get(name, 0.0) / total for name in PROFILE_RANGES}
     times = {name: e.device_time_total for name, e in ranges.items()}
-    kernels = sum(e.self_device_time_total for e in events if e.device_type != torch.autograd.DeviceType.CPU)
+    kernels = sum(e.self_device_time_total for e in kernel_events(prof))
     total = max(kernels, sum(times.values())) or 1.0
     row = {f"% {name}": 100.0 * times.get(name, 0.0) / total for name in PROFILE_RANGES}
     row["% autograd"] = 100.0 * (total - sum(times.values())) / total

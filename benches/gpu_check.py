@@ -175,7 +175,7 @@ def loss_correctness(ctx: Context) -> None:
 
     sizes = [(5, 20, 24)] if ctx.smoke else [(100, 1000, 384), (1000, 10_000, 768), (1000, 50_000, 768)]
     tol = {torch.float32: 1e-4, torch.bfloat16: 2e-3, torch.float16: 2e-3}  # beyond the rounding floor
-    worst: dict[str, float] = {}
+    worst: dict[str, tuple[float, float]] = {}  # dtype -> (largest error beyond the floor, that floor)
     for (c, n, d), dtype, objective, order in _product(
         sizes, list(tol), ("flow", "decouple"), ("contiguous", "shuffled")
     ):

@@ -34,12 +34,7 @@ if "--smoke" in sys.argv and not os.path.exists("/dev/nvidiactl"):
 import torch
 
 from fastsfm import SFMLoss
-from fastsfm.benchmark import environment, loss_problem, profiler, time_ms
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+from fastsfm.benchmark import environment, kernel_events, loss_problem, profiler, synchronize, time_ms
 
 
 def profile_loss(c: int, ipc: int, d: int, dtype: torch.dtype, device: torch.device, steps: int = 50) -> dict:
@@ -58,20 +53,13 @@ def profile_loss(c: int, ipc: int, d: int, dtype: torch.dtype, device: torch.dev
         module(x, labels).backward()
 
     step()  # validation, label plan, compilation
-    _sync(device)
+    synchronize(device)
     with profiler(device) as prof:
         for _ in range(steps):
             step()
-        _sync(device)
+        synchronize(device)
     kernels = sorted(
-        (
-            {"name": e.key[:60], "us": e.self_device_time_total / steps}
-            for e in prof.key_averages()
-            # device events only: a CPU range (an op, the autograd Function) repeats its kernels' time
-            if e.device_type != torch.autograd.DeviceType.CPU
-            and e.self_device_time_total > 0
-            and e.key != "Activity Buffer Request"  # the profiler's own
-        ),
+        ({"name": e.key[:60], "us": e.self_device_time_total / steps} for e in kernel_events(prof)),
         key=lambda k: -k["us"],
     )
     device_us = sum(k["us"] for k in kernels)
@@ -85,7 +73,7 @@ def profile_loss(c: int, ipc: int, d: int, dtype: torch.dtype, device: torch.dev
         step()
     host.disable()
     host_us = 1e6 * (time.perf_counter() - began) / steps
-    _sync(device)
+    synchronize(device)
     stats = pstats.Stats(host).stats
     top = sorted(stats.items(), key=lambda kv: -kv[1][2])[:12]
     return {

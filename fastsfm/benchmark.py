@@ -19,6 +19,8 @@ __all__ = [
     "peak_extra_bytes",
     "step_peak_bytes",
     "profiler",
+    "kernel_events",
+    "synchronize",
     "write_csv",
     "markdown_table",
     "print_table",
@@ -84,6 +86,25 @@ def profiler(device: torch.device, **kwargs: object) -> Iterator[torch.profiler.
     with _quiet_stderr() if device.type == "cpu" else contextlib.nullcontext():
         with torch.profiler.profile(activities=activities, **kwargs) as prof:
             yield prof
+
+
+def kernel_events(prof: torch.profiler.profile) -> list:
+    """The device-side entries of ``prof.key_averages()`` (kernels, copies, fills) with device time: a
+    CPU range (an op, an autograd Function) repeats its kernels' time, and the profiler's own buffer
+    requests are not the program's work.  Empty for a CPU-only profile."""
+    return [
+        e
+        for e in prof.key_averages()
+        if e.device_type != torch.autograd.DeviceType.CPU
+        and e.self_device_time_total > 0
+        and e.key != "Activity Buffer Request"
+    ]
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the work queued on ``device`` (nothing is queued on a CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def step_peak_bytes(fn: Callable[[], object], device: torch.device) -> int:
@@ -216,8 +237,7 @@ def run_step(objective, synset, optim, step: int) -> float:
 def time_steps(objective, synset, optim, steps: int, device: torch.device) -> float:
     """Seconds per step over ``steps`` steps, after one warm-up step (which also sizes the chunks)."""
     run_step(objective, synset, optim, 0)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    synchronize(device)
     start = time.perf_counter()
     for step in range(1, steps + 1):
         run_step(objective, synset, optim, step)
