@@ -27,6 +27,7 @@ import torch
 
 from . import __version__
 from .config import Baseline, ClassifierConfig, DistillConfig, EvalConfig, Precision, Preprocess, choices, cli_fields
+from .distributed import shutdown
 
 __all__ = ["main", "build_parser", "add_config_flags", "config_from_args"]
 
@@ -274,8 +275,6 @@ def cmd_reproduce(args: argparse.Namespace) -> None:
     from .reproduce import load_grid, run_grid
 
     grid = load_grid(args.config, root=args.root, out=args.out)
-    if args.device is not None:
-        grid.device = args.device
     device = init_from_env(grid.wait_hours)  # under torchrun: this rank's device
     if device is not None:
         grid.device = str(device)
@@ -380,6 +379,8 @@ def main(argv: list[str] | None = None) -> None:
     except (ValueError, FileNotFoundError, FileExistsError) as err:
         print(f"fastsfm {args.command}: error: {err}", file=sys.stderr)
         raise SystemExit(2) from err
+    finally:
+        shutdown()  # leave torchrun's process groups while Python is whole (fastsfm.distributed)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,14 @@ control group** (host memory, TCP) whose timeout is ``wait_hours`` (24 by defaul
 is raised on every rank (``RuntimeError: rank r failed: ...``), so nobody hangs on a dead peer.
 Objects (cached features, shard file names) travel over the control group too, and only to
 rank 0 (:func:`gather_to_rank0`): no rank holds another rank's data except rank 0 when it must.
+
+**Every process that joined leaves with** :func:`shutdown` (the CLI does, in a ``finally``).  A
+group still alive when Python finalises is torn down by its own gloo threads, which may then need
+the already-finalised interpreter and abort the process (``terminate called without an active
+exception``, SIGABRT after the job's work is done).  For the same reason :func:`init_from_env`
+imports timm *before* joining: importing ``torch.distributed.fsdp`` (which timm does) while a
+default group exists keeps that group alive past ``destroy_process_group`` (measured with torch
+2.14: its gloo threads survive the destroy), so no shutdown could end it.
 """
 
 from __future__ import annotations
@@ -38,6 +46,7 @@ __all__ = [
     "run_on_all",
     "barrier",
     "gather_to_rank0",
+    "shutdown",
     "COLLECTIVE_MINUTES",
     "WAIT_HOURS",
 ]
@@ -65,6 +74,8 @@ def init_from_env(
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
+    import timm  # noqa: F401 - before the group exists (see the module docstring)
+
     if not dist.is_initialized():
         kwargs = {"timeout": timedelta(minutes=collective_minutes)}
         if device.type == "cuda":
@@ -73,6 +84,14 @@ def init_from_env(
             dist.init_process_group("gloo", **kwargs)
     control_group(wait_hours)
     return device
+
+
+def shutdown() -> None:
+    """Leave every process group this process joined and forget the control group (no-op when
+    none was joined).  Call it once per process at the end, on success and on error alike."""
+    _control.clear()
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def rank_world() -> tuple[int, int]:

@@ -5,8 +5,11 @@
 
 import os
 import socket
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -18,7 +21,7 @@ from torch.utils.data import DataLoader
 
 from fastsfm import SFMLoss
 from fastsfm.distill import DistillConfig, distill
-from fastsfm.distributed import interleave_shards, shard_classes, shard_dataset
+from fastsfm.distributed import init_from_env, interleave_shards, shard_classes, shard_dataset, shutdown
 from fastsfm.objective import SFMObjective
 from fastsfm.stats import ClassStats, compute_stats
 from fastsfm.synset import SyntheticSet
@@ -33,13 +36,15 @@ def _free_port() -> int:
 
 
 def _worker(rank: int, world: int, port: int, job: str, tmp: str) -> None:
+    """One rank, joined and left as the CLI does under torchrun, as on a CPU node (gloo)."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    with mock.patch("torch.cuda.is_available", return_value=False):
+        init_from_env()
     try:
         globals()[job](rank, world, Path(tmp))
     finally:
-        dist.destroy_process_group()
+        shutdown()
 
 
 def _loss_job(rank, world, tmp):
@@ -154,6 +159,33 @@ def _grid_failure_job(rank, world, tmp):
 
 def _spawn(job, tmp):
     mp.spawn(_worker, args=(2, _free_port(), job, str(tmp)), nprocs=2, join=True)
+
+
+_TORCHRUN_RANK = """
+import os, sys
+from fastsfm.distributed import init_from_env, run_on_all, shutdown
+init_from_env()
+from fastsfm.backbones import load_backbone  # timm, imported after the group exists (as the CLI does)
+load_backbone("vit_tiny_patch16_224", pretrained=False, image_size=16)
+run_on_all(lambda: None)
+shutdown()
+names = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
+open(os.path.join(sys.argv[1], "threads" + os.environ["RANK"]), "w").write(" ".join(sorted(names)))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads thread names from /proc")
+def test_torchrun_ranks_leave_no_process_group_alive(tmp_path):
+    """Under torchrun, after ``shutdown`` no gloo or TCP-store thread is left for Python's
+    finalisation to tear down (where it can abort the process after the work is done)."""
+    script = tmp_path / "rank.py"
+    script.write_text(_TORCHRUN_RANK)
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={_free_port()}"]
+    subprocess.run([*cmd, str(script), str(tmp_path)], env=env, check=True, timeout=300, capture_output=True)
+    for rank in range(2):
+        threads = (tmp_path / f"threads{rank}").read_text()
+        assert "gloo" not in threads and "tcpstore" not in threads, threads
 
 
 def test_shard_helpers():
