@@ -181,8 +181,9 @@ def test_torchrun_ranks_leave_no_process_group_alive(tmp_path):
     script = tmp_path / "rank.py"
     script.write_text(_TORCHRUN_RANK)
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={_free_port()}"]
-    subprocess.run([*cmd, str(script), str(tmp_path)], env=env, check=True, timeout=300, capture_output=True)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(script)]
+    run = subprocess.run([*cmd, str(tmp_path)], env=env, timeout=300, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-4000:]
     for rank in range(2):
         threads = (tmp_path / f"threads{rank}").read_text()
         assert "gloo" not in threads and "tcpstore" not in threads, threads
