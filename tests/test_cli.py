@@ -1,6 +1,7 @@
 """The command line end to end on tiny data: stats, distill, eval, demo, help and errors."""
 
 import re
+from unittest import mock
 
 import pytest
 from helpers import class_folders
@@ -188,6 +189,19 @@ def test_cli_demo_tiny(tmp_path, capsys):
         ]
     )
     assert "RANDOMLY INITIALISED" in capsys.readouterr().err
+
+
+def test_cli_leaves_process_groups_on_success_and_error(tmp_path, capsys):
+    """``main`` ends with ``fastsfm.distributed.shutdown`` whether the command worked or failed
+    (under torchrun a group left to Python's exit can abort the process)."""
+    with mock.patch("fastsfm.cli.shutdown") as shutdown:
+        with pytest.raises(SystemExit) as failed:
+            main(
+                ["distill", "--stats", str(tmp_path / "missing.safetensors"), "--out", str(tmp_path / "run"), *BACKBONE]
+            )
+        assert failed.value.code == 2 and shutdown.call_count == 1
+        _stats(class_folders(tmp_path / "train"), tmp_path / "s.safetensors", BACKBONE, epochs=1)
+        assert shutdown.call_count == 2 and (tmp_path / "s.safetensors").exists()
 
 
 @pytest.mark.parametrize("command", ["stats", "distill", "eval", "reproduce", "demo"])
