@@ -123,9 +123,8 @@ def _backbone(args: argparse.Namespace, name: str | None = None, weights: str | 
     """The backbone of the flags (``--backbone``/``--weights``), or ``name``/``weights`` with the same options."""
     from .backbones import load_backbone
 
-    given = (
-        weights if name else args.weights
-    )  # an evaluation backbone's own --eval-weights count even with --random-init
+    # an evaluation backbone's own --eval-weights count even with --random-init
+    given = weights if name else args.weights
     pretrained = given or (False if args.random_init else True)
     return load_backbone(
         name or args.backbone,

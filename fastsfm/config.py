@@ -94,9 +94,6 @@ def option(default, help: str, **extra):
     return field(default=default, metadata={"help": help, **extra})
 
 
-_opt = option
-
-
 @dataclass
 class DistillConfig:
     """Settings of one distillation run; all are recorded in checkpoints and outputs.
@@ -104,35 +101,35 @@ class DistillConfig:
     Defaults are the authors' (``einsteinxia/SFM`` ``config/distill_config.py``, inherited from LGM).
     """
 
-    method: Method = _opt("sfm", "objective: SFM, or the LGM baseline")
-    ipc: int = _opt(1, "synthetic images per class")
-    steps: int = _opt(5000, "optimisation steps (the authors' loop runs 5000 + 1)")
-    lr: float = _opt(2e-3, "Adam learning rate")
-    resolution: int = _opt(256, "stored synthetic resolution; the backbone sees random crops at its input size")
-    param: Param = _opt("pyramid", "image parameterisation")
-    init: Init = _opt("noise", "initialisation (real: random real images of each class, needs --data)")
-    pyramid_start: int = _opt(1, "resolution of the first pyramid level")
-    pyramid_extent: int = _opt(200, "steps between pyramid levels")
-    decorrelate: bool = _opt(True, "colour decorrelation of the pyramid")
-    channels: Channels = _opt("rgb", "synthetic image channels (grey: one channel replicated to RGB, for grey data)")
-    views: int | None = _opt(
+    method: Method = option("sfm", "objective: SFM, or the LGM baseline")
+    ipc: int = option(1, "synthetic images per class")
+    steps: int = option(5000, "optimisation steps (the authors' loop runs 5000 + 1)")
+    lr: float = option(2e-3, "Adam learning rate")
+    resolution: int = option(256, "stored synthetic resolution; the backbone sees random crops at its input size")
+    param: Param = option("pyramid", "image parameterisation")
+    init: Init = option("noise", "initialisation (real: random real images of each class, needs --data)")
+    pyramid_start: int = option(1, "resolution of the first pyramid level")
+    pyramid_extent: int = option(200, "steps between pyramid levels")
+    decorrelate: bool = option(True, "colour decorrelation of the pyramid")
+    channels: Channels = option("rgb", "synthetic image channels (grey: one channel replicated to RGB, for grey data)")
+    views: int | None = option(
         None,
         "augmented copies of the synthetic set per step (default: 1 for sfm, the paper's single pass; "
         "10 for lgm, LGM's augs_per_batch; its real batch is ipc x views x C images)",
     )
-    objective: Objective = _opt("flow", "SFM objective")
-    alpha: float = _opt(1.0, "decouple: weight of MSE(mu, t)")
-    nontarget_divisor: float | None = _opt(
+    objective: Objective = option("flow", "SFM objective")
+    alpha: float = option(1.0, "decouple: weight of MSE(mu, t)")
+    nontarget_divisor: float | None = option(
         None, "divisor of the synthetic non-target mean (default C-1; the released script uses C*IPC-1)"
     )
-    noise_std: float = _opt(0.2, "augmentation noise std (0 disables the noise)")
-    noise_mean: float = _opt(0.5, "augmentation noise mean (0.5: LGM's code when SFM forked it; 0.0: LGM's current)")
-    precision: Precision = _opt("auto", "backbone precision")
-    chunk_size: int | None = _opt(None, "images per chunk of the exact two-pass step (default: from free memory)")
-    offload: bool = _opt(False, "keep the synthetic set and its Adam state in page-locked host memory")
-    workers: int | None = _opt(None, "LGM: real-image loading workers (default: the CPUs of this rank)")
-    seed: int = _opt(0, "seed of every random draw of the run")
-    checkpoint_every: int = _opt(100, "steps between checkpoints")
+    noise_std: float = option(0.2, "augmentation noise std (0 disables the noise)")
+    noise_mean: float = option(0.5, "augmentation noise mean (0.5: LGM's code when SFM forked it; 0.0: LGM's current)")
+    precision: Precision = option("auto", "backbone precision")
+    chunk_size: int | None = option(None, "images per chunk of the exact two-pass step (default: from free memory)")
+    offload: bool = option(False, "keep the synthetic set and its Adam state in page-locked host memory")
+    workers: int | None = option(None, "LGM: real-image loading workers (default: the CPUs of this rank)")
+    seed: int = option(0, "seed of every random draw of the run")
+    checkpoint_every: int = option(100, "steps between checkpoints")
 
     def __post_init__(self) -> None:
         for name in ("ipc", "steps", "resolution", "pyramid_start", "pyramid_extent", "checkpoint_every"):
@@ -171,9 +168,9 @@ class ClassifierConfig:
     crops, read once) where the authors re-encode augmented views every epoch.
     """
 
-    classifier_epochs: int = _opt(10, "epochs of the real-data classifier (the authors' script: 10)")
-    classifier_lr: float = _opt(5e-4, "its Adam learning rate (0.001 * 128 / 256)")
-    classifier_batch: int = _opt(128, "its batch size")
+    classifier_epochs: int = option(10, "epochs of the real-data classifier (the authors' script: 10)")
+    classifier_lr: float = option(5e-4, "its Adam learning rate (0.001 * 128 / 256)")
+    classifier_batch: int = option(128, "its batch size")
 
 
 @dataclass
@@ -185,15 +182,15 @@ class EvalConfig:
     random-resized crop); top-1 and top-5 on the real test split after the last epoch.
     """
 
-    mode: tuple[EvalMode, ...] = _opt(("probe",), "evaluation modes (any of probe, inherit, kd)")
-    epochs: int = _opt(1000, "training epochs per evaluation")
-    seeds: int = _opt(3, "evaluations per set (seeds 0, 1, ...): mean and std are reported")
-    batch: int = _opt(100, "largest batch (the batch is min(batch, #images))")
-    probe_lr: float = _opt(1e-3, "probe and KD head learning rate, times batch / 256")
-    inherit_lr: float = _opt(1e-2, "inheritance projector learning rate, times batch / 256")
-    temperature: float = _opt(4.0, "KD temperature")
-    kd_weight: float = _opt(0.5, "KD: weight of the KL term (1 - it: cross-entropy)")
-    checkpoint_every: int = _opt(100, "epochs between saves of a running evaluation (with a journal: --out)")
+    mode: tuple[EvalMode, ...] = option(("probe",), "evaluation modes (any of probe, inherit, kd)")
+    epochs: int = option(1000, "training epochs per evaluation")
+    seeds: int = option(3, "evaluations per set (seeds 0, 1, ...): mean and std are reported")
+    batch: int = option(100, "largest batch (the batch is min(batch, #images))")
+    probe_lr: float = option(1e-3, "probe and KD head learning rate, times batch / 256")
+    inherit_lr: float = option(1e-2, "inheritance projector learning rate, times batch / 256")
+    temperature: float = option(4.0, "KD temperature")
+    kd_weight: float = option(0.5, "KD: weight of the KL term (1 - it: cross-entropy)")
+    checkpoint_every: int = option(100, "epochs between saves of a running evaluation (with a journal: --out)")
 
     def __post_init__(self) -> None:
         if not self.mode or any(m not in get_args(EvalMode) for m in self.mode):

@@ -87,12 +87,11 @@ def _efficiency(backbone: Backbone, config: DistillConfig, classes: int, device:
         synset, optim, objective = distill_setup(backbone, method_config, classes, device)
         seconds = time_steps(objective, synset, optim, 3, device)
         peak = step_peak_bytes(lambda o=objective, s=synset, a=optim: run_step(o, s, a, 9), device)
-        rows.append({"method": method.upper(), "views": method_config.effective_views, "step ms": 1e3 * seconds})
-        rows[-1]["peak MiB"] = peak / 2**20
+        views = method_config.effective_views
+        rows.append({"method": method.upper(), "views": views, "step ms": 1e3 * seconds, "peak MiB": peak / 2**20})
     sfm, lgm = rows
-    rows.append({"method": "LGM / SFM", "step ms": lgm["step ms"] / sfm["step ms"]})
-    rows[-1]["peak MiB"] = lgm["peak MiB"] / sfm["peak MiB"]
-    return rows
+    ratio = {"step ms": lgm["step ms"] / sfm["step ms"], "peak MiB": lgm["peak MiB"] / sfm["peak MiB"]}
+    return rows + [{"method": "LGM / SFM", **ratio}]
 
 
 def run_demo(
@@ -172,8 +171,8 @@ def run_demo(
     cache = FeatureCache(data.test)
     evaluator = Evaluator(backbone, stats, cache, eval_config, eval_backbones=[backbone, cross])
     scores = compare(evaluator, [sfm], eval_config.seeds, full_data=False)
+    lgm_seeds = eval_config.seeds if config.full else 1
     if "lgm" in methods:
-        lgm_seeds = eval_config.seeds if config.full else 1
         scores += compare(evaluator, [distilled_set("lgm")], lgm_seeds, full_data=False)
     scores += compare(evaluator, [*real_sets, neighbors], eval_config.seeds)
     efficiency = _efficiency(backbone, base, data.num_classes, device) if "lgm" in methods else []
@@ -207,7 +206,7 @@ def run_demo(
         "mode (evaluation backbone)\n\n%s",
         config.ipc,
         eval_config.seeds,
-        eval_config.seeds if config.full else 1,
+        lgm_seeds,
         len(cache.labels),
         format_markdown(summarise(scores)),
     )

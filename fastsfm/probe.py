@@ -169,10 +169,15 @@ class HeadCheckpoint:
     every: int = 100
     stop: object | None = None
 
+    @staticmethod
+    def _tag(name) -> str:
+        """A head's key in the file: ``backbone|mode`` for the evaluator's (backbone, mode) heads."""
+        return "|".join(name) if isinstance(name, tuple) else str(name)
+
     def save(self, heads: dict, opts: dict, epoch: int) -> None:
         tensors, meta = {}, {"key": self.key, "epoch": str(epoch)}
         for name, head in heads.items():
-            tag = "|".join(name) if isinstance(name, tuple) else str(name)
+            tag = self._tag(name)
             tensors.update({f"{tag}/module/{k}": v for k, v in head.module.state_dict().items()})
             opt, sched = opts[name]
             state = opt.state_dict()
@@ -190,13 +195,13 @@ class HeadCheckpoint:
         if meta.get("key") != self.key:
             return 0
         for name, head in heads.items():
-            tag = "|".join(name) if isinstance(name, tuple) else str(name)
-            prefix = f"{tag}/module/"
-            head.module.load_state_dict({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)})
+            tag = self._tag(name)
+            module, adam = f"{tag}/module/", f"{tag}/adam/"
+            head.module.load_state_dict({k[len(module) :]: v for k, v in tensors.items() if k.startswith(module)})
             slots: dict[int, dict] = {}
             for k, v in tensors.items():
-                if k.startswith(f"{tag}/adam/"):
-                    i, slot = k[len(tag) + 6 :].split("/")
+                if k.startswith(adam):
+                    i, slot = k[len(adam) :].split("/")
                     slots.setdefault(int(i), {})[slot] = v
             opt, sched = opts[name]
             opt.load_state_dict({"state": slots, "param_groups": json.loads(meta[f"{tag}/groups"])})

@@ -16,7 +16,7 @@ import time
 import torch
 
 from ..backbones import Backbone, load_backbone
-from ..benchmark import distill_setup, time_steps
+from ..benchmark import distill_setup, synchronize, time_steps
 from ..data import default_workers
 from .cells import Run
 from .config import GridConfig
@@ -30,12 +30,10 @@ def forward_rate(backbone: Backbone, device: torch.device, batch: int = 64) -> f
     x = torch.rand(batch, 3, backbone.input_size, backbone.input_size, device=device)
     with torch.no_grad():
         backbone(x)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        synchronize(device)
         began = time.perf_counter()
         backbone(x)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        synchronize(device)
     return batch / (time.perf_counter() - began)
 
 

@@ -10,6 +10,7 @@ parentheses where a cell matches) and the cross-backbone matrix of each distille
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import statistics
 from pathlib import Path
@@ -44,7 +45,9 @@ CLIP_NOTE = (
 )
 
 
+@functools.cache
 def _published() -> dict:
+    """The LGM paper's numbers (``resources/published.json``), read once: every table cell looks them up."""
     return json.loads((Path(__file__).resolve().parents[1] / "resources" / "published.json").read_text())
 
 
