@@ -5,7 +5,8 @@ architecture, compiled here without a GPU (:mod:`fastsfm.kernel_report`).
     python benches/compile_report.py --arch 90 --json benches/out/compile.json
 
 Prints a summary per (kernel, architecture) -- the largest register count, spill and shared
-memory over all its specialisations, and the global accesses of the hot path (one loss
+memory over all its specialisations, and the global accesses and bytes kept in flight per SM
+(software-pipelined loads) of the hot path (one loss
 forward+backward at C = 1000, N = 10,000, D = 768, bfloat16, shuffled labels) -- then the
 programs of each launch of that forward+backward.  The
 full table (one row per launch and architecture) goes to ``--csv`` and ``--json``.  Needs a
@@ -37,6 +38,7 @@ def summarise(rows: list[dict], hot: str) -> list[dict]:
         if r["scenario"].startswith(hot):
             s["hot-path loads (16 B)"] = f"{r['global_loads']} ({r['wide_loads']})"
             s["hot-path stores (16 B)"] = f"{r['global_stores']} ({r['wide_stores']})"
+            s["hot-path KB in flight / SM"] = f"{r['in_flight_kb_sm']:.0f}"
     return list(out.values())
 
 
@@ -63,7 +65,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print_table(summarise(rows, kernel_report.LOSS_SCENARIO))
     loss = [r for r in rows if r["scenario"].startswith(kernel_report.LOSS_SCENARIO)]
     print(f"\nlaunches of one {loss[0]['scenario'] if loss else kernel_report.LOSS_SCENARIO}:")
-    print_table(loss, ["kernel", "arch", "programs", "registers", "global_loads", "wide_loads"])
+    print_table(loss, ["kernel", "arch", "programs", "registers", "global_loads", "wide_loads", "in_flight_kb_sm"])
     write_csv(rows, args.csv)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(rows, indent=1))

@@ -175,7 +175,7 @@ def sfm_loss(
     chosen = resolve_backend(backend, features)
     work = torch.float64 if centers.dtype == torch.float64 and chosen != "triton" else torch.float32
     consts = ops.flow_constants(centers, work)
-    plan = ops.label_plan(labels, num_classes, contiguous)
+    plan = ops.label_plan(labels, num_classes, contiguous, dim if chosen == "triton" else None)
     return ops.dispatch(
         features,
         plan,

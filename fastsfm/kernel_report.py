@@ -10,7 +10,12 @@ divisible by 16 marked as such, unit strides and ones turned into constants), an
 is compiled with ``triton.compile`` for a ``GPUTarget`` (sm_90 and sm_80 by default) -- as
 Triton's ``test_compile_only.py`` does.  ``ptxas -v`` (the one inside the triton wheel) gives
 registers, spills and shared memory (``CompiledKernel.n_regs`` is only filled when a binary
-is loaded on a GPU); the PTX gives the global loads and stores and how wide they are.
+is loaded on a GPU); the PTX gives the global loads and stores and how wide they are, and the
+bytes each thread copies asynchronously (``cp.async``, the software pipeline of a
+``tl.range(..., num_stages)`` loop).  Where the loop is pipelined, a program keeps ``STAGES - 1``
+row tiles in flight; times the programs an SM holds (registers, shared memory, slots), that is
+``in_flight_kb_sm``, the bytes a kernel keeps in flight per SM (by Little's law ~31 KB per SM
+sustain ~3 TB/s on an H100 at ~1.3 us latency).
 
 Requirements: Triton's NVIDIA backend (``triton.backends.nvidia``) with its bundled ``ptxas``,
 Triton 3.4 or newer (its ``create_function_from_signature`` binder), and **Triton not in
@@ -21,7 +26,6 @@ without ``TRITON_INTERPRET=1`` (``benches/compile_report.py``; the tests start o
 
 from __future__ import annotations
 
-import itertools
 import math
 import os
 import re
@@ -84,6 +88,10 @@ class KernelReport:
     global_stores: int
     vector_stores: int
     wide_stores: int
+    async_bytes: int
+    stages: int
+    programs_per_sm: int
+    in_flight_kb_sm: float
     signature: str
 
     def as_dict(self) -> dict:
@@ -151,46 +159,64 @@ def loss_step(classes: int, ipc: int, d: int, dtype: torch.dtype) -> None:
     z = torch.zeros(n, d, dtype=dtype, requires_grad=True)
     labels = torch.randperm(n, generator=torch.Generator().manual_seed(0)) % classes
     consts = ops.flow_constants(torch.randn(classes, d))
-    plan = ops.label_plan(labels, classes, contiguous=False)
+    plan = ops.label_plan(labels, classes, contiguous=False, dim=d)
     ops.dispatch(z, plan, consts, objective="flow", alpha=1.0, divisor=classes - 1.0, backend="triton").backward()
 
 
+def _labels(classes: int, ipc: int, skewed: bool) -> torch.Tensor:
+    """Class-sorted labels, IPC per class, or (``skewed``) half of all rows in class 0."""
+    labels = torch.arange(classes).repeat_interleave(ipc)
+    if skewed:
+        labels[: len(labels) // 2] = 0
+    return labels.sort().values
+
+
 def scenarios(classes: int = 1000, ipc: int = 10) -> Iterator[tuple[str, Callable[[], object]]]:
-    """``(name, call)`` of launcher calls covering every specialisation the launchers can produce,
-    then one whole loss forward+backward (:data:`LOSS_SCENARIO`, bfloat16, D = 768).
+    """``(name, call)`` of primitive calls covering every specialisation the launchers can produce
+    -- class sums, epilogue and backward rows for fp32/bf16/fp16 features, class-contiguous and
+    permuted rows, accumulate on and off, grouped classes (IPC ``ipc``), one class per item (IPC
+    100) and sliced heavy classes, both objectives, feature widths divisible by 16 or not --, then
+    one whole loss forward+backward (:data:`LOSS_SCENARIO`, bfloat16, D = 768).
 
     Tensors live on the CPU: only their dtypes, strides, alignment and sizes reach the compiler.
     """
-    from fastsfm import kernels, ops
+    from fastsfm import ops
 
-    n = classes * ipc
-    labels = torch.arange(classes).repeat_interleave(ipc)
-    offsets = torch.searchsorted(labels, torch.arange(classes + 1))
-    sums = partial(kernels.class_sums, perm=labels, offsets=offsets)
     for d in (768, 200):  # a width divisible by 16 and one that is not
-        width = ops.sums_width(d)
-        for dtype in (torch.float32, torch.bfloat16, torch.float16):
-            z = torch.zeros(n, d, dtype=dtype)
-            short = str(dtype).replace("torch.", "")
-            for contiguous, split, accumulate in itertools.product((True, False), (1, 4), (False, True)):
-                out = torch.zeros(split, classes, width)
+        consts = ops.flow_constants(torch.randn(classes, d))
+        for rows_per_class, skewed in ((ipc, False), (100, False), (ipc, True)):
+            labels = _labels(classes, rows_per_class, skewed)
+            n = len(labels)
+            shape = f"D={d} IPC={rows_per_class}" + (" skewed" if skewed else "")
+            for contiguous in (True, False):
+                plan = ops.label_plan(labels, classes, contiguous, dim=d)
                 order = "contiguous" if contiguous else "permuted"
-                name = f"sums D={d} {short} {order} split={split}" + (" accumulate" if accumulate else "")
-                yield name, partial(sums, z, out=out, contiguous=contiguous, accumulate=accumulate)
-            gn = torch.zeros(classes, width)[:, :d]
-            yield f"broadcast D={d} {short}", partial(kernels.broadcast_grad, gn, labels, torch.ones(1), dtype)
-        column_major = torch.zeros(d, n).T  # no unit stride
-        yield (
-            f"sums D={d} float32 column-major",
-            partial(sums, column_major, out=torch.zeros(1, classes, width), contiguous=False),
-        )
-        c = ops.flow_constants(torch.randn(classes, d))
-        constants = (c.flow, c.flow_sum, c.flow_sq, c.centers, c.nontarget, c.centers_sum)
-        for objective, split in itertools.product(("flow", "decouple"), (1, 4)):
-            buf = torch.zeros(split, classes, width)
-            epilogue = partial(kernels.flow_epilogue, objective=objective, alpha=0.5, inv_k=1.0 / (classes - 1))
-            yield f"epilogue D={d} {objective} split={split}", partial(epilogue, buf, *constants)
-    yield f"{LOSS_SCENARIO} C={classes} N={n} D=768 bfloat16", partial(loss_step, classes, ipc, 768, torch.bfloat16)
+                for dtype in (torch.float32, torch.bfloat16, torch.float16):
+                    z = torch.zeros(n, d, dtype=dtype)
+                    short = str(dtype).replace("torch.", "")
+                    for accumulate in (False, True):
+                        out = torch.zeros(classes, ops.sums_width(d)) if accumulate else None
+                        name = f"sums {shape} {short} {order}" + (" accumulate" if accumulate else "")
+                        yield name, partial(ops.class_sums, z, plan, classes, "triton", out)
+                    for objective in ("flow", "decouple"):
+                        grad = ops.TritonGrad(
+                            torch.zeros(classes, ops.sums_width(d)), torch.zeros(1), consts, objective, 0.1
+                        )
+                        name = f"backward {shape} {short} {order} {objective}"
+                        yield name, partial(ops.grad_rows, grad, plan, torch.ones(1), dtype, "triton")
+        column_major = torch.zeros(d, classes * ipc).T  # no unit stride
+        plan = ops.label_plan(_labels(classes, ipc, False), classes, False, dim=d)
+        yield f"sums D={d} float32 column-major", partial(ops.class_sums, column_major, plan, classes, "triton")
+        for objective in ("flow", "decouple"):
+            buf = torch.zeros(classes, ops.sums_width(d))
+            yield (
+                f"epilogue D={d} {objective}",
+                partial(ops.epilogue, buf, consts, objective, 0.5, classes - 1.0, "triton"),
+            )
+    yield (
+        f"{LOSS_SCENARIO} C={classes} N={classes * ipc} D=768 bfloat16",
+        partial(loss_step, classes, ipc, 768, torch.bfloat16),
+    )
 
 
 def _specialise(launch: Launch, target) -> tuple[object, dict, dict, dict, str]:
@@ -207,6 +233,8 @@ def _specialise(launch: Launch, target) -> tuple[object, dict, dict, dict, str]:
     return ASTSource(kernel, signature, constexprs, attrs), options, signature, key
 
 
+_ASYNC = re.compile(r"cp\.async\.(?:ca|cg)\.shared\.global\s*\[[^\]]+\],\s*\[[^\]]+\],\s*(0x[0-9a-fA-F]+|\d+)")
+_SM_REGISTERS, _SM_THREADS, _SM_PROGRAMS, _SM_SMEM = 65536, 2048, 32, 227 * 1024
 _PTXAS_REGS = re.compile(r"Used (\d+) registers")
 _PTXAS_SPILL = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
 _PTXAS_SMEM = re.compile(r"(\d+) bytes smem")
@@ -228,6 +256,19 @@ def _accesses(ptx: str, op: str) -> tuple[int, int, int]:
         vector += lanes > 1
         wide += lanes * size >= 16
     return total, vector, wide
+
+
+def _async_bytes(ptx: str) -> int:
+    """Bytes one thread copies global -> shared with ``cp.async`` over all the copy sites of the PTX
+    (prologue and loop body of a software-pipelined loop; 0: the kernel loads into registers)."""
+    return sum(int(m.group(1), 0) for m in _ASYNC.finditer(ptx))
+
+
+def programs_per_sm(registers: int, threads: int, shared: int) -> int:
+    """Programs an SM holds at once: the register file, thread slots, block slots and shared memory."""
+    by_regs = _SM_REGISTERS // max(registers * threads, 1)
+    by_smem = _SM_SMEM // shared if shared else _SM_PROGRAMS
+    return max(0, min(by_regs, _SM_THREADS // threads, _SM_PROGRAMS, by_smem))
 
 
 def _ptxas(ptx: str, arch: str) -> str:
@@ -262,22 +303,35 @@ def compile_launch(launch: Launch, capability: int) -> KernelReport:
     smem = _PTXAS_SMEM.search(log)
     programs = math.prod(int(g) for g in launch.grid)
     loads, stores = _accesses(ptx, "ld"), _accesses(ptx, "st")
+    registers = int(regs.group(1)) if regs else -1
+    shared = max(int(smem.group(1)) if smem else 0, int(compiled.metadata.shared))
+    threads = 32 * int(compiled.metadata.num_warps)
+    stages = int(launch.kwargs.get("STAGES", 1))
+    async_bytes = _async_bytes(ptx)
+    resident = programs_per_sm(registers, threads, shared)
+    tile = int(launch.kwargs.get("BLOCK_R", 0)) * int(launch.kwargs.get("BLOCK_D", 0))
+    elem = launch.args[0].element_size() if isinstance(launch.args[0], torch.Tensor) else 4
+    ahead = max(stages - 1, 0) * tile * elem if async_bytes else 0  # row tiles copied ahead per program
     return KernelReport(
         kernel=launch.name,
         scenario=launch.scenario,
         arch=arch,
         programs=programs,
-        registers=int(regs.group(1)) if regs else -1,
+        registers=registers,
         stack_frame=int(spill.group(1)) if spill else -1,
         spill_stores=int(spill.group(2)) if spill else -1,
         spill_loads=int(spill.group(3)) if spill else -1,
-        shared_bytes=max(int(smem.group(1)) if smem else 0, int(compiled.metadata.shared)),
+        shared_bytes=shared,
         global_loads=loads[0],
         vector_loads=loads[1],
         wide_loads=loads[2],
         global_stores=stores[0],
         vector_stores=stores[1],
         wide_stores=stores[2],
+        async_bytes=async_bytes,
+        stages=stages,
+        programs_per_sm=resident,
+        in_flight_kb_sm=ahead * resident / 1024,
         signature=", ".join(f"{k}: {v}" for k, v in signature.items() if v != "constexpr"),
     )
 

@@ -90,35 +90,34 @@ class SFMLoss(nn.Module):
         suffix = _F32 if backend == "triton" and hasattr(self, "centers" + _F32) else ""
         return ops.FlowConstants(**{f: getattr(self, f + suffix) for f in ops.FlowConstants.__dataclass_fields__})
 
-    def _label_plan(self, features: Tensor, labels: Tensor) -> tuple[ops.LabelPlan, bool]:
+    def _label_plan(self, features: Tensor, labels: Tensor, backend: str) -> tuple[ops.LabelPlan, bool]:
         """The cached plan for ``labels`` (rebuilt, and validated, when they change); whether to validate sums."""
-        key = (labels, labels._version, labels.device)
+        key = (labels, labels._version, labels.device, backend == "triton")
         fresh = self._plan is None or self._plan_key[0] is not labels or self._plan_key[1:] != key[1:]
+        check = self.validate != "never"
         contiguous = check_batch(
-            features,
-            labels,
-            self.num_classes,
-            self.centers.shape[1],
-            self.centers.device,
-            sync=fresh and self.validate != "never",
+            features, labels, self.num_classes, self.centers.shape[1], self.centers.device, sync=fresh and check
         )
         if fresh:
-            self._plan, self._plan_key = ops.label_plan(labels, self.num_classes, contiguous), key
+            dim = self.centers.shape[1] if backend == "triton" else None
+            self._plan = ops.label_plan(labels, self.num_classes, contiguous, dim, balance=check)
+            self._plan_key = key
         return self._plan, self.validate == "always" or (fresh and self.validate == "once")
 
     def forward(self, features: Tensor, labels: Tensor) -> Tensor:
         """``features`` (N, D), ``labels`` (N,) -> the loss (0-dim)."""
+        backend = resolve_backend(self.backend, features)
         if torch.compiler.is_compiling():
             check_batch(features, labels, self.num_classes, self.centers.shape[1], self.centers.device, sync=False)
-            plan, check = ops.label_plan(labels, self.num_classes, contiguous=False), False
+            dim = self.centers.shape[1] if backend == "triton" else None
+            plan = ops.label_plan(labels, self.num_classes, contiguous=False, dim=dim, balance=False)
+            check = False
         else:
-            plan, check = self._label_plan(features, labels)
-        backend = resolve_backend(self.backend, features)
-        consts = self.constants(backend)
+            plan, check = self._label_plan(features, labels, backend)
         return ops.dispatch(
             features,
             plan,
-            consts,
+            self.constants(backend),
             objective=self.objective,
             alpha=self.alpha,
             divisor=self.divisor,

@@ -223,14 +223,15 @@ class SFMObjective(TwoPassStep):
         """The chunk's label plan (class order and boundaries), built once per chunk."""
         if (start, stop) not in self._plans:
             labels = super().rows(synset, start, stop)
-            self._plans[(start, stop)] = ops.label_plan(labels, self.num_classes, contiguous=self.views == 1)
+            dim = self.backbone.feature_dim if self.backend == "triton" else None
+            self._plans[(start, stop)] = ops.label_plan(labels, self.num_classes, self.views == 1, dim)
         return self._plans[(start, stop)]
 
     def accumulate(self, feats: Tensor, plan: ops.LabelPlan, total: Tensor | None) -> Tensor:
         return ops.class_sums(feats, plan, self.num_classes, self.backend, out=total)
 
-    def finish(self, total: Tensor) -> tuple[Tensor, Tensor]:
+    def finish(self, total: Tensor) -> tuple[Tensor, Tensor | ops.TritonGrad]:
         return ops.epilogue(total, self.consts, self.objective, self.alpha, self.divisor, self.backend)
 
-    def backward(self, feats: Tensor, plan: ops.LabelPlan, gn: Tensor) -> None:
-        feats.backward(ops.grad_rows(gn, plan.labels, self.upstream, feats.dtype, self.backend))
+    def backward(self, feats: Tensor, plan: ops.LabelPlan, grad: Tensor | ops.TritonGrad) -> None:
+        feats.backward(ops.grad_rows(grad, plan, self.upstream, feats.dtype, self.backend))

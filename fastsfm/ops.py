@@ -2,22 +2,26 @@
 
 The loss depends on the synthetic features only through per-class sums, so every path is
 
-1. :func:`class_sums`: features (N, D) -> the **sums buffer**, float32 (SPLIT, C, W): per-class
-   sums in columns 0..D-1 and the row counts in column D (one all-reduce moves both), rows
-   padded to ``W = sums_width(D)``, a multiple of 16 elements, so the kernels that read and
-   write it use aligned 16-byte vector accesses;
-2. :func:`epilogue`: that buffer -> ``(loss, G/n)``, ``G = dL/dt`` (C, D) for the class means ``t``;
+1. :func:`class_sums`: features (N, D) -> the **sums buffer**, float32 (C, W): per-class sums in
+   columns 0..D-1 and the row counts in column D (one all-reduce moves both), rows padded to
+   ``W = sums_width(D)``, a multiple of 16 elements, so the kernels that read and write it use
+   aligned 16-byte vector accesses;
+2. :func:`epilogue`: that buffer -> ``(loss, grad)``; ``grad`` is what the backward needs to
+   rebuild ``G/n`` (``G = dL/dt`` (C, D) for the class means ``t``): on the torch path ``G/n``
+   itself, on the Triton path a :class:`TritonGrad` (the sums and the epilogue's workspace);
 3. :func:`grad_rows`: ``dL/dz_i = g * (G/n)[y_i]``.
 
-:class:`_FusedSFM` wraps them in one ``torch.autograd.Function`` (the Triton path);
-:func:`loss_torch` is the differentiable PyTorch path (CPU, float64, ``gradcheck``).  The
-chunked distillation objective calls the primitives directly (it accumulates sums over
-chunks and back-propagates ``G/n`` chunk by chunk).  This is the only module that imports
-:mod:`fastsfm.kernels` (lazily: importing triton is slow and needs ``TRITON_INTERPRET`` set first).
+:class:`_FusedSFM` wraps them in one ``torch.autograd.Function`` (the Triton path: three
+launches per forward+backward, one allocation per direction); :func:`loss_torch` is the
+differentiable PyTorch path (CPU, float64, ``gradcheck``).  The chunked distillation objective
+calls the primitives directly (it accumulates sums over chunks and back-propagates chunk by
+chunk).  This is the only module that imports :mod:`fastsfm.kernels` (lazily: importing triton
+is slow and needs ``TRITON_INTERPRET`` set first).
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, fields
 
 import torch
@@ -32,6 +36,7 @@ __all__ = [
     "flow_constants",
     "LabelPlan",
     "label_plan",
+    "TritonGrad",
     "class_sums",
     "epilogue",
     "grad_rows",
@@ -59,7 +64,8 @@ class FlowConstants:
 
     Attributes: ``centers`` mu (C, D); ``nontarget`` nu (C, D), the mean of the other
     classes' centres; ``flow`` nu - mu (C, D); ``flow_sum`` (D,) and ``flow_sq`` (1,) its
-    column sums and squared norm; ``centers_sum`` (D,) the column sums of mu.
+    column sums and squared norm; ``shift`` (D,) the mean of the centres (the Triton
+    epilogue accumulates means minus it, see :mod:`fastsfm.kernels`).
     """
 
     centers: Tensor
@@ -67,7 +73,7 @@ class FlowConstants:
     flow: Tensor
     flow_sum: Tensor
     flow_sq: Tensor
-    centers_sum: Tensor
+    shift: Tensor
 
     @property
     def num_classes(self) -> int:
@@ -100,49 +106,88 @@ def flow_constants(centers: Tensor, dtype: torch.dtype = torch.float32) -> FlowC
         "flow": flow,
         "flow_sum": flow.sum(0),
         "flow_sq": (flow * flow).sum().reshape(1),
-        "centers_sum": mu.sum(0),
+        "shift": mu.mean(0),
     }
     return FlowConstants(**{k: v.to(dtype).contiguous() for k, v in values.items()})
 
 
 @dataclass(frozen=True)
 class LabelPlan:
-    """Rows grouped by class, for the segmented reduction.
+    """Rows grouped by class, for the segmented reduction and the backward.
 
-    ``labels`` (N,) int64; ``perm`` (N,) the rows in class order (stable; ``labels`` itself
-    when ``contiguous``, then unused); ``offsets`` (C+1,) class boundaries in that order.
-    Depends on the labels only, so :class:`fastsfm.SFMLoss` builds it once per labels tensor.
+    ``labels`` (N,) int64; ``offsets`` (C+1,) int64 class boundaries in class order;
+    ``contiguous``: the labels are non-decreasing (the kernels read rows in place).  For the
+    Triton path (``kernel`` is None on the torch path): ``perm`` (N,) int32 the rows in class
+    order (stable), ``sorted`` (N,) int32 their classes, ``offsets32`` the boundaries as int32,
+    ``items`` (P, 5) int32 the work of each program (:func:`fastsfm.kernels.segment_items`),
+    ``tiles`` the tile shape, ``slots`` the heavy-class slices needing carry rows and
+    ``counter`` their int32 arrival counters (zero between calls).  Depends on the labels only,
+    so :class:`fastsfm.SFMLoss` builds it once per labels tensor.
     """
 
     labels: Tensor
-    perm: Tensor
     offsets: Tensor
     contiguous: bool
+    kernel: _KernelPlan | None = None
 
     @property
     def counts(self) -> Tensor:
         return self.offsets.diff()
 
 
-def label_plan(labels: Tensor, num_classes: int, contiguous: bool) -> LabelPlan:
-    """Build a :class:`LabelPlan` on the labels' device without a host synchronisation.
-
-    ``contiguous`` says the labels are non-decreasing (the caller knows it from validation);
-    then no sort is needed and the kernel reads rows in place.
-    """
-    labels = labels.to(torch.int64).contiguous()
-    if contiguous:
-        ordered, perm = labels, labels
-    else:
-        ordered, perm = torch.sort(labels, stable=True)
-    bounds = torch.arange(num_classes + 1, device=labels.device, dtype=torch.int64)
-    return LabelPlan(labels, perm.contiguous(), torch.searchsorted(ordered, bounds), contiguous)
+@dataclass(frozen=True)
+class _KernelPlan:
+    perm: Tensor
+    sorted: Tensor
+    offsets32: Tensor
+    items: Tensor
+    tiles: object
+    slots: int
+    counter: Tensor
 
 
 def _kernels():
     from fastsfm import kernels
 
     return kernels
+
+
+def label_plan(
+    labels: Tensor, num_classes: int, contiguous: bool, dim: int | None = None, balance: bool = True
+) -> LabelPlan:
+    """Build a :class:`LabelPlan` on the labels' device.
+
+    ``contiguous`` says the labels are non-decreasing (the caller knows it from validation);
+    then no sort is needed.  With ``dim`` (the feature width D) the plan also holds the Triton
+    kernels' work items; ``balance`` reads the class counts back (one host synchronisation,
+    once per plan) to even out the rows per program for any count distribution; without it
+    (no synchronisation) the items are groups of a fixed number of classes.
+    """
+    labels = labels.to(torch.int64).contiguous()
+    if contiguous:
+        ordered, perm = labels, None
+    else:
+        ordered, perm = torch.sort(labels, stable=True)
+    bounds = torch.arange(num_classes + 1, device=labels.device, dtype=torch.int64)
+    offsets = torch.searchsorted(ordered, bounds)
+    if dim is None:
+        return LabelPlan(labels, offsets, contiguous)
+    k = _kernels()
+    n = labels.shape[0]
+    counts = offsets.diff().tolist() if balance else None
+    items, slots = k.segment_items(counts, n, num_classes, dim)
+    tiles = k.tiles_for(n, num_classes, dim)
+    as32 = ordered.to(torch.int32)
+    kernel = _KernelPlan(
+        perm=as32 if perm is None else perm.to(torch.int32),
+        sorted=as32,
+        offsets32=offsets.to(torch.int32),
+        items=torch.tensor(items, dtype=torch.int32, device=labels.device).reshape(-1, k.ITEM_FIELDS),
+        tiles=tiles,
+        slots=slots,
+        counter=torch.zeros(max(slots, 1) * tiles.column_blocks(dim), dtype=torch.int32, device=labels.device),
+    )
+    return LabelPlan(labels, offsets, contiguous, kernel)
 
 
 def interpreter_active() -> bool:
@@ -154,38 +199,81 @@ def _work_dtype(features: Tensor) -> torch.dtype:
     return torch.float64 if features.dtype == torch.float64 else torch.float32
 
 
-def class_sums(
-    features: Tensor, plan: LabelPlan, num_classes: int, backend: str, out: Tensor | None = None, split: int = 1
-) -> Tensor:
-    """Per-class sums and counts of ``features`` (N, D): a (SPLIT, C, W) sums buffer, no autograd.
+def _on_device(t: Tensor):
+    """The device guard of ``t``'s CUDA device when it is not the current one (Triton launches on
+    the current device); nothing otherwise -- one guard per direction at most."""
+    if t.is_cuda and t.device.index != torch.cuda.current_device():
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
+
+
+_COUNTERS: dict[tuple, Tensor] = {}
+
+
+def _epilogue_counter(device: torch.device) -> Tensor:
+    """The epilogue's int32 arrival counter on ``device`` (zero between launches; made once).
+
+    Shared by the epilogues of one device: two losses whose epilogues run concurrently on
+    different streams of one device would race on it (run them on one stream)."""
+    key = (device.type, device.index)
+    counter = _COUNTERS.get(key)
+    if counter is None:
+        counter = _COUNTERS[key] = torch.zeros(1, dtype=torch.int32, device=device)
+    return counter
+
+
+def _sums_into(out: Tensor, carry: Tensor, features: Tensor, plan: LabelPlan, accumulate: bool) -> None:
+    kp = plan.kernel
+    _kernels().class_sums(
+        features,
+        kp.perm,
+        kp.sorted,
+        kp.offsets32,
+        kp.items,
+        out,
+        carry,
+        kp.counter,
+        kp.tiles,
+        contiguous=plan.contiguous,
+        accumulate=accumulate,
+    )
+
+
+def _carry_rows(plan: LabelPlan, like: Tensor) -> Tensor:
+    """Carry rows of the heavy-class slices (a placeholder row when there are none)."""
+    return like.new_empty(max(plan.kernel.slots, 1), like.shape[-1])
+
+
+def class_sums(features: Tensor, plan: LabelPlan, num_classes: int, backend: str, out: Tensor | None = None) -> Tensor:
+    """Per-class sums and counts of ``features`` (N, D): a (C, W) sums buffer, no autograd.
 
     Accumulates into ``out`` when given (chunked steps).  float32, or float64 for float64
     features on the torch backend.  The Triton path writes every sum and count (and never the
-    padding), so a fresh buffer needs no zero fill.
+    padding), so a fresh buffer needs no zero fill; it needs a plan made with ``dim``.
     """
     n, d = features.shape
     accumulate = out is not None
     if out is None:
         alloc = torch.empty if backend == "triton" else torch.zeros
-        out = alloc(split, num_classes, sums_width(d), device=features.device, dtype=_work_dtype(features))
+        out = alloc(num_classes, sums_width(d), device=features.device, dtype=_work_dtype(features))
     if backend == "triton":
-        _kernels().class_sums(features, plan.perm, plan.offsets, out, contiguous=plan.contiguous, accumulate=accumulate)
+        with _on_device(features):
+            _sums_into(out, _carry_rows(plan, out), features, plan, accumulate)
         return out
     with torch.no_grad():
-        out[0, :, :d].index_add_(0, plan.labels, features.to(out.dtype))
-        out[0, :, d] += plan.counts.to(out.dtype)
+        out[:, :d].index_add_(0, plan.labels, features.to(out.dtype))
+        out[:, d] += plan.counts.to(out.dtype)
     return out
 
 
 def check_class_sums(buf: Tensor, d: int) -> None:
-    """Raise ``ValueError`` for a class without rows or non-finite sums of a (SPLIT, C, W) buffer.
+    """Raise ``ValueError`` for a class without rows or non-finite sums of a (C, W) sums buffer.
 
     Non-finite features make their class sum non-finite, so checking the (C, D) sums is
     checking the (N, D) features at a fraction of the cost.  One host synchronisation: the
     two (C,) flags are read back together.
     """
-    total = buf.sum(0)
-    flags = torch.stack([total[:, d] == 0, ~torch.isfinite(total[:, :d]).all(1)]).cpu()
+    flags = torch.stack([buf[:, d] == 0, ~torch.isfinite(buf[:, :d]).all(1)]).cpu()
     empty, bad = (torch.nonzero(f).flatten()[:10].tolist() for f in flags)
     if empty:
         raise ValueError(
@@ -207,34 +295,54 @@ def means_loss(means: Tensor, consts: FlowConstants, objective: Objective, alpha
 
 
 def _means(buf: Tensor, d: int) -> tuple[Tensor, Tensor]:
-    """Class means (C, D) and counts (C,) of a (SPLIT, C, W) sums buffer."""
-    total = buf.sum(0)
-    return total[:, :d] / total[:, d : d + 1], total[:, d]
+    """Class means (C, D) and counts (C,) of a (C, W) sums buffer."""
+    return buf[:, :d] / buf[:, d : d + 1], buf[:, d]
+
+
+@dataclass(frozen=True)
+class TritonGrad:
+    """What the Triton backward needs to rebuild ``G/n``: the (reduced) sums buffer (C, W), the
+    epilogue's workspace, the float32 constants and the loss options."""
+
+    sums: Tensor
+    work: Tensor
+    consts: FlowConstants
+    objective: str
+    inv_k: float
+
+
+def _epilogue_into(
+    sums: Tensor, work: Tensor, consts: FlowConstants, objective: str, alpha: float, divisor: float
+) -> tuple[Tensor, TritonGrad]:
+    c = consts.to(torch.float32)
+    loss = _kernels().flow_epilogue(
+        sums,
+        work,
+        _epilogue_counter(sums.device),
+        c.flow,
+        c.flow_sum,
+        c.flow_sq,
+        c.centers,
+        c.nontarget,
+        c.shift,
+        objective=objective,
+        alpha=alpha,
+        inv_k=1.0 / divisor,
+    )
+    return loss, TritonGrad(sums, work, c, objective, 1.0 / divisor)
 
 
 def epilogue(
     buf: Tensor, consts: FlowConstants, objective: Objective, alpha: float, divisor: float, backend: str
-) -> tuple[Tensor, Tensor]:
-    """``(loss (0-dim), G/n (C, D))`` from a sums buffer; ``G = dL/dt`` for the class means ``t``.
-
-    The Triton path writes ``G/n`` over the buffer (it returns a view of it): the sums are
-    consumed.
-    """
+) -> tuple[Tensor, Tensor | TritonGrad]:
+    """``(loss (0-dim), grad)`` from a (C, W) sums buffer: ``grad`` is ``G/n`` (C, D) on the torch
+    path, a :class:`TritonGrad` (which keeps ``buf``) on the Triton path."""
     if backend == "triton":
-        c = consts.to(torch.float32)
-        loss, gn = _kernels().flow_epilogue(
-            buf,
-            c.flow,
-            c.flow_sum,
-            c.flow_sq,
-            c.centers,
-            c.nontarget,
-            c.centers_sum,
-            objective=objective,
-            alpha=alpha,
-            inv_k=1.0 / divisor,
-        )
-        return loss.reshape(()), gn
+        k = _kernels()
+        work = buf.new_empty(k.workspace_size(consts.num_classes, consts.dim, buf.shape[1]))
+        with _on_device(buf):
+            loss, grad = _epilogue_into(buf, work, consts, objective, alpha, divisor)
+        return loss.reshape(()), grad
     means, counts = _means(buf, consts.dim)
     means = means.detach().requires_grad_()
     with torch.enable_grad():
@@ -243,11 +351,35 @@ def epilogue(
     return loss.detach(), grad / counts[:, None]
 
 
-def grad_rows(gn: Tensor, labels: Tensor, grad_out: Tensor, dtype: torch.dtype, backend: str) -> Tensor:
-    """``dL/dz`` (N, D) in ``dtype``: row i is ``grad_out * gn[labels[i]]``."""
+def _backward_rows(grad: TritonGrad, plan: LabelPlan, grad_out: Tensor, dtype: torch.dtype) -> Tensor:
+    kp, c = plan.kernel, grad.consts
+    return _kernels().backward_rows(
+        grad.sums,
+        grad.work,
+        c.flow,
+        c.centers,
+        c.nontarget,
+        c.shift,
+        kp.perm,
+        kp.sorted,
+        kp.offsets32,
+        kp.items,
+        grad_out,
+        kp.tiles,
+        plan.labels.shape[0],
+        dtype,
+        objective=grad.objective,
+        inv_k=grad.inv_k,
+        contiguous=plan.contiguous,
+    )
+
+
+def grad_rows(grad: Tensor | TritonGrad, plan: LabelPlan, grad_out: Tensor, dtype: torch.dtype, backend: str) -> Tensor:
+    """``dL/dz`` (N, D) in ``dtype`` for the rows of ``plan``: row i is ``grad_out * (G/n)[labels[i]]``."""
     if backend == "triton":
-        return _kernels().broadcast_grad(gn, labels, grad_out.reshape(1).to(torch.float32), dtype)
-    return (gn[labels] * grad_out).to(dtype)
+        with _on_device(grad_out):
+            return _backward_rows(grad, plan, grad_out.reshape(1).to(torch.float32), dtype)
+    return (grad[plan.labels] * grad_out).to(dtype)
 
 
 def _all_reduce(buf: Tensor, group) -> Tensor:
@@ -274,7 +406,8 @@ class _AllReduceSum(torch.autograd.Function):
 
 
 class _FusedSFM(torch.autograd.Function):
-    """The Triton path: sums (+ all-reduce) -> epilogue in the forward; a broadcast in the backward."""
+    """The Triton path: sums (+ all-reduce) and the epilogue in the forward, one allocation (sums,
+    carry rows and workspace); the backward rebuilds ``G/n`` per row, one allocation (``dL/dz``)."""
 
     @staticmethod
     def forward(
@@ -288,22 +421,25 @@ class _FusedSFM(torch.autograd.Function):
         group,
         validate: bool,
     ) -> Tensor:
-        split = (
-            1 if group is not None else _kernels().default_split(*features.shape, consts.num_classes, features.device)
-        )
-        buf = _all_reduce(class_sums(features, plan, consts.num_classes, "triton", split=split), group)
-        if validate:
-            check_class_sums(buf, consts.dim)
-        loss, gn = epilogue(buf, consts, objective, alpha, divisor, "triton")
-        ctx.save_for_backward(gn, plan.labels)
-        ctx.dtype = features.dtype
-        return loss
+        k = _kernels()
+        c, d = consts.num_classes, consts.dim
+        w = sums_width(d)
+        slots = max(plan.kernel.slots, 1)
+        buf = torch.empty((c + slots) * w + k.workspace_size(c, d, w), device=features.device, dtype=torch.float32)
+        sums = buf[: c * w].view(c, w)
+        with _on_device(features):
+            _sums_into(sums, buf[c * w : (c + slots) * w].view(slots, w), features, plan, False)
+            _all_reduce(sums, group)
+            if validate:
+                check_class_sums(sums, d)
+            loss, ctx.grad = _epilogue_into(sums, buf[(c + slots) * w :], consts, objective, alpha, divisor)
+        ctx.plan, ctx.dtype = plan, features.dtype
+        return loss.view(())
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: Tensor):
-        gn, labels = ctx.saved_tensors
-        return (grad_rows(gn, labels, grad, ctx.dtype, "triton"),) + (None,) * 7
+        return (_backward_rows(ctx.grad, ctx.plan, grad, ctx.dtype),) + (None,) * 7
 
 
 def loss_torch(
@@ -325,8 +461,8 @@ def loss_torch(
     if group is not None:
         packed = _AllReduceSum.apply(packed, group)
     if validate:
-        check_class_sums(packed.detach()[None], d)
-    means, _ = _means(packed[None], d)
+        check_class_sums(packed.detach(), d)
+    means, _ = _means(packed, d)
     return means_loss(means, consts.to(work), objective, alpha, divisor)
 
 

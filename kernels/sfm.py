@@ -1,58 +1,59 @@
 """Fused Triton kernels of the SFM flow-cosine loss (arXiv 2602.05391; the authors' ``einsteinxia/SFM``).
 
-The loss depends on the synthetic features ``Z`` (N, D) only through their per-class sums,
-so one forward+backward is a segmented reduction, a small (C, D) epilogue and a broadcast:
+The loss depends on the synthetic features ``Z`` (N, D) only through their per-class sums, so
+one forward+backward is **three launches**:
 
-1. :func:`class_sums` -- the segmented reduction.  Rows are visited in class order through a
-   permutation (identity for class-contiguous rows: the ``CONTIGUOUS`` fast path skips the
-   gather) and ``OFFS`` (C+1,) class boundaries.  Program ``(c, j, s)`` sums split ``s`` of
-   class ``c``'s rows over columns block ``j`` in float32, in a fixed order (no atomics: the
-   result is bitwise reproducible).  Output: the **sums buffer** (SPLIT, C, W), float32, whose
-   column D holds the row counts (that packing lets a process group all-reduce sums and counts
-   in one call) and whose rows the caller pads to a width W that is a multiple of 16 elements
-   (``fastsfm.ops.sums_width``), so that every row starts 64-byte aligned and the kernels
-   that read or write the buffer use 16-byte vector accesses.  ``ACCUMULATE`` adds to the
-   buffer (chunked distillation steps).  Traffic: reads N*D*s bytes of features (s: bytes per
-   element; plus N*8 of ``PERM`` when permuted), writes 4*SPLIT*C*W.  Grid: C x cdiv(D, 128)
-   x SPLIT programs (6,000 at C = 1000, D = 768).
-2. :func:`flow_epilogue` -- three launches over a 2-D grid of (class block, column block) tiles
-   of the class means ``t = S / n``, sized so that there are at least :data:`MIN_PROGRAMS`
-   programs (two per SM of an H100) whenever C*D allows (384 at C = 1000, D = 768):
+1. :func:`class_sums` -- a deterministic segmented reduction of ``Z`` into the **sums buffer**
+   (C, W) float32: class sums in columns 0..D-1, row counts in column D, rows padded to a
+   width W that is a multiple of 16 elements (``fastsfm.ops.sums_width``) so that every row
+   starts 64-byte aligned.  Rows are visited in class order through a permutation (``PERM``;
+   not read for class-contiguous rows) and the class boundaries ``OFFS`` (C+1,).  The work is
+   a table of **items** (:func:`segment_items`, built once per labels tensor): an item is a run
+   of up to ``GROUP`` consecutive classes whose rows one program reads, or one slice of a
+   heavy class (the load-balanced form for skewed counts).  Program ``(j, i)`` -- column block
+   fastest, so resident programs read whole rows -- sums item ``i`` over column block ``j`` in
+   one software-pipelined row loop (``tl.range(..., num_stages)``: cp.async copies keep several
+   row tiles in flight whatever ptxas does with registers).  With ``GROUP > 1`` a tile's rows
+   are added to their classes by a one-hot matrix product on the tensor cores (exact: the
+   one-hot operand is 0/1 and accumulation is float32; float32 features use the 3xTF32 split);
+   with ``GROUP == 1`` (many rows per class) by plain float32 adds.  Slices of a heavy class
+   write partial sums to a carry buffer; the last slice to finish (an integer arrival counter)
+   adds them in slice order and resets the counter.  No float atomics: every sum has a fixed
+   order, so results are bitwise reproducible.  ``ACCUMULATE`` adds to the buffer (chunked
+   steps).  Traffic: N*D*s bytes read (s: bytes per element), plus 8*N of ``PERM``/sorted labels.
+2. :func:`flow_epilogue` -- **one launch** over (column block, class block) tiles of the class
+   means ``t = S / n``.  Each tile writes partial sums of the loss (below) to a workspace, then
+   takes an integer ticket; the last tile reduces all partials in a fixed order, writes the
+   loss and the per-column vector ``V`` and two scalars from which the backward rebuilds
+   ``G/n`` (``G = dL/dt``), and resets the counter (graph-safe: the counter is zero between calls).
+3. :func:`backward_rows` -- ``dL/dz_i = g * (G/n)[y_i]`` in the features' dtype, over the same
+   items as the sums: a ``GROUP == 1`` program computes its class's ``G/n`` row once and writes
+   it to all the class's rows; a ``GROUP > 1`` program gathers each row's class row (few rows
+   per class, so the gathers are about C*D in total).  Writes N*D*s bytes.
 
-   * ``_epi_colsum_kernel``: per tile, the column sums of its classes' means -> ``TPART``
-     (RB, W), RB the number of class blocks.  Reads 4*SPLIT*C*W, writes 4*RB*W.
-   * ``_epi_partials_kernel``: per tile, ``T = sum_c t_c`` for its columns (a fixed-order sum
-     of the RB rows of ``TPART``, from L2), then two partial scalars of the loss -> ``PART``
-     (2, RB*CB); tiles of the first class block also write ``T`` -> ``TSUM`` (W,).  Reads
-     4*SPLIT*C*W + 4*C*D (flow; decouple: 8*C*D) + 4*RB*RB*D (L2), writes 8*RB*CB.
-   * ``_epi_grad_kernel``: per tile, the loss scalars from all partials (a fixed-order
-     reduction of ``PART``, from L2), then ``G/n`` for its tile, ``G = dL/dt`` computed
-     analytically, written **over split 0's sums** (no (C, D) allocation); tile (0, 0) writes
-     the loss.  Reads 4*SPLIT*C*W + 4*C*D (decouple: 8*C*D) + 8*RB*CB per program (L2),
-     writes 4*C*D.
+**Shifted partial sums.**  With ``s`` the mean of the real centres (a constant), the tiles
+accumulate ``u_c = t_c - s``, whose magnitudes are those of the centred means: the expansions
+of ``<a, b>`` and ``|b|^2`` below then lose no float32 digits to cancellation (unshifted, the
+loss error was ~1e3 times larger in float32).  Notation (``k`` the non-target divisor,
+``inv_k = 1/k``, ``gam = 1 + inv_k``, ``beta = (C - 1) inv_k - 1``; ``a = nu - mu`` the real flow,
+``A = sum_c a_c``; ``U = sum_c u_c``; tile partials ``P1``, ``P2``)::
 
-   Extra memory beyond the sums buffer: 4*(RB*W + W + 2*RB*CB + 1) bytes, one workspace.  Every
-   reduction has a fixed order, so the loss and ``G`` are deterministic.
-3. :func:`broadcast_grad` -- ``dL/dz_i = g * (G/n)[y_i]`` in the input dtype.  Reads N*8 of
-   labels and gathers rows of ``G/n`` (4*C*D from HBM, the rest from L2), writes N*D*s.  Grid:
-   cdiv(N, 32) x cdiv(D, 128) (1,878 programs at N = 10,000, D = 768).
+    flow:      b_c = q - gam u_c,  q = U inv_k + beta s        (b: the synthetic flow)
+               <a, b> = <A, q> - gam P1,  P1 = sum_c <a_c, u_c>
+               |b|^2 = C |q|^2 - 2 gam <q, U> + gam^2 P2,  P2 = sum_c |u_c|^2
+               L = 1 - <a, b> / (max(|a|, eps) max(|b|, eps))   (torch's cosine)
+               G_c = V + alpha1 a_c + alpha2 u_c   with  w = <a, b> / |b|^2, den = the denominator,
+               V = -inv_k (A - w (C q - gam U)) / den - gam w q / den, alpha1 = gam / den, alpha2 = gam^2 w / den
+    decouple:  e_c = U inv_k - v_c,  v_c = u_c inv_k + h_c,  h_c = nu_c - s (C - 1) inv_k
+               L = alpha/(CD) P1 + (1 - alpha)/(CD) (C |U|^2 inv_k^2 - 2 inv_k <U, U inv_k - C beta s> + P2)
+               with P1 = sum_c |t_c - mu_c|^2, P2 = sum_c |v_c|^2
+               G_c = V + alpha1 (t_c - mu_c) + alpha2 v_c,  V = alpha2 (U (C - 2) inv_k + C beta s),
+               alpha1 = 2 alpha/(CD), alpha2 = 2 (1 - alpha) inv_k/(CD)
 
-The floor of the whole loss is one read and one write of N*D*s bytes; everything else is
-O(C*D) and mostly served from L2.
-
-Notation of the epilogue (``k`` the non-target divisor, ``inv_k = 1/k``):
-``b_c = (T - t_c) / k - t_c`` is the synthetic flow and ``a = nu - mu`` the constant real
-flow (``FLOW``), with ``sum_c a_c`` (``FLOW_SUM``) and ``|a|^2`` (``FLOW_SQ``) precomputed.
-
-* ``flow``: ``L = 1 - <a, b> / (max(|a|, eps) max(|b|, eps))`` (torch's cosine);
-  ``dL/db = -(a - w b) / (A B)`` with ``w = <a, b>/|b|^2``, and
-  ``G_j = inv_k sum_c dL/db_c - (1 + inv_k) dL/db_j``.
-* ``decouple``: ``L = alpha/(CD) |t - mu|^2 + (1-alpha)/(CD) |e|^2`` with
-  ``e = (T - t) / k - nu``; ``G_j = 2 alpha/(CD) (t_j - mu_j) + 2 (1-alpha)/(CD) inv_k (sum_c e_c - e_j)``.
-
-Every launcher runs its kernels under ``torch.cuda.device(<its tensors' device>)``: Triton
-launches on the *current* device, which need not be the tensors'.  Scalar arguments are cast
-to float32 inside the kernels (Inductor passes Python floats as float64 when it traces them).
+Every launch goes through :class:`Launcher`: the first call of a specialisation goes through
+Triton's JIT (binder, cache, compile); later calls with the same key launch the cached
+compiled kernel directly (the binder alone costs several microseconds per launch).  The key
+holds everything Triton specialises on (dtypes, pointer alignment, integer values).
 
 Only ``@triton.jit`` kernels and thin launchers live here: no autograd, no validation
 (callers validate), no imports of the rest of fastsfm.
@@ -60,8 +61,8 @@ Only ``@triton.jit`` kernels and thin launchers live here: no autograd, no valid
 
 from __future__ import annotations
 
-import contextlib
 import os
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -70,19 +71,28 @@ import triton.language as tl
 __all__ = [
     "class_sums",
     "flow_epilogue",
-    "broadcast_grad",
-    "default_split",
+    "backward_rows",
+    "segment_items",
+    "Tiles",
+    "tiles_for",
     "epilogue_blocks",
+    "workspace_size",
     "interpreter_active",
+    "Launcher",
     "OBJECTIVES",
     "MIN_PROGRAMS",
+    "ITEM_FIELDS",
 ]
 
 OBJECTIVES = {"flow": 0, "decouple": 1}
 MIN_PROGRAMS = 264
-"""Programs an epilogue launch aims for: two per SM of an H100 (132 SMs)."""
-_SPLIT_PROGRAMS = 528
-"""Programs the segmented reduction aims for when there are few classes: four per SM of an H100."""
+"""Programs a launch aims for at least: two per SM of an H100 (132 SMs)."""
+_TARGET_PROGRAMS = 528
+"""Programs the segmented reduction aims for: four per SM of an H100."""
+ITEM_FIELDS = 5
+"""Columns of the item table: first class, end class, slice index, slices, first carry slot (-1: none)."""
+_COEFS = 4
+"""Workspace scalars the backward reads: alpha1, alpha2, and two spare."""
 _INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") == "1"  # read once: triton itself reads it at import
 
 
@@ -91,294 +101,409 @@ def interpreter_active() -> bool:
     return _INTERPRETER
 
 
-def _device_of(t: torch.Tensor):
-    """The CUDA device guard of ``t``'s device (nothing for CPU tensors, i.e. the interpreter)."""
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+# --------------------------------------------------------------------------------------------
+# the segmented reduction
+
+
+@triton.jit
+def _item_rows(ITEMS, OFFS, item):
+    """``(c0, c1, lo, hi, part, parts, slot)`` of one item: classes [c0, c1), sorted rows [lo, hi)."""
+    base = ITEMS + item * 5
+    c0 = tl.load(base)
+    c1 = tl.load(base + 1)
+    part = tl.load(base + 2)
+    parts = tl.load(base + 3)
+    slot = tl.load(base + 4)
+    start = tl.load(OFFS + c0)
+    end = tl.load(OFFS + c1)
+    per = tl.cdiv(end - start, parts)
+    lo = start + part * per
+    hi = tl.minimum(lo + per, end)
+    return c0, c1, lo, hi, part, parts, slot
 
 
 @triton.jit
 def _class_sums_kernel(
     # data
     Z,  # (N, D) features, float32 / bfloat16 / float16, any strides
-    PERM,  # (N,) int64: rows in class order (not read when CONTIGUOUS)
-    OFFS,  # (C + 1,) int64: class boundaries in that order
-    OUT,  # (SPLIT, C, W) float32 sums buffer; column D: row counts
+    PERM,  # (N,) int32: rows in class order (not read when CONTIGUOUS)
+    SORTED,  # (N,) int32: the class of each position of that order (read when GROUP > 1)
+    OFFS,  # (C + 1,) int32: class boundaries in that order
+    ITEMS,  # (P, 5) int32: the work items
+    OUT,  # (C, W) float32 sums buffer; column D: row counts
+    CARRY,  # (SLOTS, W) float32: partial sums of heavy-class slices
+    COUNTER,  # (SLOTS * NUM_CB,) int32, zero between calls: slices finished per (heavy class, column block)
     # shapes
     D,
+    W,
+    NUM_CB,
     # strides
     stride_zr,
     stride_zc,
-    stride_os,
-    stride_oc,
     # constants
     CONTIGUOUS: tl.constexpr,
     ACCUMULATE: tl.constexpr,
-    SPLIT: tl.constexpr,
+    GROUP: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    STAGES: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):
-    """Program (c, j, s): float32 sum of split ``s`` of class ``c``'s rows, columns block ``j``."""
-    c = tl.program_id(0)
-    j = tl.program_id(1)
-    s = tl.program_id(2)
-    start = tl.load(OFFS + c)
-    end = tl.load(OFFS + c + 1)
-    per = tl.cdiv(end - start, SPLIT)
-    lo = start + s * per
-    hi = tl.minimum(lo + per, end)
+    """Program (j, i): float32 sums of item ``i``'s rows over column block ``j``."""
+    j = tl.program_id(0)
+    c0, c1, lo, hi, part, parts, slot = _item_rows(ITEMS, OFFS, tl.program_id(1))
     cols = j * BLOCK_D + tl.arange(0, BLOCK_D)
     dmask = cols < D
-    acc = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
-    for r0 in range(lo, hi, BLOCK_R):
+    if GROUP == 1:
+        acc = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
+    else:
+        acc = tl.zeros((GROUP, BLOCK_D), dtype=tl.float32)
+    for r0 in tl.range(lo, hi, BLOCK_R, num_stages=STAGES):
         pos = r0 + tl.arange(0, BLOCK_R)
         rmask = pos < hi
         if CONTIGUOUS:
             rows = pos.to(tl.int64)
         else:
             rows = tl.load(PERM + pos, mask=rmask, other=0).to(tl.int64)
-        ptrs = Z + rows[:, None] * stride_zr + cols[None, :].to(tl.int64) * stride_zc
-        acc += tl.load(ptrs, mask=rmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
-    total = tl.sum(acc, axis=0)
-    out = OUT + s * stride_os + c * stride_oc
-    count = tl.maximum(hi - lo, 0).to(tl.float32)
-    if ACCUMULATE:
-        total += tl.load(out + cols, mask=dmask, other=0.0)
-        count += tl.load(out + D)
-    tl.store(out + cols, total, mask=dmask)
-    if j == 0:
-        tl.store(out + D, count)
+        x = tl.load(Z + rows[:, None] * stride_zr + cols[None, :] * stride_zc, mask=rmask[:, None] & dmask[None, :])
+        x = tl.where(rmask[:, None] & dmask[None, :], x, 0.0)
+        if GROUP == 1:
+            acc += x.to(tl.float32)
+        else:
+            local = tl.load(SORTED + pos, mask=rmask, other=-1) - c0
+            if UPCAST:  # the interpreter's tl.dot is wrong on 16-bit operands (Triton 3.8)
+                x = x.to(tl.float32)
+            onehot = (tl.arange(0, GROUP)[:, None] == local[None, :]).to(x.dtype)
+            if x.dtype == tl.float32:
+                acc = tl.dot(onehot, x, acc, input_precision="tf32x3")
+            else:
+                acc = tl.dot(onehot, x, acc)
+    if GROUP == 1:
+        sums = tl.sum(acc, axis=0)[None, :]
+    else:
+        sums = acc
+    g = tl.arange(0, GROUP)
+    if parts == 1:  # whole classes c0 .. c1-1: rows g of the accumulator
+        cls = c0 + g
+        gmask = cls < c1
+        mask = gmask[:, None] & dmask[None, :]
+        ptrs = OUT + cls.to(tl.int64)[:, None] * W + cols[None, :]
+        counts = (tl.load(OFFS + cls + 1, mask=gmask, other=0) - tl.load(OFFS + cls, mask=gmask, other=0)).to(
+            tl.float32
+        )
+        if ACCUMULATE:
+            sums += tl.load(ptrs, mask=mask, other=0.0)
+            counts += tl.load(OUT + cls.to(tl.int64) * W + D, mask=gmask, other=0.0)
+        tl.store(ptrs, sums, mask=mask)
+        if j == 0:
+            tl.store(OUT + cls.to(tl.int64) * W + D, counts, mask=gmask)
+    else:  # slice `part` of heavy class c0: carry it, and the last slice to finish adds them all
+        row0 = (g == 0)[:, None] & dmask[None, :]
+        tl.store(CARRY + (slot + part).to(tl.int64) * W + g[:, None] * 0 + cols[None, :], sums, mask=row0)
+        tl.debug_barrier()  # every thread's carry store before the ticket
+        ticket = tl.atomic_add(COUNTER + slot * NUM_CB + j, 1, sem="acq_rel")
+        if ticket == parts - 1:
+            total = tl.zeros((BLOCK_D,), dtype=tl.float32)
+            for p in range(0, parts):
+                total += tl.load(
+                    CARRY + (slot + p).to(tl.int64) * W + cols, mask=dmask, other=0.0, cache_modifier=".cg"
+                )
+            ptrs = OUT + c0.to(tl.int64) * W + cols
+            count = (tl.load(OFFS + c0 + 1) - tl.load(OFFS + c0)).to(tl.float32)
+            if ACCUMULATE:
+                total += tl.load(ptrs, mask=dmask, other=0.0)
+                count += tl.load(OUT + c0.to(tl.int64) * W + D)
+            tl.store(ptrs, total, mask=dmask)
+            if j == 0:
+                tl.store(OUT + c0.to(tl.int64) * W + D, count)
+            tl.atomic_xchg(COUNTER + slot * NUM_CB + j, 0)
+
+
+# --------------------------------------------------------------------------------------------
+# the epilogue: partial sums per tile, the last tile reduces them
 
 
 @triton.jit
-def _means_tile(
-    SUMS,  # (SPLIT, C, W) float32 sums buffer
-    cs,  # (BLOCK_C,) class indices of the tile
-    cmask,
-    cols,  # (BLOCK_D,) column indices of the tile
-    dmask,
-    D,
-    stride_s,
-    stride_c,
-    SPLIT: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
-    """``(t, n)``: class means (BLOCK_C, BLOCK_D) and counts (BLOCK_C,) from the split sums (0 where masked)."""
-    tile = tl.zeros((BLOCK_C, BLOCK_D), dtype=tl.float32)
-    count = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    for s in range(SPLIT):
-        row = SUMS + s * stride_s + cs * stride_c
-        tile += tl.load(row[:, None] + cols[None, :], mask=cmask[:, None] & dmask[None, :], other=0.0)
-        count += tl.load(row + D, mask=cmask, other=0.0)
-    count = tl.where(cmask, count, 1.0)
-    return tile / count[:, None], count
+def _block_sum(PTR, n, BLOCK: tl.constexpr):
+    """Fixed-order float32 sum of ``PTR[0:n]``."""
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for p0 in range(0, n, BLOCK):
+        p = p0 + tl.arange(0, BLOCK)
+        acc += tl.load(PTR + p, mask=p < n, other=0.0, cache_modifier=".cg")
+    return tl.sum(acc, axis=0)
 
 
 @triton.jit
-def _epi_colsum_kernel(
+def _epilogue_kernel(
     # data
-    SUMS,  # (SPLIT, C, W) float32 sums buffer
-    TPART,  # (RB, W) float32 out: column sums of each class block's means
-    # shapes
-    C,
-    D,
-    # strides
-    stride_s,
-    stride_c,
-    # constants
-    SPLIT: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
-    """Program (rb, j): ``TPART[rb, cols] = sum_{c in block rb} t_c[cols]``."""
-    rb = tl.program_id(0)
-    j = tl.program_id(1)
-    cs = rb * BLOCK_C + tl.arange(0, BLOCK_C)
-    cols = j * BLOCK_D + tl.arange(0, BLOCK_D)
-    cmask = cs < C
-    dmask = cols < D
-    t, _ = _means_tile(SUMS, cs, cmask, cols, dmask, D, stride_s, stride_c, SPLIT, BLOCK_C, BLOCK_D)
-    tl.store(TPART + rb * stride_c + cols, tl.sum(t, axis=0), mask=dmask)
-
-
-@triton.jit
-def _column_total(TPART, cols, dmask, NUM_RB, stride_c, BLOCK_D: tl.constexpr):
-    """``T[cols] = sum_rb TPART[rb, cols]`` in a fixed order."""
-    total = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    for r in range(0, NUM_RB):
-        total += tl.load(TPART + r * stride_c + cols, mask=dmask, other=0.0)
-    return total
-
-
-@triton.jit
-def _epi_partials_kernel(
-    # data
-    SUMS,  # (SPLIT, C, W) float32 sums buffer
-    TPART,  # (RB, W) float32 column sums per class block
-    TSUM,  # (W,) float32 out: T = sum_c t_c
-    FLOW,  # (C, D) float32 a = nu - mu (flow)
+    SUMS,  # (C, W) float32 sums buffer
+    FLOW,  # (C, D) float32 a = nu - mu
+    FLOW_SUM,  # (D,) float32 A = sum_c a_c
+    FLOW_SQ,  # (1,) float32 |a|^2
     CENTERS,  # (C, D) float32 mu (decouple)
     NONTARGET,  # (C, D) float32 nu (decouple)
-    PART,  # (2, RB * CB) float32 out: partial scalars of the loss per tile
+    SHIFT,  # (D,) float32 s = the mean of the real centres
+    WORK,  # float32 workspace: PCOL (RB, W) | U (W) | V (W) | PSC (2, TILES) | COEF (4) | LOSS (1)
+    COUNTER,  # (1,) int32, zero between calls
     # shapes
     C,
     D,
+    W,
     NUM_RB,
-    NUM_TILES,
-    # strides
-    stride_s,
-    stride_c,
-    # scalars
-    inv_k,
-    # constants
-    OBJECTIVE: tl.constexpr,
-    SPLIT: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
-    """Program (rb, j): flow: ``(<a, b>, |b|^2)`` over its tile; decouple: ``(|t - mu|^2, |e|^2)``."""
-    rb = tl.program_id(0)
-    j = tl.program_id(1)
-    inv_k = tl.cast(inv_k, tl.float32)
-    cs = rb * BLOCK_C + tl.arange(0, BLOCK_C)
-    cols = j * BLOCK_D + tl.arange(0, BLOCK_D)
-    cmask = cs < C
-    dmask = cols < D
-    mask = cmask[:, None] & dmask[None, :]
-    tsum = _column_total(TPART, cols, dmask, NUM_RB, stride_c, BLOCK_D)
-    if rb == 0:
-        tl.store(TSUM + cols, tsum, mask=dmask)
-    t, _ = _means_tile(SUMS, cs, cmask, cols, dmask, D, stride_s, stride_c, SPLIT, BLOCK_C, BLOCK_D)
-    const = cs[:, None] * D + cols[None, :]
-    if OBJECTIVE == 0:
-        a = tl.load(FLOW + const, mask=mask, other=0.0)
-        b = tl.where(mask, (tsum[None, :] - t) * inv_k - t, 0.0)
-        first = tl.sum(tl.sum(a * b, axis=1), axis=0)
-        second = tl.sum(tl.sum(b * b, axis=1), axis=0)
-    else:
-        mu = tl.load(CENTERS + const, mask=mask, other=0.0)
-        nu = tl.load(NONTARGET + const, mask=mask, other=0.0)
-        diff = tl.where(mask, t - mu, 0.0)
-        e = tl.where(mask, (tsum[None, :] - t) * inv_k - nu, 0.0)
-        first = tl.sum(tl.sum(diff * diff, axis=1), axis=0)
-        second = tl.sum(tl.sum(e * e, axis=1), axis=0)
-    tile = rb * tl.num_programs(1) + j
-    tl.store(PART + tile, first)
-    tl.store(PART + NUM_TILES + tile, second)
-
-
-@triton.jit
-def _epi_grad_kernel(
-    # data
-    SUMS,  # (SPLIT, C, W) float32 sums buffer; split 0's sums are overwritten with G/n
-    TSUM,  # (W,) float32 T = sum_c t_c
-    FLOW,  # (C, D) float32 a = nu - mu
-    FLOW_SUM,  # (D,) float32 sum_c a_c
-    FLOW_SQ,  # (1,) float32 |a|^2
-    CENTERS,  # (C, D) float32 mu
-    NONTARGET,  # (C, D) float32 nu
-    CENTERS_SUM,  # (D,) float32 sum_c mu_c
-    PART,  # (2, NUM_TILES) float32 partial scalars
-    LOSS,  # (1,) float32 out
-    # shapes
-    C,
-    D,
-    NUM_TILES,
-    # strides
-    stride_s,
-    stride_c,
     # scalars
     inv_k,
     alpha,
-    scale,
     eps,
     # constants
     OBJECTIVE: tl.constexpr,
-    SPLIT: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_P: tl.constexpr,
 ):
-    """Program (rb, j): the loss scalars from all partials, then ``G / n`` for its tile
-    (``scale = 1 / (C D)``, the MSE normalisation)."""
-    rb = tl.program_id(0)
-    j = tl.program_id(1)
+    """Program (j, rb): partials of tile (class block rb, column block j); the last program the rest."""
+    j = tl.program_id(0)
+    rb = tl.program_id(1)
+    num_cb = tl.num_programs(0)
+    tiles = num_cb * NUM_RB
     inv_k = tl.cast(inv_k, tl.float32)
     alpha = tl.cast(alpha, tl.float32)
-    scale = tl.cast(scale, tl.float32)
     eps = tl.cast(eps, tl.float32)
-    first = tl.zeros((BLOCK_P,), dtype=tl.float32)
-    second = tl.zeros((BLOCK_P,), dtype=tl.float32)
-    for p0 in range(0, NUM_TILES, BLOCK_P):
-        p = p0 + tl.arange(0, BLOCK_P)
-        pmask = p < NUM_TILES
-        first += tl.load(PART + p, mask=pmask, other=0.0)
-        second += tl.load(PART + NUM_TILES + p, mask=pmask, other=0.0)
-    first = tl.sum(first, axis=0)
-    second = tl.sum(second, axis=0)
+    pcol = WORK
+    u_vec = WORK + NUM_RB * W
+    v_vec = u_vec + W
+    psc = v_vec + W
+    coef = psc + 2 * tiles
     cs = rb * BLOCK_C + tl.arange(0, BLOCK_C)
     cols = j * BLOCK_D + tl.arange(0, BLOCK_D)
     cmask = cs < C
     dmask = cols < D
     mask = cmask[:, None] & dmask[None, :]
-    tsum = tl.load(TSUM + cols, mask=dmask, other=0.0)
-    t, count = _means_tile(SUMS, cs, cmask, cols, dmask, D, stride_s, stride_c, SPLIT, BLOCK_C, BLOCK_D)
-    const = cs[:, None] * D + cols[None, :]
+    row = SUMS + cs.to(tl.int64)[:, None] * W
+    count = tl.load(SUMS + cs.to(tl.int64) * W + D, mask=cmask, other=1.0)
+    t = tl.load(row + cols[None, :], mask=mask, other=0.0) / count[:, None]
+    s = tl.load(SHIFT + cols, mask=dmask, other=0.0)
+    u = tl.where(mask, t - s[None, :], 0.0)
+    const = cs.to(tl.int64)[:, None] * D + cols[None, :]
     if OBJECTIVE == 0:
-        norm_b = tl.sqrt(second)
-        denom = tl.maximum(tl.sqrt(tl.load(FLOW_SQ)), eps) * tl.maximum(norm_b, eps)
-        loss = 1.0 - first / denom
-        w = tl.where(norm_b > eps, first / tl.where(second > 0.0, second, 1.0), 0.0)
-        bsum = tsum * ((C - 1) * inv_k - 1.0)
-        gsum = -(tl.load(FLOW_SUM + cols, mask=dmask, other=0.0) - w * bsum) / denom
         a = tl.load(FLOW + const, mask=mask, other=0.0)
-        b = (tsum[None, :] - t) * inv_k - t
-        gb = -(a - w * b) / denom
-        g = gsum[None, :] * inv_k - (1.0 + inv_k) * gb
+        first = tl.sum(tl.sum(a * u, axis=1), axis=0)
+        second = tl.sum(tl.sum(u * u, axis=1), axis=0)
     else:
-        loss = alpha * first * scale + (1.0 - alpha) * second * scale
-        esum = tsum * ((C - 1) * inv_k) - tl.load(CENTERS_SUM + cols, mask=dmask, other=0.0)
         mu = tl.load(CENTERS + const, mask=mask, other=0.0)
         nu = tl.load(NONTARGET + const, mask=mask, other=0.0)
-        e = (tsum[None, :] - t) * inv_k - nu
-        g = 2.0 * scale * (alpha * (t - mu) + (1.0 - alpha) * inv_k * (esum[None, :] - e))
-    # In place over split 0's sums: this program read them (above) and no other touches this tile.
-    tl.store(SUMS + cs[:, None] * stride_c + cols[None, :], g / count[:, None], mask=mask)
-    if (rb == 0) & (j == 0):
-        tl.store(LOSS, loss)
+        diff = tl.where(mask, t - mu, 0.0)
+        v = tl.where(mask, u * inv_k + nu - s[None, :] * ((C - 1) * inv_k), 0.0)
+        first = tl.sum(tl.sum(diff * diff, axis=1), axis=0)
+        second = tl.sum(tl.sum(v * v, axis=1), axis=0)
+    tile = rb * num_cb + j
+    tl.store(pcol + rb * W + cols, tl.sum(u, axis=0), mask=dmask)
+    tl.store(psc + tile, first)
+    tl.store(psc + tiles + tile, second)
+    tl.debug_barrier()  # every thread's partials before the ticket
+    ticket = tl.atomic_add(COUNTER, 1, sem="acq_rel")
+    if ticket == tiles - 1:
+        p1 = _block_sum(psc, tiles, BLOCK_P)
+        p2 = _block_sum(psc + tiles, tiles, BLOCK_P)
+        beta = (C - 1) * inv_k - 1.0
+        gam = 1.0 + inv_k
+        au = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        uu = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        su = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        a_s = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        ss = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):  # U = sum of the class blocks' column sums, in block order
+            dc = d0 + tl.arange(0, BLOCK_D)
+            dm = dc < D
+            tot = tl.zeros((BLOCK_D,), dtype=tl.float32)
+            for r in range(0, NUM_RB):
+                tot += tl.load(pcol + r * W + dc, mask=dm, other=0.0, cache_modifier=".cg")
+            tl.store(u_vec + dc, tot, mask=dm)
+            sv = tl.load(SHIFT + dc, mask=dm, other=0.0)
+            av = tl.load(FLOW_SUM + dc, mask=dm, other=0.0)
+            au += av * tot
+            uu += tot * tot
+            su += sv * tot
+            a_s += av * sv
+            ss += sv * sv
+        au = tl.sum(au, axis=0)
+        uu = tl.sum(uu, axis=0)
+        su = tl.sum(su, axis=0)
+        a_s = tl.sum(a_s, axis=0)
+        ss = tl.sum(ss, axis=0)
+        if OBJECTIVE == 0:
+            ab = au * inv_k + beta * a_s - gam * p1
+            qq = uu * inv_k * inv_k + 2.0 * beta * inv_k * su + beta * beta * ss
+            qu = uu * inv_k + beta * su
+            bb = tl.maximum(C * qq - 2.0 * gam * qu + gam * gam * p2, 0.0)
+            norm_b = tl.sqrt(bb)
+            den = tl.maximum(tl.sqrt(tl.load(FLOW_SQ)), eps) * tl.maximum(norm_b, eps)
+            loss = 1.0 - ab / den
+            w = tl.where(norm_b > eps, ab / tl.where(bb > 0.0, bb, 1.0), 0.0)
+            alpha1 = gam / den
+            alpha2 = gam * gam * w / den
+        else:
+            scale = 1.0 / (C * D)
+            esq = C * uu * inv_k * inv_k - 2.0 * inv_k * (uu * inv_k - C * beta * su) + p2
+            loss = alpha * scale * p1 + (1.0 - alpha) * scale * esq
+            alpha1 = 2.0 * alpha * scale
+            alpha2 = 2.0 * (1.0 - alpha) * inv_k * scale
+        for d0 in range(0, D, BLOCK_D):  # V, the part of G shared by every class
+            dc = d0 + tl.arange(0, BLOCK_D)
+            dm = dc < D
+            uv = tl.load(u_vec + dc, mask=dm, other=0.0, cache_modifier=".cg")
+            sv = tl.load(SHIFT + dc, mask=dm, other=0.0)
+            if OBJECTIVE == 0:
+                q = uv * inv_k + beta * sv
+                av = tl.load(FLOW_SUM + dc, mask=dm, other=0.0)
+                vv = -inv_k * (av - w * (C * q - gam * uv)) / den - gam * w * q / den
+            else:
+                vv = alpha2 * (uv * ((C - 2) * inv_k) + C * beta * sv)
+            tl.store(v_vec + dc, vv, mask=dm)
+        tl.store(coef, alpha1)
+        tl.store(coef + 1, alpha2)
+        tl.store(coef + 4, loss)
+        tl.atomic_xchg(COUNTER, 0)
+
+
+# --------------------------------------------------------------------------------------------
+# the backward: G/n rebuilt from the sums and the workspace, written to every row
 
 
 @triton.jit
-def _broadcast_kernel(
+def _grad_tile(
+    SUMS, FLOW, CENTERS, NONTARGET, cls, cmask, cols, dmask, s, vv, alpha1, alpha2, inv_k, C, D, W, OBJECTIVE
+):
+    """``G/n`` (R, BLOCK_D) for the classes ``cls`` (R,) of a tile (0 where masked)."""
+    mask = cmask[:, None] & dmask[None, :]
+    row = SUMS + cls.to(tl.int64)[:, None] * W
+    count = tl.load(SUMS + cls.to(tl.int64) * W + D, mask=cmask, other=1.0)
+    t = tl.load(row + cols[None, :], mask=mask, other=0.0) / count[:, None]
+    const = cls.to(tl.int64)[:, None] * D + cols[None, :]
+    if OBJECTIVE == 0:
+        a = tl.load(FLOW + const, mask=mask, other=0.0)
+        g = vv[None, :] + alpha1 * a + alpha2 * (t - s[None, :])
+    else:
+        mu = tl.load(CENTERS + const, mask=mask, other=0.0)
+        nu = tl.load(NONTARGET + const, mask=mask, other=0.0)
+        v = (t - s[None, :]) * inv_k + nu - s[None, :] * ((C - 1) * inv_k)
+        g = vv[None, :] + alpha1 * (t - mu) + alpha2 * v
+    return g / count[:, None]
+
+
+@triton.jit
+def _backward_kernel(
     # data
-    GN,  # (C, D) float32 G/n, row stride stride_gn (a view of the sums buffer)
-    Y,  # (N,) int64 labels
+    SUMS,  # (C, W) float32 sums buffer (after the all-reduce, if any)
+    FLOW,
+    CENTERS,
+    NONTARGET,
+    SHIFT,
+    WORK,  # the epilogue's workspace (V and the coefficients)
+    PERM,
+    SORTED,
+    OFFS,
+    ITEMS,
     GOUT,  # (1,) float32 upstream gradient of the loss
     DZ,  # (N, D) out, the features' dtype, contiguous
     # shapes
-    N,
+    C,
     D,
-    # strides
-    stride_gn,
-    stride_dz,
+    W,
+    NUM_RB,
+    NUM_TILES,
+    # scalars
+    inv_k,
     # constants
+    OBJECTIVE: tl.constexpr,
+    CONTIGUOUS: tl.constexpr,
+    GROUP: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """``DZ[i, :] = GOUT * GN[Y[i], :]`` cast to DZ's dtype."""
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    rmask = rows < N
-    mask = rmask[:, None] & (cols < D)[None, :]
-    y = tl.load(Y + rows, mask=rmask, other=0).to(tl.int64)
-    g = tl.load(GN + y[:, None] * stride_gn + cols[None, :], mask=mask, other=0.0) * tl.load(GOUT).to(tl.float32)
-    tl.store(DZ + rows.to(tl.int64)[:, None] * stride_dz + cols[None, :], g.to(DZ.dtype.element_ty), mask=mask)
+    """Program (j, i): ``DZ[row, cols] = GOUT * (G/n)[class of row, cols]`` for item ``i``'s rows."""
+    j = tl.program_id(0)
+    c0, c1, lo, hi, part, parts, slot = _item_rows(ITEMS, OFFS, tl.program_id(1))
+    inv_k = tl.cast(inv_k, tl.float32)
+    cols = j * BLOCK_D + tl.arange(0, BLOCK_D)
+    dmask = cols < D
+    v_vec = WORK + (NUM_RB + 1) * W
+    coef = v_vec + W + 2 * NUM_TILES
+    vv = tl.load(v_vec + cols, mask=dmask, other=0.0)
+    s = tl.load(SHIFT + cols, mask=dmask, other=0.0)
+    alpha1 = tl.load(coef)
+    alpha2 = tl.load(coef + 1)
+    gout = tl.load(GOUT).to(tl.float32)
+    if GROUP == 1:  # one class: its G/n row once, then every row of the class
+        one = tl.arange(0, 1)
+        g = _grad_tile(
+            SUMS,
+            FLOW,
+            CENTERS,
+            NONTARGET,
+            c0 + one,
+            one == 0,
+            cols,
+            dmask,
+            s,
+            vv,
+            alpha1,
+            alpha2,
+            inv_k,
+            C,
+            D,
+            W,
+            OBJECTIVE,
+        )
+        g = (g * gout).to(DZ.dtype.element_ty)
+        for r0 in tl.range(lo, hi, BLOCK_R):
+            pos = r0 + tl.arange(0, BLOCK_R)
+            rmask = pos < hi
+            if CONTIGUOUS:
+                rows = pos.to(tl.int64)
+            else:
+                rows = tl.load(PERM + pos, mask=rmask, other=0).to(tl.int64)
+            tile = tl.broadcast_to(g, (BLOCK_R, BLOCK_D))
+            tl.store(DZ + rows[:, None] * D + cols[None, :], tile, mask=rmask[:, None] & dmask[None, :])
+    else:  # several classes of few rows: each row gathers its class's row
+        for r0 in tl.range(lo, hi, BLOCK_R):
+            pos = r0 + tl.arange(0, BLOCK_R)
+            rmask = pos < hi
+            if CONTIGUOUS:
+                rows = pos.to(tl.int64)
+            else:
+                rows = tl.load(PERM + pos, mask=rmask, other=0).to(tl.int64)
+            cls = tl.load(SORTED + pos, mask=rmask, other=0)
+            g = _grad_tile(
+                SUMS,
+                FLOW,
+                CENTERS,
+                NONTARGET,
+                cls,
+                rmask,
+                cols,
+                dmask,
+                s,
+                vv,
+                alpha1,
+                alpha2,
+                inv_k,
+                C,
+                D,
+                W,
+                OBJECTIVE,
+            )
+            out = (g * gout).to(DZ.dtype.element_ty)
+            tl.store(DZ + rows[:, None] * D + cols[None, :], out, mask=rmask[:, None] & dmask[None, :])
+
+
+# --------------------------------------------------------------------------------------------
+# host side: tile table, work items, launches
 
 
 def _cdiv(a: int, b: int) -> int:
     """``ceil(a / b)`` of ints.  The launchers' host arithmetic avoids ``triton.cdiv`` and
     ``triton.next_power_of_2``: in Triton 3.8 they are ``constexpr_function`` wrappers that unwrap
-    every argument in Python, and a loss step calls them 11 times on its hot path."""
+    every argument in Python (about 1 us per call)."""
     return -(-a // b)
 
 
@@ -387,170 +512,282 @@ def _next_pow2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
-def _block_d(d: int, cap: int) -> int:
-    return max(16, min(cap, _next_pow2(d)))
+@dataclass(frozen=True)
+class Tiles:
+    """Tile shape of the segmented reduction and the backward, from a fixed table (no run-time
+    autotuning: a timing-dependent choice would change the float sums between runs).
+
+    ``group``: classes per item (1, or 16 for the one-hot product); ``block_r`` x ``block_d``:
+    the row tile; ``stages``: software-pipeline depth of the row loop; ``rows``: target rows per
+    item (items are cut so that about :data:`_TARGET_PROGRAMS` programs run).
+    """
+
+    group: int
+    block_r: int
+    block_d: int
+    stages: int
+    rows: int
+
+    def column_blocks(self, d: int) -> int:
+        return _cdiv(d, self.block_d)
 
 
-def _sizes() -> dict:
-    """Block sizes: larger on GPU; small under the interpreter so test shapes span several tiles."""
-    if _INTERPRETER:
-        return {"rows": 16, "sum_cols": 32, "epi_cols": (16,), "epi_classes": (16,), "partials": 16}
-    return {"rows": 32, "sum_cols": 128, "epi_cols": (64, 32), "epi_classes": (64, 32, 16), "partials": 1024}
+BACKWARD_COLUMNS = 64
+"""Column block of the backward (narrower than the sums': its tiles gather up to three float32 rows)."""
+GROUP_BELOW = 64
+"""Mean rows per class below which classes are grouped (one-hot product); above, one class per item."""
+
+
+def tiles_for(n: int, c: int, d: int) -> Tiles:
+    """The :class:`Tiles` of N rows, C classes, D features (the table, keyed on N/C and D)."""
+    group = 16 if n < GROUP_BELOW * c else 1
+    if _INTERPRETER:  # small tiles, so that test shapes span several of them
+        block_r, block_d, stages = 16, 32, 1
+    else:
+        block_r, block_d, stages = 32, max(16, min(128, _next_pow2(d))), 3
+    items = max(1, _cdiv(_TARGET_PROGRAMS, _cdiv(d, block_d)))
+    return Tiles(group, block_r, block_d, stages, max(block_r, _cdiv(n, items)))
+
+
+def segment_items(counts: list[int] | None, n: int, c: int, d: int, max_slots: int | None = None) -> tuple[list, int]:
+    """The work items of the segmented reduction and the backward: ``(rows, slots)``.
+
+    Each row is ``(c0, c1, part, parts, slot)``: classes [c0, c1) whole (``parts == 1``), or
+    slice ``part`` of ``parts`` of class c0 whose partial sums go to carry slot ``slot + part``.
+    With ``counts`` (the rows per class, known on the host) consecutive classes are grouped up
+    to :attr:`Tiles.rows` rows and :attr:`Tiles.group` classes, and a class of more than twice
+    that many rows is sliced (at most ``max_slots`` slices in all, default max(C/2, 16): the
+    carry rows cost at most half the sums buffer; a class beyond the budget gets fewer, longer
+    slices) -- every program then reads about the same number of rows however skewed the counts.  Without
+    counts (no host synchronisation), groups of a fixed number of classes from N/C.
+    """
+    tiles = tiles_for(n, c, d)
+    if counts is None:
+        size = max(1, min(tiles.group, tiles.rows * c // max(n, 1)))
+        return [(a, min(a + size, c), 0, 1, -1) for a in range(0, c, size)], 0
+    budget = max(c // 2, 16) if max_slots is None else max_slots
+    items, slots, i = [], 0, 0
+    while i < c:
+        parts = min(_cdiv(counts[i], tiles.rows), budget - slots)
+        if counts[i] > 2 * tiles.rows and parts >= 2:
+            items += [(i, i + 1, p, parts, slots) for p in range(parts)]
+            slots, i = slots + parts, i + 1
+            continue
+        end, rows = i + 1, counts[i]
+        while end < c and end - i < tiles.group and rows + counts[end] <= tiles.rows:
+            rows, end = rows + counts[end], end + 1
+        items.append((i, end, 0, 1, -1))
+        i = end
+    return items, slots
 
 
 def epilogue_blocks(c: int, d: int) -> tuple[int, int]:
     """``(BLOCK_C, BLOCK_D)`` of the epilogue tiles: the largest tile (wider columns first) that
     still gives :data:`MIN_PROGRAMS` tiles; the smallest tile when C*D is too small for that."""
-    size = _sizes()
-    candidates = [(bc, _block_d(d, bd)) for bd in size["epi_cols"] for bc in size["epi_classes"]]
+    if _INTERPRETER:
+        return 16, 16
+    candidates = [(bc, max(16, min(bd, _next_pow2(d)))) for bd in (64, 32) for bc in (64, 32, 16)]
     for block_c, block_d in candidates:
         if _cdiv(c, block_c) * _cdiv(d, block_d) >= MIN_PROGRAMS:
             return block_c, block_d
     return candidates[-1]
 
 
-def default_split(n: int, d: int, c: int, device: torch.device) -> int:
-    """Splits per class for :func:`class_sums`: enough programs to fill an H100 (about four per
-    SM) when there are few classes, each split still at least two row blocks; 1 off CUDA.
+def workspace_size(c: int, d: int, w: int) -> int:
+    """float32 elements of the epilogue's workspace: PCOL (RB, W), U, V (W), the tile partials,
+    the coefficients and the loss (:func:`flow_epilogue`)."""
+    block_c, block_d = epilogue_blocks(c, d)
+    rb, cb = _cdiv(c, block_c), _cdiv(d, block_d)
+    return (rb + 2) * w + 2 * rb * cb + _COEFS + 1
 
-    The sums buffer grows with the split (4*SPLIT*C*W bytes), which happens only when C*D is small."""
-    if device.type != "cuda":
-        return 1
-    size = _sizes()
-    programs = c * _cdiv(d, _block_d(d, size["sum_cols"]))
-    wanted = _cdiv(_SPLIT_PROGRAMS, programs)
-    return max(1, min(wanted, n // (c * 2 * size["rows"]), 16))
+
+class Launcher:
+    """A ``@triton.jit`` kernel launched through its cached compiled specialisations.
+
+    ``launcher(key, grid, args, constexprs, num_warps)``: the first call of a ``key`` goes through
+    Triton's JIT (``kernel[grid](*args, **constexprs, num_warps=...)``: binder, cache look-up,
+    compile) and keeps the
+    compiled kernel it returns; later calls with the same key call the compiled kernel's
+    launcher directly with the same argument list Triton's JIT passes (every parameter, in
+    order), skipping the binder.  The key must hold everything Triton specialises on that can
+    vary between calls -- the device, tensor dtypes, whether a pointer is 16-byte aligned,
+    integer arguments (their value decides ``== 1`` and divisibility by 16) -- the callers pass
+    them (:func:`fastsfm.kernels.class_sums` and friends).  Under the interpreter, and on
+    Triton versions whose compiled kernels lack the launcher fields, every call goes through
+    the JIT.
+    """
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+        self.cache: dict[tuple, object] = {}
+
+    @property
+    def fn(self):
+        return self.kernel
+
+    def __call__(self, key: tuple, grid: tuple[int, int], args: tuple, constexprs: dict, num_warps: int = 4) -> None:
+        compiled = self.cache.get(key)
+        if compiled is None:
+            compiled = self.kernel[grid](*args, **constexprs, num_warps=num_warps)
+            if not _INTERPRETER and all(hasattr(compiled, f) for f in ("run", "function", "packed_metadata")):
+                self.cache[key] = (compiled, tuple(constexprs.values()))
+            return
+        kernel, values = compiled
+        from triton import knobs
+        from triton.runtime.driver import driver
+
+        active = driver.active
+        stream = active.get_current_stream(active.get_current_device())
+        enter = knobs.runtime.launch_enter_hook
+        meta = kernel.launch_metadata(grid, stream, *args, *values) if enter is not None else None
+        kernel.run(
+            grid[0],
+            grid[1],
+            1,
+            stream,
+            kernel.function,
+            kernel.packed_metadata,
+            meta,
+            enter,
+            knobs.runtime.launch_exit_hook,
+            *args,
+            *values,
+        )
+
+
+_sums_launcher = Launcher(_class_sums_kernel)
+_epilogue_launcher = Launcher(_epilogue_kernel)
+_backward_launcher = Launcher(_backward_kernel)
+
+
+def _aligned(t: torch.Tensor) -> bool:
+    return t.data_ptr() % 16 == 0
 
 
 def class_sums(
     z: torch.Tensor,
     perm: torch.Tensor,
+    sorted_labels: torch.Tensor,
     offsets: torch.Tensor,
+    items: torch.Tensor,
     out: torch.Tensor,
+    carry: torch.Tensor,
+    counter: torch.Tensor,
+    tiles: Tiles,
     *,
     contiguous: bool,
     accumulate: bool = False,
 ) -> None:
-    """Per-class float32 sums of ``z`` (N, D) into ``out`` (SPLIT, C, W) (column D: counts).
+    """Per-class float32 sums of ``z`` (N, D) into ``out`` (C, W) (column D: counts).
 
-    ``perm`` (N,) lists the rows in class order and ``offsets`` (C+1,) the class boundaries
-    in it (``contiguous=True``: ``perm`` is the identity and is not read).  ``out`` must be
-    contiguous float32 with ``W > D`` (a multiple of 16 for vector accesses); ``accumulate``
-    adds to it.  The split count is ``out.shape[0]``.  Columns beyond D are never read or written.
+    ``perm`` (N,) int32 lists the rows in class order (not read when ``contiguous``),
+    ``sorted_labels`` (N,) int32 their classes, ``offsets`` (C+1,) int32 the class boundaries,
+    ``items`` (P, 5) int32 the work (:func:`segment_items`, made with ``tiles``), ``carry``
+    (SLOTS, W) float32 room for heavy-class slices and ``counter`` (SLOTS * column blocks,)
+    int32 zeros.  ``out`` must be contiguous float32 with ``W > D`` (a multiple of 16);
+    ``accumulate`` adds to it.  Columns beyond D are never read or written.
     """
-    split, c, _ = out.shape
     d = z.shape[1]
-    size = _sizes()
-    block_d = _block_d(d, size["sum_cols"])
-    with _device_of(z):
-        _class_sums_kernel[(c, _cdiv(d, block_d), split)](
-            z,
-            perm,
-            offsets,
-            out,
-            d,
-            z.stride(0),
-            z.stride(1),
-            out.stride(0),
-            out.stride(1),
-            CONTIGUOUS=contiguous,
-            ACCUMULATE=accumulate,
-            SPLIT=split,
-            BLOCK_R=size["rows"],
-            BLOCK_D=block_d,
-        )
+    w = out.shape[1]
+    num_cb = tiles.column_blocks(d)
+    grid = (num_cb, items.shape[0])
+    args = (z, perm, sorted_labels, offsets, items, out, carry, counter, d, w, num_cb, z.stride(0), z.stride(1))
+    constexprs = {
+        "CONTIGUOUS": contiguous,
+        "ACCUMULATE": accumulate,
+        "GROUP": tiles.group,
+        "BLOCK_R": tiles.block_r,
+        "BLOCK_D": tiles.block_d,
+        "STAGES": tiles.stages,
+        "UPCAST": _INTERPRETER,
+    }
+    warps = 8 if z.element_size() == 4 else 4  # float32 tiles: half the registers per thread
+    key = (z.device.index, z.dtype, _aligned(z), _aligned(perm), grid) + args[8:] + tuple(constexprs.values())
+    _sums_launcher(key, grid, args, constexprs, warps)
 
 
 def flow_epilogue(
-    buf: torch.Tensor,
+    sums: torch.Tensor,
+    work: torch.Tensor,
+    counter: torch.Tensor,
     flow: torch.Tensor,
     flow_sum: torch.Tensor,
     flow_sq: torch.Tensor,
     centers: torch.Tensor,
     nontarget: torch.Tensor,
-    centers_sum: torch.Tensor,
+    shift: torch.Tensor,
     *,
     objective: str,
     alpha: float,
     inv_k: float,
     eps: float = 1e-8,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(loss (1,), G/n (C, D))`` float32 from the sums buffer (SPLIT, C, W).
+) -> torch.Tensor:
+    """The loss (a 1-element view of ``work``) from the sums buffer (C, W); one launch.
 
-    ``G/n`` is written **over the buffer** (split 0's sums; returned as a (C, D) view with row
-    stride W), so the loss needs no (C, D) allocation beyond the sums buffer.  The constants
-    (float32, contiguous) are those of the module docstring: ``flow = nu - mu``, ``flow_sum``
-    its column sums, ``flow_sq`` (1,) its squared norm, ``centers = mu``, ``nontarget = nu``,
-    ``centers_sum`` the column sums of ``mu``.  Three launches, see the module docstring.
+    ``work`` (:func:`workspace_size` float32 elements) receives the partials, ``V`` and the
+    coefficients that :func:`backward_rows` reads; ``counter`` (1,) int32 is zero before and
+    after.  The constants (float32, contiguous): ``flow = nu - mu`` (C, D), ``flow_sum`` (D,),
+    ``flow_sq`` (1,), ``centers = mu``, ``nontarget = nu`` (C, D), ``shift`` (D,) the mean of mu.
     """
-    split, c, width = buf.shape
+    c, w = sums.shape
     d = flow.shape[1]
     block_c, block_d = epilogue_blocks(c, d)
     rb, cb = _cdiv(c, block_c), _cdiv(d, block_d)
-    tiles = rb * cb
-    work = torch.empty(rb * width + width + 2 * tiles + 1, device=buf.device, dtype=torch.float32)
-    tpart, tsum = work[: rb * width], work[rb * width : (rb + 1) * width]
-    part, loss = work[(rb + 1) * width : -1], work[-1:]
-    code = OBJECTIVES[objective]
-    common = {"SPLIT": split, "BLOCK_C": block_c, "BLOCK_D": block_d}
-    grid = (rb, cb)
-    with _device_of(buf):
-        _epi_colsum_kernel[grid](buf, tpart, c, d, buf.stride(0), buf.stride(1), **common)
-        _epi_partials_kernel[grid](
-            buf,
-            tpart,
-            tsum,
-            flow,
-            centers,
-            nontarget,
-            part,
-            c,
-            d,
-            rb,
-            tiles,
-            buf.stride(0),
-            buf.stride(1),
-            inv_k,
-            OBJECTIVE=code,
-            **common,
-        )
-        _epi_grad_kernel[grid](
-            buf,
-            tsum,
-            flow,
-            flow_sum,
-            flow_sq,
-            centers,
-            nontarget,
-            centers_sum,
-            part,
-            loss,
-            c,
-            d,
-            tiles,
-            buf.stride(0),
-            buf.stride(1),
-            inv_k,
-            alpha,
-            1.0 / (c * d),
-            eps,
-            OBJECTIVE=code,
-            BLOCK_P=min(_sizes()["partials"], _next_pow2(tiles)),
-            **common,
-        )
-    return loss, buf[0, :, :d]
+    grid = (cb, rb)
+    args = (sums, flow, flow_sum, flow_sq, centers, nontarget, shift, work, counter, c, d, w, rb, inv_k, alpha, eps)
+    constexprs = {
+        "OBJECTIVE": OBJECTIVES[objective],
+        "BLOCK_C": block_c,
+        "BLOCK_D": block_d,
+        "BLOCK_P": min(1024, _next_pow2(rb * cb)),
+    }
+    key = (sums.device.index, grid, c, d, w) + tuple(constexprs.values())
+    _epilogue_launcher(key, grid, args, constexprs)
+    return work[-1:]
 
 
-def broadcast_grad(gn: torch.Tensor, labels: torch.Tensor, grad_out: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``dL/dz`` (N, D) in ``dtype``: row i is ``grad_out * gn[labels[i]]`` (``grad_out`` a 1-element
-    float32 tensor; ``gn`` (C, D) float32 with unit column stride, e.g. the view :func:`flow_epilogue` returns)."""
-    n = labels.shape[0]
-    d = gn.shape[1]
-    size = _sizes()
-    block_d = _block_d(d, size["sum_cols"])
-    dz = torch.empty(n, d, device=gn.device, dtype=dtype)
-    with _device_of(gn):
-        _broadcast_kernel[(_cdiv(n, size["rows"]), _cdiv(d, block_d))](
-            gn, labels, grad_out, dz, n, d, gn.stride(0), dz.stride(0), BLOCK_R=size["rows"], BLOCK_D=block_d
-        )
+def backward_rows(
+    sums: torch.Tensor,
+    work: torch.Tensor,
+    flow: torch.Tensor,
+    centers: torch.Tensor,
+    nontarget: torch.Tensor,
+    shift: torch.Tensor,
+    perm: torch.Tensor,
+    sorted_labels: torch.Tensor,
+    offsets: torch.Tensor,
+    items: torch.Tensor,
+    grad_out: torch.Tensor,
+    tiles: Tiles,
+    n: int,
+    dtype: torch.dtype,
+    *,
+    objective: str,
+    inv_k: float,
+    contiguous: bool,
+) -> torch.Tensor:
+    """``dL/dz`` (N, D) in ``dtype``, contiguous: row i is ``grad_out * (G/n)[y_i]``, ``G/n`` rebuilt
+    from the sums buffer and the workspace of :func:`flow_epilogue`; the items and label order
+    of the rows (:func:`class_sums`'s arguments); ``grad_out`` a 1-element float32 tensor."""
+    c, w = sums.shape
+    d = flow.shape[1]
+    block_c, block_d = epilogue_blocks(c, d)
+    rb, cb = _cdiv(c, block_c), _cdiv(d, block_d)
+    dz = torch.empty(n, d, device=sums.device, dtype=dtype)
+    block_d = min(tiles.block_d, BACKWARD_COLUMNS)
+    grid = (_cdiv(d, block_d), items.shape[0])
+    args = (sums, flow, centers, nontarget, shift, work, perm, sorted_labels, offsets, items, grad_out, dz)
+    args += (c, d, w, rb, rb * cb, inv_k)
+    constexprs = {
+        "OBJECTIVE": OBJECTIVES[objective],
+        "CONTIGUOUS": contiguous,
+        "GROUP": tiles.group,
+        "BLOCK_R": tiles.block_r,
+        "BLOCK_D": block_d,
+    }
+    warps = 8 if dz.element_size() == 4 else 4
+    key = (
+        (sums.device.index, dtype, _aligned(perm), _aligned(grad_out), grid) + args[12:17] + tuple(constexprs.values())
+    )
+    _backward_launcher(key, grid, args, constexprs, warps)
     return dz

@@ -5,8 +5,6 @@ On a CPU machine the kernels run in Triton's interpreter (see conftest.py); on a
 the same tests run the compiled kernels on CUDA.
 """
 
-import contextlib
-
 import pytest
 import torch
 from helpers import make_problem
@@ -14,8 +12,6 @@ from helpers import make_problem
 from fastsfm import SFMLoss, kernels, ops, sfm_loss
 from fastsfm.kernels import sfm as kernel_module
 from fastsfm.reference import sfm_reference
-
-KERNELS = ("_class_sums_kernel", "_epi_colsum_kernel", "_epi_partials_kernel", "_epi_grad_kernel", "_broadcast_kernel")
 
 # (loss rtol, loss atol, gradient error relative to the largest reference gradient entry, beyond the
 # error of the exact gradient rounded to the dtype).  Inputs are rounded to the dtype first and the
@@ -112,46 +108,109 @@ def test_kernels_non_contiguous_features(device):
     torch.testing.assert_close(x.grad.double(), ref.grad, rtol=1e-4, atol=1e-5 * ref.grad.abs().max().item())
 
 
-@pytest.mark.parametrize("contiguous", [True, False])
-@pytest.mark.parametrize("split", [1, 3])
-def test_class_sums_split_and_accumulate(split, contiguous, device):
-    order = "contiguous" if contiguous else "shuffled"
-    z, y, _ = make_problem(150, 7, 70, torch.bfloat16, device=device, order=order)
-    plan = ops.label_plan(y, 7, contiguous)
-    buf = ops.class_sums(z, plan, 7, "triton", split=split)
-    assert buf.shape == (split, 7, 80) and buf.dtype == torch.float32  # rows padded to a multiple of 16
-    want = torch.zeros(7, 70, dtype=torch.float64, device=device).index_add_(0, y, z.double())
-    total = buf.sum(0)
-    torch.testing.assert_close(total[:, :70].double(), want, rtol=1e-6, atol=1e-5)
-    assert total[:, 70].tolist() == torch.bincount(y, minlength=7).tolist()
-    ops.class_sums(z[:40], ops.label_plan(y[:40], 7, False), 7, "triton", out=buf)  # accumulate a second chunk
+def _skewed(n, c, d, heavy, device, order, dtype=torch.float32, seed=0):
+    """A problem whose class 1 holds ``heavy`` of the rows (the others share the rest unequally)."""
+    z, y, mu = make_problem(n, c, d, dtype, device=device, order="shuffled", seed=seed)
+    gen = torch.Generator().manual_seed(seed)
+    y = y.cpu().clone()
+    y[torch.randperm(n, generator=gen)[: int(heavy * n)]] = 1
+    y[:c] = torch.arange(c)  # every class keeps a row
+    if order == "contiguous":
+        y = y.sort().values
+    return z, y.to(device), mu
+
+
+def _sums_want(z, y, c):
+    want = torch.zeros(c, z.shape[1], dtype=torch.float64, device=z.device).index_add_(0, y, z.double())
+    return want, torch.bincount(y, minlength=c).tolist()
+
+
+@pytest.mark.parametrize("order", ["contiguous", "shuffled"])
+@pytest.mark.parametrize("balance", [True, False])
+@pytest.mark.parametrize(
+    "n,c,d,heavy", [(150, 7, 70, 0.0), (600, 9, 45, 0.0), (2000, 5, 33, 0.0), (700, 30, 40, 0.6), (300, 3, 17, 0.9)]
+)
+def test_class_sums_items_slices_and_accumulate(n, c, d, heavy, balance, order, device):
+    """Every item shape -- groups of classes (one-hot product), one class per item, slices of a heavy
+    class folded by the last slice -- against a float64 ``index_add``, then a second chunk accumulated."""
+    z, y, _ = _skewed(n, c, d, heavy, device, order, torch.bfloat16)
+    plan = ops.label_plan(y, c, order == "contiguous", dim=d, balance=balance)
+    if balance and heavy:
+        assert plan.kernel.slots > 0  # the heavy class is sliced
+    buf = ops.class_sums(z, plan, c, "triton")
+    assert buf.shape == (c, ops.sums_width(d)) and buf.dtype == torch.float32  # rows padded to a multiple of 16
+    want, counts = _sums_want(z, y, c)
+    torch.testing.assert_close(buf[:, :d].double(), want, rtol=1e-6, atol=1e-5)
+    assert buf[:, d].tolist() == counts
+    assert plan.kernel.counter.eq(0).all()  # the slices' arrival counters reset themselves
+    part = ops.label_plan(y[:40], c, False, dim=d)
+    ops.class_sums(z[:40], part, c, "triton", out=buf)  # accumulate a second chunk
     want.index_add_(0, y[:40], z[:40].double())
-    torch.testing.assert_close(buf.sum(0)[:, :70].double(), want, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(buf[:, :d].double(), want, rtol=1e-6, atol=1e-5)
+    more = torch.bincount(y[:40], minlength=c).tolist()
+    assert buf[:, d].tolist() == [a + b for a, b in zip(counts, more, strict=True)]
+
+
+def test_segment_items_cover_every_class_and_even_out_rows():
+    """Items partition the classes (slices partition a class); with counts, no program reads more
+    than about twice the target rows unless a single class is that big and the slice budget is spent."""
+    counts = [1] * 200 + [5000] + [3] * 100 + [40] * 50
+    n, c, d = sum(counts), len(counts), 768
+    items, slots = kernels.segment_items(counts, n, c, d)
+    tiles = kernels.tiles_for(n, c, d)
+    seen = []
+    for c0, c1, part, parts, slot in items:
+        assert c0 < c1 and (parts == 1 or (c1 == c0 + 1 and 0 <= part < parts and slot >= 0))
+        if part == 0:
+            seen += range(c0, c1)
+        rows = sum(counts[c0:c1]) / parts
+        assert rows <= 2 * tiles.rows or c1 == c0 + 1, (c0, c1, rows)
+        assert c1 - c0 <= tiles.group
+    assert seen == list(range(c))
+    assert slots == sum(p for _, _, part, p, _ in items if p > 1 and part == 0) > 0
+    uniform, none = kernels.segment_items(None, n, c, d)  # no counts: fixed groups, no slices
+    assert none == 0 and [i[0] for i in uniform] == sorted({i[0] for i in uniform})
 
 
 @pytest.mark.parametrize("objective,alpha,divisor", [("flow", 1.0, 6.0), ("flow", 1.0, 13.0), ("decouple", 0.4, 6.0)])
-def test_epilogue_gradient_equals_autograd(objective, alpha, divisor, device):
-    """G = dL/dt from the fused epilogue against autograd of the torch epilogue, split buffers included."""
+def test_triton_gradient_rows_equal_autograd(objective, alpha, divisor, device):
+    """``G/n`` rebuilt per row by the backward kernel from the epilogue's workspace, against autograd of
+    the torch epilogue in float64 (the chunked objective's path: sums, epilogue, rows)."""
     z, y, mu = make_problem(60, 7, 50, device=device)
-    plan = ops.label_plan(y, 7, False)
-    consts = ops.flow_constants(mu)
-    buf = ops.class_sums(z, plan, 7, "triton", split=2)
+    plan = ops.label_plan(y, 7, False, dim=50)
+    buf = ops.class_sums(z, plan, 7, "triton")
     sums = buf.double().cpu()
-    loss, gn = ops.epilogue(buf, consts, objective, alpha, divisor, "triton")
-    assert gn.data_ptr() == buf.data_ptr()  # written over the sums: no (C, D) allocation
+    loss, grad = ops.epilogue(buf, ops.flow_constants(mu), objective, alpha, divisor, "triton")
+    assert isinstance(grad, ops.TritonGrad) and grad.sums is buf  # no (C, D) gradient allocation
     want_loss, want_gn = ops.epilogue(
         sums, ops.flow_constants(mu.cpu(), torch.float64), objective, alpha, divisor, "torch"
     )
-    assert loss.shape == () and gn.shape == (7, 50)
+    assert loss.shape == ()
     torch.testing.assert_close(loss.double().cpu(), want_loss, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(gn.double().cpu(), want_gn, rtol=1e-4, atol=1e-5 * want_gn.abs().max().item())
+    upstream = torch.full((1,), 3.0, device=device)
+    rows = ops.grad_rows(grad, plan, upstream, torch.float32, "triton")
+    want = 3.0 * want_gn[y.cpu()]
+    torch.testing.assert_close(rows.double().cpu(), want, rtol=1e-4, atol=1e-5 * want.abs().max().item())
 
 
-def test_split_reduction_inside_the_loss(monkeypatch, device):
-    z, y, mu = make_problem(300, 4, 30, device=device)
-    want = sfm_loss(z, y, mu, backend="triton")
-    monkeypatch.setattr(kernels, "default_split", lambda *args: 3)
-    torch.testing.assert_close(sfm_loss(z, y, mu, backend="triton"), want, rtol=1e-6, atol=1e-7)
+def test_loss_and_gradient_are_bitwise_reproducible(device):
+    """Two calls on the same input give the same bits: no atomics in any sum, fixed orders."""
+    z, y, mu = _skewed(900, 20, 70, 0.5, device, "shuffled")
+    module = SFMLoss(mu, backend="triton")
+    results = []
+    for _ in range(2):
+        x = z.clone().requires_grad_()
+        loss = module(x, y)
+        loss.backward()
+        results.append((loss.detach().clone(), x.grad.clone()))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+
+
+@pytest.mark.parametrize("heavy", [0.5, 0.95])
+@pytest.mark.parametrize("objective", ["flow", "decouple"])
+def test_kernels_match_reference_with_skewed_counts(heavy, objective, device):
+    z, y, mu = _skewed(500, 12, 37, heavy, device, "shuffled", seed=3)
+    _check(z, y, mu, torch.float32, objective=objective, alpha=0.3)
 
 
 def test_sfmloss_module_auto_dispatch_and_buffers(device):
@@ -216,42 +275,26 @@ def test_device_mismatch_is_a_clear_error():
         SFMLoss(mu.cuda())(z, y)
 
 
-class _Recorded:
-    """Stands in for a kernel object: records each launch (the device guard active at launch time,
-    the devices of its tensor arguments), then launches the real kernel."""
+def test_one_forward_backward_is_three_launches_on_the_tensors_device(monkeypatch, device):
+    """Class sums, one epilogue, the backward rows: three launches, each with the tensors' device
+    current (the ops enter it when it is not)."""
+    launches = []
+    launch = kernel_module.Launcher.__call__
 
-    def __init__(self, kernel, name, launches, guards):
-        self.kernel, self.name, self.launches, self.guards = kernel, name, launches, guards
+    def record(self, key, grid, args, constexprs, num_warps=4):
+        devices = {a.device for a in args if isinstance(a, torch.Tensor)}
+        current = torch.cuda.current_device() if device.type == "cuda" else None
+        launches.append((self.kernel.fn.__name__, devices, current))
+        return launch(self, key, grid, args, constexprs, num_warps)
 
-    def __getitem__(self, grid):
-        def launch(*args, **kwargs):
-            devices = {a.device for a in args if isinstance(a, torch.Tensor)}
-            self.launches.append((self.name, list(self.guards), devices))
-            return self.kernel[grid](*args, **kwargs)
-
-        return launch
-
-
-def test_each_launch_runs_under_its_tensors_device_guard(monkeypatch, device):
-    """Triton launches on the current device: every launcher enters the guard of its tensors' device
-    (``torch.cuda.device(t.device)`` on CUDA) around its launches; one forward+backward is five launches."""
-    launches, guards = [], []
-
-    @contextlib.contextmanager
-    def guard(t):
-        guards.append(t.device)
-        yield
-        guards.pop()
-
-    monkeypatch.setattr(kernel_module, "_device_of", guard)
-    for name in KERNELS:
-        monkeypatch.setattr(kernel_module, name, _Recorded(getattr(kernel_module, name), name, launches, guards))
+    monkeypatch.setattr(kernel_module.Launcher, "__call__", record)
     z, y, mu = make_problem(40, 5, 24, device=device)
     x = z.float().requires_grad_()
     sfm_loss(x, y, mu, backend="triton").backward()
-    assert [name for name, *_ in launches] == list(KERNELS)
-    for name, active, devices in launches:
-        assert active == [x.device] and devices == {x.device}, name
+    assert [name for name, *_ in launches] == ["_class_sums_kernel", "_epilogue_kernel", "_backward_kernel"]
+    for name, devices, current in launches:
+        assert devices == {x.device}, name
+        assert current in (None, x.device.index), name
 
 
 @pytest.mark.gpu
