@@ -78,6 +78,7 @@ class SFMLoss(nn.Module):
         if dtype != torch.float32:  # the Triton epilogue reads float32: cast once here, not in every call
             for name, value in consts.to(torch.float32).tensors().items():
                 self.register_buffer(name + _F32, value, persistent=False)
+        self._consts: dict[str, ops.FlowConstants] = {}
         self._plan: ops.LabelPlan | None = None
         self._plan_key: tuple | None = None
 
@@ -86,9 +87,20 @@ class SFMLoss(nn.Module):
         return self.centers.shape[0]
 
     def constants(self, backend: str = "torch") -> ops.FlowConstants:
-        """The real side's constants: float64 ones for float64 centres, their float32 copies for ``triton``."""
-        suffix = _F32 if backend == "triton" and hasattr(self, "centers" + _F32) else ""
-        return ops.FlowConstants(**{f: getattr(self, f + suffix) for f in ops.FlowConstants.__dataclass_fields__})
+        """The real side's constants: float64 ones for float64 centres, their float32 copies for ``triton``.
+
+        Built once per backend; ``.to()``/``.cuda()`` (:meth:`_apply`) drop it with the plan."""
+        suffix = _F32 if backend == "triton" and "centers" + _F32 in self._buffers else ""
+        cached = self._consts.get(suffix)
+        if cached is None:
+            tensors = [self._buffers[f + suffix] for f in ops.FlowConstants.__dataclass_fields__]
+            cached = self._consts[suffix] = ops.FlowConstants(*tensors)
+        return cached
+
+    def _apply(self, fn, *args, **kwargs):
+        """Module moves and casts replace the buffers: forget the constants and the plan built on them."""
+        self._consts, self._plan, self._plan_key = {}, None, None
+        return super()._apply(fn, *args, **kwargs)
 
     def _label_plan(self, features: Tensor, labels: Tensor, backend: str) -> tuple[ops.LabelPlan, bool]:
         """The cached plan for ``labels`` (rebuilt, and validated, when they change); whether to validate sums."""

@@ -22,6 +22,7 @@ is slow and needs ``TRITON_INTERPRET`` set first).
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass, fields
 
 import torch
@@ -120,8 +121,9 @@ class LabelPlan:
     Triton path (``kernel`` is None on the torch path): ``perm`` (N,) int32 the rows in class
     order (stable), ``sorted`` (N,) int32 their classes, ``offsets32`` the boundaries as int32,
     ``items`` (P, 5) int32 the work of each program (:func:`fastsfm.kernels.segment_items`),
-    ``tiles`` the tile shape, ``slots`` the heavy-class slices needing carry rows and
-    ``counter`` their int32 arrival counters (zero between calls).  Depends on the labels only,
+    ``tiles`` the tile shape, ``slots`` the heavy-class slices, ``carry`` (max(slots, 1), W)
+    float32 rows for their partial sums and ``counter`` their int32 arrival counters (zero
+    between calls).  Kept with the plan, so a loss call allocates neither.  Depends on the labels only,
     so :class:`fastsfm.SFMLoss` builds it once per labels tensor.
     """
 
@@ -143,13 +145,21 @@ class _KernelPlan:
     items: Tensor
     tiles: object
     slots: int
+    carry: Tensor
     counter: Tensor
 
 
-def _kernels():
-    from fastsfm import kernels
+_KERNELS = []
 
-    return kernels
+
+def _kernels():
+    """:mod:`fastsfm.kernels`, imported on first use (importing triton is slow and reads
+    ``TRITON_INTERPRET`` once)."""
+    if not _KERNELS:
+        from fastsfm import kernels
+
+        _KERNELS.append(kernels)
+    return _KERNELS[0]
 
 
 def label_plan(
@@ -185,6 +195,7 @@ def label_plan(
         items=torch.tensor(items, dtype=torch.int32, device=labels.device).reshape(-1, k.ITEM_FIELDS),
         tiles=tiles,
         slots=slots,
+        carry=torch.empty(max(slots, 1), sums_width(dim), device=labels.device),
         counter=torch.zeros(max(slots, 1) * tiles.column_blocks(dim), dtype=torch.int32, device=labels.device),
     )
     return LabelPlan(labels, offsets, contiguous, kernel)
@@ -222,7 +233,7 @@ def _epilogue_counter(device: torch.device) -> Tensor:
     return counter
 
 
-def _sums_into(out: Tensor, carry: Tensor, features: Tensor, plan: LabelPlan, accumulate: bool) -> None:
+def _sums_into(out: Tensor, features: Tensor, plan: LabelPlan, accumulate: bool) -> None:
     kp = plan.kernel
     _kernels().class_sums(
         features,
@@ -231,17 +242,12 @@ def _sums_into(out: Tensor, carry: Tensor, features: Tensor, plan: LabelPlan, ac
         kp.offsets32,
         kp.items,
         out,
-        carry,
+        kp.carry,
         kp.counter,
         kp.tiles,
         contiguous=plan.contiguous,
         accumulate=accumulate,
     )
-
-
-def _carry_rows(plan: LabelPlan, like: Tensor) -> Tensor:
-    """Carry rows of the heavy-class slices (a placeholder row when there are none)."""
-    return like.new_empty(max(plan.kernel.slots, 1), like.shape[-1])
 
 
 def class_sums(features: Tensor, plan: LabelPlan, num_classes: int, backend: str, out: Tensor | None = None) -> Tensor:
@@ -258,7 +264,7 @@ def class_sums(features: Tensor, plan: LabelPlan, num_classes: int, backend: str
         out = alloc(num_classes, sums_width(d), device=features.device, dtype=_work_dtype(features))
     if backend == "triton":
         with _on_device(features):
-            _sums_into(out, _carry_rows(plan, out), features, plan, accumulate)
+            _sums_into(out, features, plan, accumulate)
         return out
     with torch.no_grad():
         out[:, :d].index_add_(0, plan.labels, features.to(out.dtype))
@@ -302,22 +308,26 @@ def _means(buf: Tensor, d: int) -> tuple[Tensor, Tensor]:
 @dataclass(frozen=True)
 class TritonGrad:
     """What the Triton backward needs to rebuild ``G/n``: the (reduced) sums buffer (C, W), the
-    epilogue's workspace, the float32 constants and the loss options."""
+    epilogue's workspace (from element ``work_at`` of ``work``), the float32 constants and the
+    loss options."""
 
     sums: Tensor
     work: Tensor
+    work_at: int
     consts: FlowConstants
     objective: str
     inv_k: float
 
 
 def _epilogue_into(
-    sums: Tensor, work: Tensor, consts: FlowConstants, objective: str, alpha: float, divisor: float
-) -> tuple[Tensor, TritonGrad]:
+    sums: Tensor, work: Tensor, work_at: int, consts: FlowConstants, objective: str, alpha: float, divisor: float
+) -> TritonGrad:
+    """Launch the epilogue (workspace from element ``work_at`` of ``work``; the loss in ``work``'s last element)."""
     c = consts.to(torch.float32)
-    loss = _kernels().flow_epilogue(
+    _kernels().flow_epilogue(
         sums,
         work,
+        work_at,
         _epilogue_counter(sums.device),
         c.flow,
         c.flow_sum,
@@ -329,7 +339,7 @@ def _epilogue_into(
         alpha=alpha,
         inv_k=1.0 / divisor,
     )
-    return loss, TritonGrad(sums, work, c, objective, 1.0 / divisor)
+    return TritonGrad(sums, work, work_at, c, objective, 1.0 / divisor)
 
 
 def epilogue(
@@ -341,8 +351,8 @@ def epilogue(
         k = _kernels()
         work = buf.new_empty(k.workspace_size(consts.num_classes, consts.dim, buf.shape[1]))
         with _on_device(buf):
-            loss, grad = _epilogue_into(buf, work, consts, objective, alpha, divisor)
-        return loss.reshape(()), grad
+            grad = _epilogue_into(buf, work, 0, consts, objective, alpha, divisor)
+        return work[-1], grad
     means, counts = _means(buf, consts.dim)
     means = means.detach().requires_grad_()
     with torch.enable_grad():
@@ -356,6 +366,7 @@ def _backward_rows(grad: TritonGrad, plan: LabelPlan, grad_out: Tensor, dtype: t
     return _kernels().backward_rows(
         grad.sums,
         grad.work,
+        grad.work_at,
         c.flow,
         c.centers,
         c.nontarget,
@@ -405,6 +416,14 @@ class _AllReduceSum(torch.autograd.Function):
         return grad, None
 
 
+@functools.lru_cache(maxsize=64)
+def _fused_rows(c: int, d: int, w: int) -> int:
+    """Rows of W of the fused forward's one buffer: C rows of sums, then the epilogue's workspace
+    (its loss ending the last row)."""
+    work = _kernels().workspace_size(c, d, w)
+    return c + -(-work // w)
+
+
 class _FusedSFM(torch.autograd.Function):
     """The Triton path: sums (+ all-reduce) and the epilogue in the forward, one allocation (sums,
     carry rows and workspace); the backward rebuilds ``G/n`` per row, one allocation (``dL/dz``)."""
@@ -421,20 +440,19 @@ class _FusedSFM(torch.autograd.Function):
         group,
         validate: bool,
     ) -> Tensor:
-        k = _kernels()
         c, d = consts.num_classes, consts.dim
         w = sums_width(d)
-        slots = max(plan.kernel.slots, 1)
-        buf = torch.empty((c + slots) * w + k.workspace_size(c, d, w), device=features.device, dtype=torch.float32)
-        sums = buf[: c * w].view(c, w)
+        rows = _fused_rows(c, d, w)
+        buf = torch.empty(rows, w, device=features.device, dtype=torch.float32)  # sums, then the workspace
         with _on_device(features):
-            _sums_into(sums, buf[c * w : (c + slots) * w].view(slots, w), features, plan, False)
-            _all_reduce(sums, group)
+            _sums_into(buf, features, plan, False)
+            if group is not None:
+                _all_reduce(buf[:c], group)
             if validate:
-                check_class_sums(sums, d)
-            loss, ctx.grad = _epilogue_into(sums, buf[(c + slots) * w :], consts, objective, alpha, divisor)
+                check_class_sums(buf[:c], d)
+            ctx.grad = _epilogue_into(buf, buf, c * w, consts, objective, alpha, divisor)
         ctx.plan, ctx.dtype = plan, features.dtype
-        return loss.view(())
+        return buf[-1, -1]
 
     @staticmethod
     @torch.autograd.function.once_differentiable

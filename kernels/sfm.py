@@ -61,12 +61,15 @@ Only ``@triton.jit`` kernels and thin launchers live here: no autograd, no valid
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
+from triton import knobs
+from triton.runtime.driver import driver
 
 __all__ = [
     "class_sums",
@@ -243,13 +246,15 @@ def _epilogue_kernel(
     CENTERS,  # (C, D) float32 mu (decouple)
     NONTARGET,  # (C, D) float32 nu (decouple)
     SHIFT,  # (D,) float32 s = the mean of the real centres
-    WORK,  # float32 workspace: PCOL (RB, W) | U (W) | V (W) | PSC (2, TILES) | COEF (4) | LOSS (1)
+    WORK,  # float32: from WORK + work_at PCOL (RB, W) | U, V (W) | PSC (2, TILES) | COEF (4); loss at WORK + loss_at
     COUNTER,  # (1,) int32, zero between calls
     # shapes
     C,
     D,
     W,
     NUM_RB,
+    work_at,
+    loss_at,
     # scalars
     inv_k,
     alpha,
@@ -268,8 +273,8 @@ def _epilogue_kernel(
     inv_k = tl.cast(inv_k, tl.float32)
     alpha = tl.cast(alpha, tl.float32)
     eps = tl.cast(eps, tl.float32)
-    pcol = WORK
-    u_vec = WORK + NUM_RB * W
+    pcol = WORK + work_at
+    u_vec = pcol + NUM_RB * W
     v_vec = u_vec + W
     psc = v_vec + W
     coef = psc + 2 * tiles
@@ -361,7 +366,7 @@ def _epilogue_kernel(
             tl.store(v_vec + dc, vv, mask=dm)
         tl.store(coef, alpha1)
         tl.store(coef + 1, alpha2)
-        tl.store(coef + 4, loss)
+        tl.store(WORK + loss_at, loss)
         tl.atomic_xchg(COUNTER, 0)
 
 
@@ -398,7 +403,7 @@ def _backward_kernel(
     CENTERS,
     NONTARGET,
     SHIFT,
-    WORK,  # the epilogue's workspace (V and the coefficients)
+    WORK,  # the epilogue's workspace from WORK + work_at (V and the coefficients)
     PERM,
     SORTED,
     OFFS,
@@ -411,6 +416,7 @@ def _backward_kernel(
     W,
     NUM_RB,
     NUM_TILES,
+    work_at,
     # scalars
     inv_k,
     # constants
@@ -426,7 +432,7 @@ def _backward_kernel(
     inv_k = tl.cast(inv_k, tl.float32)
     cols = j * BLOCK_D + tl.arange(0, BLOCK_D)
     dmask = cols < D
-    v_vec = WORK + (NUM_RB + 1) * W
+    v_vec = WORK + work_at + (NUM_RB + 1) * W
     coef = v_vec + W + 2 * NUM_TILES
     vv = tl.load(v_vec + cols, mask=dmask, other=0.0)
     s = tl.load(SHIFT + cols, mask=dmask, other=0.0)
@@ -538,6 +544,7 @@ GROUP_BELOW = 64
 """Mean rows per class below which classes are grouped (one-hot product); above, one class per item."""
 
 
+@functools.lru_cache(maxsize=256)
 def tiles_for(n: int, c: int, d: int) -> Tiles:
     """The :class:`Tiles` of N rows, C classes, D features (the table, keyed on N/C and D)."""
     group = 16 if n < GROUP_BELOW * c else 1
@@ -581,6 +588,7 @@ def segment_items(counts: list[int] | None, n: int, c: int, d: int, max_slots: i
     return items, slots
 
 
+@functools.lru_cache(maxsize=256)
 def epilogue_blocks(c: int, d: int) -> tuple[int, int]:
     """``(BLOCK_C, BLOCK_D)`` of the epilogue tiles: the largest tile (wider columns first) that
     still gives :data:`MIN_PROGRAMS` tiles; the smallest tile when C*D is too small for that."""
@@ -593,9 +601,10 @@ def epilogue_blocks(c: int, d: int) -> tuple[int, int]:
     return candidates[-1]
 
 
+@functools.lru_cache(maxsize=256)
 def workspace_size(c: int, d: int, w: int) -> int:
     """float32 elements of the epilogue's workspace: PCOL (RB, W), U, V (W), the tile partials,
-    the coefficients and the loss (:func:`flow_epilogue`)."""
+    the coefficients, and the loss's element (:func:`flow_epilogue`)."""
     block_c, block_d = epilogue_blocks(c, d)
     rb, cb = _cdiv(c, block_c), _cdiv(d, block_d)
     return (rb + 2) * w + 2 * rb * cb + _COEFS + 1
@@ -633,13 +642,11 @@ class Launcher:
                 self.cache[key] = (compiled, tuple(constexprs.values()))
             return
         kernel, values = compiled
-        from triton import knobs
-        from triton.runtime.driver import driver
-
         active = driver.active
         stream = active.get_current_stream(active.get_current_device())
         enter = knobs.runtime.launch_enter_hook
-        meta = kernel.launch_metadata(grid, stream, *args, *values) if enter is not None else None
+        hooked = enter is not None and getattr(enter, "calls", True)  # Triton 3.8: an empty HookChain
+        meta = kernel.launch_metadata(grid, stream, *args, *values) if hooked else None
         kernel.run(
             grid[0],
             grid[1],
@@ -684,7 +691,8 @@ def class_sums(
     ``sorted_labels`` (N,) int32 their classes, ``offsets`` (C+1,) int32 the class boundaries,
     ``items`` (P, 5) int32 the work (:func:`segment_items`, made with ``tiles``), ``carry``
     (SLOTS, W) float32 room for heavy-class slices and ``counter`` (SLOTS * column blocks,)
-    int32 zeros.  ``out`` must be contiguous float32 with ``W > D`` (a multiple of 16);
+    int32 zeros.  ``out`` must be contiguous float32 rows of ``W > D`` (a multiple of 16; rows
+    beyond C, the fused loss's workspace, are not touched);
     ``accumulate`` adds to it.  Columns beyond D are never read or written.
     """
     d = z.shape[1]
@@ -709,6 +717,7 @@ def class_sums(
 def flow_epilogue(
     sums: torch.Tensor,
     work: torch.Tensor,
+    work_at: int,
     counter: torch.Tensor,
     flow: torch.Tensor,
     flow_sum: torch.Tensor,
@@ -722,33 +731,37 @@ def flow_epilogue(
     inv_k: float,
     eps: float = 1e-8,
 ) -> torch.Tensor:
-    """The loss (a 1-element view of ``work``) from the sums buffer (C, W); one launch.
+    """The loss from the sums buffer (its first C rows of W), one launch; it lands in the last
+    element of ``work``.
 
-    ``work`` (:func:`workspace_size` float32 elements) receives the partials, ``V`` and the
+    The workspace, :func:`workspace_size` float32 elements from element ``work_at`` of ``work``
+    (the sums buffer's own tail in the fused loss), receives the partials, ``V`` and the
     coefficients that :func:`backward_rows` reads; ``counter`` (1,) int32 is zero before and
     after.  The constants (float32, contiguous): ``flow = nu - mu`` (C, D), ``flow_sum`` (D,),
     ``flow_sq`` (1,), ``centers = mu``, ``nontarget = nu`` (C, D), ``shift`` (D,) the mean of mu.
     """
-    c, w = sums.shape
-    d = flow.shape[1]
+    c, d = flow.shape
+    w = sums.shape[-1]
     block_c, block_d = epilogue_blocks(c, d)
     rb, cb = _cdiv(c, block_c), _cdiv(d, block_d)
     grid = (cb, rb)
-    args = (sums, flow, flow_sum, flow_sq, centers, nontarget, shift, work, counter, c, d, w, rb, inv_k, alpha, eps)
+    loss_at = work.numel() - 1
+    args = (sums, flow, flow_sum, flow_sq, centers, nontarget, shift, work, counter, c, d, w, rb, work_at, loss_at)
+    args += (inv_k, alpha, eps)
     constexprs = {
         "OBJECTIVE": OBJECTIVES[objective],
         "BLOCK_C": block_c,
         "BLOCK_D": block_d,
         "BLOCK_P": min(1024, _next_pow2(rb * cb)),
     }
-    key = (sums.device.index, grid, c, d, w) + tuple(constexprs.values())
+    key = (sums.device.index, grid, c, d, w, work_at, loss_at) + tuple(constexprs.values())
     _epilogue_launcher(key, grid, args, constexprs)
-    return work[-1:]
 
 
 def backward_rows(
     sums: torch.Tensor,
     work: torch.Tensor,
+    work_at: int,
     flow: torch.Tensor,
     centers: torch.Tensor,
     nontarget: torch.Tensor,
@@ -769,15 +782,15 @@ def backward_rows(
     """``dL/dz`` (N, D) in ``dtype``, contiguous: row i is ``grad_out * (G/n)[y_i]``, ``G/n`` rebuilt
     from the sums buffer and the workspace of :func:`flow_epilogue`; the items and label order
     of the rows (:func:`class_sums`'s arguments); ``grad_out`` a 1-element float32 tensor."""
-    c, w = sums.shape
-    d = flow.shape[1]
+    c, d = flow.shape
+    w = sums.shape[-1]
     block_c, block_d = epilogue_blocks(c, d)
     rb, cb = _cdiv(c, block_c), _cdiv(d, block_d)
     dz = torch.empty(n, d, device=sums.device, dtype=dtype)
     block_d = min(tiles.block_d, BACKWARD_COLUMNS)
     grid = (_cdiv(d, block_d), items.shape[0])
     args = (sums, flow, centers, nontarget, shift, work, perm, sorted_labels, offsets, items, grad_out, dz)
-    args += (c, d, w, rb, rb * cb, inv_k)
+    args += (c, d, w, rb, rb * cb, work_at, inv_k)
     constexprs = {
         "OBJECTIVE": OBJECTIVES[objective],
         "CONTIGUOUS": contiguous,
@@ -787,7 +800,7 @@ def backward_rows(
     }
     warps = 8 if dz.element_size() == 4 else 4
     key = (
-        (sums.device.index, dtype, _aligned(perm), _aligned(grad_out), grid) + args[12:17] + tuple(constexprs.values())
+        (sums.device.index, dtype, _aligned(perm), _aligned(grad_out), grid) + args[12:18] + tuple(constexprs.values())
     )
     _backward_launcher(key, grid, args, constexprs, warps)
     return dz

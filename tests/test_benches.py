@@ -3,6 +3,8 @@ not checked, only that they are produced): a benchmark that is never run rots.""
 
 import importlib.util
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -55,3 +57,19 @@ def test_gpu_check_smoke_runs_every_section(tmp_path):
     assert not [c for c in report.checks if c["passed"] is False]
     payload = json.loads((tmp_path / "report.json").read_text())
     assert payload["environment"]["device"] == "cpu (smoke)" and (tmp_path / "report.md").exists()
+
+
+@pytest.mark.slow
+def test_profile_loss_host_part_runs_without_a_gpu(tmp_path):
+    """``profile_loss.py --host``: the host cost of one fused forward+backward with launches stubbed,
+    three launches per call, beside the empty autograd.Function floor (numbers are not judged here)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = Path(__file__).resolve().parents[1] / "benches" / "profile_loss.py"
+    out = tmp_path / "host.json"
+    cmd = [sys.executable, str(script), "--host", "--smoke", "--out", str(out)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    host = json.loads(out.read_text())["host"]
+    if "skipped" in host:
+        pytest.skip(host["skipped"])
+    assert host["launches per call"] == 3 and host["host us"] > 0 and host["empty autograd.Function us"] > 0
