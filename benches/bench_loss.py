@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from fastsfm import SFMLoss
-from fastsfm.benchmark import environment, peak_extra_bytes, print_table, time_ms, write_csv
+from fastsfm.benchmark import cuda_graph, environment, peak_extra_bytes, print_table, time_ms, write_csv
 from fastsfm.reference import sfm_reference
 
 GPU_SWEEP = list(itertools.product([1000], [1, 10, 50], [1, 4], [384, 768, 1024]))
@@ -46,16 +46,8 @@ def _problem(c: int, ipc: int, views: int, d: int, dtype: torch.dtype, device: t
 
 
 def _graph_ms(run, x: torch.Tensor, device: torch.device) -> float:
-    """Median time of replaying ``run`` captured in a CUDA graph (warmed up on a side stream first)."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        run()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    x.grad = None
-    with torch.cuda.graph(graph):
-        run()
+    """Median time of replaying ``run`` captured in a CUDA graph."""
+    graph = cuda_graph(lambda: (setattr(x, "grad", None), run()))
     return time_ms(graph.replay, device)
 
 

@@ -50,7 +50,16 @@ elif "--smoke" in sys.argv and not os.path.exists("/dev/nvidiactl"):
 import torch
 
 from fastsfm import SFMLoss, ops
-from fastsfm.benchmark import environment, kernel_events, loss_problem, print_table, profiler, synchronize, time_ms
+from fastsfm.benchmark import (
+    cuda_graph,
+    environment,
+    kernel_events,
+    loss_problem,
+    print_table,
+    profiler,
+    synchronize,
+    time_ms,
+)
 
 
 def profile_loss(c: int, ipc: int, d: int, dtype: torch.dtype, device: torch.device, steps: int = 50) -> dict:
@@ -203,15 +212,7 @@ def _print(result: dict) -> None:
 
 def _graph_us(fn, reps: int) -> float:
     """Microseconds per call of ``fn`` replayed ``reps`` times back to back in one CUDA graph."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(reps):
-            fn()
+    graph = cuda_graph(fn, reps)
     graph.replay()
     torch.cuda.synchronize()
     began = torch.cuda.Event(enable_timing=True)

@@ -49,6 +49,21 @@ def time_ms(fn: Callable[[], object], device: torch.device, reps: int = 5) -> fl
     return statistics.median(times)
 
 
+def cuda_graph(fn: Callable[[], object], times: int = 1) -> torch.cuda.CUDAGraph:
+    """``fn`` called ``times`` times back to back, captured in one CUDA graph (after a warm-up
+    call on a side stream, as capture requires)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(times):
+            fn()
+    return graph
+
+
 def peak_extra_bytes(fn: Callable[[], object], device: torch.device) -> int | None:
     """Peak CUDA memory ``fn`` allocates beyond what was live before it (None on CPU)."""
     if device.type != "cuda":

@@ -204,7 +204,7 @@ def scenarios(classes: int = 1000, ipc: int = 10) -> Iterator[tuple[str, Callabl
                         yield name, partial(ops.class_sums, z, plan, classes, "triton", out)
                     for objective in ("flow", "decouple"):
                         grad = ops.TritonGrad(
-                            torch.zeros(classes, ops.sums_width(d)), torch.zeros(1), consts, objective, 0.1
+                            torch.zeros(classes, ops.sums_width(d)), torch.zeros(1), 0, consts, objective, 0.1
                         )
                         name = f"backward {shape} {short} {order} {objective}"
                         yield name, partial(ops.grad_rows, grad, plan, torch.ones(1), dtype, "triton")

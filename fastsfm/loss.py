@@ -38,11 +38,13 @@ class SFMLoss(nn.Module):
     row plan (class order, boundaries) is cached as well.
 
     **torch.compile**: a step that calls the module compiles with ``fullgraph=True`` (both
-    backends).  While Dynamo traces, the module keeps no Python-side cache and runs no check
-    that needs a host synchronisation (a data-dependent ``raise`` cannot be traced): the row
-    plan is rebuilt inside the graph (a sort of the labels) and the label range, empty classes
-    and non-finite features are not checked.  Validate eagerly first (one eager call, or
-    :func:`fastsfm.sfm_loss`) when the labels or features may be bad.
+    backends).  While Dynamo traces, the module runs no check that needs a host
+    synchronisation (a data-dependent ``raise`` cannot be traced): the label range, empty classes
+    and non-finite features are not checked.  With fixed labels (a distillation step), call
+    :meth:`prepare` once: the compiled step then uses the prepared row plan as a constant;
+    otherwise the plan is rebuilt inside the graph (a sort of the labels per call).  Validate
+    eagerly first (:meth:`prepare`, one eager call, or :func:`fastsfm.sfm_loss`) when the labels
+    or features may be bad.
     """
 
     def __init__(
@@ -79,6 +81,7 @@ class SFMLoss(nn.Module):
             for name, value in consts.to(torch.float32).tensors().items():
                 self.register_buffer(name + _F32, value, persistent=False)
         self._consts: dict[str, ops.FlowConstants] = {}
+        self._prepared: ops.LabelPlan | None = None
         self._plan: ops.LabelPlan | None = None
         self._plan_key: tuple | None = None
 
@@ -99,7 +102,7 @@ class SFMLoss(nn.Module):
 
     def _apply(self, fn, *args, **kwargs):
         """Module moves and casts replace the buffers: forget the constants and the plan built on them."""
-        self._consts, self._plan, self._plan_key = {}, None, None
+        self._consts, self._plan, self._plan_key, self._prepared = {}, None, None, None
         return super()._apply(fn, *args, **kwargs)
 
     def _label_plan(self, features: Tensor, labels: Tensor, backend: str) -> tuple[ops.LabelPlan, bool]:
@@ -116,13 +119,26 @@ class SFMLoss(nn.Module):
             self._plan_key = key
         return self._plan, self.validate == "always" or (fresh and self.validate == "once")
 
+    def prepare(self, labels: Tensor, features: Tensor) -> SFMLoss:
+        """Validate ``labels`` and build their row plan now, for the backend ``features`` select
+        (one host synchronisation).  A compiled step that calls the module with labels of the same
+        shape then uses this plan as a constant -- no sort of the labels inside the graph -- and
+        does not read its labels argument: pass the prepared labels.  Returns the module."""
+        backend = resolve_backend(self.backend, features)
+        self._prepared = self._label_plan(features, labels, backend)[0]
+        return self
+
     def forward(self, features: Tensor, labels: Tensor) -> Tensor:
         """``features`` (N, D), ``labels`` (N,) -> the loss (0-dim)."""
         backend = resolve_backend(self.backend, features)
         if torch.compiler.is_compiling():
             check_batch(features, labels, self.num_classes, self.centers.shape[1], self.centers.device, sync=False)
-            dim = self.centers.shape[1] if backend == "triton" else None
-            plan = ops.label_plan(labels, self.num_classes, contiguous=False, dim=dim, balance=False)
+            prepared = self._prepared
+            if prepared is not None and prepared.labels.shape == labels.shape:
+                plan = prepared
+            else:  # no prepared plan: build one inside the graph (a sort; no host synchronisation)
+                dim = self.centers.shape[1] if backend == "triton" else None
+                plan = ops.label_plan(labels, self.num_classes, contiguous=False, dim=dim, balance=False)
             check = False
         else:
             plan, check = self._label_plan(features, labels, backend)

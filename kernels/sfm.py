@@ -126,6 +126,14 @@ def _item_rows(ITEMS, OFFS, item):
 
 
 @triton.jit
+def _sorted_rows(PERM, pos, rmask, CONTIGUOUS: tl.constexpr):
+    """Row indices (int64) of class-order positions ``pos``: themselves, or ``PERM[pos]``."""
+    if CONTIGUOUS:
+        return pos.to(tl.int64)
+    return tl.load(PERM + pos, mask=rmask, other=0).to(tl.int64)
+
+
+@triton.jit
 def _class_sums_kernel(
     # data
     Z,  # (N, D) features, float32 / bfloat16 / float16, any strides
@@ -164,10 +172,7 @@ def _class_sums_kernel(
     for r0 in tl.range(lo, hi, BLOCK_R, num_stages=STAGES):
         pos = r0 + tl.arange(0, BLOCK_R)
         rmask = pos < hi
-        if CONTIGUOUS:
-            rows = pos.to(tl.int64)
-        else:
-            rows = tl.load(PERM + pos, mask=rmask, other=0).to(tl.int64)
+        rows = _sorted_rows(PERM, pos, rmask, CONTIGUOUS)
         x = tl.load(Z + rows[:, None] * stride_zr + cols[None, :] * stride_zc, mask=rmask[:, None] & dmask[None, :])
         x = tl.where(rmask[:, None] & dmask[None, :], x, 0.0)
         if GROUP == 1:
@@ -439,67 +444,29 @@ def _backward_kernel(
     alpha1 = tl.load(coef)
     alpha2 = tl.load(coef + 1)
     gout = tl.load(GOUT).to(tl.float32)
-    if GROUP == 1:  # one class: its G/n row once, then every row of the class
+    if GROUP == 1:  # one class: its G/n row once, for every row of the class
         one = tl.arange(0, 1)
-        g = _grad_tile(
-            SUMS,
-            FLOW,
-            CENTERS,
-            NONTARGET,
-            c0 + one,
-            one == 0,
-            cols,
-            dmask,
-            s,
-            vv,
-            alpha1,
-            alpha2,
-            inv_k,
-            C,
-            D,
-            W,
+        g1 = _grad_tile(
+            SUMS, FLOW, CENTERS, NONTARGET, c0 + one, one == 0, cols, dmask, s, vv, alpha1, alpha2, inv_k, C, D, W,
             OBJECTIVE,
-        )
-        g = (g * gout).to(DZ.dtype.element_ty)
-        for r0 in tl.range(lo, hi, BLOCK_R):
-            pos = r0 + tl.arange(0, BLOCK_R)
-            rmask = pos < hi
-            if CONTIGUOUS:
-                rows = pos.to(tl.int64)
-            else:
-                rows = tl.load(PERM + pos, mask=rmask, other=0).to(tl.int64)
-            tile = tl.broadcast_to(g, (BLOCK_R, BLOCK_D))
-            tl.store(DZ + rows[:, None] * D + cols[None, :], tile, mask=rmask[:, None] & dmask[None, :])
-    else:  # several classes of few rows: each row gathers its class's row
-        for r0 in tl.range(lo, hi, BLOCK_R):
-            pos = r0 + tl.arange(0, BLOCK_R)
-            rmask = pos < hi
-            if CONTIGUOUS:
-                rows = pos.to(tl.int64)
-            else:
-                rows = tl.load(PERM + pos, mask=rmask, other=0).to(tl.int64)
+        )  # fmt: skip
+        g1 = tl.broadcast_to(g1 * gout, (BLOCK_R, BLOCK_D))
+    for r0 in tl.range(lo, hi, BLOCK_R):
+        pos = r0 + tl.arange(0, BLOCK_R)
+        rmask = pos < hi
+        rows = _sorted_rows(PERM, pos, rmask, CONTIGUOUS)
+        if GROUP == 1:
+            tile = g1
+        else:  # several classes of few rows: each row gathers its class's row
             cls = tl.load(SORTED + pos, mask=rmask, other=0)
-            g = _grad_tile(
-                SUMS,
-                FLOW,
-                CENTERS,
-                NONTARGET,
-                cls,
-                rmask,
-                cols,
-                dmask,
-                s,
-                vv,
-                alpha1,
-                alpha2,
-                inv_k,
-                C,
-                D,
-                W,
+            tile = _grad_tile(
+                SUMS, FLOW, CENTERS, NONTARGET, cls, rmask, cols, dmask, s, vv, alpha1, alpha2, inv_k, C, D, W,
                 OBJECTIVE,
-            )
-            out = (g * gout).to(DZ.dtype.element_ty)
-            tl.store(DZ + rows[:, None] * D + cols[None, :], out, mask=rmask[:, None] & dmask[None, :])
+            )  # fmt: skip
+            tile = tile * gout
+        tl.store(
+            DZ + rows[:, None] * D + cols[None, :], tile.to(DZ.dtype.element_ty), mask=rmask[:, None] & dmask[None, :]
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -621,9 +588,9 @@ class Launcher:
     order), skipping the binder.  The key must hold everything Triton specialises on that can
     vary between calls -- the device, tensor dtypes, whether a pointer is 16-byte aligned,
     integer arguments (their value decides ``== 1`` and divisibility by 16) -- the callers pass
-    them (:func:`fastsfm.kernels.class_sums` and friends).  Under the interpreter, and on
-    Triton versions whose compiled kernels lack the launcher fields, every call goes through
-    the JIT.
+    them (:func:`fastsfm.kernels.class_sums` and friends).  Under the interpreter, while Dynamo
+    traces (``torch.compile`` captures the plain JIT launch), and on Triton versions whose
+    compiled kernels lack the launcher fields, every call goes through the JIT.
     """
 
     def __init__(self, kernel):
@@ -635,6 +602,9 @@ class Launcher:
         return self.kernel
 
     def __call__(self, key: tuple, grid: tuple[int, int], args: tuple, constexprs: dict, num_warps: int = 4) -> None:
+        if torch.compiler.is_compiling():  # Dynamo captures a plain JIT launch (its Triton support)
+            self.kernel[grid](*args, **constexprs, num_warps=num_warps)
+            return
         compiled = self.cache.get(key)
         if compiled is None:
             compiled = self.kernel[grid](*args, **constexprs, num_warps=num_warps)
@@ -668,7 +638,9 @@ _backward_launcher = Launcher(_backward_kernel)
 
 
 def _aligned(t: torch.Tensor) -> bool:
-    return t.data_ptr() % 16 == 0
+    """Whether Triton would take ``t``'s pointer as 16-byte aligned (a launch-cache key; not read
+    while Dynamo traces, where :class:`Launcher` goes through the JIT)."""
+    return torch.compiler.is_compiling() or t.data_ptr() % 16 == 0
 
 
 def class_sums(

@@ -67,3 +67,27 @@ def test_eager_module_still_validates_once_outside_compile():
     assert criterion._plan is plan
     with pytest.raises(ValueError, match="labels must lie"):
         criterion(x, y + 100)
+
+
+def test_prepared_labels_leave_no_sort_in_the_compiled_graph():
+    """After ``prepare``, the compiled step uses the prepared row plan: no sort of the labels in the
+    graph (without it, one sort per call), and the same loss and gradients as eager."""
+    model, criterion, x, y = _step_parts("cpu")
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append([str(n.target) for n in gm.graph.nodes])
+        return gm.forward
+
+    def step(inputs, labels):
+        return criterion(model(inputs), labels)
+
+    eager = step(x, y)
+    for prepared in (False, True):
+        if prepared:
+            criterion.prepare(y, x)
+        torch._dynamo.reset()
+        got = torch.compile(step, fullgraph=True, backend=record)(x, y)
+        torch.testing.assert_close(got, eager, rtol=1e-5, atol=1e-6)
+        sorts = [t for t in graphs[-1] if "sort" in t]
+        assert bool(sorts) != prepared, graphs[-1]
