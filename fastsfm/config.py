@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import typing
 from dataclasses import asdict, dataclass, field
 from typing import Literal, get_args
@@ -34,6 +35,7 @@ __all__ = [
     "choices",
     "cli_fields",
     "option",
+    "check_loss_options",
 ]
 
 Objective = Literal["flow", "decouple"]
@@ -89,6 +91,25 @@ DRAWS_VERSION = "2"
 """Version of the keyed random draws (:mod:`fastsfm.rng`); checkpoints of another cannot resume."""
 
 
+def check_loss_options(objective: str, alpha: object, nontarget_divisor: object) -> None:
+    """Raise ``ValueError`` (one line: the option, its range, the value) for an SFM loss option out
+    of range: ``objective`` one of :data:`Objective`, ``alpha`` in [0, 1], ``nontarget_divisor``
+    None (C - 1) or a finite number >= 1.  Shared by :func:`fastsfm.sfm_loss`, :class:`fastsfm.SFMLoss`
+    and :class:`DistillConfig`, so every entry point refuses the same values."""
+    if objective not in get_args(Objective):
+        raise ValueError(f"objective must be one of {list(get_args(Objective))}, got {objective!r}")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= float(alpha) <= 1.0:
+        raise ValueError(f"alpha must be a number in [0, 1], got {alpha!r}")
+    if nontarget_divisor is None:
+        return
+    number = isinstance(nontarget_divisor, (int, float)) and not isinstance(nontarget_divisor, bool)
+    if not number or not math.isfinite(nontarget_divisor) or nontarget_divisor < 1:
+        raise ValueError(
+            f"nontarget_divisor must be a number >= 1, or None for C - 1 (the released script uses C*IPC - 1), "
+            f"got {nontarget_divisor!r}"
+        )
+
+
 def option(default, help: str, **extra):
     """A configuration field with its help text (the command line's flags are generated from them)."""
     return field(default=default, metadata={"help": help, **extra})
@@ -140,6 +161,14 @@ class DistillConfig:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.workers is not None and self.workers < 0:
             raise ValueError(f"workers must be >= 0, got {self.workers}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        for name in ("noise_std", "noise_mean"):
+            if not math.isfinite(getattr(self, name)) or (name == "noise_std" and self.noise_std < 0):
+                raise ValueError(
+                    f"{name} must be a finite number{' >= 0' if name == 'noise_std' else ''}, got {getattr(self, name)}"
+                )
+        check_loss_options(self.objective, self.alpha, self.nontarget_divisor)
         for name, kind in typing.get_type_hints(DistillConfig).items():
             if typing.get_origin(kind) is Literal and getattr(self, name) not in get_args(kind):
                 raise ValueError(f"{name} must be one of {list(get_args(kind))}, got {getattr(self, name)!r}")

@@ -324,9 +324,10 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.pstdev(values)
 
 
-def mean_std(mean: float, std: float) -> str:
-    """A table cell: ``mean ± std`` with one decimal."""
-    return f"{mean:.1f} ± {std:.1f}"
+def mean_std(mean: float, std: float | None, seeds: int = 2) -> str:
+    """A table cell with one decimal: ``mean ± std`` over several seeds; ``mean`` alone for one seed
+    (or no std), where "± 0.0" would read as zero variance."""
+    return f"{mean:.1f}" if std is None or seeds < 2 else f"{mean:.1f} ± {std:.1f}"
 
 
 def summarise(scores: list[Score]) -> list[dict]:
@@ -346,7 +347,8 @@ def summarise(scores: list[Score]) -> list[dict]:
 
 
 def format_markdown(rows: list[dict], metric: str = "top1") -> str:
-    """A Markdown table: one row per set, one column per (mode, backbone), cells ``mean ± std``."""
+    """A Markdown table: one row per set, one column per (mode, backbone), cells ``mean ± std``
+    (``mean`` alone for a single seed)."""
     columns = list(dict.fromkeys((r["mode"], r["backbone"]) for r in rows))
     sets = list(dict.fromkeys(r["set"] for r in rows))
     cell = {(r["set"], r["mode"], r["backbone"]): r for r in rows}
@@ -357,7 +359,9 @@ def format_markdown(rows: list[dict], metric: str = "top1") -> str:
         for mode, backbone in columns:
             r = cell.get((name, mode, backbone))
             values.append(
-                "" if r is None or f"{metric} mean" not in r else mean_std(r[f"{metric} mean"], r[f"{metric} std"])
+                ""
+                if r is None or f"{metric} mean" not in r
+                else mean_std(r[f"{metric} mean"], r[f"{metric} std"], r["seeds"])
             )
         lines.append(f"| {name} | " + " | ".join(values) + " |")
     return "\n".join(lines)

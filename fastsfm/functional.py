@@ -19,13 +19,12 @@ This module validates at the public boundary and dispatches to a backend.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
 from . import ops
-from .config import Backend, Objective, choices
+from .config import Backend, Objective, check_loss_options, choices
+from .reference import divisor_for
 
 __all__ = ["sfm_loss", "check_options", "check_centers", "check_batch", "resolve_backend"]
 
@@ -40,23 +39,10 @@ def _describe(t: object) -> str:
 
 
 def check_options(objective: str, alpha: float, nontarget_divisor: float | None) -> float | None:
-    """Validate the loss options; return the divisor as a float (or None for ``C - 1``)."""
-    if objective not in choices(Objective):
-        raise ValueError(f"objective must be one of {choices(Objective)}, got {objective!r}")
-    if not isinstance(alpha, (int, float)) or not 0.0 <= float(alpha) <= 1.0:
-        raise ValueError(f"alpha must be a number in [0, 1], got {alpha!r}")
-    if nontarget_divisor is None:
-        return None
-    if (
-        not isinstance(nontarget_divisor, (int, float))
-        or not math.isfinite(nontarget_divisor)
-        or nontarget_divisor <= 0
-    ):
-        raise ValueError(
-            f"nontarget_divisor must be a positive number (the released script uses C*IPC - 1), "
-            f"got {nontarget_divisor!r}"
-        )
-    return float(nontarget_divisor)
+    """Validate the loss options (:func:`fastsfm.config.check_loss_options`); return the divisor as a
+    float, or None for ``C - 1``."""
+    check_loss_options(objective, alpha, nontarget_divisor)
+    return None if nontarget_divisor is None else float(nontarget_divisor)
 
 
 def check_centers(centers: object) -> Tensor:
@@ -182,7 +168,7 @@ def sfm_loss(
         consts,
         objective=objective,
         alpha=float(alpha),
-        divisor=float(num_classes - 1) if divisor is None else divisor,
+        divisor=divisor_for(divisor, num_classes),
         backend=chosen,
         validate=True,
     )

@@ -8,6 +8,7 @@ from torch import Tensor, nn
 from . import ops
 from .config import Backend, Objective, Validate, choices
 from .functional import check_batch, check_centers, check_options, resolve_backend
+from .reference import divisor_for
 
 __all__ = ["SFMLoss"]
 
@@ -71,7 +72,7 @@ class SFMLoss(nn.Module):
         if backend not in choices(Backend):
             raise ValueError(f"backend must be one of {choices(Backend)}, got {backend!r}")
         self.objective, self.alpha, self.backend, self.validate = objective, float(alpha), backend, validate
-        self.divisor = float(centers.shape[0] - 1) if divisor is None else divisor
+        self.divisor = divisor_for(divisor, centers.shape[0])
         self.process_group = process_group
         dtype = torch.float64 if centers.dtype == torch.float64 else torch.float32
         consts = ops.flow_constants(centers, dtype)

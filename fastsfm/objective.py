@@ -54,6 +54,7 @@ from .backbones import Backbone
 from .config import DistillConfig
 from .optim import ChunkAdam
 from .precision import loss_scale
+from .reference import divisor_for
 from .stats import ClassStats
 from .synset import SyntheticSet
 
@@ -215,7 +216,7 @@ class SFMObjective(TwoPassStep):
         self.num_classes = stats.num_classes
         self.consts = ops.flow_constants(stats.means.to(self.device))
         self.objective, self.alpha = config.objective, config.alpha
-        self.divisor = float(config.nontarget_divisor or self.num_classes - 1)
+        self.divisor = divisor_for(config.nontarget_divisor, self.num_classes)
         self.backend = "triton" if self.device.type == "cuda" else "torch"
         self._plans: dict[tuple[int, int], ops.LabelPlan] = {}
 

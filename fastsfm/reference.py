@@ -23,12 +23,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["sfm_reference", "real_flow", "synthetic_flow", "class_means_literal"]
+__all__ = ["sfm_reference", "real_flow", "synthetic_flow", "class_means_literal", "divisor_for"]
 
 
 def class_means_literal(features: Tensor, labels: Tensor, num_classes: int) -> Tensor:
     """(C, D) mean of the rows of each class, one boolean mask per class."""
     return torch.stack([features[labels == c].mean(0) for c in range(num_classes)])
+
+
+def divisor_for(nontarget_divisor: float | None, num_classes: int) -> float:
+    """The non-target divisor ``k``: ``nontarget_divisor``, or ``C - 1`` when it is None (the one
+    place the default is resolved)."""
+    return float(num_classes - 1 if nontarget_divisor is None else nontarget_divisor)
 
 
 def real_flow(centers: Tensor) -> tuple[Tensor, Tensor]:
@@ -61,7 +67,7 @@ def sfm_reference(
     num_classes = mu.shape[0]
     t = class_means_literal(z, labels, num_classes)
     nu, flow_real = real_flow(mu)
-    nu_syn, flow_syn = synthetic_flow(t, num_classes - 1 if nontarget_divisor is None else nontarget_divisor)
+    nu_syn, flow_syn = synthetic_flow(t, divisor_for(nontarget_divisor, num_classes))
     if objective == "flow":
         return 1.0 - F.cosine_similarity(flow_real.flatten(), flow_syn.flatten(), dim=0)
     if objective == "decouple":

@@ -151,3 +151,13 @@ def test_an_interrupted_evaluation_resumes_bit_for_bit(setup, tmp_path, monkeypa
     got = compare(Evaluator(bb, stats, cache, cfg), sets, 2, full_data=False, journal=tmp_path / "cut")
     assert evaluated == [("b", 0), ("a", 1), ("b", 1)]  # "a" of seed 0 came from the journal
     assert [asdict(s) for s in got] == [asdict(s) for s in want]
+
+
+def test_single_seed_cells_show_the_mean_alone():
+    """One seed: "48.1", never "48.1 ± 0.0" (which reads as zero variance); several: mean ± std."""
+    from fastsfm.evaluate import Score, format_markdown, summarise
+
+    one = [Score("A", "probe", "vit", 0, 48.125, None)]
+    two = one + [Score("A", "probe", "vit", 1, 50.0, None)]
+    assert "| A | 48.1 |" in format_markdown(summarise(one))
+    assert "| A | 49.1 ± 0.9 |" in format_markdown(summarise(two))

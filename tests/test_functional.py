@@ -114,7 +114,10 @@ def test_bad_inputs_raise_clear_errors(make_bad, err, match):
         ({"alpha": 1.5}, r"alpha must be a number in \[0, 1\]"),
         ({"alpha": -0.1}, r"alpha must be a number in \[0, 1\]"),
         ({"alpha": float("nan")}, r"alpha must be a number in \[0, 1\]"),
-        ({"nontarget_divisor": 0}, "nontarget_divisor must be a positive number"),
+        ({"nontarget_divisor": 0}, "nontarget_divisor must be a number >= 1"),
+        ({"nontarget_divisor": 0.5}, "nontarget_divisor must be a number >= 1"),
+        ({"nontarget_divisor": float("inf")}, "nontarget_divisor must be a number >= 1"),
+        ({"alpha": True}, r"alpha must be a number in \[0, 1\]"),
         ({"backend": "cuda"}, "backend must be"),
     ],
 )

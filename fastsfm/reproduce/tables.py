@@ -90,8 +90,13 @@ def _anchor(dataset: str, ipc: int, mode: str, row: str, backbone: str) -> float
     return table[row][names.index(backbone)] if backbone in names else None
 
 
+def _std(row: dict) -> float | None:
+    """A row's std over seeds, None for a single seed (its cell shows the mean alone)."""
+    return row["top1 std"] if row.get("seeds", 2) > 1 else None
+
+
 def _cell(mean: float, std: float | None, anchor: float | None) -> str:
-    text = f"{mean:.1f}" if std is None else mean_std(mean, std)
+    text = mean_std(mean, std)
     return text + (f" ({anchor:.1f})" if anchor is not None else "")
 
 
@@ -110,7 +115,7 @@ def _same_table(index: dict, full: dict, backbones: list[str], dataset: str, ipc
         cells, means = [], []
         for b in backbones:
             r = full.get(b) if key == "full" else index.get((key, b, b, mode))
-            value = None if r is None else (r["top1"], None) if key == "full" else (r["top1 mean"], r["top1 std"])
+            value = None if r is None else (r["top1"], None) if key == "full" else (r["top1 mean"], _std(r))
             cells.append("" if value is None else _cell(*value, _anchor(dataset, ipc, mode, key, b)))
             means += [] if value is None else [value[0]]
         if any(cells):
@@ -131,7 +136,7 @@ def _cross_table(
             anchor = None
             if anchors and d in pub["backbones"] and e in pub["backbones"]:
                 anchor = anchors[pub["backbones"].index(d)][pub["backbones"].index(e)]
-            cells.append("" if r is None else _cell(r["top1 mean"], r["top1 std"], anchor))
+            cells.append("" if r is None else _cell(r["top1 mean"], _std(r), anchor))
             means += [] if r is None else [r["top1 mean"]]
         body.append((d, cells, means))
     return _table("distill \\ eval", evals, body) if any(means for _, _, means in body) else None
