@@ -30,6 +30,7 @@ __all__ = [
     "distill_setup",
     "run_step",
     "time_steps",
+    "step_seconds",
     "in_child",
 ]
 
@@ -257,6 +258,19 @@ def time_steps(objective, synset, optim, steps: int, device: torch.device) -> fl
     for step in range(1, steps + 1):
         run_step(objective, synset, optim, step)
     return (time.perf_counter() - start) / steps
+
+
+def step_seconds(objective, synset, optim, steps: int, device: torch.device) -> list[float]:
+    """Seconds of each of ``steps`` steps timed one by one (each reads its loss back), after one
+    warm-up step: the samples whose median and spread a noisy host reports honestly."""
+    run_step(objective, synset, optim, 0)
+    synchronize(device)
+    times = []
+    for step in range(1, steps + 1):
+        start = time.perf_counter()
+        run_step(objective, synset, optim, step)
+        times.append(time.perf_counter() - start)
+    return times
 
 
 def _child(queue, path: str, name: str, args: tuple) -> None:

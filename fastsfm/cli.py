@@ -266,7 +266,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
 def cmd_demo(args: argparse.Namespace) -> None:
     from .demo import DemoConfig, run_demo
 
-    run_demo(config_from_args(DemoConfig, args))
+    result = run_demo(config_from_args(DemoConfig, args))
+    print(result["report"])
+    print("wrote " + ", ".join(str(p) for p in result["written"]) + " and the run folders")
 
 
 def cmd_reproduce(args: argparse.Namespace) -> None:

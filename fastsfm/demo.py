@@ -21,6 +21,7 @@ three seeds for every set (about seven minutes).
 from __future__ import annotations
 
 import logging
+import statistics
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -29,7 +30,7 @@ from torch.utils.data import DataLoader
 
 from .backbones import Backbone, load_backbone
 from .baselines.sets import baseline_sources
-from .benchmark import distill_setup, markdown_table, run_step, step_peak_bytes, time_steps
+from .benchmark import distill_setup, markdown_table, run_step, step_peak_bytes, step_seconds
 from .config import ClassifierConfig, DistillConfig, EvalConfig, option
 from .data import digits
 from .distill import distill
@@ -79,16 +80,30 @@ def _describe(backbone: Backbone) -> str:
     return f"{backbone.name} (pre-trained self-supervised by fastsfm.pretrain, {backbone.weights})"
 
 
+TIMED_STEPS = 7
+"""Steps of each method timed after a warm-up step; the demo reports their median and range."""
+
+
 def _efficiency(backbone: Backbone, config: DistillConfig, classes: int, device: torch.device) -> list[dict]:
-    """Step time and peak memory of one SFM and one LGM step, the same backbone, set and pyramid."""
+    """Step time (median of :data:`TIMED_STEPS` steps, with their range) and peak memory of an SFM
+    and an LGM step, the same backbone, set and pyramid."""
     rows = []
     for method in ("sfm", "lgm"):
         method_config = replace(config, method=method)
         synset, optim, objective = distill_setup(backbone, method_config, classes, device)
-        seconds = time_steps(objective, synset, optim, 3, device)
-        peak = step_peak_bytes(lambda o=objective, s=synset, a=optim: run_step(o, s, a, 9), device)
-        views = method_config.effective_views
-        rows.append({"method": method.upper(), "views": views, "step ms": 1e3 * seconds, "peak MiB": peak / 2**20})
+        ms = [1e3 * t for t in step_seconds(objective, synset, optim, TIMED_STEPS, device)]
+        peak = step_peak_bytes(lambda o=objective, s=synset, a=optim: run_step(o, s, a, 99), device)
+        rows.append(
+            {
+                "method": method.upper(),
+                "views": method_config.effective_views,
+                "step ms": statistics.median(ms),
+                "step ms min": min(ms),
+                "step ms max": max(ms),
+                "timed_steps": len(ms),
+                "peak MiB": peak / 2**20,
+            }
+        )
     sfm, lgm = rows
     ratio = {"step ms": lgm["step ms"] / sfm["step ms"], "peak MiB": lgm["peak MiB"] / sfm["peak MiB"]}
     return rows + [{"method": "LGM / SFM", **ratio}]
@@ -103,8 +118,9 @@ def run_demo(
     methods: tuple[str, ...] = ("sfm", "lgm"),
     progress: bool = True,
 ) -> dict:
-    """Run the demo; log and return ``{"rows": accuracy rows, "efficiency": SFM vs LGM rows}``; write
-    results and pictures into ``config.out``.  ``distill_config``, ``backbones``, ``weights`` (name ->
+    """Run the demo (progress logged); write results and pictures into ``config.out``; return
+    ``{"rows": accuracy rows, "efficiency": SFM vs LGM rows, "report": the tables as text,
+    "written": the result files}`` (the command line prints the report and the paths on stdout).  ``distill_config``, ``backbones``, ``weights`` (name ->
     file) and ``methods`` let ``benches/demo_variants.py`` run the README's experiments."""
     config = config or DemoConfig()
     out = Path(config.out)
@@ -201,17 +217,17 @@ def run_demo(
         out / "comparison.png",
         title="rows: image sets (seed 0); columns: digits 0-9",
     )
-    log.info(
-        "\nIPC=%d, %d seeds (LGM: %d), top-1 accuracy %% on %d test digits (mean ± std); columns: evaluation "
-        "mode (evaluation backbone)\n\n%s",
-        config.ipc,
-        eval_config.seeds,
-        lgm_seeds,
-        len(cache.labels),
-        format_markdown(summarise(scores)),
+    report = (
+        f"IPC={config.ipc}, {eval_config.seeds} seeds (LGM: {lgm_seeds}), top-1 accuracy % on {len(cache.labels)} "
+        f"test digits (mean ± std over seeds); columns: evaluation mode (evaluation backbone)\n\n"
+        f"{format_markdown(summarise(scores))}\n"
     )
     if efficiency:
-        log.info("\none distillation step, SFM vs LGM, same backbone and pyramid:\n\n%s", markdown_table(efficiency))
-    log.info("\nwrote %s, results.json, comparison.png and the run folders", out / "results.md")
+        report += (
+            f"\none distillation step, SFM vs LGM, same backbone and pyramid (median of {TIMED_STEPS} timed steps "
+            f"after a warm-up; min and max beside it):\n\n{markdown_table(efficiency)}\n"
+        )
     atomic_write_json(out / "efficiency.json", efficiency)
-    return {"rows": rows, "efficiency": efficiency}
+    written = [out / name for name in ("results.md", "results.json", "efficiency.json", "comparison.png")]
+    return {"rows": rows, "efficiency": efficiency, "report": report, "written": written}
+

@@ -1,5 +1,6 @@
 """The command line end to end on tiny data: stats, distill, eval, demo, help and errors."""
 
+import json
 import re
 from unittest import mock
 
@@ -167,10 +168,17 @@ def test_cli_eval_bad_inputs_write_nothing(tmp_path, capsys):
 
 def test_cli_demo_tiny(tmp_path, capsys):
     main(["demo", "--out", str(tmp_path / "demo"), "--seeds", "1", "--steps", "2", "--eval-epochs", "1"])
-    shown = capsys.readouterr().err  # the demo logs its tables (shown on stderr by the command line)
-    assert "pre-trained self-supervised" in shown and "| SFM |" in shown and "| LGM |" in shown
+    captured = capsys.readouterr()  # results on stdout, progress and logs on stderr
+    shown = captured.out
+    assert "pre-trained self-supervised" in captured.err and "| SFM |" not in captured.err
+    assert "| SFM |" in shown and "| LGM |" in shown
+    assert not [line for line in shown.splitlines() if line.startswith("| SFM |") and "±" in line]  # one seed
     assert "| centroid reals (IPC=1) |" in shown and "| neighbors of SFM (IPC=1) |" in shown
     assert "inherit (digits_resnet)" in shown and "| full data |" in shown and "| LGM / SFM |" in shown
+    assert f"wrote {tmp_path / 'demo' / 'results.md'}" in shown
+    efficiency = json.loads((tmp_path / "demo" / "efficiency.json").read_text())
+    assert [r["timed_steps"] for r in efficiency[:2]] == [7, 7]  # the median of seven steps, with its range
+    assert all(r["step ms min"] <= r["step ms"] <= r["step ms max"] for r in efficiency[:2])
     for name in ("comparison.png", "results.json", "results.md", "sfm-seed0/synset.png", "lgm-seed0/synset.png"):
         assert (tmp_path / "demo" / name).exists(), name
     assert "One distillation step, SFM vs LGM" in (tmp_path / "demo" / "results.md").read_text()
