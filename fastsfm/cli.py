@@ -281,7 +281,9 @@ def cmd_reproduce(args: argparse.Namespace) -> None:
         grid.device = str(device)
     if args.device is not None:
         grid.device = args.device
-    run_grid(grid, dry_run=args.dry_run)
+    outcome = run_grid(grid, dry_run=args.dry_run)
+    if outcome.report is not None:
+        print(outcome.report)
 
 
 def build_parser() -> argparse.ArgumentParser:

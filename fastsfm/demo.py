@@ -120,8 +120,9 @@ def run_demo(
 ) -> dict:
     """Run the demo (progress logged); write results and pictures into ``config.out``; return
     ``{"rows": accuracy rows, "efficiency": SFM vs LGM rows, "report": the tables as text,
-    "written": the result files}`` (the command line prints the report and the paths on stdout).  ``distill_config``, ``backbones``, ``weights`` (name ->
-    file) and ``methods`` let ``benches/demo_variants.py`` run the README's experiments."""
+    "written": the result files}`` (the command line prints the report and the paths on stdout).
+    ``distill_config``, ``backbones``, ``weights`` (name -> file) and ``methods`` let
+    ``benches/demo_variants.py`` run the README's experiments."""
     config = config or DemoConfig()
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -230,4 +231,3 @@ def run_demo(
     atomic_write_json(out / "efficiency.json", efficiency)
     written = [out / name for name in ("results.md", "results.json", "efficiency.json", "comparison.png")]
     return {"rows": rows, "efficiency": efficiency, "report": report, "written": written}
-

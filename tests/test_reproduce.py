@@ -55,10 +55,12 @@ def test_grid_runs_end_to_end_writes_the_tables_and_resumes(tmp_path, monkeypatc
     assert ("stats", "vit_tiny_patch16_224", "") in first and ("eval", "test_vit", "sfm") in first
     calls.clear()
     interrupt["on"] = False
-    cells = run_grid(grid, progress=False)  # resumes: finished cells are not redone
+    outcome = run_grid(grid, progress=False)  # resumes: finished cells are not redone
+    cells = outcome.cells
     assert calls[0] == ("eval", "test_vit", "sfm") and all(k == "eval" for k, *_ in calls) and len(calls) == 2
     assert all(c.done() for c in cells) and len(cells) == 2 * (2 + 2 + 2)
     out = tmp_path / "grid" / "imagenette"
+    assert outcome.report.startswith(f"wrote {out / 'results_ipc1.md'}")
     md = (out / "results_ipc1.md").read_text()
     assert "## Same backbone, probe" in md and "## Cross-backbone, SFM, inherit" in md
     assert (
@@ -73,11 +75,10 @@ def test_grid_runs_end_to_end_writes_the_tables_and_resumes(tmp_path, monkeypatc
     assert calls == []  # everything done: nothing runs
 
 
-def test_dry_run_logs_the_plan_with_projected_hours(tmp_path, caplog):
+def test_dry_run_reports_the_plan_with_projected_hours(tmp_path):
     grid = _grid(tmp_path, imagenet_folder(tmp_path / "imagenet"), methods=["sfm", "lgm", "centroid"])
-    with caplog.at_level("INFO", logger="fastsfm"):
-        cells = run_grid(grid, dry_run=True)
-    out = caplog.text
+    outcome = run_grid(grid, dry_run=True)
+    cells, out = outcome.cells, outcome.report
     assert "| distill imagenette vit_tiny_patch16_224 IPC=1 sfm | to run |" in out
     assert "| distill imagenette test_vit IPC=1 lgm | to run |" in out and "projected device hours" in out
     assert len(cells) == len(plan_grid(grid)) and not (tmp_path / "grid").exists()
@@ -137,10 +138,11 @@ def test_reproduce_command_line(tmp_path, capsys):
         "[distill]\nsteps = 1\n[eval]\nepochs = 1\nseeds = 1\n"
     )
     main(["reproduce", str(config), "--root", str(root), "--device", "cpu", "--dry-run"])
-    shown = capsys.readouterr().err  # library messages go to stderr through the command line's handler
+    shown = capsys.readouterr().out  # the plan is the dry run's result: stdout
     assert "| distill imagenette test_vit IPC=1 sfm | to run |" in shown and "images/s per worker" in shown
     main(["reproduce", str(config), "--root", str(root), "--device", "cpu"])
     assert (tmp_path / "grid" / "imagenette" / "results_ipc1.md").exists()
+    assert f"wrote {tmp_path / 'grid' / 'imagenette' / 'results_ipc1.md'}" in capsys.readouterr().out
     with pytest.raises(SystemExit) as exc:
         main(["reproduce", str(config), "--root", str(tmp_path / "nowhere")])
     assert exc.value.code == 2 and "does not exist" in capsys.readouterr().err

@@ -21,7 +21,7 @@ from .plan import Cell, plan_grid
 from .projection import projection
 from .tables import write_tables
 
-__all__ = ["run_grid"]
+__all__ = ["run_grid", "GridOutcome"]
 
 log = logging.getLogger(__name__)
 
@@ -30,15 +30,23 @@ def _everyone(cell: Cell) -> bool:
     return cell.kind in ALL_RANKS or (cell.kind == "distill" and cell.name == "sfm")
 
 
-def run_grid(grid: GridConfig, dry_run: bool = False, progress: bool = True) -> list[Cell]:
-    """Validate, log the plan, then run every cell not yet done (or, ``dry_run``, print its projected
-    device hours instead); finally write the tables.  Returns the plan."""
+@dataclasses.dataclass
+class GridOutcome:
+    """What :func:`run_grid` did: the plan, and on rank 0 its report -- the projection of a dry
+    run, else the paths of the tables written (the command line prints it on stdout)."""
+
+    cells: list[Cell]
+    report: str | None
+
+
+def run_grid(grid: GridConfig, dry_run: bool = False, progress: bool = True) -> GridOutcome:
+    """Validate, log the plan, then run every cell not yet done (or, ``dry_run``, project its
+    device hours instead); finally write the tables."""
     validate_grid(grid)
     cells = plan_grid(grid)
     run = Run(grid, progress)
     if dry_run:
-        run_on_rank0(lambda: log.info(projection(run, cells)[0]))
-        return cells
+        return GridOutcome(cells, run_on_rank0(lambda: projection(run, cells)[0]))
     todo = [c for c in cells if not c.done()]
     if run.rank == 0:
         log.info("grid %s: %d cells, %d done, %d to run", grid.out, len(cells), len(cells) - len(todo), len(todo))
@@ -49,10 +57,8 @@ def run_grid(grid: GridConfig, dry_run: bool = False, progress: bool = True) -> 
         work = lambda cell=cell: RUNNERS[cell.kind](run, cell)  # noqa: E731
         run_on_all(work) if _everyone(cell) else run_on_rank0(work)
 
-    def tables() -> None:
-        for dataset in grid.datasets:
-            for ipc in grid.ipc:
-                write_tables(grid, dataset, ipc)
+    def tables() -> str:
+        written = [write_tables(grid, dataset, ipc) for dataset in grid.datasets for ipc in grid.ipc]
+        return "wrote " + ", ".join(str(p) for p in written) + " (and their .csv/.json)"
 
-    run_on_rank0(tables)
-    return cells
+    return GridOutcome(cells, run_on_rank0(tables))
