@@ -46,7 +46,7 @@ def test_lgm_objective_is_a_function_of_seed_and_step(setup):
     cfg = CFG
     losses = []
     for order in ((0, 1, 2), (2,)):  # a fresh objective jumping to step 2 (a resume) sees the same batch
-        objective = build_objective(cfg, bb, stats, torch.device("cpu"), real=toy_data())
+        objective = build_objective(cfg, bb, stats, torch.device("cpu"), real=toy_data(10))
         assert isinstance(objective, LGMObjective)
         for step in order:
             synset = grown_set()
@@ -59,7 +59,7 @@ def test_chunked_lgm_step_equals_one_graph_and_the_double_backward(setup):
     """Chunks of 5 and 1 images give the one-graph step's loss and gradients; the one-graph step equals
     the literal bi-level computation (LGM's double backward through the synthetic head gradient)."""
     bb, stats = setup
-    real = toy_data()
+    real = toy_data(10)
     results = {}
     for chunk in (None, 5, 1):
         synset = grown_set()
@@ -100,11 +100,18 @@ def test_chunked_lgm_step_equals_one_graph_and_the_double_backward(setup):
 
 
 def test_real_batches_are_drawn_per_epoch_without_replacement():
-    """LGM's shuffled loader: every epoch is a permutation; a step's batch continues across epochs."""
+    """LGM's shuffled loader with drop_last: every epoch is a permutation cut into whole batches, its
+    last partial batch dropped -- no batch holds an image twice, none crosses an epoch."""
     sampler = RealBatches(size=10, batch=4, piece=3, seed=0)
-    positions = torch.cat([sampler.batch_indices(s) for s in range(5)])  # 20 positions: two epochs
-    assert sorted(positions[:10].tolist()) == list(range(10)) and sorted(positions[10:].tolist()) == list(range(10))
-    assert not torch.equal(positions[:10], positions[10:])
+    batches = [sampler.batch_indices(s) for s in range(6)]  # two batches per epoch: three epochs
+    for epoch in range(3):
+        seen = torch.cat(batches[2 * epoch : 2 * epoch + 2]).tolist()
+        assert len(set(seen)) == 8 and set(seen) <= set(range(10))
+    assert not torch.equal(batches[0], batches[2])
+    wide = RealBatches(size=40, batch=36, piece=36, seed=0)  # the issue's case: 40 images, batches of 36
+    assert all(len(set(wide.batch_indices(s).tolist())) == 36 for s in range(200))
+    with pytest.raises(ValueError, match="larger than the 10 real images"):
+        RealBatches(size=10, batch=11, piece=4, seed=0)
     pieces = iter(sampler)
     assert [len(next(pieces)) for _ in range(4)] == [3, 1, 3, 1] and sampler.pieces_per_step() == 2
     assert torch.equal(RealBatches(10, 4, 3, seed=0).batch_indices(3), sampler.batch_indices(3))

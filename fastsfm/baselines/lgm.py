@@ -16,9 +16,10 @@ the synthetic gradient chunk by chunk without a graph, the loss and ``G = dL/dg_
 pass 2 back-propagates ``<G, [dW | db] of the chunk>``.  So a step whose one graph would not fit
 the device (about 3,000 crops at ImageNet-1k, IPC 1, 3 views) runs in chunks instead.
 
-**Real batches**, as LGM's shuffled ``DataLoader``: each epoch is a fresh permutation of the
-train set (without replacement), and step ``s`` takes positions ``s*B .. (s+1)*B - 1`` of the
-epochs laid end to end -- a function of (seed, step), so a resumed run continues exactly.  They
+**Real batches**, as LGM's shuffled ``DataLoader`` with ``drop_last``: each epoch is a fresh
+permutation of the train set (without replacement) cut into ``floor(N / B)`` batches, the last
+partial batch dropped, so no batch holds an image twice; step ``s`` takes batch ``s mod floor(N/B)``
+of epoch ``s div floor(N/B)`` -- a function of (seed, step), so a resumed run continues exactly.  They
 are loaded in pieces (at most a chunk, and sized so that the pieces the workers keep in flight
 fit in shared memory, :func:`fastsfm.data.shm_items`), augmented and encoded without a graph.
 
@@ -79,7 +80,13 @@ class RealBatches(Sampler):
     """
 
     def __init__(self, size: int, batch: int, piece: int, seed: int):
+        if batch > size:
+            raise ValueError(
+                f"LGM's real batch (ipc x views x classes = {batch} images) is larger than the {size} real "
+                "images: a batch would hold images twice (use fewer views or more real images)"
+            )
         self.size, self.batch, self.piece, self.seed, self.start = size, batch, piece, seed, 0
+        self.per_epoch = size // batch
         self._epoch: tuple[int, Tensor] | None = None
 
     def pieces_per_step(self) -> int:
@@ -92,14 +99,9 @@ class RealBatches(Sampler):
         return self._epoch[1]
 
     def batch_indices(self, step: int) -> Tensor:
-        """The dataset indices of step ``step``'s batch."""
-        positions = torch.arange(step * self.batch, (step + 1) * self.batch)
-        epochs = positions // self.size
-        out = torch.empty(self.batch, dtype=torch.int64)
-        for epoch in epochs.unique().tolist():
-            where = epochs == epoch
-            out[where] = self._permutation(epoch)[positions[where] % self.size]
-        return out
+        """The dataset indices of step ``step``'s batch: batch ``step mod floor(N/B)`` of its epoch."""
+        epoch, k = divmod(step, self.per_epoch)
+        return self._permutation(epoch)[k * self.batch : (k + 1) * self.batch]
 
     def __iter__(self):
         step = self.start
