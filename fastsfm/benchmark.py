@@ -200,6 +200,20 @@ def loss_problem(
     return feats.to(device=device, dtype=dtype), labels.to(device), centers.to(device)
 
 
+class _Cycled(torch.utils.data.Dataset):
+    """``base`` seen as ``length`` items (item i is ``base[i % len(base)]``): enough distinct indices
+    for one real batch of LGM without holding that many random images."""
+
+    def __init__(self, base, length: int):
+        self.base, self.length = base, length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, i: int):
+        return self.base[i % len(self.base)]
+
+
 def distill_setup(
     backbone,
     config,
@@ -209,7 +223,8 @@ def distill_setup(
     seed: int = 0,
 ):
     """What one timed distillation step needs: random statistics of ``backbone`` for ``classes``
-    classes, random real images at ``config.resolution`` (``real_per_class`` each), a synthetic set
+    classes, random real images at ``config.resolution`` (``real_per_class`` each, cycled to as many
+    indices as one LGM real batch needs), a synthetic set
     with every pyramid level (as after its last growth), its optimiser and the objective of
     ``config.method`` -- ``(synset, optim, objective)``.  Time and memory do not depend on the values."""
     from torch.utils.data import TensorDataset
@@ -233,6 +248,8 @@ def distill_setup(
         torch.rand(classes * real_per_class, 3, res, res, generator=gen),
         torch.arange(classes).repeat_interleave(real_per_class),
     )
+    batch = config.ipc * config.effective_views * classes  # LGM's real batch: at least that many indices
+    real = _Cycled(real, max(len(real), batch))
     storage = "cpu" if config.offload else device
     synset = SyntheticSet(classes, config.ipc, res, extent=1, storage=storage, offload=config.offload, seed=seed)
     step = 0

@@ -1,10 +1,11 @@
-"""``fastsfm`` command line: stats, distill, eval, demo.
+"""``fastsfm`` command line: stats, distill, eval, export, reproduce, demo.
 
     fastsfm demo                                   # offline CPU demo on the embedded digits
     fastsfm stats   --data DIR --backbone dinov2_vitb14 --out stats.safetensors
     fastsfm distill --data DIR --stats stats.safetensors --backbone dinov2_vitb14 --ipc 1 --out runs/x
     fastsfm eval    --synset runs/x/synset.safetensors --stats stats.safetensors --data DIR --test-data DIR \\
                     --backbone dinov2_vitb14
+    fastsfm export  runs/x --out runs/x/images       # <class>/<image>.png + synset.json
     torchrun --nproc_per_node=8 -m fastsfm.cli distill ...   # stats and distill shard over ranks
 
 The distillation flags are derived from :class:`fastsfm.config.DistillConfig` (names, types,
@@ -26,21 +27,41 @@ from typing import Literal
 import torch
 
 from . import __version__
-from .config import Baseline, ClassifierConfig, DistillConfig, EvalConfig, Precision, Preprocess, choices, cli_fields
+from .config import (
+    Baseline,
+    ClassifierConfig,
+    DistillConfig,
+    EvalConfig,
+    Precision,
+    Preprocess,
+    choices,
+    cli_fields,
+    with_defaults,
+)
 from .distributed import shutdown
 
 __all__ = ["main", "build_parser", "add_config_flags", "config_from_args"]
 
+DEFAULT_BACKBONE = "dinov2_vitb14"
 WORKERS_HELP = "image-decoding worker processes (default: this process's CPUs shared among the node's processes)"
 
 
 def add_config_flags(parser: argparse.ArgumentParser, cls: type, title: str) -> None:
-    """One ``--flag`` per field of the config dataclass ``cls`` (Literal -> choices, bool -> --x/--no-x)."""
+    """One ``--flag`` per field of the config dataclass ``cls`` (Literal -> choices, bool -> --x/--no-x).
+
+    A flag that is not given leaves no attribute (``argparse.SUPPRESS``): :func:`config_from_args`
+    then takes the dataset's default, else the field's (the help shows the field's)."""
     group = parser.add_argument_group(title)
     for name, kind, default, text in cli_fields(cls):
         flag = "--" + name.replace("_", "-")
         if kind is bool:
-            group.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=default, help=text)
+            group.add_argument(
+                flag,
+                dest=name,
+                action=argparse.BooleanOptionalAction,
+                default=argparse.SUPPRESS,
+                help=f"{text} (default: {default})",
+            )
             continue
         args = typing.get_args(kind)
         if typing.get_origin(kind) is tuple:  # tuple[Literal[...], ...]: a list of choices
@@ -49,28 +70,35 @@ def add_config_flags(parser: argparse.ArgumentParser, cls: type, title: str) -> 
                 dest=name,
                 nargs="+",
                 choices=list(typing.get_args(args[0])),
-                default=default,
+                default=argparse.SUPPRESS,
                 help=f"{text} (default: {' '.join(default)})",
             )
             continue
         if typing.get_origin(kind) is Literal:
             group.add_argument(
-                flag, dest=name, choices=list(args), default=default, help=f"{text} (default: {default})"
+                flag, dest=name, choices=list(args), default=argparse.SUPPRESS, help=f"{text} (default: {default})"
             )
             continue
         if typing.get_origin(kind) in (typing.Union, types.UnionType):  # X | None
             kind = next(a for a in args if a is not type(None))
-        group.add_argument(flag, dest=name, type=kind, default=default, help=f"{text} (default: {default})")
+        group.add_argument(flag, dest=name, type=kind, default=argparse.SUPPRESS, help=f"{text} (default: {default})")
 
 
-def config_from_args(cls: type, args: argparse.Namespace):
-    """The config dataclass ``cls`` from parsed flags (its validation applies)."""
-    return cls(
-        **{
-            name: tuple(v) if isinstance(v, list) else v
-            for name, v in ((name, getattr(args, name)) for name, *_ in cli_fields(cls))
-        }
-    )
+def config_from_args(cls: type, args: argparse.Namespace, defaults: dict[str, object] | None = None):
+    """The config dataclass ``cls`` from parsed flags, with ``defaults`` (the dataset's,
+    :func:`fastsfm.datasets.dataset_defaults`) for the flags not given (its validation applies)."""
+    given = {
+        name: tuple(v) if isinstance(v, list) else v
+        for name, v in ((name, getattr(args, name)) for name, *_ in cli_fields(cls) if hasattr(args, name))
+    }
+    return with_defaults(cls, defaults or {}, **given)
+
+
+def _defaults(args: argparse.Namespace) -> dict[str, object]:
+    """The defaults of the dataset of ``--data`` (empty without one)."""
+    from .datasets import dataset_defaults
+
+    return dataset_defaults(getattr(args, "data", None))
 
 
 SYNTHETIC_PRECISION_HELP = (
@@ -87,9 +115,10 @@ def _add_backbone(p: argparse.ArgumentParser, synthetic: bool = True, real: bool
     g = p.add_argument_group("backbone")
     g.add_argument(
         "--backbone",
-        default="dinov2_vitb14",
+        default=None,
         help="a paper alias (dinov2_vitb14, clip_vitb16, eva02_vitb14, mocov3_vitb16, ...; see "
-        "fastsfm.backbones.ALIASES), an author name (dinov2_vitb, ...) or any timm name",
+        f"fastsfm.backbones.ALIASES), an author name (dinov2_vitb, ...) or any timm name (default: {DEFAULT_BACKBONE}; "
+        "digits: digits_vit)",
     )
     w = g.add_mutually_exclusive_group()
     w.add_argument(
@@ -127,7 +156,7 @@ def _backbone(args: argparse.Namespace, name: str | None = None, weights: str | 
     given = weights if name else args.weights
     pretrained = given or (False if args.random_init else True)
     return load_backbone(
-        name or args.backbone,
+        name or args.backbone or _defaults(args).get("backbone", DEFAULT_BACKBONE),
         pretrained,
         args.image_size,
         device=args.device,
@@ -151,7 +180,10 @@ def _add_data(p: argparse.ArgumentParser, required: bool, test: bool = False, re
 
 
 def _resolution(args: argparse.Namespace) -> int:
-    return args.resolution or (32 if args.data == "digits" else 256)
+    """``--resolution``, else the dataset's default, else 256: one rule for every subcommand."""
+    from .datasets import DEFAULT_RESOLUTION
+
+    return args.resolution or int(_defaults(args).get("resolution", DEFAULT_RESOLUTION))
 
 
 def _data(args: argparse.Namespace, crop: int):
@@ -173,7 +205,7 @@ def _join_torchrun(args: argparse.Namespace) -> int:
 def cmd_stats(args: argparse.Namespace) -> None:
     from .stats import dataset_stats
 
-    classifier = config_from_args(ClassifierConfig, args)
+    classifier = config_from_args(ClassifierConfig, args, _defaults(args))
     rank = _join_torchrun(args)
     backbone = _backbone(args)
     data = _data(args, backbone.input_size)
@@ -193,7 +225,7 @@ def cmd_distill(args: argparse.Namespace) -> None:
     from .distill import distill
     from .stats import ClassStats
 
-    config = config_from_args(DistillConfig, args)
+    config = config_from_args(DistillConfig, args, _defaults(args))
     args.precision = config.precision
     rank = _join_torchrun(args)
     backbone = _backbone(args)
@@ -211,7 +243,7 @@ def cmd_distill(args: argparse.Namespace) -> None:
         print(f"wrote {Path(args.out) / 'synset.safetensors'}, synset.png, loss.png and metrics.jsonl")
 
 
-def _image_sets(args: argparse.Namespace, data, stats, distill_bb, resolution: int) -> list:
+def _image_sets(args: argparse.Namespace, seeds: int, data, stats, distill_bb, resolution: int) -> list:
     """The sets to evaluate: --synset files/folders and the --baselines that select real images
     (:mod:`fastsfm.baselines.sets`; neighbors: of each --synset)."""
     from .baselines.sets import baseline_sources
@@ -227,7 +259,7 @@ def _image_sets(args: argparse.Namespace, data, stats, distill_bb, resolution: i
             return encode(distill_bb, data.train_eval, device=args.device, workers=args.workers, progress=True)
 
     sets = synthetic + baseline_sources(
-        data, baselines, ipc, args.seeds, features, stats.means, synthetic, distill_bb, args.device
+        data, baselines, ipc, seeds, features, stats.means, synthetic, distill_bb, args.device
     )
     if not sets and "full" not in args.baselines:
         raise ValueError("nothing to evaluate: give --synset and/or --baselines")
@@ -238,7 +270,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from .evaluate import Evaluator, FeatureCache, compare, format_markdown, summarise, write_results
     from .stats import ClassStats
 
-    config = config_from_args(EvalConfig, args)
+    config = config_from_args(EvalConfig, args, _defaults(args))
     distill_bb = _backbone(args)
     eval_bb = _backbone(args, args.eval_backbone, args.eval_weights) if args.eval_backbone else distill_bb
     stats = ClassStats.load(args.stats)
@@ -246,7 +278,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     if data.test is None:
         raise ValueError("--test-data is needed (the real test split)")
     stats.check_compatible(distill_bb, num_classes=data.num_classes)
-    sets = _image_sets(args, data, stats, distill_bb, _resolution(args))
+    sets = _image_sets(args, config.seeds, data, stats, distill_bb, _resolution(args))
     cache = FeatureCache(data.test, args.device, args.workers, args.real_precision)
     evaluator = Evaluator(distill_bb, stats, cache, config, [eval_bb], args.device)
     journal = Path(args.out) / "journal" if args.out else None  # a rerun of the command resumes
@@ -261,6 +293,16 @@ def cmd_eval(args: argparse.Namespace) -> None:
         }
         write_results(scores, args.out, meta)
         print(f"wrote {Path(args.out) / 'results.json'} and results.md")
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from .export import SET_JSON, export_image_folder
+    from .stats import ClassStats
+
+    names = ClassStats.load(args.stats).class_names if args.stats else None
+    out = export_image_folder(args.synset, args.out, names)
+    files = sorted(out.rglob("*.png"))
+    print(f"wrote {out}: {len(files)} PNG images in {len({f.parent for f in files})} class folders, and {SET_JSON}")
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -341,6 +383,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="folder for results.json and results.md")
     add_config_flags(p, EvalConfig, "evaluation (EvalConfig)")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser(
+        "export", help="a distilled set as an image folder (<class>/<image>.png) for ImageFolder, timm, LGM's eval"
+    )
+    p.add_argument("synset", help="a synset.safetensors file, or a run folder of `fastsfm distill`")
+    p.add_argument("--out", required=True, help="the image folder to write (must not exist, or be empty)")
+    p.add_argument("--stats", default=None, help="statistics whose class names name the folders (default: the set's)")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("reproduce", help="a resumable grid of datasets x backbones x IPC x methods x evaluations")
     p.add_argument("config", help="a grid TOML file, or a shipped one: imagenet100-ipc1, imagenet1k-ipc1")

@@ -36,6 +36,7 @@ __all__ = [
     "cli_fields",
     "option",
     "check_loss_options",
+    "with_defaults",
 ]
 
 Objective = Literal["flow", "decouple"]
@@ -228,6 +229,13 @@ class EvalConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         self.mode = tuple(dict.fromkeys(self.mode))
+
+
+def with_defaults(cls: type, defaults: dict[str, object], **given: object):
+    """``cls(...)`` from ``given`` values, then ``defaults`` (e.g. a dataset's) for the fields ``given``
+    leaves out, then the class's own defaults; keys of ``defaults`` that are not fields are ignored."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{**{k: v for k, v in defaults.items() if k in names}, **given})
 
 
 def choices(kind: object) -> list[str]:

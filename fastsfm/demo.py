@@ -31,8 +31,9 @@ from torch.utils.data import DataLoader
 from .backbones import Backbone, load_backbone
 from .baselines.sets import baseline_sources
 from .benchmark import distill_setup, markdown_table, run_step, step_peak_bytes, step_seconds
-from .config import ClassifierConfig, DistillConfig, EvalConfig, option
+from .config import ClassifierConfig, DistillConfig, EvalConfig, option, with_defaults
 from .data import digits
+from .datasets import dataset_defaults
 from .distill import distill
 from .evaluate import Evaluator, FeatureCache, ImageSet, compare, format_markdown, summarise, write_results
 from .io import atomic_write_json
@@ -44,17 +45,17 @@ __all__ = ["DemoConfig", "run_demo", "DEMO_DISTILL", "DEMO_EVAL", "DEMO_CLASSIFI
 
 log = logging.getLogger(__name__)
 
-DEMO_BACKBONES = ("digits_vit", "digits_resnet")
-DEMO_DISTILL = DistillConfig(
-    ipc=1, steps=300, lr=2e-2, resolution=32, pyramid_extent=40, checkpoint_every=100, workers=0
-)
+_DIGITS = dataset_defaults("digits")
+DEMO_BACKBONES = (str(_DIGITS["backbone"]), "digits_resnet")
+DEMO_DISTILL = with_defaults(DistillConfig, _DIGITS, ipc=1)
 """The paper's setting (noise init, pyramid from 1x1, colour decorrelation, one view for SFM and LGM's
-ten) at 32 px, with fewer steps, faster pyramid growth and a larger learning rate to fit a CPU minute;
-no loader processes (the digits are in memory)."""
+ten) with the digits' own defaults (:data:`fastsfm.datasets.DATASET_DEFAULTS`: 32 px, fewer steps,
+faster pyramid growth and a larger learning rate to fit a CPU minute, no loader processes), so that
+``fastsfm stats/distill/eval --data digits`` run what the demo runs."""
 DEMO_EVAL = EvalConfig(mode=("probe", "inherit", "kd", "inherit_ce"), seeds=3)
 """The authors' evaluation protocol unchanged (1000 epochs, batch min(100, N), their learning rates)."""
-DEMO_CLASSIFIER = ClassifierConfig(classifier_epochs=100)
-"""The authors' classifier settings, 100 epochs: 10 epochs of 1,257 digits are only 100 steps."""
+DEMO_CLASSIFIER = with_defaults(ClassifierConfig, _DIGITS)
+"""The authors' classifier settings with the digits' 100 epochs (10 epochs of 1,257 digits are only 100 steps)."""
 
 
 @dataclass

@@ -8,6 +8,7 @@ import pytest
 from helpers import class_folders
 
 from fastsfm.cli import main
+from fastsfm.synset import load_images
 
 BACKBONE = ["--backbone", "vit_tiny_patch16_224", "--random-init", "--image-size", "16", "--device", "cpu"]
 
@@ -371,3 +372,29 @@ def test_every_file_option_refuses_wrong_truncated_and_empty_files(tmp_path, cap
         err = capsys.readouterr().err.strip().splitlines()
         assert exc.value.code == 2 and "corrupt or not a fastsfm checkpoint" in err[-1]
         assert (out / "run" / "checkpoint.safetensors").read_bytes() == content  # left as it was
+
+
+@pytest.mark.slow
+def test_digits_without_flags_run_what_the_demo_runs(tmp_path, capsys):
+    """``--data digits`` carries the demo's settings (backbone, 32 px, 300 steps at lr 2e-2, a pyramid
+    level every 40 steps, 100 classifier epochs): stats, distill and eval without those flags give the
+    demo's SFM loss and, within the demo's spread over seeds (README: probe on digits_vit 66.9 ± 1.9
+    over 2 seeds), its accuracy; an explicit flag still wins."""
+    stats, run = tmp_path / "digits.safetensors", tmp_path / "sfm"
+    main(["stats", "--data", "digits", "--out", str(stats), "--device", "cpu"])
+    assert "backbone digits_vit" in capsys.readouterr().out
+    main(["distill", "--data", "digits", "--stats", str(stats), "--out", str(run), "--device", "cpu"])
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    config = json.loads(load_images(run / "synset.safetensors")[2]["config"])
+    assert (config["steps"], config["lr"], config["resolution"], config["pyramid_extent"]) == (300, 0.02, 32, 40)
+    assert abs(rows[-1]["loss"] - 0.263) < 0.02  # the demo's SFM seed 0 ends at 0.263 (6 pyramid levels)
+    capsys.readouterr()
+    main(["eval", "--data", "digits", "--stats", str(stats), "--synset", str(run / "synset.safetensors")]
+         + ["--seeds", "1", "--device", "cpu"])  # fmt: skip
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| sfm |"))
+    accuracy = float(row.split("|")[2])
+    assert 66.9 - 3 * 1.9 <= accuracy <= 66.9 + 3 * 1.9, row
+    main(["distill", "--data", "digits", "--stats", str(stats), "--out", str(tmp_path / "short")]
+         + ["--steps", "5", "--device", "cpu"])  # fmt: skip
+    config = json.loads(load_images(tmp_path / "short" / "synset.safetensors")[2]["config"])
+    assert config["steps"] == 5 and config["lr"] == 0.02  # the flag wins, the other digits defaults stay
