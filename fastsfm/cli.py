@@ -46,6 +46,29 @@ DEFAULT_BACKBONE = "dinov2_vitb14"
 WORKERS_HELP = "image-decoding worker processes (default: this process's CPUs shared among the node's processes)"
 
 
+def integer(low: int):
+    """An argparse type: an integer >= ``low`` (else a one-line error naming the flag and the range)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {value}")
+        return value
+
+    return parse
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (``fastsfm distill: error: argument --steps: ...``), exit 2, as
+    the commands' own errors: no usage block in front of the message."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def add_config_flags(parser: argparse.ArgumentParser, cls: type, title: str) -> None:
     """One ``--flag`` per field of the config dataclass ``cls`` (Literal -> choices, bool -> --x/--no-x).
 
@@ -131,7 +154,7 @@ def _add_backbone(p: argparse.ArgumentParser, synthetic: bool = True, real: bool
     w.add_argument("--random-init", action="store_true", help="no pretrained weights: seeded random init")
     g.add_argument(
         "--image-size",
-        type=int,
+        type=integer(1),
         default=None,
         help="backbone input size (default: 224 for the paper aliases, else the model's)",
     )
@@ -172,7 +195,7 @@ def _add_data(p: argparse.ArgumentParser, required: bool, test: bool = False, re
     if resolution:
         p.add_argument(
             "--resolution",
-            type=int,
+            type=integer(1),
             default=None,
             help="real images are resized to this (shorter side) and centre-cropped to the backbone's "
             "input (default 256; digits: 32)",
@@ -329,7 +352,7 @@ def cmd_reproduce(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="fastsfm",
         description="Statistical flow matching dataset distillation for frozen pre-trained vision backbones.",
     )
@@ -340,8 +363,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_backbone(p, synthetic=False)
     _add_data(p, required=True)
     p.add_argument("--out", required=True, help="statistics file to write (.safetensors)")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--workers", type=int, default=None, help=WORKERS_HELP)
+    p.add_argument("--batch-size", type=integer(1), default=128, help="images per batch of the statistics pass")
+    p.add_argument("--workers", type=integer(0), default=None, help=WORKERS_HELP)
     add_config_flags(p, ClassifierConfig, "real-data classifier (ClassifierConfig)")
     p.set_defaults(func=cmd_stats)
 
@@ -378,8 +401,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="real-image baselines at the same IPC (kmeans: the reals nearest k-means centres, the authors' "
         "centroid baseline extended beyond IPC 1; neighbors: of each --synset) and the full-data classifier",
     )
-    p.add_argument("--ipc", type=int, default=None, help="IPC of the baselines (default: the first --synset's, else 1)")
-    p.add_argument("--workers", type=int, default=None, help=WORKERS_HELP)
+    p.add_argument(
+        "--ipc", type=integer(1), default=None, help="IPC of the baselines (default: the first --synset's, else 1)"
+    )
+    p.add_argument("--workers", type=integer(0), default=None, help=WORKERS_HELP)
     p.add_argument("--out", default=None, help="folder for results.json and results.md")
     add_config_flags(p, EvalConfig, "evaluation (EvalConfig)")
     p.set_defaults(func=cmd_eval)

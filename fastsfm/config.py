@@ -37,6 +37,7 @@ __all__ = [
     "option",
     "check_loss_options",
     "with_defaults",
+    "require",
 ]
 
 Objective = Literal["flow", "decouple"]
@@ -90,6 +91,30 @@ METHOD_VIEWS = {"sfm": 1, "lgm": 10}
 """Augmented copies of the synthetic set per step when ``views`` is not given."""
 DRAWS_VERSION = "2"
 """Version of the keyed random draws (:mod:`fastsfm.rng`); checkpoints of another cannot resume."""
+
+
+def require(
+    config: object,
+    *,
+    at_least: dict[str, float] | None = None,
+    above: dict[str, float] | None = None,
+    finite: tuple[str, ...] = (),
+) -> None:
+    """Raise ``ValueError`` (one line: the option, its range, the value) for a field of ``config``
+    below ``at_least[name]``, not above ``above[name]``, or (any field named) not a finite number.
+    None values are left alone: they mean "the default"."""
+    rules = [(name, low, ">=") for name, low in (at_least or {}).items()]
+    rules += [(name, low, ">") for name, low in (above or {}).items()]
+    rules += [(name, -math.inf, ">") for name in finite]
+    for name, low, op in rules:
+        value = getattr(config, name)
+        if value is None:
+            continue
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        if not ok or (value < low if op == ">=" else value <= low):
+            kind = "an integer" if isinstance(low, int) and op == ">=" else "a number"
+            rule = "a finite number" if low == -math.inf else f"{kind} {op} {low}"
+            raise ValueError(f"{name} must be {rule}, got {value!r}")
 
 
 def check_loss_options(objective: str, alpha: object, nontarget_divisor: object) -> None:
@@ -154,21 +179,13 @@ class DistillConfig:
     checkpoint_every: int = option(100, "steps between checkpoints")
 
     def __post_init__(self) -> None:
-        for name in ("ipc", "steps", "resolution", "pyramid_start", "pyramid_extent", "checkpoint_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("views", "chunk_size"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.workers is not None and self.workers < 0:
-            raise ValueError(f"workers must be >= 0, got {self.workers}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
-        for name in ("noise_std", "noise_mean"):
-            if not math.isfinite(getattr(self, name)) or (name == "noise_std" and self.noise_std < 0):
-                raise ValueError(
-                    f"{name} must be a finite number{' >= 0' if name == 'noise_std' else ''}, got {getattr(self, name)}"
-                )
+        positive = ("ipc", "steps", "resolution", "pyramid_start", "pyramid_extent", "checkpoint_every", "views")
+        require(
+            self,
+            at_least={**dict.fromkeys(positive + ("chunk_size",), 1), "workers": 0, "seed": 0, "noise_std": 0.0},
+            above={"lr": 0.0},
+            finite=("noise_mean",),
+        )
         check_loss_options(self.objective, self.alpha, self.nontarget_divisor)
         for name, kind in typing.get_type_hints(DistillConfig).items():
             if typing.get_origin(kind) is Literal and getattr(self, name) not in get_args(kind):
@@ -202,6 +219,9 @@ class ClassifierConfig:
     classifier_lr: float = option(5e-4, "its Adam learning rate (0.001 * 128 / 256)")
     classifier_batch: int = option(128, "its batch size")
 
+    def __post_init__(self) -> None:
+        require(self, at_least={"classifier_epochs": 1, "classifier_batch": 1}, above={"classifier_lr": 0.0})
+
 
 @dataclass
 class EvalConfig:
@@ -225,9 +245,13 @@ class EvalConfig:
     def __post_init__(self) -> None:
         if not self.mode or any(m not in get_args(EvalMode) for m in self.mode):
             raise ValueError(f"mode must be a non-empty subset of {list(get_args(EvalMode))}, got {self.mode!r}")
-        for name in ("epochs", "seeds", "batch", "checkpoint_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        require(
+            self,
+            at_least={"epochs": 1, "seeds": 1, "batch": 1, "checkpoint_every": 1, "kd_weight": 0.0},
+            above={"probe_lr": 0.0, "inherit_lr": 0.0, "temperature": 0.0},
+        )
+        if self.kd_weight > 1:
+            raise ValueError(f"kd_weight must be a number in [0, 1], got {self.kd_weight!r}")
         self.mode = tuple(dict.fromkeys(self.mode))
 
 

@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader
 from .backbones import Backbone, load_backbone
 from .baselines.sets import baseline_sources
 from .benchmark import distill_setup, markdown_table, run_step, step_peak_bytes, step_seconds
-from .config import ClassifierConfig, DistillConfig, EvalConfig, option, with_defaults
+from .config import ClassifierConfig, DistillConfig, EvalConfig, option, require, with_defaults
 from .data import digits
 from .datasets import dataset_defaults
 from .distill import distill
@@ -73,6 +73,9 @@ class DemoConfig:
         "included (about 7 minutes); the quick default: probe and inherit, 2 seeds, LGM 1 (about 3 minutes)",
     )
     random_init: bool = option(False, "randomly initialised backbones instead of the shipped self-supervised ones")
+
+    def __post_init__(self) -> None:
+        require(self, at_least={"seeds": 1, "steps": 1, "ipc": 1, "eval_epochs": 1})
 
 
 def _describe(backbone: Backbone) -> str:

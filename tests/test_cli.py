@@ -8,6 +8,7 @@ import pytest
 from helpers import class_folders
 
 from fastsfm.cli import main
+from fastsfm.config import DistillConfig
 from fastsfm.synset import load_images
 
 BACKBONE = ["--backbone", "vit_tiny_patch16_224", "--random-init", "--image-size", "16", "--device", "cpu"]
@@ -398,3 +399,54 @@ def test_digits_without_flags_run_what_the_demo_runs(tmp_path, capsys):
          + ["--steps", "5", "--device", "cpu"])  # fmt: skip
     config = json.loads(load_images(tmp_path / "short" / "synset.safetensors")[2]["config"])
     assert config["steps"] == 5 and config["lr"] == 0.02  # the flag wins, the other digits defaults stay
+
+
+BAD_NUMBERS = {
+    "stats": {"--image-size": "0", "--resolution": "0", "--batch-size": "0", "--workers": "-1"}
+    | {"--classifier-epochs": "0", "--classifier-lr": "0", "--classifier-batch": "0"},
+    "distill": {"--image-size": "0", "--ipc": "0", "--steps": "0", "--lr": "0", "--resolution": "0"}
+    | {"--pyramid-start": "0", "--pyramid-extent": "0", "--views": "0", "--alpha": "1.01"}
+    | {"--nontarget-divisor": "0.99", "--noise-std": "-0.01", "--noise-mean": "nan", "--chunk-size": "0"}
+    | {"--workers": "-1", "--seed": "-1", "--checkpoint-every": "0"},
+    "eval": {"--image-size": "0", "--resolution": "0", "--ipc": "0", "--workers": "-1", "--epochs": "0"}
+    | {"--seeds": "0", "--batch": "0", "--probe-lr": "0", "--inherit-lr": "0", "--temperature": "0"}
+    | {"--kd-weight": "1.01", "--checkpoint-every": "0"},
+    "demo": {"--seeds": "0", "--steps": "0", "--ipc": "0", "--eval-epochs": "0"},
+}
+"""Every numeric option of every subcommand, just outside its range."""
+
+
+def _numeric_options() -> dict[str, set[str]]:
+    from fastsfm.cli import build_parser
+
+    commands = build_parser()._subparsers._group_actions[0].choices
+    out = {}
+    for name, sub in commands.items():
+        numeric = {a.option_strings[0] for a in sub._actions if a.option_strings and a.type not in (None, str)}
+        numeric = {o for o in numeric if o not in ("--device",)}
+        if numeric:
+            out[name] = numeric
+    return out
+
+
+def test_bad_input_sweep_every_numeric_option_just_outside_its_range(tmp_path, capsys):
+    """Every numeric option of every subcommand, just outside its range: a one-line error naming it,
+    exit 2, nothing written -- and the sweep covers every numeric option the parser has."""
+    assert {k: set(v) for k, v in BAD_NUMBERS.items()} == _numeric_options()
+    required = {
+        "stats": ["--data", "digits", "--out", str(tmp_path / "s.safetensors")],
+        "distill": ["--stats", str(tmp_path / "s.safetensors"), "--out", str(tmp_path / "run")],
+        "eval": ["--data", "digits", "--stats", str(tmp_path / "s.safetensors"), "--out", str(tmp_path / "e")],
+        "demo": ["--out", str(tmp_path / "demo")],
+    }
+    for command, options in BAD_NUMBERS.items():
+        for flag, value in options.items():
+            with pytest.raises(SystemExit) as exc:
+                main([command, *required[command], flag, value])
+            err = capsys.readouterr().err.strip()
+            assert exc.value.code == 2, (command, flag)
+            assert len(err.splitlines()) == 1 and err.startswith(f"fastsfm {command}: error:"), (flag, err)
+            assert flag[2:].replace("-", "_") in err.replace("-", "_"), (flag, err)
+            assert list(tmp_path.iterdir()) == [], (command, flag)
+    with pytest.raises(ValueError, match=r"alpha must be a number in \[0, 1\], got 7"):
+        DistillConfig(alpha=7)

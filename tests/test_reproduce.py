@@ -146,3 +146,21 @@ def test_reproduce_command_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["reproduce", str(config), "--root", str(tmp_path / "nowhere")])
     assert exc.value.code == 2 and "does not exist" in capsys.readouterr().err
+
+
+def test_grid_toml_refuses_out_of_range_options_in_its_sections(tmp_path):
+    """The grid's [distill]/[eval]/[classifier] sections are the configs themselves: the same one-line
+    range errors as the command line and the Python API."""
+    for section, line, match in (
+        ("distill", "alpha = 7", r"alpha must be a number in \[0, 1\], got 7"),
+        ("distill", "nontarget_divisor = 0", "nontarget_divisor must be a number >= 1"),
+        ("eval", "kd_weight = 2.0", r"kd_weight must be a number in \[0, 1\]"),
+        ("classifier", "classifier_lr = 0.0", "classifier_lr must be a number > 0.0"),
+    ):
+        config = tmp_path / f"{section}.toml"
+        config.write_text(
+            f'out = "{tmp_path}/g"\ndatasets = ["imagenette"]\nbackbones = ["test_vit"]\n[{section}]\n{line}\n'
+        )
+        with pytest.raises(ValueError, match=match):
+            load_grid(config)
+        assert not (tmp_path / "g").exists()
