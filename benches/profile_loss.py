@@ -8,7 +8,7 @@ Three parts (each prints a table; ``--out`` writes everything as JSON):
 
 * **host** (``--host``, any machine, no GPU needed): one ``SFMLoss`` forward+backward (Triton
   path, C = 1000, N = 10,000, D = 768, bf16) with Triton's real Python launch path and only the
-  driver call stubbed (:class:`fastsfm.kernel_report.StubDriver`: kernels compiled for sm_90,
+  driver call stubbed (:class:`fastsfm.stub_driver.StubDriver`: kernels compiled for sm_90,
   launches counted, not run), beside an empty ``torch.autograd.Function`` forward+backward (the
   floor of any autograd loss) -- host microseconds per call, medians of ``--repeats`` batches,
   the launches per call, and the same call with every launch forced through Triton's JIT binder
@@ -143,7 +143,8 @@ def host_cost(c: int = 1000, ipc: int = 10, d: int = 768, calls: int = 300, repe
     """Host microseconds per ``SFMLoss`` forward+backward with launches stubbed (no GPU), beside an
     empty ``autograd.Function`` and beside every launch through Triton's JIT binder."""
     from fastsfm import kernel_report
-    from fastsfm.kernels import sfm
+    from fastsfm.kernels import LAUNCHERS
+    from fastsfm.stub_driver import stub_driver
 
     reason = kernel_report.unavailable()
     if reason:
@@ -151,7 +152,7 @@ def host_cost(c: int = 1000, ipc: int = 10, d: int = 768, calls: int = 300, repe
     interpreter = ops.interpreter_active
     ops.interpreter_active = lambda: True  # let the triton backend take CPU tensors: nothing runs on them
     try:
-        with kernel_report.stub_driver() as stub:
+        with stub_driver() as stub:
             feats, labels, centers = loss_problem(c * ipc, c, d, torch.bfloat16)
             x = feats.requires_grad_()
             module = SFMLoss(centers, backend="triton", validate="never")  # stubbed sums hold no counts
@@ -165,7 +166,7 @@ def host_cost(c: int = 1000, ipc: int = 10, d: int = 768, calls: int = 300, repe
             step()
             launches = stub.launches - before
             lean = _per_call_us(step, calls, repeats)
-            launchers = (sfm._sums_launcher, sfm._epilogue_launcher, sfm._backward_launcher)
+            launchers = LAUNCHERS
             saved = [dict(ln.cache) for ln in launchers]
             for ln in launchers:  # every launch through the JIT: an empty cache, never filled
                 ln.cache = _NoCache()

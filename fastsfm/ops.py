@@ -13,8 +13,9 @@ The loss depends on the synthetic features only through per-class sums, so every
 
 :class:`_FusedSFM` wraps them in one ``torch.autograd.Function`` (the Triton path: three
 launches per forward+backward, one allocation per direction); :func:`loss_torch` is the
-differentiable PyTorch path (CPU, float64, ``gradcheck``).  The chunked distillation objective
-calls the primitives directly (it accumulates sums over chunks and back-propagates chunk by
+differentiable PyTorch path (:mod:`fastsfm.torch_loss`; CPU, float64, ``gradcheck``).  The
+chunked distillation objective calls the primitives directly (it accumulates sums over chunks and
+back-propagates chunk by
 chunk).  This is the only module that imports :mod:`fastsfm.kernels` (lazily: importing triton
 is slow and needs ``TRITON_INTERPRET`` set first).
 """
@@ -23,14 +24,24 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
 from .config import Backend, Objective
-from .reference import real_flow, sfm_reference, synthetic_flow
+from .reference import sfm_reference
+from .torch_loss import (
+    FlowConstants,
+    all_reduce,
+    check_class_sums,
+    flow_constants,
+    loss_torch,
+    means_loss,
+    means_of,
+    sums_width,
+    work_dtype,
+)
 
 __all__ = [
     "FlowConstants",
@@ -47,69 +58,7 @@ __all__ = [
     "means_loss",
     "sums_width",
     "interpreter_active",
-    "ROW_ALIGN",
 ]
-
-ROW_ALIGN = 16
-"""Rows of the sums buffer are padded to a multiple of this many elements (64 bytes of float32)."""
-
-
-def sums_width(d: int) -> int:
-    """Row width W of the sums buffer for D features: D sums, the count, padding to :data:`ROW_ALIGN`."""
-    return -(-(d + 1) // ROW_ALIGN) * ROW_ALIGN
-
-
-@dataclass(frozen=True)
-class FlowConstants:
-    """What the loss needs from the real centres ``mu`` (C, D), computed once (in float64, then cast).
-
-    Attributes: ``centers`` mu (C, D); ``nontarget`` nu (C, D), the mean of the other
-    classes' centres; ``flow`` nu - mu (C, D); ``flow_sum`` (D,) and ``flow_sq`` (1,) its
-    column sums and squared norm; ``shift`` (D,) the mean of the centres (the Triton
-    epilogue accumulates means minus it, see :mod:`fastsfm.kernels`).
-    """
-
-    centers: Tensor
-    nontarget: Tensor
-    flow: Tensor
-    flow_sum: Tensor
-    flow_sq: Tensor
-    shift: Tensor
-
-    @property
-    def num_classes(self) -> int:
-        return self.centers.shape[0]
-
-    @property
-    def dim(self) -> int:
-        return self.centers.shape[1]
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.centers.dtype
-
-    def tensors(self) -> dict[str, Tensor]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
-
-    def to(self, dtype: torch.dtype) -> FlowConstants:
-        if dtype == self.dtype:
-            return self
-        return FlowConstants(**{k: v.to(dtype) for k, v in self.tensors().items()})
-
-
-def flow_constants(centers: Tensor, dtype: torch.dtype = torch.float32) -> FlowConstants:
-    """:class:`FlowConstants` of ``centers`` (C, D), computed in float64 and stored as ``dtype``."""
-    mu = centers.detach().double()
-    nu, flow = real_flow(mu)
-    values = {
-        "centers": mu,
-        "nontarget": nu,
-        "flow": flow,
-        "flow_sum": flow.sum(0),
-        "flow_sq": (flow * flow).sum().reshape(1),
-        "shift": mu.mean(0),
-    }
-    return FlowConstants(**{k: v.to(dtype).contiguous() for k, v in values.items()})
 
 
 @dataclass(frozen=True)
@@ -206,10 +155,6 @@ def interpreter_active() -> bool:
     return _kernels().interpreter_active()
 
 
-def _work_dtype(features: Tensor) -> torch.dtype:
-    return torch.float64 if features.dtype == torch.float64 else torch.float32
-
-
 def _on_device(t: Tensor):
     """The device guard of ``t``'s CUDA device when it is not the current one (Triton launches on
     the current device); nothing otherwise -- one guard per direction at most."""
@@ -261,7 +206,7 @@ def class_sums(features: Tensor, plan: LabelPlan, num_classes: int, backend: str
     accumulate = out is not None
     if out is None:
         alloc = torch.empty if backend == "triton" else torch.zeros
-        out = alloc(num_classes, sums_width(d), device=features.device, dtype=_work_dtype(features))
+        out = alloc(num_classes, sums_width(d), device=features.device, dtype=work_dtype(features))
     if backend == "triton":
         with _on_device(features):
             _sums_into(out, features, plan, accumulate)
@@ -270,39 +215,6 @@ def class_sums(features: Tensor, plan: LabelPlan, num_classes: int, backend: str
         out[:, :d].index_add_(0, plan.labels, features.to(out.dtype))
         out[:, d] += plan.counts.to(out.dtype)
     return out
-
-
-def check_class_sums(buf: Tensor, d: int) -> None:
-    """Raise ``ValueError`` for a class without rows or non-finite sums of a (C, W) sums buffer.
-
-    Non-finite features make their class sum non-finite, so checking the (C, D) sums is
-    checking the (N, D) features at a fraction of the cost.  One host synchronisation: the
-    two (C,) flags are read back together.
-    """
-    flags = torch.stack([buf[:, d] == 0, ~torch.isfinite(buf[:, :d]).all(1)]).cpu()
-    empty, bad = (torch.nonzero(f).flatten()[:10].tolist() for f in flags)
-    if empty:
-        raise ValueError(
-            f"every class needs at least one feature row (SFM averages each class); classes without "
-            f"rows: {empty}{' ...' if len(empty) == 10 else ''}"
-        )
-    if bad:
-        raise ValueError(f"features contain NaN or Inf (rows of classes {bad})")
-
-
-def means_loss(means: Tensor, consts: FlowConstants, objective: Objective, alpha: float, divisor: float) -> Tensor:
-    """The loss (0-dim) of synthetic class means ``t`` (C, D): differentiable torch ops."""
-    nu_syn, flow_syn = synthetic_flow(means, divisor)
-    if objective == "flow":
-        return 1.0 - torch.nn.functional.cosine_similarity(consts.flow.flatten(), flow_syn.flatten(), dim=0)
-    return alpha * torch.nn.functional.mse_loss(consts.centers, means) + (1.0 - alpha) * torch.nn.functional.mse_loss(
-        consts.nontarget, nu_syn
-    )
-
-
-def _means(buf: Tensor, d: int) -> tuple[Tensor, Tensor]:
-    """Class means (C, D) and counts (C,) of a (C, W) sums buffer."""
-    return buf[:, :d] / buf[:, d : d + 1], buf[:, d]
 
 
 @dataclass(frozen=True)
@@ -353,7 +265,7 @@ def epilogue(
         with _on_device(buf):
             grad = _epilogue_into(buf, work, 0, consts, objective, alpha, divisor)
         return work[-1], grad
-    means, counts = _means(buf, consts.dim)
+    means, counts = means_of(buf, consts.dim)
     means = means.detach().requires_grad_()
     with torch.enable_grad():
         loss = means_loss(means, consts.to(means.dtype), objective, alpha, divisor)
@@ -393,29 +305,6 @@ def grad_rows(grad: Tensor | TritonGrad, plan: LabelPlan, grad_out: Tensor, dtyp
     return (grad[plan.labels] * grad_out).to(dtype)
 
 
-def _all_reduce(buf: Tensor, group) -> Tensor:
-    if group is not None:
-        dist.all_reduce(buf, group=group)
-    return buf
-
-
-class _AllReduceSum(torch.autograd.Function):
-    """Sum over the process group; the backward is the identity.
-
-    Every rank computes the same loss from the reduced sums and calls ``backward`` on it, so
-    the gradient of its local sums is the gradient of the reduced ones (an all-reduce in
-    the backward would count the loss once per rank).
-    """
-
-    @staticmethod
-    def forward(ctx, buf: Tensor, group) -> Tensor:
-        return _all_reduce(buf.clone(), group)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        return grad, None
-
-
 @functools.lru_cache(maxsize=64)
 def _fused_rows(c: int, d: int, w: int) -> int:
     """Rows of W of the fused forward's one buffer: C rows of sums, then the epilogue's workspace
@@ -447,7 +336,7 @@ class _FusedSFM(torch.autograd.Function):
         with _on_device(features):
             _sums_into(buf, features, plan, False)
             if group is not None:
-                _all_reduce(buf[:c], group)
+                all_reduce(buf[:c], group)
             if validate:
                 check_class_sums(buf[:c], d)
             ctx.grad = _epilogue_into(buf, buf, c * w, consts, objective, alpha, divisor)
@@ -458,30 +347,6 @@ class _FusedSFM(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: Tensor):
         return (_backward_rows(ctx.grad, ctx.plan, grad, ctx.dtype),) + (None,) * 7
-
-
-def loss_torch(
-    features: Tensor,
-    plan: LabelPlan,
-    consts: FlowConstants,
-    objective: Objective,
-    alpha: float,
-    divisor: float,
-    group=None,
-    validate: bool = False,
-) -> Tensor:
-    """The PyTorch path: ``index_add`` sums, optional all-reduce, :func:`means_loss`; plain autograd."""
-    work = _work_dtype(features)
-    d = features.shape[1]
-    sums = torch.zeros(consts.num_classes, d, device=features.device, dtype=work)
-    sums = sums.index_add(0, plan.labels, features.to(work))
-    packed = torch.cat([sums, plan.counts.to(work)[:, None]], 1)
-    if group is not None:
-        packed = _AllReduceSum.apply(packed, group)
-    if validate:
-        check_class_sums(packed.detach(), d)
-    means, _ = _means(packed, d)
-    return means_loss(means, consts.to(work), objective, alpha, divisor)
 
 
 def dispatch(
@@ -500,7 +365,7 @@ def dispatch(
     if backend == "triton":
         return _FusedSFM.apply(features, plan, consts, objective, alpha, divisor, group, validate)
     if backend == "torch":
-        return loss_torch(features, plan, consts, objective, alpha, divisor, group, validate)
+        return loss_torch(features, plan.labels, plan.counts, consts, objective, alpha, divisor, group, validate)
     if group is not None:
         raise ValueError("backend='reference' runs in a single process; use 'torch' or 'triton' with a process group")
     if validate:

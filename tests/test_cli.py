@@ -270,7 +270,7 @@ def test_cli_distill_chunked_offloaded_views(tmp_path, capsys):
     assert (run / "synset.safetensors").exists() and (run / "loss.png").exists()
     with pytest.raises(SystemExit) as exc:
         main(["distill", "--stats", str(tmp_path / "s.safetensors"), "--out", str(tmp_path / "r2"), "--ipc", "0", *bb])
-    assert exc.value.code == 2 and "ipc must be at least 1" in capsys.readouterr().err
+    assert exc.value.code == 2 and "ipc must be an integer >= 1" in capsys.readouterr().err
 
 
 def _bad_files(tmp_path, stats, synset):

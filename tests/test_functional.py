@@ -154,6 +154,7 @@ def test_module_equals_functional_and_top_level_exports():
 def test_module_validates_once_per_labels_tensor(monkeypatch):
     import fastsfm.loss as loss_mod
     import fastsfm.ops as ops_mod
+    import fastsfm.torch_loss as torch_loss_mod
 
     calls = {"sync": [], "sums": 0}
     real_check, real_sums = loss_mod.check_batch, ops_mod.check_class_sums
@@ -167,7 +168,8 @@ def test_module_validates_once_per_labels_tensor(monkeypatch):
         return real_sums(buf, d)
 
     monkeypatch.setattr(loss_mod, "check_batch", check_batch)
-    monkeypatch.setattr(ops_mod, "check_class_sums", check_sums)
+    for module in (ops_mod, torch_loss_mod):  # the Triton path checks in ops, the PyTorch path in torch_loss
+        monkeypatch.setattr(module, "check_class_sums", check_sums)
     z, y, mu = make_problem(30, 4, 6)
     module = SFMLoss(mu)
     first = module(z, y)

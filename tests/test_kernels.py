@@ -10,7 +10,6 @@ import torch
 from helpers import make_problem
 
 from fastsfm import SFMLoss, kernels, ops, sfm_loss
-from fastsfm.kernels import sfm as kernel_module
 from fastsfm.reference import sfm_reference
 
 # (loss rtol, loss atol, gradient error relative to the largest reference gradient entry, beyond the
@@ -279,7 +278,7 @@ def test_one_forward_backward_is_three_launches_on_the_tensors_device(monkeypatc
     """Class sums, one epilogue, the backward rows: three launches, each with the tensors' device
     current (the ops enter it when it is not)."""
     launches = []
-    launch = kernel_module.Launcher.__call__
+    launch = kernels.Launcher.__call__
 
     def record(self, key, grid, args, constexprs, num_warps=4):
         devices = {a.device for a in args if isinstance(a, torch.Tensor)}
@@ -287,7 +286,7 @@ def test_one_forward_backward_is_three_launches_on_the_tensors_device(monkeypatc
         launches.append((self.kernel.fn.__name__, devices, current))
         return launch(self, key, grid, args, constexprs, num_warps)
 
-    monkeypatch.setattr(kernel_module.Launcher, "__call__", record)
+    monkeypatch.setattr(kernels.Launcher, "__call__", record)
     z, y, mu = make_problem(40, 5, 24, device=device)
     x = z.float().requires_grad_()
     sfm_loss(x, y, mu, backend="triton").backward()

@@ -1,5 +1,5 @@
 """The lean launch path, proven without a GPU: Triton's real Python launch path with only the driver
-call stubbed (:class:`fastsfm.kernel_report.StubDriver`; kernels compiled for sm_90 for real).
+call stubbed (:class:`fastsfm.stub_driver.StubDriver`; kernels compiled for sm_90 for real).
 
 After the first call, every launch of a forward+backward goes to the cached compiled kernel
 directly (no binder), three launches per call, with exactly the argument list Triton's own JIT
@@ -16,7 +16,8 @@ CHILD = r"""
 import torch
 from fastsfm import SFMLoss, kernel_report, ops
 from fastsfm.benchmark import loss_problem
-from fastsfm.kernels import sfm
+from fastsfm.kernels import LAUNCHERS
+from fastsfm.stub_driver import stub_driver
 from triton.runtime.jit import JITFunction
 
 reason = kernel_report.unavailable()
@@ -27,7 +28,7 @@ ops.interpreter_active = lambda: True  # the triton backend on CPU tensors: laun
 binder_calls = []
 run = JITFunction.run
 JITFunction.run = lambda self, *a, **k: binder_calls.append(self.fn.__name__) or run(self, *a, **k)
-launchers = (sfm._sums_launcher, sfm._epilogue_launcher, sfm._backward_launcher)
+launchers = LAUNCHERS
 
 
 def described(args):
@@ -39,7 +40,7 @@ def described(args):
 
 
 for n, c, d, dtype in ((600, 30, 200, torch.bfloat16), (3000, 20, 64, torch.float32)):
-    with kernel_report.stub_driver(keep_args=True) as stub:
+    with stub_driver(keep_args=True) as stub:
         feats, labels, centers = loss_problem(n, c, d, dtype)
         x = feats.requires_grad_()
         module = SFMLoss(centers, backend="triton", validate="never")

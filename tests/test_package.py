@@ -22,7 +22,10 @@ LOWER = {
     "fastsfm.distributed",
     "fastsfm.signals",
     "fastsfm.kernels",
-    "fastsfm.kernels.sfm",
+    "fastsfm.kernels.sums",
+    "fastsfm.kernels.epilogue",
+    "fastsfm.kernels.backward",
+    "fastsfm.kernels.launch",
 }
 """The bottom layers: they may import one another, nothing else of fastsfm."""
 FRONT_ENDS = {"fastsfm.cli", "fastsfm.demo", "fastsfm.pretrain", "fastsfm.progress", "fastsfm.benchmark"}

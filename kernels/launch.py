@@ -1,0 +1,96 @@
+"""Launching fastsfm's Triton kernels: cached compiled specialisations, host arithmetic.
+
+:class:`Launcher` is how every launcher of :mod:`fastsfm.kernels` launches: the first call of a
+specialisation goes through Triton's JIT, later ones straight to the compiled kernel.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from triton import knobs
+from triton.runtime.driver import driver
+
+__all__ = ["Launcher", "LAUNCHERS", "interpreter_active"]
+
+_INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") == "1"  # read once: triton itself reads it at import
+
+
+def interpreter_active() -> bool:
+    """True when Triton runs in its CPU interpreter (``TRITON_INTERPRET=1`` when triton was imported)."""
+    return _INTERPRETER
+
+
+def _cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` of ints.  The launchers' host arithmetic avoids ``triton.cdiv`` and
+    ``triton.next_power_of_2``: in Triton 3.8 they are ``constexpr_function`` wrappers that unwrap
+    every argument in Python (about 1 us per call)."""
+    return -(-a // b)
+
+
+def _next_pow2(n: int) -> int:
+    """The smallest power of two >= ``n`` >= 1."""
+    return 1 << max(n - 1, 0).bit_length()
+
+
+LAUNCHERS: list = []
+"""Every :class:`Launcher` made (the kernels of :mod:`fastsfm.kernels`), in definition order."""
+
+
+class Launcher:
+    """A ``@triton.jit`` kernel launched through its cached compiled specialisations.
+
+    ``launcher(key, grid, args, constexprs, num_warps)``: the first call of a ``key`` goes through
+    Triton's JIT (``kernel[grid](*args, **constexprs, num_warps=...)``: binder, cache look-up,
+    compile) and keeps the
+    compiled kernel it returns; later calls with the same key call the compiled kernel's
+    launcher directly with the same argument list Triton's JIT passes (every parameter, in
+    order), skipping the binder.  The key must hold everything Triton specialises on that can
+    vary between calls -- the device, tensor dtypes, whether a pointer is 16-byte aligned,
+    integer arguments (their value decides ``== 1`` and divisibility by 16) -- the callers pass
+    them (:func:`fastsfm.kernels.class_sums` and friends).  Under the interpreter, while Dynamo
+    traces (``torch.compile`` captures the plain JIT launch), and on Triton versions whose
+    compiled kernels lack the launcher fields, every call goes through the JIT.
+    """
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+        self.cache: dict[tuple, object] = {}
+        LAUNCHERS.append(self)
+
+    def __call__(self, key: tuple, grid: tuple[int, int], args: tuple, constexprs: dict, num_warps: int = 4) -> None:
+        if torch.compiler.is_compiling():  # Dynamo captures a plain JIT launch (its Triton support)
+            self.kernel[grid](*args, **constexprs, num_warps=num_warps)
+            return
+        compiled = self.cache.get(key)
+        if compiled is None:
+            compiled = self.kernel[grid](*args, **constexprs, num_warps=num_warps)
+            if not _INTERPRETER and all(hasattr(compiled, f) for f in ("run", "function", "packed_metadata")):
+                self.cache[key] = (compiled, tuple(constexprs.values()))
+            return
+        kernel, values = compiled
+        active = driver.active
+        stream = active.get_current_stream(active.get_current_device())
+        enter = knobs.runtime.launch_enter_hook
+        hooked = enter is not None and getattr(enter, "calls", True)  # Triton 3.8: an empty HookChain
+        meta = kernel.launch_metadata(grid, stream, *args, *values) if hooked else None
+        kernel.run(
+            grid[0],
+            grid[1],
+            1,
+            stream,
+            kernel.function,
+            kernel.packed_metadata,
+            meta,
+            enter,
+            knobs.runtime.launch_exit_hook,
+            *args,
+            *values,
+        )
+
+
+def _aligned(t: torch.Tensor) -> bool:
+    """Whether Triton would take ``t``'s pointer as 16-byte aligned (a launch-cache key; not read
+    while Dynamo traces, where :class:`Launcher` goes through the JIT)."""
+    return torch.compiler.is_compiling() or t.data_ptr() % 16 == 0
