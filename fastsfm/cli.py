@@ -219,7 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--synset",
         nargs="*",
         default=[],
-        help="synset.safetensors files, or folders of images made by any method (one subfolder per class)",
+        help="synset.safetensors files (or run folders holding one), or folders of images made by any method "
+        "(one subfolder per class: fastsfm export writes one)",
     )
     p.add_argument(
         "--baselines",

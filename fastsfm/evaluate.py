@@ -223,11 +223,14 @@ class Evaluator:
 
 def load_image_set(path: str | Path, stats: ClassStats, resolution: int) -> ImageSet:
     """A set to evaluate: an exported ``synset.safetensors`` (checked against the statistics'
-    backbone and classes) or a folder of images made by any method, one subfolder per class."""
+    backbone and classes) or a run folder holding one, or a folder of images made by any method
+    (``fastsfm export``'s, or any), one subfolder per class."""
     from .data import image_set_folder
     from .synset import load_images
 
     path = Path(path)
+    if path.is_dir() and (path / "synset.safetensors").is_file():
+        path = path / "synset.safetensors"
     if path.is_dir():
         images, labels = image_set_folder(path, stats.class_names, resolution)
         return ImageSet(path.name, images, labels)

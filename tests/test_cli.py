@@ -390,7 +390,7 @@ def test_digits_without_flags_run_what_the_demo_runs(tmp_path, capsys):
     assert (config["steps"], config["lr"], config["resolution"], config["pyramid_extent"]) == (300, 0.02, 32, 40)
     assert abs(rows[-1]["loss"] - 0.263) < 0.02  # the demo's SFM seed 0 ends at 0.263 (6 pyramid levels)
     capsys.readouterr()
-    main(["eval", "--data", "digits", "--stats", str(stats), "--synset", str(run / "synset.safetensors")]
+    main(["eval", "--data", "digits", "--stats", str(stats), "--synset", str(run)]  # a run folder
          + ["--seeds", "1", "--device", "cpu"])  # fmt: skip
     row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| sfm |"))
     accuracy = float(row.split("|")[2])
