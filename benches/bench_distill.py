@@ -83,13 +83,12 @@ def _cpu() -> list[dict]:
 PRESETS = {"paper": _paper, "cpu": _cpu}
 
 
-def _config(run: dict, precision: str) -> DistillConfig:
+def _config(run: dict) -> DistillConfig:
     return DistillConfig(
         method=run["method"],
         ipc=run["ipc"],
         resolution=run["resolution"],
         views=run.get("views"),
-        precision=precision,
         chunk_size=run.get("chunk"),
         offload=run.get("offload", False),
     )
@@ -148,7 +147,7 @@ def _pinned_ratio(synset, optim) -> float | None:
 def measure(run: dict, args) -> dict:
     """One configuration: step time (ms), peak memory (MiB), FLOP rate, projected loop hours, optional profile."""
     row = {k: run.get(k) for k in ("backbone", "classes", "ipc", "method")}
-    config = _config(run, args.precision)
+    config = _config(run)
     row["views"] = config.effective_views
     row["chunk/offload"] = f"{run.get('chunk') or 'auto'}/{'yes' if run.get('offload') else 'no'}"
     device = torch.device(args.device)

@@ -18,8 +18,9 @@ import tempfile
 from dataclasses import replace
 from pathlib import Path
 
-from fastsfm.backbones import load_backbone
+from fastsfm.backbones import from_config
 from fastsfm.benchmark import environment
+from fastsfm.config import BackboneConfig
 from fastsfm.data import digits
 from fastsfm.demo import DEMO_BACKBONES, DEMO_EVAL
 from fastsfm.evaluate import Evaluator, FeatureCache, ImageSet, compare, format_markdown, load_image_set, summarise
@@ -42,7 +43,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if not runs:
         raise SystemExit(f"no run folders with a synset.safetensors under {args.demo}: run `fastsfm demo` first")
     data = digits(32)
-    backbone, cross = (load_backbone(name, True) for name in DEMO_BACKBONES)
+    backbone, cross = (from_config(BackboneConfig(), "cpu", name) for name in DEMO_BACKBONES)
     config = replace(DEMO_EVAL, mode=("probe", "inherit"), seeds=args.seeds, epochs=args.epochs)
     evaluator = Evaluator(backbone, stats, FeatureCache(data.test), config, eval_backbones=[backbone, cross])
     sets = []

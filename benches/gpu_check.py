@@ -422,7 +422,7 @@ def digits_section(ctx: Context) -> None:
     backbone = load_backbone("digits_vit", precision=precision, device=ctx.device)
     data = digits(32)
     stats = dataset_stats(backbone, data, DEMO_CLASSIFIER, ctx.device, workers=0, progress=False)
-    config = replace(DEMO_DISTILL, steps=3 if ctx.smoke else 30, precision=precision, checkpoint_every=1000)
+    config = replace(DEMO_DISTILL, steps=3 if ctx.smoke else 30, checkpoint_every=1000)  # the backbone's precision
     images = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, variant in (("whole", {}), ("chunked", {"chunk_size": 3}), ("offloaded", {"offload": True})):

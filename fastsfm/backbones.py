@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import Precision, Preprocess, choices
+from .config import BackboneConfig, Precision, Preprocess, choices
 from .precision import autocast, autocast_dtype
 from .weights import file_digest, hub_offline, load_into, mixin_checkpoint, read_state_dict
 
@@ -60,6 +60,8 @@ __all__ = [
     "Backbone",
     "BackboneSpec",
     "load_backbone",
+    "from_config",
+    "DEFAULT_BACKBONE",
     "ALIASES",
     "AUTHOR_NAMES",
     "IMAGENET_MEAN",
@@ -337,3 +339,30 @@ def _create(timm, timm_name: str, kwargs: dict, **more) -> nn.Module:
     except TypeError:
         kwargs = {k: v for k, v in kwargs.items() if k != "img_size"}  # CNNs take any size
         return timm.create_model(timm_name, **kwargs, **more)
+
+
+DEFAULT_BACKBONE = "dinov2_vitb14"
+"""The backbone of a :class:`fastsfm.config.BackboneConfig` that names none (and whose dataset names none)."""
+
+
+def from_config(
+    config: BackboneConfig,
+    device: str | torch.device = "cpu",
+    name: str | None = None,
+    weights: str | None = None,
+) -> Backbone:
+    """The backbone ``config`` describes (the one builder the command line, the grid and the demo use),
+    or backbone ``name`` (with its own ``weights``, if any) under the same options -- an evaluation
+    backbone, or one of a grid's backbones."""
+    if name:  # another backbone: its own weights, or the caches (random init if the config says so)
+        pretrained = weights or (False if config.random_init else True)
+    else:
+        pretrained = config.pretrained()
+    return load_backbone(
+        name or config.backbone or DEFAULT_BACKBONE,
+        pretrained,
+        config.image_size,
+        device=device,
+        preprocess=config.preprocess,
+        precision=config.precision,
+    )

@@ -32,7 +32,7 @@ from .flags import (
     add_backbone_flags,
     add_config_flags,
     add_data_flags,
-    backbone_from_args,
+    backbone_config_of,
     config_from_args,
     data_from_args,
     dataset_defaults_of,
@@ -54,14 +54,16 @@ def _join_torchrun(args: argparse.Namespace) -> int:
 
 
 def cmd_stats(args: argparse.Namespace) -> None:
+    from .backbones import from_config
     from .stats import dataset_stats
 
     classifier = config_from_args(ClassifierConfig, args, dataset_defaults_of(args))
+    options = backbone_config_of(args)
     rank = _join_torchrun(args)
-    backbone = backbone_from_args(args)
+    backbone = from_config(options, args.device)
     data = data_from_args(args, backbone.input_size)
     stats = dataset_stats(
-        backbone, data, classifier, args.device, args.batch_size, args.workers, precision=args.real_precision
+        backbone, data, classifier, args.device, args.batch_size, args.workers, precision=options.real_precision
     )
     if rank != 0:
         return
@@ -73,13 +75,14 @@ def cmd_stats(args: argparse.Namespace) -> None:
 
 
 def cmd_distill(args: argparse.Namespace) -> None:
+    from .backbones import from_config
     from .distill import distill
     from .stats import ClassStats
 
     config = config_from_args(DistillConfig, args, dataset_defaults_of(args))
-    args.precision = config.precision
+    options = backbone_config_of(args)  # its precision is the distillation's
     rank = _join_torchrun(args)
-    backbone = backbone_from_args(args)
+    backbone = from_config(options, args.device)
     stats = ClassStats.load(args.stats)
     real = None
     if args.data is not None:
@@ -94,7 +97,9 @@ def cmd_distill(args: argparse.Namespace) -> None:
         print(f"wrote {Path(args.out) / 'synset.safetensors'}, synset.png, loss.png and metrics.jsonl")
 
 
-def _image_sets(args: argparse.Namespace, seeds: int, data, stats, distill_bb, resolution: int) -> list:
+def _image_sets(
+    args: argparse.Namespace, seeds: int, real_precision: str, data, stats, distill_bb, resolution: int
+) -> list:
     """The sets to evaluate: --synset files/folders and the --baselines that select real images
     (:mod:`fastsfm.baselines.sets`; neighbors: of each --synset)."""
     from .baselines.sets import baseline_sources
@@ -106,7 +111,7 @@ def _image_sets(args: argparse.Namespace, seeds: int, data, stats, distill_bb, r
     baselines = [b for b in args.baselines if b != "full"]
 
     def features():
-        with distill_bb.using_precision(args.real_precision):
+        with distill_bb.using_precision(real_precision):
             return encode(distill_bb, data.train_eval, device=args.device, workers=args.workers, progress=True)
 
     sets = synthetic + baseline_sources(
@@ -118,19 +123,23 @@ def _image_sets(args: argparse.Namespace, seeds: int, data, stats, distill_bb, r
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
+    from .backbones import from_config
     from .evaluate import Evaluator, FeatureCache, compare, format_markdown, summarise, write_results
     from .stats import ClassStats
 
     config = config_from_args(EvalConfig, args, dataset_defaults_of(args))
-    distill_bb = backbone_from_args(args)
-    eval_bb = backbone_from_args(args, args.eval_backbone, args.eval_weights) if args.eval_backbone else distill_bb
+    options = backbone_config_of(args)
+    distill_bb = from_config(options, args.device)
+    eval_bb = (
+        from_config(options, args.device, args.eval_backbone, args.eval_weights) if args.eval_backbone else distill_bb
+    )
     stats = ClassStats.load(args.stats)
     data = data_from_args(args, eval_bb.input_size)
     if data.test is None:
         raise ValueError("--test-data is needed (the real test split)")
     stats.check_compatible(distill_bb, num_classes=data.num_classes)
-    sets = _image_sets(args, config.seeds, data, stats, distill_bb, resolution_of(args))
-    cache = FeatureCache(data.test, args.device, args.workers, args.real_precision)
+    sets = _image_sets(args, config.seeds, options.real_precision, data, stats, distill_bb, resolution_of(args))
+    cache = FeatureCache(data.test, args.device, args.workers, options.real_precision)
     evaluator = Evaluator(distill_bb, stats, cache, config, [eval_bb], args.device)
     journal = Path(args.out) / "journal" if args.out else None  # a rerun of the command resumes
     scores = compare(evaluator, sets, config.seeds, full_data="full" in args.baselines, journal=journal)
@@ -188,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("stats", help="one pass over the real data: class means + real-data classifier")
-    add_backbone_flags(p, synthetic=False)
+    add_backbone_flags(p)
     add_data_flags(p, required=True)
     p.add_argument("--out", required=True, help="statistics file to write (.safetensors)")
     p.add_argument("--batch-size", type=integer(1), default=128, help="images per batch of the statistics pass")
@@ -197,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_stats)
 
     p = sub.add_parser("distill", help="distill a synthetic set with SFM (or the LGM baseline)")
-    add_backbone_flags(p, synthetic=False, real=False)  # the synthetic side's precision: --precision of DistillConfig
+    add_backbone_flags(p)
     add_data_flags(p, required=False, resolution=False)
     p.add_argument("--stats", required=True, help="statistics file from `fastsfm stats` (same backbone)")
     p.add_argument("--out", required=True, help="run folder: checkpoint, metrics, synset.safetensors, PNGs")

@@ -28,6 +28,7 @@ __all__ = [
     "Baseline",
     "GridMethod",
     "DistillConfig",
+    "BackboneConfig",
     "ClassifierConfig",
     "EvalConfig",
     "METHOD_VIEWS",
@@ -117,6 +118,13 @@ def require(
             raise ValueError(f"{name} must be {rule}, got {value!r}")
 
 
+def _check_literals(config: object) -> None:
+    """Raise ``ValueError`` for a ``Literal``-typed field of ``config`` holding another value."""
+    for name, kind in typing.get_type_hints(type(config)).items():
+        if typing.get_origin(kind) is Literal and getattr(config, name) not in get_args(kind):
+            raise ValueError(f"{name} must be one of {list(get_args(kind))}, got {getattr(config, name)!r}")
+
+
 def check_loss_options(objective: str, alpha: object, nontarget_divisor: object) -> None:
     """Raise ``ValueError`` (one line: the option, its range, the value) for an SFM loss option out
     of range: ``objective`` one of :data:`Objective`, ``alpha`` in [0, 1], ``nontarget_divisor``
@@ -171,7 +179,6 @@ class DistillConfig:
     )
     noise_std: float = option(0.2, "augmentation noise std (0 disables the noise)")
     noise_mean: float = option(0.5, "augmentation noise mean (0.5: LGM's code when SFM forked it; 0.0: LGM's current)")
-    precision: Precision = option("auto", "backbone precision")
     chunk_size: int | None = option(None, "images per chunk of the exact two-pass step (default: from free memory)")
     offload: bool = option(False, "keep the synthetic set and its Adam state in page-locked host memory")
     workers: int | None = option(None, "LGM: real-image loading workers (default: the CPUs of this rank)")
@@ -187,9 +194,7 @@ class DistillConfig:
             finite=("noise_mean",),
         )
         check_loss_options(self.objective, self.alpha, self.nontarget_divisor)
-        for name, kind in typing.get_type_hints(DistillConfig).items():
-            if typing.get_origin(kind) is Literal and getattr(self, name) not in get_args(kind):
-                raise ValueError(f"{name} must be one of {list(get_args(kind))}, got {getattr(self, name)!r}")
+        _check_literals(self)
 
     @property
     def effective_views(self) -> int:
@@ -203,6 +208,49 @@ class DistillConfig:
         free = ("steps", "checkpoint_every", "chunk_size", "offload", "workers", "views")
         kept = {k: json.dumps(v) for k, v in asdict(self).items() if k not in free}
         return {**kept, "views": str(self.effective_views), "draws": DRAWS_VERSION}
+
+
+@dataclass
+class BackboneConfig:
+    """A backbone and how it runs: its one owner, from which the command line's backbone flags and
+    the grid's ``[backbone]`` section derive.  ``precision`` is the synthetic side's autocast (the
+    distillation forward and backward; in evaluation, the augmented training views); ``real_precision``
+    the real side's (statistics, the real classifier's features, test features, baseline selection)."""
+
+    backbone: str | None = option(
+        None,
+        "a paper alias (dinov2_vitb14, clip_vitb16, eva02_vitb14, mocov3_vitb16, ...; see fastsfm.backbones.ALIASES), "
+        "an author name (dinov2_vitb, ...) or any timm name (default: dinov2_vitb14; digits: digits_vit)",
+    )
+    weights: str | None = option(
+        None,
+        "local weights in their publisher's format: a file (.safetensors, a .pth state dict, OpenAI's TorchScript "
+        ".pt) or a checkpoint folder (MoCo-v3: config.json + model.safetensors); default: the local timm / Hugging "
+        "Face caches",
+    )
+    random_init: bool = option(False, "no pretrained weights: seeded random init")
+    image_size: int | None = option(None, "backbone input size (default: 224 for the paper aliases, else the model's)")
+    preprocess: Preprocess = option("authors", "authors: ImageNet mean/std for every backbone; model: the model's own")
+    precision: Precision = option(
+        "auto",
+        "autocast of the synthetic side (distill; eval: the augmented training views): auto = bf16 on CUDA, fp32 "
+        "on CPU; fp16 uses the authors' fixed x1024 loss scale",
+    )
+    real_precision: Precision = option(
+        "fp32",
+        "autocast of the real side -- class statistics, the real classifier's features, test features, baseline "
+        "selection (fp32: the authors run these without autocast)",
+    )
+
+    def __post_init__(self) -> None:
+        require(self, at_least={"image_size": 1})
+        _check_literals(self)
+        if self.weights and self.random_init:
+            raise ValueError("weights and random_init exclude each other: give one")
+
+    def pretrained(self) -> bool | str:
+        """What :func:`fastsfm.backbones.load_backbone` takes: the weights, False (random init) or True (caches)."""
+        return False if self.random_init else (self.weights or True)
 
 
 @dataclass

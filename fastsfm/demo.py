@@ -28,10 +28,10 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from .backbones import Backbone, load_backbone
+from .backbones import Backbone, from_config
 from .baselines.sets import baseline_sources
 from .benchmark import distill_setup, markdown_table, run_step, step_peak_bytes, step_seconds
-from .config import ClassifierConfig, DistillConfig, EvalConfig, option, require, with_defaults
+from .config import BackboneConfig, ClassifierConfig, DistillConfig, EvalConfig, option, require, with_defaults
 from .data import digits
 from .datasets import dataset_defaults
 from .distill import distill
@@ -133,7 +133,8 @@ def run_demo(
     device = torch.device("cpu")
     data = digits(32)
     weights = weights or {}
-    backbone, cross = (load_backbone(n, False if config.random_init else weights.get(n, True)) for n in backbones)
+    options = BackboneConfig(random_init=config.random_init)
+    backbone, cross = (from_config(options, device, n, weights.get(n)) for n in backbones)
     base = replace(distill_config, ipc=config.ipc, steps=config.steps)
     modes = DEMO_EVAL.mode if config.full else ("probe", "inherit")
     seeds = config.seeds or (DEMO_EVAL.seeds if config.full else 2)

@@ -210,6 +210,7 @@ def _export(
     meta = {
         "method": config.method,
         "backbone": backbone.identity,
+        "precision": backbone.precision,
         "dataset": stats.meta.get("dataset", ""),
         "class_names": json.dumps(stats.class_names),
         "config": json.dumps(asdict(config)),
@@ -271,6 +272,7 @@ def distill(
     ckpt = _checkpoint_path(out, rank, world)
     identity = {
         **config.identity(),
+        "precision": json.dumps(backbone.precision),  # the backbone owns it; it changes the results
         "stats_backbone": stats.meta.get("backbone", ""),
         "stats_dataset": stats.meta.get("dataset", ""),
         "world_size": str(world),

@@ -15,7 +15,7 @@ from typing import Literal
 
 import torch
 
-from .config import Precision, Preprocess, choices, cli_fields, with_defaults
+from .config import BackboneConfig, cli_fields, with_defaults
 
 __all__ = [
     "Parser",
@@ -24,15 +24,13 @@ __all__ = [
     "config_from_args",
     "dataset_defaults_of",
     "add_backbone_flags",
-    "backbone_from_args",
+    "backbone_config_of",
     "add_data_flags",
     "resolution_of",
     "data_from_args",
     "WORKERS_HELP",
-    "DEFAULT_BACKBONE",
 ]
 
-DEFAULT_BACKBONE = "dinov2_vitb14"
 WORKERS_HELP = "image-decoding worker processes (default: this process's CPUs shared among the node's processes)"
 
 
@@ -114,68 +112,15 @@ def dataset_defaults_of(args: argparse.Namespace) -> dict[str, object]:
     return dataset_defaults(getattr(args, "data", None))
 
 
-SYNTHETIC_PRECISION_HELP = (
-    "backbone autocast of the synthetic side (eval: the augmented training views of every set): auto = bf16 "
-    "on CUDA, fp32 on CPU; fp16 uses the authors' fixed x1024 loss scale"
-)
-REAL_PRECISION_HELP = (
-    "backbone autocast of the real side -- class statistics, the real-data classifier's features, test "
-    "features, baseline selection (default fp32: the authors run these without autocast)"
-)
+def add_backbone_flags(p: argparse.ArgumentParser) -> None:
+    """The backbone's flags, from :class:`fastsfm.config.BackboneConfig`, and ``--device``."""
+    add_config_flags(p, BackboneConfig, "backbone (BackboneConfig)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where the backbone runs")
 
 
-def add_backbone_flags(p: argparse.ArgumentParser, synthetic: bool = True, real: bool = True) -> None:
-    g = p.add_argument_group("backbone")
-    g.add_argument(
-        "--backbone",
-        default=None,
-        help="a paper alias (dinov2_vitb14, clip_vitb16, eva02_vitb14, mocov3_vitb16, ...; see "
-        f"fastsfm.backbones.ALIASES), an author name (dinov2_vitb, ...) or any timm name (default: {DEFAULT_BACKBONE}; "
-        "digits: digits_vit)",
-    )
-    w = g.add_mutually_exclusive_group()
-    w.add_argument(
-        "--weights",
-        default=None,
-        help="local weights in their publisher's format: a file (.safetensors, a .pth state dict, OpenAI's "
-        "TorchScript .pt) or a checkpoint folder (MoCo-v3: config.json + model.safetensors); default: the local "
-        "timm / Hugging Face caches",
-    )
-    w.add_argument("--random-init", action="store_true", help="no pretrained weights: seeded random init")
-    g.add_argument(
-        "--image-size",
-        type=integer(1),
-        default=None,
-        help="backbone input size (default: 224 for the paper aliases, else the model's)",
-    )
-    g.add_argument(
-        "--preprocess",
-        choices=choices(Preprocess),
-        default="authors",
-        help="authors: ImageNet mean/std for every backbone (default); model: the model's own",
-    )
-    if synthetic:
-        g.add_argument("--precision", choices=choices(Precision), default="auto", help=SYNTHETIC_PRECISION_HELP)
-    if real:
-        g.add_argument("--real-precision", choices=choices(Precision), default="fp32", help=REAL_PRECISION_HELP)
-    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-
-
-def backbone_from_args(args: argparse.Namespace, name: str | None = None, weights: str | None = None):
-    """The backbone of the flags (``--backbone``/``--weights``), or ``name``/``weights`` with the same options."""
-    from .backbones import load_backbone
-
-    # an evaluation backbone's own --eval-weights count even with --random-init
-    given = weights if name else args.weights
-    pretrained = given or (False if args.random_init else True)
-    return load_backbone(
-        name or args.backbone or dataset_defaults_of(args).get("backbone", DEFAULT_BACKBONE),
-        pretrained,
-        args.image_size,
-        device=args.device,
-        preprocess=args.preprocess,
-        precision=getattr(args, "precision", "auto"),
-    )
+def backbone_config_of(args: argparse.Namespace) -> BackboneConfig:
+    """The :class:`BackboneConfig` of the flags, with the dataset's default backbone (digits: digits_vit)."""
+    return config_from_args(BackboneConfig, args, dataset_defaults_of(args))
 
 
 def add_data_flags(p: argparse.ArgumentParser, required: bool, test: bool = False, resolution: bool = True) -> None:

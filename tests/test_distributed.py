@@ -129,7 +129,7 @@ def _rank0_failure_job(rank, world, tmp):
 def _grid_failure_job(rank, world, tmp):
     """A grid under two ranks whose rank-0-only evaluation cell fails: rank 0 raises the cell's error,
     rank 1 -- which waited on the gloo control group -- raises it too, instead of hanging."""
-    from fastsfm.config import ClassifierConfig, DistillConfig, EvalConfig
+    from fastsfm.config import BackboneConfig, ClassifierConfig, DistillConfig, EvalConfig
     from fastsfm.reproduce import GridConfig, run_grid
     from fastsfm.reproduce import cells as cells_mod
 
@@ -143,8 +143,7 @@ def _grid_failure_job(rank, world, tmp):
         backbones=["test_vit"],
         methods=["sfm"],
         resolution=16,
-        image_size=16,
-        random_init=True,
+        backbone=BackboneConfig(image_size=16, random_init=True),
         device="cpu",
         workers=0,
         eval_backbones="same",

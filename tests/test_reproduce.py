@@ -3,7 +3,7 @@
 import pytest
 from helpers import imagenet_folder
 
-from fastsfm.config import EvalConfig
+from fastsfm.config import BackboneConfig, EvalConfig
 from fastsfm.reproduce import GridConfig, load_grid, plan_grid, run_grid
 from fastsfm.reproduce import cells as cells_mod
 
@@ -19,8 +19,7 @@ def _grid(tmp_path, data_root, **kw) -> GridConfig:
         ipc=[1],
         methods=["sfm", "random"],
         resolution=16,
-        image_size=16,
-        random_init=True,
+        backbone=BackboneConfig(image_size=16, random_init=True),
         device="cpu",
         workers=0,
         distill=DistillConfig(steps=2, pyramid_extent=1, checkpoint_every=1),
@@ -91,7 +90,6 @@ def test_dry_run_reports_the_plan_with_projected_hours(tmp_path):
         ({"datasets": ["imagenet-7"]}, ValueError, "unknown dataset 'imagenet-7'"),
         ({"methods": ["sfm", "dc"]}, ValueError, r"unknown methods \['dc'\]"),
         ({"views": {"sfm": 0, "lgm": 10}}, ValueError, "views: a table of positive integers"),
-        ({"real_precision": "fp8"}, ValueError, "real_precision must be one of"),
         ({"methods": ["neighbors"]}, ValueError, "add 'sfm' to methods"),
         ({"root": "/no/such/imagenet"}, FileNotFoundError, "does not exist"),
         ({"datasets": ["imagewoof"]}, ValueError, "10 classes of imagewoof are missing"),
@@ -120,7 +118,7 @@ def test_grid_toml_loading(tmp_path):
     with pytest.raises(FileNotFoundError, match="shipped configs"):
         load_grid(tmp_path / "none.toml")
     bad.write_text('out = "x"\ndatasets = ["digits"]\nbackbones = ["test_vit"]\n[distill]\nipc = 10\nviews = 3\n')
-    with pytest.raises(ValueError, match="the grid sets these keys per cell.*'ipc'.*'views'.*top-level `views` table"):
+    with pytest.raises(ValueError, match="the grid sets these keys itself.*'ipc'.*'views'.*top-level `views` table"):
         load_grid(bad)
     bad.write_bytes(b"\xff\xfe not toml")
     with pytest.raises(ValueError, match="is not valid TOML"):
@@ -134,8 +132,8 @@ def test_reproduce_command_line(tmp_path, capsys):
     config = tmp_path / "grid.toml"
     config.write_text(
         f'out = "{tmp_path / "grid"}"\ndatasets = ["imagenette"]\nbackbones = ["test_vit"]\nmethods = ["sfm"]\n'
-        'resolution = 16\nimage_size = 16\nrandom_init = true\nworkers = 0\neval_backbones = "same"\n'
-        "[distill]\nsteps = 1\n[eval]\nepochs = 1\nseeds = 1\n"
+        'resolution = 16\nworkers = 0\neval_backbones = "same"\n'
+        "[distill]\nsteps = 1\n[eval]\nepochs = 1\nseeds = 1\n[backbone]\nimage_size = 16\nrandom_init = true\n"
     )
     main(["reproduce", str(config), "--root", str(root), "--device", "cpu", "--dry-run"])
     shown = capsys.readouterr().out  # the plan is the dry run's result: stdout
@@ -156,6 +154,10 @@ def test_grid_toml_refuses_out_of_range_options_in_its_sections(tmp_path):
         ("distill", "nontarget_divisor = 0", "nontarget_divisor must be a number >= 1"),
         ("eval", "kd_weight = 2.0", r"kd_weight must be a number in \[0, 1\]"),
         ("classifier", "classifier_lr = 0.0", "classifier_lr must be a number > 0.0"),
+        ("backbone", 'real_precision = "fp8"', "real_precision must be one of"),
+        ("backbone", "image_size = 0", "image_size must be an integer >= 1"),
+        ("backbone", 'backbone = "test_vit"', "the grid sets these keys itself"),
+        ("distill", 'precision = "bf16"', r"unknown keys \['precision'\]"),
     ):
         config = tmp_path / f"{section}.toml"
         config.write_text(

@@ -6,7 +6,7 @@ import dataclasses
 
 import torch
 
-from ..backbones import Backbone, load_backbone, resolve_name
+from ..backbones import Backbone, from_config, resolve_name
 from ..baselines.sets import Selection, select
 from ..data import ImageData, labels_of
 from ..datasets import load_data
@@ -37,11 +37,7 @@ class Run:
 
     def backbone(self, name: str) -> Backbone:
         if name not in self.backbones:
-            g = self.grid
-            pretrained = False if g.random_init else g.weights.get(name, True)
-            self.backbones[name] = load_backbone(
-                name, pretrained, g.image_size, device=self.device, preprocess=g.preprocess, precision=g.precision
-            )
+            self.backbones[name] = from_config(self.grid.backbone, self.device, name, self.grid.weights.get(name))
         return self.backbones[name]
 
     def dataset(self, dataset: str) -> ImageData:
@@ -53,7 +49,7 @@ class Run:
     def cache(self, dataset: str) -> FeatureCache:
         if dataset not in self.caches:
             test = self.dataset(dataset).test
-            self.caches[dataset] = FeatureCache(test, self.device, self.grid.workers, self.grid.real_precision)
+            self.caches[dataset] = FeatureCache(test, self.device, self.grid.workers, self.grid.backbone.real_precision)
         return self.caches[dataset]
 
     def stats(self, cell: Cell) -> ClassStats:
@@ -70,7 +66,7 @@ class Run:
             if saved.exists():
                 self.train_features[key] = read_safetensors(saved)[0]["features"].float()
             else:
-                with self.backbone(backbone).using_precision(self.grid.real_precision):
+                with self.backbone(backbone).using_precision(self.grid.backbone.real_precision):
                     self.train_features[key] = encode(
                         self.backbone(backbone),
                         self.dataset(dataset).train_eval,
@@ -89,7 +85,7 @@ def run_stats(run: Run, cell: Cell) -> None:
         run.device,
         workers=run.grid.workers,
         progress=run.progress,
-        precision=run.grid.real_precision,
+        precision=run.grid.backbone.real_precision,
         features_path=cell.path.with_name(FEATURES),
     )
     if run.rank == 0:

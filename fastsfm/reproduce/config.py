@@ -11,12 +11,11 @@ import torch
 from ..backbones import resolve_name
 from ..config import (
     METHOD_VIEWS,
+    BackboneConfig,
     ClassifierConfig,
     DistillConfig,
     EvalConfig,
     GridMethod,
-    Precision,
-    Preprocess,
     choices,
 )
 from ..distributed import WAIT_HOURS
@@ -33,7 +32,6 @@ PER_CELL = {
     "method": "each distillation cell is one method of `methods`",
     "ipc": "each cell is one value of the top-level `ipc` list",
     "resolution": "the top-level `resolution` sets it for every cell (real and synthetic images)",
-    "precision": "the top-level `precision` sets it for every cell",
     "views": "the top-level `views` table sets it per method (sfm, lgm)",
 }
 """``[distill]`` keys the grid sets per cell, and why a value there would be ignored."""
@@ -41,7 +39,8 @@ PER_CELL = {
 
 @dataclass
 class GridConfig:
-    """One grid; every field has a TOML key of the same name (sections: distill, eval, classifier).
+    """One grid; every field has a TOML key of the same name (sections: distill, eval, classifier,
+    backbone -- the configs themselves, :mod:`fastsfm.config`, validated as they are everywhere).
 
     ``datasets``: ImageNet subset names (``imagenet-100``, ...; on ``root``), ``torchvision:<Class>``
     (on ``root``), ``folder:<dir>`` (``dir/train`` and ``dir/val`` ImageFolders) or ``digits``.
@@ -49,8 +48,9 @@ class GridConfig:
     ``kmeans``, ``neighbors`` (the nearest reals of the SFM set).  ``eval_backbones``: ``"same"``
     (each set with its distillation backbone), ``"all"`` (every backbone: the cross-backbone
     matrix) or a list.  ``views``: augmented copies per step of each distillation method.
-    ``precision``: the synthetic side's backbone autocast; ``real_precision``: statistics, real
-    features and test features (fp32, as the authors).  ``wait_hours``: how long ranks wait for
+    ``backbone``: how every backbone runs (input size, normalisation, ``precision`` of the
+    synthetic side, ``real_precision`` of statistics and test features, ``random_init``); the
+    ``weights`` table gives local weights per backbone.  ``wait_hours``: how long ranks wait for
     rank 0's work under torchrun (:mod:`fastsfm.distributed`).
     """
 
@@ -64,18 +64,14 @@ class GridConfig:
     full_data: bool = True
     resolution: int = 256
     views: dict[str, int] = field(default_factory=lambda: dict(METHOD_VIEWS))
-    image_size: int | None = None
-    random_init: bool = False
     weights: dict[str, str] = field(default_factory=dict)
-    preprocess: Preprocess = "authors"
-    precision: Precision = "auto"
-    real_precision: Precision = "fp32"
     device: str = "auto"
     workers: int | None = None
     wait_hours: float = WAIT_HOURS
     distill: DistillConfig = field(default_factory=DistillConfig)
     eval: EvalConfig = field(default_factory=lambda: EvalConfig(mode=("probe", "inherit")))
     classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
 
     def eval_list(self, backbone: str) -> list[str]:
         if self.eval_backbones == "same":
@@ -94,12 +90,16 @@ class GridConfig:
             method=method,
             ipc=ipc,
             resolution=self.resolution,
-            precision=self.precision,
             views=self.views[method],
         )
 
 
-_SECTIONS = {"distill": DistillConfig, "eval": EvalConfig, "classifier": ClassifierConfig}
+_SECTIONS = {"distill": DistillConfig, "eval": EvalConfig, "classifier": ClassifierConfig, "backbone": BackboneConfig}
+PER_BACKBONE = {
+    "backbone": "the grid's `backbones` list names them",
+    "weights": "the top-level `weights` table gives them per backbone",
+}
+"""``[backbone]`` keys the grid sets per backbone."""
 
 
 def _unknown(where: str, values: dict, known: set[str]) -> None:
@@ -111,10 +111,9 @@ def _unknown(where: str, values: dict, known: set[str]) -> None:
 def _section(name: str, values: dict):
     cls = _SECTIONS[name]
     _unknown(f"[{name}]", values, {f.name for f in dataclasses.fields(cls)})
-    if name == "distill":
-        fixed = {k: PER_CELL[k] for k in values if k in PER_CELL}
-        if fixed:
-            raise ValueError(f"[distill]: the grid sets these keys per cell, remove them: {fixed}")
+    fixed = {k: why for k, why in {"distill": PER_CELL, "backbone": PER_BACKBONE}.get(name, {}).items() if k in values}
+    if fixed:
+        raise ValueError(f"[{name}]: the grid sets these keys itself, remove them: {fixed}")
     return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 
 
@@ -155,7 +154,7 @@ def input_size(grid: GridConfig) -> int:
     """The backbones' input size (the centre crop of statistics and test images): the grid's
     ``image_size``, else the first backbone's (224 for the paper aliases)."""
     spec = resolve_name(grid.backbones[0])[1]
-    return grid.image_size or (spec.size if spec else 224)
+    return grid.backbone.image_size or (spec.size if spec else 224)
 
 
 def dataset_spec(grid: GridConfig, dataset: str) -> tuple[str, str | None]:
@@ -189,9 +188,6 @@ def validate_grid(grid: GridConfig) -> None:
         raise ValueError("the 'neighbors' baseline selects the nearest reals of the SFM set: add 'sfm' to methods")
     if set(grid.views) - {"sfm", "lgm"} or any(not isinstance(v, int) or v < 1 for v in grid.views.values()):
         raise ValueError(f"views: a table of positive integers for sfm and lgm, got {grid.views!r}")
-    for name in ("precision", "real_precision"):
-        if getattr(grid, name) not in choices(Precision):
-            raise ValueError(f"{name} must be one of {choices(Precision)}, got {getattr(grid, name)!r}")
     if not grid.backbones or not grid.datasets or not grid.ipc or min(grid.ipc) < 1:
         raise ValueError("backbones, datasets and ipc (values >= 1) must be non-empty")
     named = list(grid.backbones) + ([] if isinstance(grid.eval_backbones, str) else list(grid.eval_backbones))

@@ -11,11 +11,12 @@ real batches the same way.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import torch
 
-from ..backbones import Backbone, load_backbone
+from ..backbones import Backbone, from_config
 from ..benchmark import distill_setup, synchronize, time_steps
 from ..data import default_workers
 from .cells import Run
@@ -63,9 +64,7 @@ def projection(run: Run, cells: list[Cell]) -> tuple[str, float]:
 
     def backbone(name: str) -> Backbone:  # time and memory do not depend on the weights
         if name not in random_init:
-            random_init[name] = load_backbone(
-                name, False, grid.image_size, device=device, preprocess=grid.preprocess, precision=grid.precision
-            )
+            random_init[name] = from_config(dataclasses.replace(grid.backbone, random_init=True), device, name)
         return random_init[name]
 
     def pass_hours(images: int, encoders: list[Backbone], dataset: str) -> float:
@@ -78,7 +77,7 @@ def projection(run: Run, cells: list[Cell]) -> tuple[str, float]:
 
     lines = [
         f"plan of {grid.out} on {device}: projections from step times, forward throughput and decode throughput "
-        f"({workers} workers) measured now (random weights; precision {grid.precision})",
+        f"({workers} workers) measured now (random weights; precision {grid.backbone.precision})",
         "| cell | status | projected h |",
         "|---|---|---|",
     ]
