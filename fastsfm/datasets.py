@@ -15,6 +15,7 @@ This module sits above :mod:`fastsfm.data` and :mod:`fastsfm.imagenet` (which it
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from torch.utils.data import Dataset
@@ -22,7 +23,14 @@ from torch.utils.data import Dataset
 from .data import ImageData, digits, image_folder, labels_of, view_transform, with_transform
 from .imagenet import SUBSETS, imagenet_subset
 
-__all__ = ["load_data", "torchvision_dataset", "dataset_defaults", "DATASET_DEFAULTS", "DEFAULT_RESOLUTION"]
+__all__ = [
+    "DatasetSpec",
+    "load_data",
+    "torchvision_dataset",
+    "dataset_defaults",
+    "DATASET_DEFAULTS",
+    "DEFAULT_RESOLUTION",
+]
 
 DEFAULT_RESOLUTION = 256
 """Real images are resized to this (shorter side) unless the dataset or the user says otherwise."""
@@ -86,20 +94,59 @@ def torchvision_dataset(name: str, root: str | Path, resolution: int, crop: int)
     return ImageData(train, with_transform(train, view_transform(resolution, crop)), test, classes, name.lower())
 
 
-def load_data(spec: str, resolution: int, crop: int, test_spec: str | None = None) -> ImageData:
-    """A dataset from a spec string:
+@dataclass(frozen=True)
+class DatasetSpec:
+    """A dataset by name: the one grammar of ``--data`` and of a grid's ``datasets`` entries.
 
     * ``digits``: the embedded default;
-    * ``<imagenet subset>:<root>`` (``imagenet-100:/data/imagenet``; :mod:`fastsfm.imagenet`);
-    * ``torchvision:<Class>:<root>`` (``torchvision:CIFAR10:/data/cifar``), never downloading;
-    * anything else: an ImageFolder root, with ``test_spec`` the test split's root.
+    * ``<imagenet subset>[:<root>]`` (``imagenet-100:/data/imagenet``; :mod:`fastsfm.imagenet`);
+    * ``torchvision:<Class>[:<root>]`` (``torchvision:CIFAR10:/data/cifar``), never downloading;
+    * ``folder:<dir>``: ImageFolders ``dir/train`` and ``dir/val``;
+    * anything else: an ImageFolder root, with ``test_root`` the test split's (``--test-data``).
+
+    A root left out of the text is ``root`` (a grid's ``root``; a subset or torchvision dataset
+    without any is an error).
     """
-    if spec == "digits":
-        return digits(resolution, crop)
-    if spec.startswith("torchvision:"):
-        _, name, root = (spec.split(":", 2) + [""])[:3]
-        return torchvision_dataset(name, root, resolution, crop)
-    head, _, root = spec.partition(":")
-    if head in SUBSETS and root:
-        return imagenet_subset(root, head, resolution, crop)
-    return image_folder(spec, resolution, crop, test_spec)
+
+    kind: str
+    name: str
+    root: str | None = None
+    test_root: str | None = None
+
+    @classmethod
+    def parse(cls, text: str, root: str | None = None, test_root: str | None = None) -> DatasetSpec:
+        if text == "digits":
+            return cls("digits", "digits")
+        if text.startswith("folder:"):
+            folder = Path(text.split(":", 1)[1])
+            return cls("folder", text, str(folder / "train"), str(folder / "val"))
+        if text.startswith("torchvision:"):
+            _, name, given = (text.split(":", 2) + [""])[:3]
+            return cls("torchvision", name, cls._root(text, given or root))
+        head, _, given = text.partition(":")
+        if head in SUBSETS:
+            return cls("imagenet", head, cls._root(text, given or root))
+        return cls("folder", text, text, test_root)
+
+    @staticmethod
+    def _root(text: str, root: str | None) -> str:
+        if not root:
+            raise ValueError(
+                f"dataset {text!r} needs a root (`name:/path`, or the grid's `root`; fastsfm never downloads)"
+            )
+        return root
+
+    def load(self, resolution: int, crop: int) -> ImageData:
+        """The dataset's :class:`fastsfm.data.ImageData` at ``resolution``, centre crops of ``crop``."""
+        if self.kind == "digits":
+            return digits(resolution, crop)
+        if self.kind == "torchvision":
+            return torchvision_dataset(self.name, self.root, resolution, crop)
+        if self.kind == "imagenet":
+            return imagenet_subset(self.root, self.name, resolution, crop)
+        return image_folder(self.root, resolution, crop, self.test_root)
+
+
+def load_data(spec: str, resolution: int, crop: int, test_spec: str | None = None) -> ImageData:
+    """:meth:`DatasetSpec.load` of ``DatasetSpec.parse(spec, test_root=test_spec)``."""
+    return DatasetSpec.parse(spec, test_root=test_spec).load(resolution, crop)

@@ -124,7 +124,12 @@ def backbone_config_of(args: argparse.Namespace) -> BackboneConfig:
 
 
 def add_data_flags(p: argparse.ArgumentParser, required: bool, test: bool = False, resolution: bool = True) -> None:
-    p.add_argument("--data", required=required, help="ImageFolder root of the training images, or 'digits'")
+    p.add_argument(
+        "--data",
+        required=required,
+        help="digits, an ImageNet subset on a local copy (imagenet-100:/data/imagenet), torchvision:<Class>:<root>, "
+        "folder:<dir> (dir/train, dir/val) or an ImageFolder root of the training images (the grid's grammar too)",
+    )
     if test:
         p.add_argument("--test-data", default=None, help="ImageFolder root of the test split (digits: built in)")
     if resolution:

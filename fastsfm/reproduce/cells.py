@@ -9,13 +9,12 @@ import torch
 from ..backbones import Backbone, from_config, resolve_name
 from ..baselines.sets import Selection, select
 from ..data import ImageData, labels_of
-from ..datasets import load_data
 from ..distributed import rank_world
 from ..evaluate import Evaluator, FeatureCache, ImageSet, compare
 from ..io import atomic_write_json, read_safetensors
 from ..stats import ClassStats, dataset_stats
 from ..synset import load_images
-from .config import GridConfig, dataset_spec, input_size
+from .config import GridConfig, input_size
 from .plan import DISTILLED, Cell, backbone_folder
 
 __all__ = ["Run", "RUNNERS", "ALL_RANKS"]
@@ -42,8 +41,8 @@ class Run:
 
     def dataset(self, dataset: str) -> ImageData:
         if dataset not in self.data:
-            spec, test = dataset_spec(self.grid, dataset)
-            self.data[dataset] = load_data(spec, self.grid.resolution, input_size(self.grid), test)
+            spec = self.grid.dataset(dataset)
+            self.data[dataset] = spec.load(self.grid.resolution, input_size(self.grid))
         return self.data[dataset]
 
     def cache(self, dataset: str) -> FeatureCache:

@@ -18,6 +18,7 @@ from ..config import (
     GridMethod,
     choices,
 )
+from ..datasets import DatasetSpec
 from ..distributed import WAIT_HOURS
 
 try:
@@ -25,7 +26,7 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
-__all__ = ["GridConfig", "load_grid", "validate_grid", "dataset_spec", "input_size", "SHIPPED_CONFIGS", "PER_CELL"]
+__all__ = ["GridConfig", "load_grid", "validate_grid", "input_size", "SHIPPED_CONFIGS", "PER_CELL"]
 
 SHIPPED_CONFIGS = Path(__file__).resolve().parents[1] / "resources" / "configs"
 PER_CELL = {
@@ -42,8 +43,10 @@ class GridConfig:
     """One grid; every field has a TOML key of the same name (sections: distill, eval, classifier,
     backbone -- the configs themselves, :mod:`fastsfm.config`, validated as they are everywhere).
 
-    ``datasets``: ImageNet subset names (``imagenet-100``, ...; on ``root``), ``torchvision:<Class>``
-    (on ``root``), ``folder:<dir>`` (``dir/train`` and ``dir/val`` ImageFolders) or ``digits``.
+    ``datasets``: entries in the command line's ``--data`` grammar (:class:`fastsfm.datasets.DatasetSpec`):
+    ImageNet subset names (``imagenet-100``, ...), ``torchvision:<Class>`` -- on ``root``, unless
+    the entry names its own (``imagenet-100:/data/imagenet``) --, ``folder:<dir>`` (``dir/train``
+    and ``dir/val`` ImageFolders) or ``digits``.
     ``methods``: ``sfm``, ``lgm`` (distilled) and the real baselines ``random``, ``centroid``,
     ``kmeans``, ``neighbors`` (the nearest reals of the SFM set).  ``eval_backbones``: ``"same"``
     (each set with its distillation backbone), ``"all"`` (every backbone: the cross-backbone
@@ -77,6 +80,11 @@ class GridConfig:
         if self.eval_backbones == "same":
             return [backbone]
         return list(self.backbones) if self.eval_backbones == "all" else list(self.eval_backbones)
+
+    def dataset(self, entry: str) -> DatasetSpec:
+        """A ``datasets`` entry in the command line's grammar (:class:`fastsfm.datasets.DatasetSpec`),
+        ``root`` where the entry names none."""
+        return DatasetSpec.parse(entry, root=self.root)
 
     def resolved_device(self) -> torch.device:
         if self.device != "auto":
@@ -157,25 +165,6 @@ def input_size(grid: GridConfig) -> int:
     return grid.backbone.image_size or (spec.size if spec else 224)
 
 
-def dataset_spec(grid: GridConfig, dataset: str) -> tuple[str, str | None]:
-    """``(load_data spec, test spec)`` of a grid dataset entry."""
-    from ..imagenet import SUBSETS
-
-    if dataset == "digits":
-        return "digits", None
-    if dataset.startswith("folder:"):
-        root = Path(dataset.split(":", 1)[1])
-        return str(root / "train"), str(root / "val")
-    if dataset in SUBSETS or dataset.startswith("torchvision:"):
-        if not grid.root:
-            raise ValueError(f"dataset {dataset!r} needs `root` (the local copy; fastsfm never downloads)")
-        return f"{dataset}:{grid.root}", None
-    raise ValueError(
-        f"unknown dataset {dataset!r}: an ImageNet subset ({', '.join(SUBSETS)}), "
-        "torchvision:<Class>, folder:<dir> or digits"
-    )
-
-
 def validate_grid(grid: GridConfig) -> None:
     """Every check that needs no heavy work, so a bad config fails before anything runs."""
     from ..imagenet import SUBSETS, check_imagenet_root
@@ -205,13 +194,18 @@ def validate_grid(grid: GridConfig) -> None:
         if not Path(path).exists():
             raise FileNotFoundError(f"weights {path} for {name} do not exist")
     for dataset in grid.datasets:
-        spec, test = dataset_spec(grid, dataset)
-        if dataset in SUBSETS:
-            check_imagenet_root(grid.root, dataset)
-        elif dataset.startswith("torchvision:"):
-            if not Path(grid.root).exists():
-                raise FileNotFoundError(f"root {grid.root} of {dataset} does not exist")
-        elif test is not None:
-            for folder in (spec, test):
-                if not Path(folder).is_dir():
+        spec = grid.dataset(dataset)
+        if spec.kind == "folder" and spec.test_root is None:  # a bare path: no test split to score on
+            raise ValueError(
+                f"unknown dataset {dataset!r}: an ImageNet subset ({', '.join(SUBSETS)}), torchvision:<Class>, "
+                "folder:<dir> or digits (a subset or torchvision dataset may name its root: name:/path)"
+            )
+        if spec.kind == "imagenet":
+            check_imagenet_root(spec.root, spec.name)
+        elif spec.kind == "torchvision":
+            if not Path(spec.root).exists():
+                raise FileNotFoundError(f"root {spec.root} of {dataset} does not exist")
+        elif spec.kind == "folder":
+            for folder in (spec.root, spec.test_root):
+                if folder is None or not Path(folder).is_dir():
                     raise FileNotFoundError(f"{folder} does not exist ({dataset} needs train/ and val/ folders)")
