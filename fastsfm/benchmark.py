@@ -229,7 +229,7 @@ def distill_setup(
     ``config.method`` -- ``(synset, optim, objective)``.  Time and memory do not depend on the values."""
     from torch.utils.data import TensorDataset
 
-    from .distill import build_objective
+    from .objectives import build_objective
     from .optim import ChunkAdam
     from .stats import ClassStats
     from .synset import SyntheticSet

@@ -1,6 +1,6 @@
 """The distillation loop: build or resume a run, optimise, checkpoint, export.
 
-The loop knows nothing about the objective's maths (:mod:`fastsfm.objective`); it owns the
+The loop knows nothing about the objective's maths (:mod:`fastsfm.objectives`); it owns the
 run: its folder, checkpoints (atomic, every ``checkpoint_every`` steps, on SIGTERM/SIGUSR1/
 Ctrl-C), resume, per-step metrics, progress and the exported set.
 
@@ -41,7 +41,6 @@ import torch.distributed as dist
 from torch.utils.data import Dataset
 
 from .backbones import Backbone
-from .baselines.lgm import LGMObjective
 from .baselines.reals import random_reals
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import DistillConfig
@@ -49,14 +48,14 @@ from .data import labels_of, stack_images
 from .distributed import barrier, rank_world, shard_classes
 from .io import concat_safetensors
 from .metrics import MetricsLog, plot_loss
-from .objective import DistillStep, SFMObjective
+from .objectives import DistillStep, build_objective
 from .optim import ChunkAdam
 from .progress import Progress
 from .signals import StopSignals
 from .stats import ClassStats
 from .synset import SyntheticSet, load_images, save_grid, save_images
 
-__all__ = ["DistillConfig", "distill", "build_objective"]
+__all__ = ["DistillConfig", "distill"]
 
 log = logging.getLogger(__name__)
 
@@ -107,20 +106,6 @@ def _build_synset(
         storage=storage,
         offload=config.offload,
     )
-
-
-def build_objective(
-    config: DistillConfig, backbone: Backbone, stats: ClassStats, device: torch.device, *, real=None, group=None
-) -> DistillStep:
-    """The objective of ``config.method``: SFM, or LGM (needs ``real``: a dataset of real images
-    at the synthetic resolution; single process only)."""
-    if config.method == "sfm":
-        return SFMObjective(backbone, stats, config, device, group)
-    if group is not None:
-        raise ValueError("LGM runs in a single process (its loss matches one global gradient); drop torchrun")
-    if real is None:
-        raise ValueError("LGM needs the real training images (--data): it samples a real batch every step")
-    return LGMObjective(backbone, real, stats.num_classes, config, device)
 
 
 def _save(ckpt: Path, synset: SyntheticSet, optim: ChunkAdam, step: int, identity: dict[str, str]) -> None:
@@ -260,7 +245,7 @@ def distill(
         out_dir: the run folder (see the module docstring for its files).
         real: real training images at the synthetic resolution (``init="real"``, LGM).
         resume: continue from the checkpoint; without it an existing checkpoint is an error.
-        objective: a custom :class:`fastsfm.objective.DistillStep` (default: from ``config``).
+        objective: a custom :class:`fastsfm.objectives.DistillStep` (default: from ``config``).
         local: run the whole set in this process even under ``torch.distributed`` (the grid
             runner's LGM cells, which rank 0 runs alone).
     """

@@ -55,7 +55,7 @@ def upsample_matrix(size: int, resolution: int) -> Tensor:
     """(resolution, size) float64 matrix ``A`` of bilinear upsampling along one axis, half-pixel
     centres (``align_corners=False``), no antialiasing: ``A @ x @ A.T`` is LGM's ``Upsample_256``
     of an (size, size) image ``x``.  Output pixel i samples ``(i + 0.5) * size / resolution - 0.5``,
-    clamped at 0, between its two neighbours (the last one repeated at the edge)."""
+    clamped at 0, between its two neighbors (the last one repeated at the edge)."""
     pos = ((torch.arange(resolution, dtype=torch.float64) + 0.5) * (size / resolution) - 0.5).clamp(min=0.0)
     low = pos.floor().long()
     frac = pos - low

@@ -11,7 +11,7 @@ from helpers import tiny_backbone, toy_data, toy_stats
 
 from fastsfm.checkpoint import CheckpointError, load_checkpoint
 from fastsfm.distill import DistillConfig, distill
-from fastsfm.objective import SFMObjective
+from fastsfm.objectives import SFMObjective
 
 CFG = DistillConfig(ipc=2, steps=6, lr=0.05, resolution=16, pyramid_extent=2, checkpoint_every=3)
 

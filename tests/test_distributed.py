@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 from fastsfm import SFMLoss
 from fastsfm.distill import DistillConfig, distill
 from fastsfm.distributed import init_from_env, interleave_shards, shard_classes, shard_dataset, shutdown
-from fastsfm.objective import SFMObjective
+from fastsfm.objectives import SFMObjective
 from fastsfm.stats import ClassStats, compute_stats
 from fastsfm.synset import SyntheticSet
 

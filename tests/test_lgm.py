@@ -8,9 +8,9 @@ import torch
 from helpers import Recorder, grown_set, tiny_backbone, toy_data, toy_stats
 
 from fastsfm import rng
-from fastsfm.baselines.lgm import LGMObjective, RealBatches, lgm_loss, linear_ce_grad
 from fastsfm.config import DistillConfig
-from fastsfm.distill import build_objective
+from fastsfm.objectives import build_objective
+from fastsfm.objectives.lgm import LGMObjective, RealBatches, lgm_loss, linear_ce_grad
 
 CFG = DistillConfig(method="lgm", ipc=4, resolution=16, views=2, seed=5)
 

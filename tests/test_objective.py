@@ -8,8 +8,8 @@ from helpers import Recorder, grown_set, tiny_backbone, toy_data, toy_stats
 
 from fastsfm import SFMLoss
 from fastsfm.config import DistillConfig
-from fastsfm.distill import build_objective, distill
-from fastsfm.objective import SFMObjective, plan_chunk
+from fastsfm.distill import distill
+from fastsfm.objectives import SFMObjective, build_objective, plan_chunk
 from fastsfm.optim import ChunkAdam
 from fastsfm.synset import SyntheticSet
 

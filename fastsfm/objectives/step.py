@@ -1,11 +1,10 @@
-"""Distillation objectives: one optimisation step of a synthetic set, at any IPC.
+"""The exact two-pass step every distillation objective runs, and the protocol the loop calls.
 
-:class:`SFMObjective` is the paper's step: render the synthetic images, augment them once
-(``views`` times with ``views > 1``), encode them with the frozen backbone, and match the
-flows of their class means to the real ones (:mod:`fastsfm.ops`).  Its peer,
-:class:`fastsfm.baselines.lgm.LGMObjective`, is the LGM baseline
-(:func:`fastsfm.distill.build_objective` picks one from the config, so ``method`` alone decides.)
-Both are :class:`TwoPassStep` subclasses.
+:class:`fastsfm.objectives.sfm.SFMObjective` (the paper's step: render the synthetic images,
+augment them once -- ``views`` times with ``views > 1`` --, encode them with the frozen backbone,
+match the flows of their class means to the real ones) and its peer
+:class:`fastsfm.objectives.lgm.LGMObjective` (the LGM baseline) are :class:`TwoPassStep`
+subclasses; :func:`fastsfm.objectives.build_objective` picks one from the config.
 
 **Exact chunked steps.**  Both losses depend on the synthetic features only through a sum of
 per-row contributions (SFM: the (C, D) class sums; LGM: the linear head's cross-entropy
@@ -48,17 +47,15 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.profiler import record_function
 
-from . import ops, rng
-from .augment import BatchAugment
-from .backbones import Backbone
-from .config import DistillConfig
-from .optim import ChunkAdam
-from .precision import loss_scale
-from .reference import divisor_for
-from .stats import ClassStats
-from .synset import SyntheticSet
+from .. import rng
+from ..augment import BatchAugment
+from ..backbones import Backbone
+from ..config import DistillConfig
+from ..optim import ChunkAdam
+from ..precision import loss_scale
+from ..synset import SyntheticSet
 
-__all__ = ["DistillStep", "TwoPassStep", "SFMObjective", "plan_chunk", "PROBE_SIZES", "MEMORY_FRACTION"]
+__all__ = ["DistillStep", "TwoPassStep", "plan_chunk", "PROBE_SIZES", "MEMORY_FRACTION"]
 
 PROBE_SIZES = (2, 6)
 """Images of the two probe forward+backward passes that size the chunks."""
@@ -198,41 +195,3 @@ class TwoPassStep:
             with record_function("fastsfm.optimizer"):
                 optim.step_chunk(start, stop, params, grad_scale=1.0 / self.scale)
         return loss
-
-
-class SFMObjective(TwoPassStep):
-    """The SFM step: class sums (fused Triton kernels on CUDA), the flow cosine, ``G/n`` broadcast.
-
-    Args:
-        backbone: the frozen distillation backbone (its precision applies).
-        stats: real statistics of ``backbone`` (the centres).
-        config: views, objective options, noise, chunk size, seed.
-        device: where the backbone runs.
-        group: a process group whose ranks hold disjoint classes of the set, or None.
-    """
-
-    def __init__(self, backbone: Backbone, stats: ClassStats, config: DistillConfig, device: torch.device, group=None):
-        super().__init__(backbone, config, device, group)
-        self.num_classes = stats.num_classes
-        self.consts = ops.flow_constants(stats.means.to(self.device))
-        self.objective, self.alpha = config.objective, config.alpha
-        self.divisor = divisor_for(config.nontarget_divisor, self.num_classes)
-        self.backend = "triton" if self.device.type == "cuda" else "torch"
-        self._plans: dict[tuple[int, int], ops.LabelPlan] = {}
-
-    def rows(self, synset: SyntheticSet, start: int, stop: int) -> ops.LabelPlan:
-        """The chunk's label plan (class order and boundaries), built once per chunk."""
-        if (start, stop) not in self._plans:
-            labels = super().rows(synset, start, stop)
-            dim = self.backbone.feature_dim if self.backend == "triton" else None
-            self._plans[(start, stop)] = ops.label_plan(labels, self.num_classes, self.views == 1, dim)
-        return self._plans[(start, stop)]
-
-    def accumulate(self, feats: Tensor, plan: ops.LabelPlan, total: Tensor | None) -> Tensor:
-        return ops.class_sums(feats, plan, self.num_classes, self.backend, out=total)
-
-    def finish(self, total: Tensor) -> tuple[Tensor, Tensor | ops.TritonGrad]:
-        return ops.epilogue(total, self.consts, self.objective, self.alpha, self.divisor, self.backend)
-
-    def backward(self, feats: Tensor, plan: ops.LabelPlan, grad: Tensor | ops.TritonGrad) -> None:
-        feats.backward(ops.grad_rows(grad, plan, self.upstream, feats.dtype, self.backend))

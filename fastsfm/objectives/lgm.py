@@ -11,7 +11,7 @@ x1024 loss scale, as LGM's code), so SFM/LGM ratios compare like with like.
 The gradient of mean cross-entropy for a linear head is a sum over rows,
 ``[dW | db] = sum_i (softmax(W f_i + b) - onehot(y_i)) [f_i | 1] / B`` (:func:`linear_ce_sums`),
 so the synthetic side needs no double backward through autograd, and LGM runs in the same
-**exact two-pass chunks** as SFM (:class:`fastsfm.objective.TwoPassStep`): pass 1 accumulates
+**exact two-pass chunks** as SFM (:class:`fastsfm.objectives.step.TwoPassStep`): pass 1 accumulates
 the synthetic gradient chunk by chunk without a graph, the loss and ``G = dL/dg_syn`` follow,
 pass 2 back-propagates ``<G, [dW | db] of the chunk>``.  So a step whose one graph would not fit
 the device (about 3,000 crops at ImageNet-1k, IPC 1, 3 views) runs in chunks instead.
@@ -38,8 +38,8 @@ from .. import rng
 from ..backbones import Backbone
 from ..config import DistillConfig
 from ..data import default_workers, loader_kwargs, shm_items
-from ..objective import TwoPassStep
 from ..synset import SyntheticSet
+from .step import TwoPassStep
 
 __all__ = ["linear_ce_sums", "linear_ce_grad", "lgm_loss", "LGMObjective", "RealBatches"]
 

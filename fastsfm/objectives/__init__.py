@@ -1,0 +1,35 @@
+"""Distillation objectives: one optimisation step of a synthetic set, at any IPC.
+
+* :mod:`.step`: :class:`TwoPassStep`, the exact two-pass chunked step both objectives run, and
+  :class:`DistillStep`, what the loop (:func:`fastsfm.distill.distill`) calls;
+* :mod:`.sfm`: :class:`SFMObjective`, statistical flow matching (the paper);
+* :mod:`.lgm`: :class:`LGMObjective`, linear gradient matching (the baseline);
+* :func:`build_objective`: the one builder, from ``DistillConfig.method``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..backbones import Backbone
+from ..config import DistillConfig
+from ..stats import ClassStats
+from .lgm import LGMObjective
+from .sfm import SFMObjective
+from .step import DistillStep, TwoPassStep, plan_chunk
+
+__all__ = ["build_objective", "DistillStep", "TwoPassStep", "SFMObjective", "LGMObjective", "plan_chunk"]
+
+
+def build_objective(
+    config: DistillConfig, backbone: Backbone, stats: ClassStats, device: torch.device, *, real=None, group=None
+) -> DistillStep:
+    """The objective of ``config.method``: SFM, or LGM (needs ``real``: a dataset of real images
+    at the synthetic resolution; single process only)."""
+    if config.method == "sfm":
+        return SFMObjective(backbone, stats, config, device, group)
+    if group is not None:
+        raise ValueError("LGM runs in a single process (its loss matches one global gradient); drop torchrun")
+    if real is None:
+        raise ValueError("LGM needs the real training images (--data): it samples a real batch every step")
+    return LGMObjective(backbone, real, stats.num_classes, config, device)
