@@ -36,22 +36,12 @@ import torch
 
 from fastsfm import pinned
 from fastsfm.backbones import load_backbone
-from fastsfm.benchmark import (
-    distill_setup,
-    environment,
-    in_child,
-    kernel_events,
-    print_table,
-    profiler,
-    run_step,
-    synchronize,
-    time_steps,
-    write_csv,
-)
+from fastsfm.benchmark import environment, in_child, kernel_events, print_table, write_csv
 from fastsfm.config import DistillConfig, Precision, choices
 from fastsfm.io import atomic_write_json
 from fastsfm.optim import ChunkAdam
 from fastsfm.synset import SyntheticSet
+from fastsfm.timing import distill_setup, profiler, run_step, synchronize, time_steps
 
 LOOP_STEPS = 5001
 PROFILE_RANGES = ("render", "augment", "backbone", "loss", "backward", "optimizer")

@@ -50,16 +50,8 @@ elif "--smoke" in sys.argv and not os.path.exists("/dev/nvidiactl"):
 import torch
 
 from fastsfm import SFMLoss, ops
-from fastsfm.benchmark import (
-    cuda_graph,
-    environment,
-    kernel_events,
-    loss_problem,
-    print_table,
-    profiler,
-    synchronize,
-    time_ms,
-)
+from fastsfm.benchmark import cuda_graph, environment, kernel_events, loss_problem, print_table, time_ms
+from fastsfm.timing import profiler, synchronize
 
 
 def profile_loss(c: int, ipc: int, d: int, dtype: torch.dtype, device: torch.device, steps: int = 50) -> dict:

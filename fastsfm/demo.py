@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader
 
 from .backbones import Backbone, from_config
 from .baselines.sets import baseline_sources
-from .benchmark import distill_setup, markdown_table, run_step, step_peak_bytes, step_seconds
+from .benchmark import markdown_table
 from .config import BackboneConfig, ClassifierConfig, DistillConfig, EvalConfig, option, require, with_defaults
 from .data import digits
 from .datasets import dataset_defaults
@@ -40,6 +40,7 @@ from .io import atomic_write_json
 from .probe import encode
 from .stats import compute_stats
 from .synset import save_grid
+from .timing import distill_setup, run_step, step_peak_bytes, step_seconds
 
 __all__ = ["DemoConfig", "run_demo", "DEMO_DISTILL", "DEMO_EVAL", "DEMO_CLASSIFIER", "DEMO_BACKBONES"]
 

@@ -1,7 +1,7 @@
 """``fastsfm reproduce --dry-run``: the plan with the device hours of each cell, measured here.
 
 Measured on the device the grid would run on, with random weights (time does not depend on them):
-a distillation step of every distillation cell (:func:`fastsfm.benchmark.distill_setup`, all pyramid
+a distillation step of every distillation cell (:func:`fastsfm.timing.distill_setup`, all pyramid
 levels), the forward throughput of every backbone, and the **decode throughput of the real files**
 (the dataset's own transform: JPEG decode, resize, crop, per loader worker).  Passes over real images
 -- statistics, baselines that encode the train split, test features -- are projected from the
@@ -17,8 +17,8 @@ import time
 import torch
 
 from ..backbones import Backbone, from_config
-from ..benchmark import distill_setup, synchronize, time_steps
 from ..data import default_workers
+from ..timing import distill_setup, synchronize, time_steps
 from .cells import Run
 from .config import GridConfig
 from .plan import Cell
