@@ -21,7 +21,7 @@ from pathlib import Path
 from fastsfm.backbones import from_config
 from fastsfm.benchmark import environment
 from fastsfm.config import BackboneConfig
-from fastsfm.data import digits
+from fastsfm.datasets import digits
 from fastsfm.demo import DEMO_BACKBONES, DEMO_EVAL
 from fastsfm.evaluate import Evaluator, FeatureCache, ImageSet, compare, format_markdown, load_image_set, summarise
 from fastsfm.export import export_image_folder

@@ -413,7 +413,7 @@ def digits_section(ctx: Context) -> None:
     import tempfile
 
     from fastsfm.backbones import load_backbone
-    from fastsfm.data import digits
+    from fastsfm.datasets import digits
     from fastsfm.demo import DEMO_CLASSIFIER, DEMO_DISTILL
     from fastsfm.distill import distill
     from fastsfm.stats import dataset_stats

@@ -51,9 +51,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
 
 from .config import BackboneConfig, Precision, Preprocess, choices
+from .images import loader_kwargs
 from .precision import autocast, autocast_dtype
+from .progress import track
 from .weights import file_digest, hub_offline, load_into, mixin_checkpoint, read_state_dict
 
 __all__ = [
@@ -61,6 +64,7 @@ __all__ = [
     "BackboneSpec",
     "load_backbone",
     "from_config",
+    "encode",
     "DEFAULT_BACKBONE",
     "ALIASES",
     "AUTHOR_NAMES",
@@ -365,4 +369,31 @@ def from_config(
         device=device,
         preprocess=config.preprocess,
         precision=config.precision,
+    )
+
+
+@torch.no_grad()
+def encode(
+    backbone: nn.Module,
+    images: Tensor | Dataset,
+    batch_size: int = 256,
+    device: str | torch.device = "cpu",
+    workers: int | None = 0,
+    progress: bool = False,
+) -> Tensor:
+    """Features (N, D) float32 (on CPU) of images (N, 3, H, W) or of an image dataset, batched, no grad
+    (a dataset is decoded by ``workers`` loader processes, None: :func:`fastsfm.images.default_workers`).
+    Every module that needs features of images (statistics, baselines, evaluation, the demo) calls this.."""
+    if isinstance(images, Tensor):
+        batches = (images[i : i + batch_size] for i in range(0, len(images), batch_size))
+        total = (len(images) + batch_size - 1) // batch_size
+    else:
+        loader = DataLoader(images, batch_size=batch_size, **loader_kwargs(device, workers))
+        batches = (x for x, _ in loader)
+        total = None
+    return torch.cat(
+        [
+            backbone(x.to(device, non_blocking=True)).float().cpu()
+            for x in track(batches, "encoding", total=total, enabled=progress, unit="batch")
+        ]
     )

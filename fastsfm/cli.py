@@ -102,9 +102,9 @@ def _image_sets(
 ) -> list:
     """The sets to evaluate: --synset files/folders and the --baselines that select real images
     (:mod:`fastsfm.baselines.sets`; neighbors: of each --synset)."""
+    from .backbones import encode
     from .baselines.sets import baseline_sources
     from .evaluate import load_image_set
-    from .probe import encode
 
     synthetic = [load_image_set(path, stats, resolution) for path in args.synset]
     ipc = args.ipc or (int(torch.bincount(synthetic[0].labels).max()) if synthetic else 1)

@@ -1,16 +1,17 @@
 """Datasets by name, as the command line, the grid and the Python API spell them.
 
-``load_data(spec, resolution, crop)`` returns an :class:`fastsfm.data.ImageData` (train view at the
+``load_data(spec, resolution, crop)`` returns an :class:`fastsfm.images.ImageData` (train view at the
 synthetic resolution, train and test views centre-cropped to the backbone's input) for:
 
-* ``digits`` -- scikit-learn's digits, the embedded default (:func:`fastsfm.data.digits`);
+* ``digits`` -- scikit-learn's digits, the embedded default (:func:`digits`);
 * ``<imagenet subset>:<root>`` -- ImageNet-1k or one of the authors' subsets on a local copy
   (``imagenet-100:/data/imagenet``; :mod:`fastsfm.imagenet`);
 * ``torchvision:<Class>:<root>`` -- a ``torchvision.datasets`` class on a local root, never
   downloading (``torchvision:CIFAR10:/data/cifar``);
 * anything else -- an ImageFolder root (``root/<class>/<image>``), with the test split's root.
 
-This module sits above :mod:`fastsfm.data` and :mod:`fastsfm.imagenet` (which it combines).
+This module sits above :mod:`fastsfm.images` and :mod:`fastsfm.imagenet` (which it combines): the one
+module to open for datasets.
 """
 
 from __future__ import annotations
@@ -18,14 +19,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from torch.utils.data import Dataset
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset, TensorDataset
 
-from .data import ImageData, digits, image_folder, labels_of, view_transform, with_transform
 from .imagenet import SUBSETS, imagenet_subset
+from .images import ImageData, center_crop, labels_of, view_transform, with_transform
 
 __all__ = [
     "DatasetSpec",
     "load_data",
+    "digits",
+    "image_folder",
     "torchvision_dataset",
     "dataset_defaults",
     "DATASET_DEFAULTS",
@@ -56,6 +61,56 @@ the real classifier (the authors' 10 epochs are only 100 steps on 1,257 digits),
 def dataset_defaults(spec: str | None) -> dict[str, object]:
     """The defaults the dataset ``spec`` owns (:data:`DATASET_DEFAULTS`; empty for other datasets)."""
     return dict(DATASET_DEFAULTS.get(spec or "", {}))
+
+
+def digits(image_size: int = 32, crop: int | None = None, test_fraction: float = 0.3, seed: int = 0) -> ImageData:
+    """scikit-learn's 8x8 handwritten digits (1,797 images, 10 classes), shipped in its wheel.
+
+    Grey levels 0..16 become RGB in [0, 1], upsampled bilinearly to ``image_size``
+    (``train``); ``train_eval``/``test`` are centre crops of ``crop`` (default: the whole
+    image).  A stratified split with a fixed ``seed`` keeps ``test_fraction`` of each class for testing.
+    """
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    images = torch.tensor(bunch.images, dtype=torch.float32).div(16.0).unsqueeze(1)
+    images = F.interpolate(images, size=(image_size, image_size), mode="bilinear", align_corners=False)
+    images = images.clamp(0, 1).expand(-1, 3, -1, -1).contiguous()
+    labels = torch.tensor(bunch.target, dtype=torch.int64)
+    gen = torch.Generator().manual_seed(seed)
+    test_idx = []
+    for c in range(10):
+        idx = torch.nonzero(labels == c).squeeze(1)
+        idx = idx[torch.randperm(len(idx), generator=gen)]
+        test_idx.append(idx[: int(round(len(idx) * test_fraction))])
+    is_test = torch.zeros(len(labels), dtype=torch.bool)
+    is_test[torch.cat(test_idx)] = True
+    cropped = center_crop(images, crop or image_size)
+    return ImageData(
+        TensorDataset(images[~is_test], labels[~is_test]),
+        TensorDataset(cropped[~is_test], labels[~is_test]),
+        TensorDataset(cropped[is_test], labels[is_test]),
+        [str(c) for c in range(10)],
+        f"digits{image_size}",
+    )
+
+
+def image_folder(root: str | Path, resolution: int, crop: int, test_root: str | Path | None = None) -> ImageData:
+    """ImageFolder dataset(s) (``root/<class>/<image>``) in the views of the module docstring."""
+    from torchvision import datasets
+
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder {root} does not exist (expected root/<class>/<image> files)")
+    train = datasets.ImageFolder(str(root), transform=view_transform(resolution, resolution))
+    test = None
+    if test_root is not None:
+        test = datasets.ImageFolder(str(test_root), transform=view_transform(resolution, crop))
+        if test.classes != train.classes:
+            raise ValueError(f"test classes {test.classes[:5]}... differ from train classes {train.classes[:5]}...")
+    return ImageData(
+        train, with_transform(train, view_transform(resolution, crop)), test, list(train.classes), root.name
+    )
 
 
 def torchvision_dataset(name: str, root: str | Path, resolution: int, crop: int) -> ImageData:
@@ -137,7 +192,7 @@ class DatasetSpec:
         return root
 
     def load(self, resolution: int, crop: int) -> ImageData:
-        """The dataset's :class:`fastsfm.data.ImageData` at ``resolution``, centre crops of ``crop``."""
+        """The dataset's :class:`fastsfm.images.ImageData` at ``resolution``, centre crops of ``crop``."""
         if self.kind == "digits":
             return digits(resolution, crop)
         if self.kind == "torchvision":

@@ -28,16 +28,14 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from .backbones import Backbone, from_config
+from .backbones import Backbone, encode, from_config
 from .baselines.sets import baseline_sources
 from .benchmark import markdown_table
 from .config import BackboneConfig, ClassifierConfig, DistillConfig, EvalConfig, option, require, with_defaults
-from .data import digits
-from .datasets import dataset_defaults
+from .datasets import dataset_defaults, digits
 from .distill import distill
 from .evaluate import Evaluator, FeatureCache, ImageSet, compare, format_markdown, summarise, write_results
 from .io import atomic_write_json
-from .probe import encode
 from .stats import compute_stats
 from .synset import save_grid
 from .timing import distill_setup, run_step, step_peak_bytes, step_seconds

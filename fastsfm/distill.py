@@ -44,8 +44,8 @@ from .backbones import Backbone
 from .baselines.reals import random_reals
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import DistillConfig
-from .data import labels_of, stack_images
 from .distributed import barrier, rank_world, shard_classes
+from .images import labels_of, stack_images
 from .io import concat_safetensors
 from .metrics import MetricsLog, plot_loss
 from .objectives import DistillStep, build_objective

@@ -28,11 +28,11 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from .augment import BatchAugment
-from .backbones import Backbone
+from .backbones import Backbone, encode
 from .config import EvalConfig, Precision
-from .data import labels_of
+from .images import labels_of
 from .inherit import InheritedClassifier, kd_loss
-from .probe import Head, HeadCheckpoint, encode, new_head, topk_accuracy, train_heads
+from .probe import Head, HeadCheckpoint, new_head, topk_accuracy, train_heads
 from .signals import StopSignals
 from .stats import ClassStats
 
@@ -225,7 +225,7 @@ def load_image_set(path: str | Path, stats: ClassStats, resolution: int) -> Imag
     """A set to evaluate: an exported ``synset.safetensors`` (checked against the statistics'
     backbone and classes) or a run folder holding one, or a folder of images made by any method
     (``fastsfm export``'s, or any), one subfolder per class."""
-    from .data import image_set_folder
+    from .images import image_set_folder
     from .synset import load_images
 
     path = Path(path)

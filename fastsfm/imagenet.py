@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torchvision.datasets import ImageFolder
 
-from .data import ImageData, view_transform, with_transform
+from .images import ImageData, view_transform, with_transform
 
 __all__ = ["SUBSETS", "imagenet_subset", "subset_wnids", "check_imagenet_root"]
 
@@ -104,7 +104,7 @@ def check_imagenet_root(root: str | Path, subset: str) -> list[str]:
 
 
 def imagenet_subset(root: str | Path, subset: str, resolution: int, crop: int) -> ImageData:
-    """A named subset of a local ImageNet in the views of :mod:`fastsfm.data` (labels in the authors' order)."""
+    """A named subset of a local ImageNet in the views of :mod:`fastsfm.images` (labels in the authors' order)."""
     wnids = check_imagenet_root(root, subset)
     root = Path(root)
     train = _ClassFolders(root / "train", wnids, view_transform(resolution, resolution))

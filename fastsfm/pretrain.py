@@ -41,11 +41,11 @@ from torch import Tensor, nn
 
 from . import rng
 from .augment import BatchAugment
-from .backbones import ALIASES, load_backbone
+from .backbones import ALIASES, encode, load_backbone
 from .config import ClassifierConfig
-from .data import digits
+from .datasets import digits
 from .io import atomic_save_safetensors
-from .probe import encode, fit_linear_classifier
+from .probe import fit_linear_classifier
 from .progress import Progress
 
 __all__ = ["SimCLRConfig", "pretrain", "nt_xent", "main"]

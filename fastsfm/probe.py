@@ -22,14 +22,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
 
 from .config import ClassifierConfig
-from .data import loader_kwargs
 from .io import atomic_save_safetensors, read_safetensors
 from .progress import Progress, track
 
-__all__ = ["new_head", "fit_linear_classifier", "encode", "topk_accuracy", "Head", "HeadCheckpoint", "train_heads"]
+__all__ = ["new_head", "fit_linear_classifier", "topk_accuracy", "Head", "HeadCheckpoint", "train_heads"]
 
 _VIEWS_PER_BLOCK = 50_000  # augmented views encoded at once (bounds the cached features' memory)
 
@@ -70,32 +68,6 @@ def fit_linear_classifier(
                 opt.step()
             sched.step()
     return head.eval()
-
-
-@torch.no_grad()
-def encode(
-    backbone: nn.Module,
-    images: Tensor | Dataset,
-    batch_size: int = 256,
-    device: str | torch.device = "cpu",
-    workers: int | None = 0,
-    progress: bool = False,
-) -> Tensor:
-    """Features (N, D) float32 (on CPU) of images (N, 3, H, W) or of an image dataset, batched, no grad
-    (a dataset is decoded by ``workers`` loader processes, None: :func:`fastsfm.data.default_workers`)."""
-    if isinstance(images, Tensor):
-        batches = (images[i : i + batch_size] for i in range(0, len(images), batch_size))
-        total = (len(images) + batch_size - 1) // batch_size
-    else:
-        loader = DataLoader(images, batch_size=batch_size, **loader_kwargs(device, workers))
-        batches = (x for x, _ in loader)
-        total = None
-    return torch.cat(
-        [
-            backbone(x.to(device, non_blocking=True)).float().cpu()
-            for x in track(batches, "encoding", total=total, enabled=progress, unit="batch")
-        ]
-    )
 
 
 def topk_accuracy(logits: Tensor, labels: Tensor, ks: tuple[int, ...] = (1, 5)) -> dict[int, float | None]:

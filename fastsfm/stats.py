@@ -21,8 +21,8 @@ from torch.utils.data import DataLoader
 
 from .backbones import Backbone
 from .config import ClassifierConfig, Precision
-from .data import fingerprint, loader_kwargs
 from .distributed import control_group, gather_to_rank0, interleave_shards, rank_world, shard_dataset
+from .images import fingerprint, loader_kwargs
 from .io import atomic_save_safetensors, read_safetensors
 from .probe import fit_linear_classifier
 from .progress import track
@@ -222,7 +222,7 @@ def dataset_stats(
     precision: Precision = "fp32",
     features_path: str | Path | None = None,
 ) -> ClassStats:
-    """:func:`compute_stats` of an :class:`fastsfm.data.ImageData`'s train split (its centre-crop
+    """:func:`compute_stats` of an :class:`fastsfm.images.ImageData`'s train split (its centre-crop
     view), identified by name and file fingerprint; under ``torch.distributed`` each rank reads
     its shard of the images."""
     loader = DataLoader(

@@ -7,7 +7,6 @@ import torch
 from helpers import class_folders, tiny_backbone, toy_data, toy_stats
 
 from fastsfm.config import EvalConfig
-from fastsfm.data import image_set_folder
 from fastsfm.evaluate import (
     Evaluator,
     FeatureCache,
@@ -19,6 +18,7 @@ from fastsfm.evaluate import (
     summarise,
     write_results,
 )
+from fastsfm.images import image_set_folder
 from fastsfm.synset import save_images
 
 CFG = EvalConfig(mode=("probe", "inherit", "kd"), epochs=3, seeds=2)

@@ -7,8 +7,8 @@ import torch
 from torchvision import datasets
 
 from fastsfm.cli import main
-from fastsfm.data import image_set_folder
 from fastsfm.export import SET_JSON, export_image_folder
+from fastsfm.images import image_set_folder
 from fastsfm.synset import save_images
 
 NAMES = ["n01440764", "n02102040", "cat"]

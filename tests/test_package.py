@@ -15,7 +15,7 @@ LOWER = {
     "fastsfm.reference",
     "fastsfm.pinned",
     "fastsfm.weights",
-    "fastsfm.data",
+    "fastsfm.images",
     "fastsfm.progress",
     "fastsfm.precision",
     "fastsfm.metrics",

@@ -7,8 +7,8 @@ import torch
 from helpers import tiny_backbone, toy_data, toy_stats
 
 from fastsfm.baselines.sets import Selection, baseline_sources, select
-from fastsfm.data import ImageData
 from fastsfm.evaluate import ImageSet
+from fastsfm.images import ImageData
 
 
 @pytest.fixture(scope="module")

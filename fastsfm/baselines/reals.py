@@ -89,8 +89,8 @@ def nearest_reals(
     """:func:`neighbor_reals` of synthetic ``images`` (N, 3, R, R): encoded by ``backbone`` from their
     centre crop at its input size, as the authors' ``neighbors.py``; ``features`` are the real
     images' (the statistics view)."""
-    from ..data import center_crop
-    from ..probe import encode
+    from ..backbones import encode
+    from ..images import center_crop
 
     crops = center_crop(images, min(backbone.input_size, images.shape[-1]))
     return neighbor_reals(encode(backbone, crops, device=device), labels, features, real_labels)

@@ -22,8 +22,8 @@ import torch
 from torch import Tensor
 
 from ..config import Baseline, choices
-from ..data import ImageData, labels_of, stack_images
 from ..evaluate import ImageSet, SetSource
+from ..images import ImageData, labels_of, stack_images
 from ..io import atomic_write_json, read_json
 from .reals import centroid_reals, kmeans_reals, nearest_reals, random_reals
 

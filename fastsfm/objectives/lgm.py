@@ -21,7 +21,7 @@ permutation of the train set (without replacement) cut into ``floor(N / B)`` bat
 partial batch dropped, so no batch holds an image twice; step ``s`` takes batch ``s mod floor(N/B)``
 of epoch ``s div floor(N/B)`` -- a function of (seed, step), so a resumed run continues exactly.  They
 are loaded in pieces (at most a chunk, and sized so that the pieces the workers keep in flight
-fit in shared memory, :func:`fastsfm.data.shm_items`), augmented and encoded without a graph.
+fit in shared memory, :func:`fastsfm.images.shm_items`), augmented and encoded without a graph.
 
 Deviation: the real images are the dataset's view at the synthetic resolution (Resize(256) +
 CenterCrop(256) for image folders), where LGM's loader crops at random (RandomCrop(256)).
@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from .. import rng
 from ..backbones import Backbone
 from ..config import DistillConfig
-from ..data import default_workers, loader_kwargs, shm_items
+from ..images import default_workers, loader_kwargs, shm_items
 from ..synset import SyntheticSet
 from .step import TwoPassStep
 

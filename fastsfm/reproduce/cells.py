@@ -8,9 +8,9 @@ import torch
 
 from ..backbones import Backbone, from_config, resolve_name
 from ..baselines.sets import Selection, select
-from ..data import ImageData, labels_of
 from ..distributed import rank_world
 from ..evaluate import Evaluator, FeatureCache, ImageSet, compare
+from ..images import ImageData, labels_of
 from ..io import atomic_write_json, read_safetensors
 from ..stats import ClassStats, dataset_stats
 from ..synset import load_images
@@ -57,7 +57,7 @@ class Run:
     def features(self, dataset: str, backbone: str) -> torch.Tensor:
         """The backbone's features of the train split's statistics view: those the statistics cell
         wrote (no image is decoded again), else encoded now (grids started before that file existed)."""
-        from ..probe import encode
+        from ..backbones import encode
 
         key = (dataset, backbone)
         if key not in self.train_features:

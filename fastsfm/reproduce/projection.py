@@ -17,7 +17,7 @@ import time
 import torch
 
 from ..backbones import Backbone, from_config
-from ..data import default_workers
+from ..images import default_workers
 from ..timing import distill_setup, synchronize, time_steps
 from .cells import Run
 from .config import GridConfig

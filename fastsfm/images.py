@@ -1,4 +1,7 @@
-"""Dataset adapters: the embedded default (scikit-learn's digits), ImageFolder, tensors.
+"""Images for datasets: the views every dataset gives, adapters, sets of images, loaders.
+
+Datasets by name (the embedded digits, ImageFolders, ImageNet subsets, torchvision) are
+:mod:`fastsfm.datasets`; this module holds what they are built from.
 
 Every dataset yields ``(image, label)`` with images as float tensors (3, H, W) in [0, 1]:
 normalisation belongs to the backbone (:mod:`fastsfm.backbones`), so statistics, synthetic
@@ -22,14 +25,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset, TensorDataset
 
 __all__ = [
     "ImageData",
-    "digits",
-    "image_folder",
     "image_set_folder",
     "center_crop",
     "labels_of",
@@ -59,38 +59,6 @@ class ImageData:
         return len(self.class_names)
 
 
-def digits(image_size: int = 32, crop: int | None = None, test_fraction: float = 0.3, seed: int = 0) -> ImageData:
-    """scikit-learn's 8x8 handwritten digits (1,797 images, 10 classes), shipped in its wheel.
-
-    Grey levels 0..16 become RGB in [0, 1], upsampled bilinearly to ``image_size``
-    (``train``); ``train_eval``/``test`` are centre crops of ``crop`` (default: the whole
-    image).  A stratified split with a fixed ``seed`` keeps ``test_fraction`` of each class for testing.
-    """
-    from sklearn.datasets import load_digits
-
-    bunch = load_digits()
-    images = torch.tensor(bunch.images, dtype=torch.float32).div(16.0).unsqueeze(1)
-    images = F.interpolate(images, size=(image_size, image_size), mode="bilinear", align_corners=False)
-    images = images.clamp(0, 1).expand(-1, 3, -1, -1).contiguous()
-    labels = torch.tensor(bunch.target, dtype=torch.int64)
-    gen = torch.Generator().manual_seed(seed)
-    test_idx = []
-    for c in range(10):
-        idx = torch.nonzero(labels == c).squeeze(1)
-        idx = idx[torch.randperm(len(idx), generator=gen)]
-        test_idx.append(idx[: int(round(len(idx) * test_fraction))])
-    is_test = torch.zeros(len(labels), dtype=torch.bool)
-    is_test[torch.cat(test_idx)] = True
-    cropped = center_crop(images, crop or image_size)
-    return ImageData(
-        TensorDataset(images[~is_test], labels[~is_test]),
-        TensorDataset(cropped[~is_test], labels[~is_test]),
-        TensorDataset(cropped[is_test], labels[is_test]),
-        [str(c) for c in range(10)],
-        f"digits{image_size}",
-    )
-
-
 def center_crop(images: Tensor, size: int) -> Tensor:
     """The central ``size`` x ``size`` crop of images (..., H, W)."""
     top, left = (images.shape[-2] - size) // 2, (images.shape[-1] - size) // 2
@@ -117,24 +85,6 @@ def with_transform(dataset: Dataset, transform) -> Dataset:
     other = copy.copy(dataset)
     other.transform = transform
     return other
-
-
-def image_folder(root: str | Path, resolution: int, crop: int, test_root: str | Path | None = None) -> ImageData:
-    """ImageFolder dataset(s) (``root/<class>/<image>``) in the views of the module docstring."""
-    from torchvision import datasets
-
-    root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"image folder {root} does not exist (expected root/<class>/<image> files)")
-    train = datasets.ImageFolder(str(root), transform=view_transform(resolution, resolution))
-    test = None
-    if test_root is not None:
-        test = datasets.ImageFolder(str(test_root), transform=view_transform(resolution, crop))
-        if test.classes != train.classes:
-            raise ValueError(f"test classes {test.classes[:5]}... differ from train classes {train.classes[:5]}...")
-    return ImageData(
-        train, with_transform(train, view_transform(resolution, crop)), test, list(train.classes), root.name
-    )
 
 
 def _to_rgb(x: Tensor) -> Tensor:

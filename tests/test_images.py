@@ -5,7 +5,8 @@ import pytest
 import torch
 from PIL import Image
 
-from fastsfm.data import default_workers, digits, fingerprint, image_folder, labels_of, loader_kwargs, shm_items
+from fastsfm.datasets import digits, image_folder
+from fastsfm.images import default_workers, fingerprint, labels_of, loader_kwargs, shm_items
 
 
 def test_digits_split_is_stratified_and_deterministic():
