@@ -21,8 +21,8 @@ Three parts (each prints a table; ``--out`` writes everything as JSON):
   fp32, as microseconds per launch from a CUDA graph of back-to-back launches over feature
   buffers larger than L2, with TB/s and the error against float64; the whole loss
   (forward+backward) as a CUDA-graph replay at N = 1,000 / 10,000 / 50,000, beside its kernels'
-  sum (the launch gaps); host time per launch split into Python (binder or cached launch) and
-  the driver call.
+  sum (the launch gaps); host time per forward+backward split into Python (the cached launches'
+  driver calls made no-ops) and the driver calls.
 
 ``--smoke`` runs tiny sizes on CPU in Triton's interpreter (device part) and the host part, so
 only the shape of the report means anything.  Prints the environment line; writes nothing
@@ -270,7 +270,28 @@ def loss_check(device: torch.device, c: int = 1000, d: int = 768) -> dict:
         kernels = sum(e.self_device_time_total for e in kernel_events(prof)) / 10
         floor_us = 2 * n * d * 2 / 3.35e6  # one read + one write of N x D bf16 at an H100's 3.35 TB/s
         out["loss"].append({"N": n, "graph us": graphed, "kernels us": kernels, "HBM floor us": floor_us})
+        if n == 10_000:
+            out["host"] = [_host_split(step)]
     return out
+
+
+def _host_split(step) -> dict:
+    """Host microseconds per forward+backward on this machine, split into Python (every cached
+    launch's driver call replaced by a no-op) and the driver calls (the difference)."""
+    from fastsfm.kernels import LAUNCHERS
+
+    total = _per_call_us(step, 300, 5)
+    compiled = [kernel for launcher in LAUNCHERS for kernel, _ in launcher.cache.values()]
+    saved = [kernel._run for kernel in compiled]
+    for kernel in compiled:
+        kernel._run = lambda *args: None
+    try:
+        python = _per_call_us(step, 300, 5)
+    finally:
+        for kernel, run in zip(compiled, saved, strict=True):
+            kernel._run = run
+    torch.cuda.synchronize()
+    return {"host us per fwd+bwd": total, "Python us": python, "driver calls us": total - python}
 
 
 def main(argv: list[str] | None = None) -> dict:

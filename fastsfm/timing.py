@@ -67,19 +67,6 @@ def profiler(device: torch.device, **kwargs: object) -> Iterator[torch.profiler.
             yield prof
 
 
-def kernel_events(prof: torch.profiler.profile) -> list:
-    """The device-side entries of ``prof.key_averages()`` (kernels, copies, fills) with device time: a
-    CPU range (an op, an autograd Function) repeats its kernels' time, and the profiler's own buffer
-    requests are not the program's work.  Empty for a CPU-only profile."""
-    return [
-        e
-        for e in prof.key_averages()
-        if e.device_type != torch.autograd.DeviceType.CPU
-        and e.self_device_time_total > 0
-        and e.key != "Activity Buffer Request"
-    ]
-
-
 def synchronize(device: torch.device) -> None:
     """Wait for the work queued on ``device`` (nothing is queued on a CPU)."""
     if device.type == "cuda":
