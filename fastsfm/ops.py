@@ -145,7 +145,8 @@ def label_plan(
         tiles=tiles,
         slots=slots,
         carry=torch.empty(max(slots, 1), sums_width(dim), device=labels.device),
-        counter=torch.zeros(max(slots, 1) * tiles.column_blocks(dim), dtype=torch.int32, device=labels.device),
+        # one counter per (heavy class, column block) of the narrowest column block a launch may use
+        counter=torch.zeros(max(slots, 1) * -(-dim // 16), dtype=torch.int32, device=labels.device),
     )
     return LabelPlan(labels, offsets, contiguous, kernel)
 

@@ -239,7 +239,10 @@ def class_sums(
     """
     d = z.shape[1]
     w = out.shape[1]
-    num_cb = tiles.column_blocks(d)
+    block_d = tiles.block_d
+    if z.element_size() == 4 and (d % 16 or z.stride(1) != 1):  # float32 rows without 16-byte vectors:
+        block_d = min(block_d, 64)  # one address per element; narrower tiles keep them in registers
+    num_cb = _cdiv(d, block_d)
     grid = (num_cb, items.shape[0])
     args = (z, perm, sorted_labels, offsets, items, out, carry, counter, d, w, num_cb, z.stride(0), z.stride(1))
     constexprs = {
@@ -247,7 +250,7 @@ def class_sums(
         "ACCUMULATE": accumulate,
         "GROUP": tiles.group,
         "BLOCK_R": tiles.block_r,
-        "BLOCK_D": tiles.block_d,
+        "BLOCK_D": block_d,
         "STAGES": tiles.stages,
         "UPCAST": _INTERPRETER,
     }
