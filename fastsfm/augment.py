@@ -15,8 +15,14 @@ their order, each drawn independently per image:
    when both papers were written and 0.0 since a later upstream change; SFM forked before
    it, so the default here is **0.5**; pass ``noise_mean=0.0`` for LGM's current code.
 
-The flip is folded into the crop's affine map (a negative x scale), so the whole batch costs
-one ``affine_grid``, one ``grid_sample`` and the noise.  Nothing is drawn from a stream:
+The flip is folded into the crop's affine map (a negative x scale).  That map is axis-aligned, so
+the bilinear crop is **separable**: ``out[b, c] = Wy[b] @ image[b, c] @ Wx[b]^T`` with hat-function
+weights ``max(0, 1 - |p - j|)`` of each output pixel's source coordinate ``p`` (``grid_sample``'s
+``align_corners=False`` convention; zero padding is the weights of pixels outside the image
+dropped).  It equals ``affine_grid`` + ``grid_sample`` (tested in float64, values and gradients)
+and its backward is two more batched matrix products: no atomic adds (``grid_sample``'s CUDA
+backward scatters every output pixel into four input pixels with atomics, so it was neither
+deterministic nor fast).  Nothing is drawn from a stream:
 every parameter of image ``b`` is a function of ``keys[b]`` (:mod:`fastsfm.rng`), so a
 chunk, a rank or a resumed run re-creates the same augmentation exactly.
 """
@@ -27,7 +33,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import rng
@@ -89,6 +94,14 @@ class BatchAugment(nn.Module):
             noise=(u[:, 5] < self.noise_p) & (self.noise_std > 0),
         )
 
+    def _weights(self, scale: Tensor, shift: Tensor, pixels: int, like: Tensor) -> Tensor:
+        """Bilinear sampling weights (B, size, pixels) along one axis: output pixel i samples the
+        normalised coordinate ``scale * x_i + shift`` (``x_i = (2 i + 1) / size - 1``)."""
+        grid = (2 * torch.arange(self.size, device=like.device, dtype=like.dtype) + 1) / self.size - 1
+        source = ((scale[:, None] * grid + shift[:, None] + 1) * pixels - 1) / 2  # pixel coordinates
+        offsets = source[:, :, None] - torch.arange(pixels, device=like.device, dtype=like.dtype)
+        return (1 - offsets.abs()).clamp(min=0)
+
     def forward(self, images: Tensor, keys: Tensor) -> Tensor:
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"expected images (B, 3, H, W), got {tuple(images.shape)}")
@@ -96,13 +109,9 @@ class BatchAugment(nn.Module):
             raise ValueError(f"expected one key per image ({images.shape[0]},), got {tuple(keys.shape)}")
         p = self.params(keys.to(images.device))
         sign = 1.0 - 2.0 * p.flip.to(images.dtype)
-        theta = torch.zeros(len(keys), 2, 3, device=images.device, dtype=images.dtype)
-        theta[:, 0, 0] = sign * p.width
-        theta[:, 0, 2] = sign * (2 * p.left + p.width - 1)
-        theta[:, 1, 1] = p.height
-        theta[:, 1, 2] = 2 * p.top + p.height - 1
-        grid = F.affine_grid(theta, [len(keys), 3, self.size, self.size], align_corners=False)
-        out = F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        wx = self._weights(sign * p.width, sign * (2 * p.left + p.width - 1), images.shape[3], images)
+        wy = self._weights(p.height, 2 * p.top + p.height - 1, images.shape[2], images)
+        out = wy[:, None] @ images @ wx[:, None].transpose(-1, -2)
         if self.noise_std > 0:
             noise = rng.normal(rng.derive(keys.to(images.device), 7), (3, self.size, self.size)).to(images.dtype)
             out = out + p.noise.to(images.dtype)[:, None, None, None] * (self.noise_std * noise + self.noise_mean)

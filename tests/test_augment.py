@@ -71,3 +71,22 @@ def test_no_noise_and_no_flip_options():
     # a crop box covering the whole image is the identity
     identity = BatchAugment(12, scale=(1.0, 1.0), ratio=(1.0, 1.0), flip=False, noise_std=0.0)
     torch.testing.assert_close(identity(images, keys), images, rtol=1e-5, atol=1e-5)
+
+
+def test_separable_crop_equals_grid_sample_in_float64_values_and_gradients():
+    """The crop as two batched matrix products equals affine_grid + grid_sample (bilinear, zero padding,
+    align_corners=False) in float64 -- flipped and unflipped boxes, boxes past the image, non-square
+    images -- for the values and for the gradient of the images (which grid_sample scatters with atomics)."""
+    aug = BatchAugment(13, noise_std=0.0)
+    keys = rng.derive(9, torch.arange(96))
+    images = torch.rand(96, 3, 21, 18, dtype=torch.float64, requires_grad=True)
+    p = aug.params(keys)
+    assert p.flip.any() and (~p.flip).any() and ((p.width > 1) | (p.height > 1)).any()
+    got = aug(images, keys)
+    reference = images.detach().clone().requires_grad_()
+    want = _authors_order(reference, aug, keys)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    upstream = torch.randn_like(got)
+    got.backward(upstream)
+    want.backward(upstream)
+    torch.testing.assert_close(images.grad, reference.grad, rtol=0, atol=1e-11)

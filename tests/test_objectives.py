@@ -1,5 +1,6 @@
 """The distillation objectives: exact chunked steps, views, precision, LGM."""
 
+import collections
 from dataclasses import replace
 
 import pytest
@@ -180,3 +181,53 @@ def test_cuda_precision_policy_under_autocast(setup, precision):
         grads[p] = torch.cat([g.flatten() for g in recorder.grads])
     assert torch.isfinite(grads[precision]).all()
     assert torch.nn.functional.cosine_similarity(grads["fp32"], grads[precision], dim=0) > 0.98
+
+
+ATOMIC_OPS = (
+    "grid_sampler_2d_backward",
+    "upsample_bilinear2d_backward",
+    "index_add",
+    "index_put",
+    "_index_put_impl",
+    "scatter_add",
+    "embedding_dense_backward",
+)
+"""aten ops whose CUDA kernels accumulate with float atomics (nondeterministic, slow when many
+writes meet one address)."""
+
+
+def _step_census(backbone, classes: int, ipc: int, views: int) -> collections.Counter:
+    """aten ops of one SFM step (render, augment, backbone, Triton loss under the interpreter,
+    backward, Adam) after a warm-up step, counted by a ``TorchDispatchMode``."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from fastsfm.timing import distill_setup, run_step
+
+    class Census(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = collections.Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops[func.name()] += 1
+            return func(*args, **(kwargs or {}))
+
+    config = DistillConfig(ipc=ipc, resolution=16, views=views, seed=1)
+    synset, optim, objective = distill_setup(backbone, config, classes, torch.device("cpu"))
+    objective.backend = "triton"  # the CUDA step's loss path, in Triton's interpreter
+    run_step(objective, synset, optim, 0)
+    with Census() as census:
+        run_step(objective, synset, optim, 1)
+    return census.ops
+
+
+def test_step_op_budget_is_constant_and_free_of_atomic_ops(setup):
+    """One step's aten ops do not grow with C, IPC or the number of views, one view makes no
+    repeat copy, and no op whose CUDA kernel accumulates with atomics runs in a step."""
+    bb, _ = setup
+    base = _step_census(bb, 3, 1, 1)
+    assert sum(_step_census(bb, 7, 3, 1).values()) == sum(base.values())
+    assert sum(_step_census(bb, 3, 1, 2).values()) == sum(_step_census(bb, 5, 2, 4).values())
+    assert "aten::repeat" not in base
+    atomic = [op for op in base if any(op.split("::")[-1].split(".")[0].startswith(a) for a in ATOMIC_OPS)]
+    assert not atomic, atomic

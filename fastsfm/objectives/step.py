@@ -112,7 +112,9 @@ class TwoPassStep:
             params = synset.chunk(start, stop, self.device, requires_grad=grad)
         with torch.set_grad_enabled(grad):
             with record_function("fastsfm.render"):
-                images = synset.render_levels(params).repeat(self.views, 1, 1, 1)
+                images = synset.render_levels(params)
+                if self.views > 1:  # one view (the paper's SFM) needs no copy
+                    images = images.repeat(self.views, 1, 1, 1)
             with record_function("fastsfm.augment"):
                 ids = synset.on_device("image_ids", self.device)[start:stop]
                 crops = self.augment(images, rng.augment_keys(self.seed, step, self.views, ids))
