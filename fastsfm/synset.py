@@ -202,27 +202,35 @@ class SyntheticSet:
             out.append(part.requires_grad_(requires_grad))
         return out
 
-    def _upsampler(self, size: int, device: torch.device) -> Tensor:
-        """:func:`upsample_matrix` from ``size`` to the resolution, float32 on ``device``, made once."""
-        key = (f"upsample {size}", torch.device(device))
+    def _upsamplers(self, sizes: tuple[int, ...], like: Tensor) -> tuple[list[Tensor], Tensor]:
+        """The coarse levels' :func:`upsample_matrix` ``A_l`` (R, S_l) and ``[A_1 | ... | A_k]`` (R, sum S_l),
+        in ``like``'s dtype on its device, made once per pyramid."""
+        key = (f"upsample {sizes} {like.dtype}", like.device)
         if key not in self._on_device:
-            self._on_device[key] = upsample_matrix(size, self.resolution).float().to(key[1])
+            parts = [upsample_matrix(size, self.resolution).to(like.device, like.dtype) for size in sizes]
+            self._on_device[key] = (parts, torch.cat(parts, 1))
         return self._on_device[key]
 
     def render_levels(self, levels: list[Tensor]) -> Tensor:
         """Images (n, 3, R, R) in [0, 1] from the levels of n images (differentiable).
 
-        Each coarser level (n, c, S, S) is upsampled as ``A @ level @ A.T`` with A the (R, S)
-        bilinear matrix: the same numbers as ``F.interpolate(mode="bilinear")`` (float32 rounding
-        apart), but its backward is two matrix products, where interpolate's CUDA backward
-        scatters every output pixel into the input with atomic adds (all 65,536 of a 256 px
-        plane into one pixel for the 1x1 level)."""
+        ``sum_l A_l Q_l A_l^T`` over the coarser levels Q_l (n, c, S, S), with A_l the (R, S)
+        bilinear matrix (the numbers of ``F.interpolate(mode="bilinear")``), is **one matrix
+        product** ``[A_1 Q_1 | ... | A_k Q_k] @ [A_1 | ... | A_k]^T`` plus the finest level; its
+        backward is matrix products too, where interpolate's CUDA backward scatters every output
+        pixel into the input with atomic adds (all 65,536 of a 256 px plane into one pixel for the
+        1x1 level).  The colour decorrelation is a matrix product over the channels (contiguous
+        in both directions, where an einsum's permuted layout cloned the gradient per level)."""
         r = self.resolution
-        total = 0
-        for level in levels:
-            up = self._upsampler(level.shape[-1], level.device) if level.shape[-1] != r else None
-            total = total + (level if up is None else up @ level @ up.T)
-        images = torch.sigmoid(2.0 * torch.einsum("ij,njhw->nihw", self.on_device("decor", total.device), total))
+        coarse = [level for level in levels if level.shape[-1] != r]
+        total = next((level for level in levels if level.shape[-1] == r), None)
+        if coarse:
+            parts, stacked = self._upsamplers(tuple(level.shape[-1] for level in coarse), coarse[0])
+            left = torch.cat([a @ level for a, level in zip(parts, coarse, strict=True)], -1)  # (n, c, R, sum S)
+            total = left @ stacked.T if total is None else torch.add(total, left @ stacked.T)
+        n, c = total.shape[:2]
+        decor = self.on_device("decor", total.device).to(total.dtype)
+        images = torch.sigmoid(2.0 * (decor @ total.reshape(n, c, r * r))).view(n, -1, r, r)
         return images if self.channels == 3 else images.expand(-1, 3, -1, -1)
 
     @torch.no_grad()

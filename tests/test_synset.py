@@ -105,3 +105,27 @@ def test_render_is_the_sum_of_interpolated_levels():
     want = torch.sigmoid(2.0 * torch.einsum("ij,njhw->nihw", synset.decor, total))
     assert len(levels) == len(synset.sizes) > 3
     torch.testing.assert_close(synset.render_levels(levels), want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("channels", ["rgb", "grey"])
+def test_one_gemm_render_equals_the_sum_of_interpolated_levels_in_float64(channels):
+    """``[A_1 Q_1 | ... ] @ [A_1 | ... ]^T`` plus the finest level, then the decorrelation as a matrix
+    product, equals ``sigmoid(2 D sum_l interpolate(Q_l))`` in float64: values and the levels' gradients."""
+    synset = SyntheticSet(3, 2, 20, extent=1, channels=channels)
+    while synset.grow(len(synset.levels) + 1):
+        pass
+    levels = [q.double().requires_grad_() for q in synset.chunk(0, synset.num_images, "cpu")]
+    literal = [q.detach().clone().requires_grad_() for q in levels]
+    got = synset.render_levels(levels)
+    total = sum(F.interpolate(q, size=(20, 20), mode="bilinear", align_corners=False) for q in literal)
+    want = torch.sigmoid(2.0 * torch.einsum("ij,njhw->nihw", synset.decor.double(), total))
+    want = want if channels == "rgb" else want.expand(-1, 3, -1, -1)
+    assert len(levels) > 3 and levels[-1].shape[-1] == 20
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-13)
+    weights = torch.randn_like(got)
+    (got * weights).sum().backward()
+    (want * weights).sum().backward()
+    for a, b in zip(levels, literal, strict=True):
+        torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=1e-12)
+    early = synset.render_levels([q.detach() for q in levels[:2]])  # no full-resolution level yet
+    assert early.shape == (6, 3, 20, 20)
