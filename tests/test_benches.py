@@ -73,3 +73,24 @@ def test_profile_loss_host_part_runs_without_a_gpu(tmp_path):
     if "skipped" in host:
         pytest.skip(host["skipped"])
     assert host["launches per call"] == 3 and host["host us"] > 0 and host["empty autograd.Function us"] > 0
+
+
+@pytest.mark.slow
+def test_profile_step_smoke(tmp_path):
+    """``profile_step.py --smoke``: the step, its stages and the alternatives on CPU (only the shape
+    of the report is checked; the numbers are a GPU's to give)."""
+    result = _bench("profile_step").main(["--smoke", "--out", str(tmp_path / "step.json")])
+    step = result["steps"][0]
+    assert (
+        step["C"] == 4
+        and step["step ms"] > 0
+        and [s["stage"] for s in step["stages"]][:3]
+        == [
+            "render",
+            "augment",
+            "backbone",
+        ]
+    )
+    names = [r["what"] for r in result["alternatives"]]
+    assert "render: F.interpolate (atomic backward)" in names and "crop: grid_sample (atomic backward)" in names
+    assert json.loads((tmp_path / "step.json").read_text())["steps"][0]["C"] == 4

@@ -1,0 +1,218 @@
+"""Where one SFM distillation step's time goes, for the first minutes of a lent GPU (<= 4 minutes).
+
+    python benches/profile_step.py --out benches/out/profile_step.json     # one H100/H200
+    python benches/profile_step.py --smoke                                 # tiny, on CPU (in the tests)
+
+At C = 1000 and C = 100, IPC 1, DINOv2-B/14 (random weights: time does not depend on them) at
+224 px crops of 256 px images, bf16:
+
+1. **the step**: median seconds of timed steps (each reads its loss back), the chunk size, the
+   host's enqueue time of one step, and the share of the tensor cores' dense bf16 peak
+   (``--peak-tflops``, 989 for an H100) at the step's FLOPs (forward + input-gradient backward);
+2. **stages alone** at n = C images, forward + backward each: render, augment, backbone, loss
+   (device-synchronised wall time; the rest of a step is Adam and the host);
+3. **the top 25 kernels** of one step by device time (the backward's kernels included: they are
+   launched from autograd's thread);
+4. **alternatives**, each beside what the step uses: the pyramid rendered with ``F.interpolate``
+   (atomic backward) vs the one matrix product; ``grid_sample`` (atomic backward) vs the
+   separable crop; the backbone eager vs ``torch.compile`` (compile time reported); each SDPA
+   backend at 257 (CLS + 256 patches) and 256 tokens.
+
+Prints the environment line and the tables; ``--out`` writes everything as JSON.  Never touches
+tracked files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from fastsfm import rng
+from fastsfm.backbones import load_backbone
+from fastsfm.benchmark import environment, kernel_events, print_table, time_ms
+from fastsfm.config import DistillConfig
+from fastsfm.timing import distill_setup, profiler, run_step, step_seconds, synchronize
+
+GFLOP_PER_IMAGE = 96.3
+"""DINOv2-B/14 at 224 px, forward + input-gradient backward (the issue's FLOP count)."""
+
+
+def _fwd_bwd_ms(fn, inputs: list[torch.Tensor], device: torch.device) -> float:
+    """Milliseconds of ``fn(*inputs)`` forward + backward (an upstream gradient of ones)."""
+
+    def run() -> None:
+        for x in inputs:
+            x.grad = None
+        out = fn(*inputs)
+        out.backward(torch.ones_like(out))
+
+    return time_ms(run, device)
+
+
+def step_section(backbone, classes: int, device: torch.device, steps: int, peak: float) -> dict:
+    config = DistillConfig(ipc=1, resolution=256 if device.type == "cuda" else 64)
+    synset, optim, objective = distill_setup(backbone, config, classes, device)
+    seconds = statistics.median(step_seconds(objective, synset, optim, steps, device))
+    synchronize(device)
+    began = time.perf_counter()
+    loss = objective.step(synset, optim, steps + 1)
+    enqueue = time.perf_counter() - began
+    float(loss)
+    optim.finish_step()
+    with profiler(device) as prof:
+        run_step(objective, synset, optim, steps + 2)
+        synchronize(device)
+    top = sorted(kernel_events(prof), key=lambda e: -e.self_device_time_total)[:25]
+    tflops = GFLOP_PER_IMAGE * classes / seconds / 1e3
+    return {
+        "C": classes,
+        "chunk": objective.chunk_size,
+        "step ms": 1e3 * seconds,
+        "host enqueue ms": 1e3 * enqueue,
+        "TFLOP/s": tflops,
+        "% of peak": 100 * tflops / peak,
+        "top kernels": [{"kernel": e.key[:90], "ms": e.self_device_time_total / 1e3, "calls": e.count} for e in top],
+        "stages": stage_section(objective, synset, classes, device),
+    }
+
+
+def stage_section(objective, synset, n: int, device: torch.device) -> list[dict]:
+    """Each stage of a step alone at ``n`` images, forward + backward."""
+    levels = synset.chunk(0, n, device, requires_grad=True)
+    images = synset.render_levels(levels).detach().requires_grad_()
+    keys = rng.augment_keys(0, 1, 1, torch.arange(n, device=device))
+    crops = objective.augment(images, keys).detach().requires_grad_()
+    feats = objective.backbone(crops).detach().requires_grad_()
+    plan = objective.rows(synset, 0, n)
+    rows = [
+        {"stage": "render", "ms": _fwd_bwd_ms(lambda *q: synset.render_levels(list(q)), levels, device)},
+        {"stage": "augment", "ms": _fwd_bwd_ms(lambda x: objective.augment(x, keys), [images], device)},
+        {"stage": "backbone", "ms": _fwd_bwd_ms(objective.backbone, [crops], device)},
+    ]
+    from fastsfm import ops
+
+    def loss(f):
+        sums = ops.class_sums(f.detach(), plan, objective.num_classes, objective.backend)
+        total, grad = ops.epilogue(
+            sums, objective.consts, objective.objective, 1.0, objective.divisor, objective.backend
+        )
+        return (f * ops.grad_rows(grad, plan, objective.upstream, f.dtype, objective.backend)).sum()
+
+    rows.append({"stage": "loss (sums, epilogue, rows)", "ms": _fwd_bwd_ms(loss, [feats], device)})
+    return rows
+
+
+def alternatives(objective, synset, n: int, device: torch.device, compile_backbone: bool) -> list[dict]:
+    """What the step uses beside what it replaced or could use."""
+    rows = []
+    levels = synset.chunk(0, n, device, requires_grad=True)
+    r = synset.resolution
+
+    def interpolate_render(*q):
+        total = sum(x if x.shape[-1] == r else F.interpolate(x, size=(r, r), mode="bilinear") for x in q)
+        return torch.sigmoid(2 * torch.einsum("ij,njhw->nihw", synset.on_device("decor", device), total))
+
+    rows.append(
+        {"what": "render: F.interpolate (atomic backward)", "ms": _fwd_bwd_ms(interpolate_render, levels, device)}
+    )
+    rows.append(
+        {
+            "what": "render: one matrix product",
+            "ms": _fwd_bwd_ms(lambda *q: synset.render_levels(list(q)), levels, device),
+        }
+    )
+    images = synset.render_levels(levels).detach().requires_grad_()
+    keys = rng.augment_keys(0, 1, 1, torch.arange(n, device=device))
+    aug = objective.augment
+    p = aug.params(keys)
+
+    def grid_sample_crop(x):
+        sign = 1.0 - 2.0 * p.flip.float()
+        theta = torch.zeros(n, 2, 3, device=device)
+        theta[:, 0, 0], theta[:, 0, 2] = sign * p.width, sign * (2 * p.left + p.width - 1)
+        theta[:, 1, 1], theta[:, 1, 2] = p.height, 2 * p.top + p.height - 1
+        grid = F.affine_grid(theta, [n, 3, aug.size, aug.size], align_corners=False)
+        return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+    rows.append({"what": "crop: grid_sample (atomic backward)", "ms": _fwd_bwd_ms(grid_sample_crop, [images], device)})
+    rows.append(
+        {"what": "crop + noise: separable (the step's)", "ms": _fwd_bwd_ms(lambda x: aug(x, keys), [images], device)}
+    )
+    crops = aug(images, keys).detach().requires_grad_()
+    rows.append({"what": "backbone eager", "ms": _fwd_bwd_ms(objective.backbone, [crops], device)})
+    if compile_backbone:
+        compiled = torch.compile(objective.backbone)
+        began = time.perf_counter()
+        _fwd_bwd_ms(compiled, [crops[:2]], device)
+        rows.append({"what": "backbone torch.compile", "ms": _fwd_bwd_ms(compiled, [crops], device)})
+        rows[-1]["compile s"] = time.perf_counter() - began
+    return rows + attention_backends(device)
+
+
+def attention_backends(device: torch.device) -> list[dict]:
+    """SDPA forward + backward per backend at 257 and 256 tokens (64 images, 12 heads of 64: ViT-B)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    rows = []
+    batch, dtype = (64, torch.bfloat16) if device.type == "cuda" else (2, torch.float32)
+    for tokens in (257, 256):
+        q, k, v = (torch.randn(batch, 12, tokens, 64, device=device, dtype=dtype, requires_grad=True) for _ in "qkv")
+        for backend in (
+            SDPBackend.FLASH_ATTENTION,
+            SDPBackend.EFFICIENT_ATTENTION,
+            SDPBackend.CUDNN_ATTENTION,
+            SDPBackend.MATH,
+        ):
+            try:
+                with sdpa_kernel(backend):
+                    ms = _fwd_bwd_ms(F.scaled_dot_product_attention, [q, k, v], device)
+            except RuntimeError as err:  # not available for this device, dtype or shape
+                rows.append({"what": f"SDPA {backend.name} {tokens} tokens", "ms": None, "note": str(err)[:60]})
+                continue
+            rows.append({"what": f"SDPA {backend.name} {tokens} tokens", "ms": ms})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--classes", type=int, nargs="+", default=[1000, 100])
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per size (after a warm-up)")
+    parser.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak (H100 SXM: 989)")
+    parser.add_argument("--compile", action="store_true", help="also time the backbone under torch.compile")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes on CPU")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
+    if args.smoke:
+        args.classes, args.steps = [4], 2
+        backbone = load_backbone("dinov2_vits14", False, 56, device=device, precision="fp32")
+    else:
+        backbone = load_backbone("dinov2_vitb14", False, 224, device=device, precision="bf16")
+    print(environment(device))
+    result: dict = {"steps": [], "alternatives": []}
+    for classes in args.classes:
+        row = step_section(backbone, classes, device, args.steps, args.peak_tflops)
+        result["steps"].append(row)
+        print_table([{k: v for k, v in row.items() if k not in ("top kernels", "stages")}])
+        print_table(row["stages"])
+        if row["top kernels"]:  # none on a CPU
+            print_table(row["top kernels"])
+    config = DistillConfig(ipc=1, resolution=256 if device.type == "cuda" else 64)
+    n = args.classes[0]
+    synset, _, objective = distill_setup(backbone, config, n, device)
+    result["alternatives"] = alternatives(objective, synset, n, device, args.compile)
+    print_table(result["alternatives"])
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=1, default=str))
+    return result
+
+
+if __name__ == "__main__":
+    main()
