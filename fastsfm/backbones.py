@@ -32,12 +32,12 @@ on random weights in the published checkpoint format, ``tests/test_backbone_fide
 Every alias runs at **224 px** (the authors' crops) with **ImageNet mean/std for every
 backbone** (``preprocess="authors"``, the default), CLIP and EVA-02 included, as the authors'
 dataloaders normalise; ``preprocess="model"`` uses the model's own timm mean/std instead.
-The authors' short names (``dinov2_vitb``, ``clip_vitb``, ...) are accepted too.
+The authors' short names (``dinov2_vitb``, ``clip_vitb``, ...) are accepted too.  A ViT whose
+features are its class token runs its last block for that token only (:mod:`fastsfm.cls_only`).
 
-Weights: ``pretrained=True`` reads the local caches only (timm's / Hugging Face's; never
-downloads at run time: a missing file is an immediate error that says how to get it); a path
-loads a local file or folder in the publisher's format (:mod:`fastsfm.weights`); ``False``
-builds a seeded random initialisation (said so in ``identity``).
+Weights: ``pretrained=True`` reads the local caches only (timm's / Hugging Face's; never downloads:
+a missing file is an immediate error that says how to get it); a path loads a local file or folder
+in the publisher's format (:mod:`fastsfm.weights`); ``False`` is a seeded random initialisation.
 """
 
 from __future__ import annotations
@@ -53,6 +53,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from .cls_only import use_cls_only_last_block
 from .config import BackboneConfig, Precision, Preprocess, choices
 from .images import loader_kwargs
 from .precision import autocast, autocast_dtype
@@ -195,6 +196,7 @@ class Backbone(nn.Module):
     ):
         super().__init__()
         self.model = model.eval().requires_grad_(False)
+        self.cls_only = use_cls_only_last_block(self.model)  # exact: features are the class token
         self.name, self.weights, self.input_size, self.feature_dim = name, weights, input_size, feature_dim
         self.mean, self.std, self.preprocess, self.precision = tuple(mean), tuple(std), preprocess, precision
         self.register_buffer("_mean", torch.tensor(self.mean).view(1, 3, 1, 1), persistent=False)
@@ -345,8 +347,7 @@ def _create(timm, timm_name: str, kwargs: dict, **more) -> nn.Module:
         return timm.create_model(timm_name, **kwargs, **more)
 
 
-DEFAULT_BACKBONE = "dinov2_vitb14"
-"""The backbone of a :class:`fastsfm.config.BackboneConfig` that names none (and whose dataset names none)."""
+DEFAULT_BACKBONE = "dinov2_vitb14"  # for a BackboneConfig that names none (and whose dataset names none)
 
 
 def from_config(

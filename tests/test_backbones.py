@@ -72,3 +72,32 @@ def test_backbone_local_weight_file_and_missing_weights(tmp_path):
         load_backbone("vit_tiny_patch16_224", pretrained=str(tmp_path / "missing.pth"))
     with pytest.raises(FileNotFoundError, match="never downloads"):
         load_backbone("vit_tiny_patch16_224", pretrained=True)
+
+
+@pytest.mark.parametrize("name", ["vit_tiny_patch16_224", "dinov2_vits14", "clip_vitb16"])
+def test_cls_only_last_block_equals_the_full_block_in_float64(name):
+    """The last block computed for the class token only gives the full model's features to float64
+    rounding (values and input gradients), and leaves the state dict's keys alone."""
+    import types
+
+    bb = load_backbone(name, pretrained=False, image_size=28 if "dinov2" in name else 32, precision="fp32")
+    assert bb.cls_only
+    model = bb.model.double()
+    images = torch.rand(3, 3, bb.input_size, bb.input_size, dtype=torch.float64, requires_grad=True)
+    x = bb.normalize(images)
+    got = model(x)
+    last = model.blocks[-1]
+    last.forward = types.MethodType(type(last).forward, last)  # the full block again
+    reference = images.detach().clone().requires_grad_()
+    want = model(bb.normalize(reference))
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    upstream = torch.randn_like(got)
+    got.backward(upstream)
+    want.backward(upstream)
+    torch.testing.assert_close(images.grad, reference.grad, rtol=0, atol=1e-12)
+    assert all(".forward" not in k for k in model.state_dict())
+
+
+def test_cls_only_is_not_used_where_features_are_not_the_class_token():
+    """EVA-02's features are its average-pooled tokens (timm's Eva): every token of the last block counts."""
+    assert not load_backbone("eva02_vitt14", pretrained=False, image_size=28).cls_only
