@@ -35,7 +35,9 @@ class ChunkAdam:
     """Adam (``torch.optim.Adam`` semantics, no weight decay) for a :class:`SyntheticSet`.
 
     ``in_step`` is True from the first chunk of a step until :meth:`finish_step`, which the
-    loop calls once the step's loss is on the host.
+    loop calls once the step's loss is on the host.  ``fused`` (default: on CUDA) runs
+    ``torch.optim.Adam(fused=True)``: one kernel for all the chunk's levels, its step count a
+    device tensor (kept on the device between steps, so no step copies a count from the host).
     """
 
     def __init__(
@@ -45,8 +47,11 @@ class ChunkAdam:
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         check_finite: bool = False,
+        fused: bool | None = None,
     ):
         self.synset, self.lr, self.betas, self.eps, self.check_finite = synset, lr, betas, eps, check_finite
+        self.fused = fused
+        self._device_steps: Tensor | None = None  # the fused path's step count, on the device
         self.in_step = False
         self.skipped: Tensor | None = None  # chunks skipped for non-finite gradients (device counter)
         self.exp_avg: list[Tensor] = []
@@ -61,7 +66,7 @@ class ChunkAdam:
                 m.zero_()
             for level in self.synset.levels[len(moments) :]:
                 moments.append(self.synset.empty(tuple(level.shape)).zero_())
-        self.steps = 0
+        self.steps, self._device_steps = 0, None
 
     def _unscale(self, params: list[Tensor], grad_scale: float) -> Tensor | None:
         """Multiply the gradients by ``grad_scale``; with ``check_finite`` also return a (1,) flag of
@@ -83,12 +88,13 @@ class ChunkAdam:
         self.in_step = True
         device = params[0].device
         found = self._unscale(params, grad_scale)
-        opt = torch.optim.Adam(params, lr=self.lr, betas=self.betas, eps=self.eps)
+        fused = self.fused if self.fused is not None else device.type == "cuda"
+        opt = torch.optim.Adam(params, lr=self.lr, betas=self.betas, eps=self.eps, fused=fused or None)
         moments = []
         for i, p in enumerate(params):
             avg, sq = (m[start:stop] for m in (self.exp_avg[i], self.exp_avg_sq[i]))
             state = {
-                "step": torch.tensor(float(self.steps)),
+                "step": self._step_count(device) if fused else torch.tensor(float(self.steps)),
                 "exp_avg": avg.to(device, non_blocking=True),
                 "exp_avg_sq": sq.to(device, non_blocking=True),
             }
@@ -107,9 +113,17 @@ class ChunkAdam:
                 if stored.data_ptr() != new.data_ptr():  # offloaded: copy the chunk back to host memory
                     stored.copy_(new.detach(), non_blocking=True)
 
+    def _step_count(self, device: torch.device) -> Tensor:
+        """A copy of the step count on ``device`` (Adam increments the copy it is given)."""
+        if self._device_steps is None or self._device_steps.device != device:
+            self._device_steps = torch.full((), float(self.steps), device=device)  # a fill, not a copy
+        return self._device_steps.clone()
+
     def finish_step(self) -> None:
         """Call once all chunks of a step were stepped and the step's loss was read back."""
         self.steps += 1
+        if self._device_steps is not None:
+            self._device_steps.add_(1)
         self.in_step = False
 
     def state(self) -> dict[str, Tensor]:
@@ -124,4 +138,4 @@ class ChunkAdam:
         count = len(self.synset.levels)
         self.exp_avg = [store(tensors[f"adam.exp_avg.{i}"]) for i in range(count)]
         self.exp_avg_sq = [store(tensors[f"adam.exp_avg_sq.{i}"]) for i in range(count)]
-        self.steps = steps
+        self.steps, self._device_steps = steps, None

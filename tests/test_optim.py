@@ -12,13 +12,15 @@ def _loss(levels):
     return sum(((lv - 0.3) ** 2 * torch.arange(1, lv.numel() + 1).view_as(lv)).sum() for lv in levels)
 
 
-@pytest.mark.parametrize("offload", [False, True])
-def test_chunked_adam_equals_torch_adam_on_whole_tensors(offload):
+@pytest.mark.parametrize("offload,fused", [(False, False), (True, False), (False, True), (True, True)])
+def test_chunked_adam_equals_torch_adam_on_whole_tensors(offload, fused):
+    """Chunk by chunk, resident or offloaded, foreach or fused (CUDA's default, its step count kept
+    on the device): the whole-tensor ``torch.optim.Adam``."""
     synset = SyntheticSet(4, 3, 8, extent=1, offload=offload)
     synset.grow(2)
     reference = [p.clone().requires_grad_() for p in synset.levels]
     torch_adam = torch.optim.Adam(reference, lr=0.05)
-    ours = ChunkAdam(synset, lr=0.05)
+    ours = ChunkAdam(synset, lr=0.05, fused=fused)
     for _ in range(3):
         torch_adam.zero_grad()
         _loss(reference).backward()
