@@ -14,10 +14,9 @@ The loss depends on the synthetic features only through per-class sums, so every
 :class:`_FusedSFM` wraps them in one ``torch.autograd.Function`` (the Triton path: three
 launches per forward+backward, one allocation per direction); :func:`loss_torch` is the
 differentiable PyTorch path (:mod:`fastsfm.torch_loss`; CPU, float64, ``gradcheck``).  The
-chunked distillation objective calls the primitives directly (it accumulates sums over chunks and
-back-propagates chunk by
-chunk).  This is the only module that imports :mod:`fastsfm.kernels` (lazily: importing triton
-is slow and needs ``TRITON_INTERPRET`` set first).
+chunked distillation objective calls the primitives directly (it accumulates sums over chunks
+and back-propagates chunk by chunk).  This is the only module that imports
+:mod:`fastsfm.kernels` (lazily: importing triton is slow and needs ``TRITON_INTERPRET`` set first).
 """
 
 from __future__ import annotations
@@ -72,8 +71,8 @@ class LabelPlan:
     ``items`` (P, 5) int32 the work of each program (:func:`fastsfm.kernels.segment_items`),
     ``tiles`` the tile shape, ``slots`` the heavy-class slices, ``carry`` (max(slots, 1), W)
     float32 rows for their partial sums and ``counter`` their int32 arrival counters (zero
-    between calls).  Kept with the plan, so a loss call allocates neither.  Depends on the labels only,
-    so :class:`fastsfm.SFMLoss` builds it once per labels tensor.
+    between calls).  Kept with the plan, so a loss call allocates neither.  Depends on the labels
+    only, so :class:`fastsfm.SFMLoss` builds it once per labels tensor.
     """
 
     labels: Tensor
@@ -315,8 +314,9 @@ def _fused_rows(c: int, d: int, w: int) -> int:
 
 
 class _FusedSFM(torch.autograd.Function):
-    """The Triton path: sums (+ all-reduce) and the epilogue in the forward, one allocation (sums,
-    carry rows and workspace); the backward rebuilds ``G/n`` per row, one allocation (``dL/dz``)."""
+    """The Triton path: sums (+ all-reduce) and the epilogue in the forward, one allocation (the
+    sums, then the epilogue's workspace; the carry rows live in the plan); the backward rebuilds
+    ``G/n`` per row, one allocation (``dL/dz``)."""
 
     @staticmethod
     def forward(

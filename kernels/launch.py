@@ -43,9 +43,8 @@ class Launcher:
 
     ``launcher(key, grid, args, constexprs, num_warps)``: the first call of a ``key`` goes through
     Triton's JIT (``kernel[grid](*args, **constexprs, num_warps=...)``: binder, cache look-up,
-    compile) and keeps the
-    compiled kernel it returns; later calls with the same key call the compiled kernel's
-    launcher directly with the same argument list Triton's JIT passes (every parameter, in
+    compile) and keeps the compiled kernel it returns; later calls with the same key call the
+    compiled kernel's launcher directly with the same argument list Triton's JIT passes (every parameter, in
     order), skipping the binder.  The key must hold everything Triton specialises on that can
     vary between calls -- the device, tensor dtypes, whether a pointer is 16-byte aligned,
     integer arguments (their value decides ``== 1`` and divisibility by 16) -- the callers pass

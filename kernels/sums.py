@@ -158,9 +158,6 @@ class Tiles:
     stages: int
     rows: int
 
-    def column_blocks(self, d: int) -> int:
-        return _cdiv(d, self.block_d)
-
 
 GROUP_BELOW = 64
 """Mean rows per class below which classes are grouped (one-hot product); above, one class per item."""
@@ -178,23 +175,23 @@ def tiles_for(n: int, c: int, d: int) -> Tiles:
     return Tiles(group, block_r, block_d, stages, max(block_r, _cdiv(n, items)))
 
 
-def segment_items(counts: list[int] | None, n: int, c: int, d: int, max_slots: int | None = None) -> tuple[list, int]:
+def segment_items(counts: list[int] | None, n: int, c: int, d: int) -> tuple[list, int]:
     """The work items of the segmented reduction and the backward: ``(rows, slots)``.
 
     Each row is ``(c0, c1, part, parts, slot)``: classes [c0, c1) whole (``parts == 1``), or
     slice ``part`` of ``parts`` of class c0 whose partial sums go to carry slot ``slot + part``.
     With ``counts`` (the rows per class, known on the host) consecutive classes are grouped up
     to :attr:`Tiles.rows` rows and :attr:`Tiles.group` classes, and a class of more than twice
-    that many rows is sliced (at most ``max_slots`` slices in all, default max(C/2, 16): the
-    carry rows cost at most half the sums buffer; a class beyond the budget gets fewer, longer
-    slices) -- every program then reads about the same number of rows however skewed the counts.  Without
-    counts (no host synchronisation), groups of a fixed number of classes from N/C.
+    that many rows is sliced (at most max(C/2, 16) slices in all: the carry rows cost at most
+    half the sums buffer; a class beyond the budget gets fewer, longer slices) -- every program
+    then reads about the same number of rows however skewed the counts.  Without counts (no
+    host synchronisation), groups of a fixed number of classes from N/C.
     """
     tiles = tiles_for(n, c, d)
     if counts is None:
         size = max(1, min(tiles.group, tiles.rows * c // max(n, 1)))
         return [(a, min(a + size, c), 0, 1, -1) for a in range(0, c, size)], 0
-    budget = max(c // 2, 16) if max_slots is None else max_slots
+    budget = max(c // 2, 16)
     items, slots, i = [], 0, 0
     while i < c:
         parts = min(_cdiv(counts[i], tiles.rows), budget - slots)
@@ -232,8 +229,8 @@ def class_sums(
     ``perm`` (N,) int32 lists the rows in class order (not read when ``contiguous``),
     ``sorted_labels`` (N,) int32 their classes, ``offsets`` (C+1,) int32 the class boundaries,
     ``items`` (P, 5) int32 the work (:func:`segment_items`, made with ``tiles``), ``carry``
-    (SLOTS, W) float32 room for heavy-class slices and ``counter`` (SLOTS * column blocks,)
-    int32 zeros.  ``out`` must be contiguous float32 rows of ``W > D`` (a multiple of 16; rows
+    (SLOTS, W) float32 room for heavy-class slices and ``counter`` int32 zeros, one per heavy-class
+    slot and column block (enough for 16-column blocks).  ``out`` must be contiguous float32 rows of ``W > D`` (a multiple of 16; rows
     beyond C, the fused loss's workspace, are not touched);
     ``accumulate`` adds to it.  Columns beyond D are never read or written.
     """
