@@ -230,8 +230,8 @@ def class_sums(
     ``sorted_labels`` (N,) int32 their classes, ``offsets`` (C+1,) int32 the class boundaries,
     ``items`` (P, 5) int32 the work (:func:`segment_items`, made with ``tiles``), ``carry``
     (SLOTS, W) float32 room for heavy-class slices and ``counter`` int32 zeros, one per heavy-class
-    slot and column block (enough for 16-column blocks).  ``out`` must be contiguous float32 rows of ``W > D`` (a multiple of 16; rows
-    beyond C, the fused loss's workspace, are not touched);
+    slot and column block (enough for 16-column blocks).  ``out`` must be contiguous float32 rows
+    of ``W > D`` (a multiple of 16; rows beyond C, the fused loss's workspace, are not touched);
     ``accumulate`` adds to it.  Columns beyond D are never read or written.
     """
     d = z.shape[1]
