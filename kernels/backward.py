@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .epilogue import OBJECTIVES, epilogue_blocks
+from .epilogue import OBJECTIVES
 from .launch import Launcher, _aligned, _cdiv
 from .sums import Tiles, _item_rows, _sorted_rows
 
@@ -59,8 +59,6 @@ def _backward_kernel(
     C,
     D,
     W,
-    NUM_RB,
-    NUM_TILES,
     work_at,
     # scalars
     inv_k,
@@ -77,8 +75,8 @@ def _backward_kernel(
     inv_k = tl.cast(inv_k, tl.float32)
     cols = j * BLOCK_D + tl.arange(0, BLOCK_D)
     dmask = cols < D
-    v_vec = WORK + work_at + (NUM_RB + 1) * W
-    coef = v_vec + W + 2 * NUM_TILES
+    v_vec = WORK + work_at  # the epilogue's layout: V (W), then the coefficients
+    coef = v_vec + W
     vv = tl.load(v_vec + cols, mask=dmask, other=0.0)
     s = tl.load(SHIFT + cols, mask=dmask, other=0.0)
     alpha1 = tl.load(coef)
@@ -138,13 +136,11 @@ def backward_rows(
     of the rows (:func:`class_sums`'s arguments); ``grad_out`` a 1-element float32 tensor."""
     c, d = flow.shape
     w = sums.shape[-1]
-    block_c, block_d = epilogue_blocks(c, d)
-    rb, cb = _cdiv(c, block_c), _cdiv(d, block_d)
     dz = torch.empty(n, d, device=sums.device, dtype=dtype)
     block_d = min(tiles.block_d, BACKWARD_COLUMNS)
     grid = (_cdiv(d, block_d), items.shape[0])
     args = (sums, flow, centers, nontarget, shift, work, perm, sorted_labels, offsets, items, grad_out, dz)
-    args += (c, d, w, rb, rb * cb, work_at, inv_k)
+    args += (c, d, w, work_at, inv_k)
     constexprs = {
         "OBJECTIVE": OBJECTIVES[objective],
         "CONTIGUOUS": contiguous,
@@ -154,7 +150,7 @@ def backward_rows(
     }
     warps = 8 if dz.element_size() == 4 else 4
     key = (
-        (sums.device.index, dtype, _aligned(perm), _aligned(grad_out), grid) + args[12:18] + tuple(constexprs.values())
+        (sums.device.index, dtype, _aligned(perm), _aligned(grad_out), grid) + args[12:16] + tuple(constexprs.values())
     )
     _backward_launcher(key, grid, args, constexprs, warps)
     return dz

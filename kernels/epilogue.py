@@ -18,8 +18,8 @@ __all__ = ["flow_epilogue", "epilogue_blocks", "workspace_size", "OBJECTIVES", "
 OBJECTIVES = {"flow": 0, "decouple": 1}
 MIN_PROGRAMS = 264
 """Programs a launch aims for at least: two per SM of an H100 (132 SMs)."""
-_COEFS = 4
-"""Workspace scalars the backward reads: alpha1, alpha2, and two spare."""
+_COEFS = tl.constexpr(16)
+"""Workspace room for the scalars the backward reads (alpha1, alpha2): 16 floats keep what follows 64-byte aligned."""
 
 
 @triton.jit
@@ -42,7 +42,7 @@ def _epilogue_kernel(
     CENTERS,  # (C, D) float32 mu (decouple)
     NONTARGET,  # (C, D) float32 nu (decouple)
     SHIFT,  # (D,) float32 s = the mean of the real centres
-    WORK,  # float32: from WORK + work_at PCOL (RB, W) | U, V (W) | PSC (2, TILES) | COEF (4); loss at WORK + loss_at
+    WORK,  # float32 from WORK + work_at: V (W) | COEF (16) | U (W) | PCOL (RB, W) | PSC (2, TILES); loss: loss_at
     COUNTER,  # (1,) int32, zero between calls
     # shapes
     C,
@@ -69,11 +69,11 @@ def _epilogue_kernel(
     inv_k = tl.cast(inv_k, tl.float32)
     alpha = tl.cast(alpha, tl.float32)
     eps = tl.cast(eps, tl.float32)
-    pcol = WORK + work_at
-    u_vec = pcol + NUM_RB * W
-    v_vec = u_vec + W
-    psc = v_vec + W
-    coef = psc + 2 * tiles
+    v_vec = WORK + work_at  # what the backward reads comes first: it needs no tile count
+    coef = v_vec + W
+    u_vec = coef + _COEFS
+    pcol = u_vec + W
+    psc = pcol + NUM_RB * W
     cs = rb * BLOCK_C + tl.arange(0, BLOCK_C)
     cols = j * BLOCK_D + tl.arange(0, BLOCK_D)
     cmask = cs < C
@@ -181,11 +181,12 @@ def epilogue_blocks(c: int, d: int) -> tuple[int, int]:
 
 @functools.lru_cache(maxsize=256)
 def workspace_size(c: int, d: int, w: int) -> int:
-    """float32 elements of the epilogue's workspace: PCOL (RB, W), U, V (W), the tile partials,
-    the coefficients, and the loss's element (:func:`flow_epilogue`)."""
+    """float32 elements of the epilogue's workspace: V (W) and the coefficients -- first, so the
+    backward finds them without the epilogue's tile grid --, U (W), the column partials PCOL
+    (RB, W), the tile partials, and the loss's element (:func:`flow_epilogue`)."""
     block_c, block_d = epilogue_blocks(c, d)
     rb, cb = _cdiv(c, block_c), _cdiv(d, block_d)
-    return (rb + 2) * w + 2 * rb * cb + _COEFS + 1
+    return (rb + 2) * w + _COEFS.value + 2 * rb * cb + 1
 
 
 _epilogue_launcher = Launcher(_epilogue_kernel)
