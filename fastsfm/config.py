@@ -39,6 +39,7 @@ __all__ = [
     "check_loss_options",
     "with_defaults",
     "require",
+    "DEFAULT_RESOLUTION",
 ]
 
 Objective = Literal["flow", "decouple"]
@@ -92,6 +93,11 @@ METHOD_VIEWS = {"sfm": 1, "lgm": 10}
 """Augmented copies of the synthetic set per step when ``views`` is not given."""
 DRAWS_VERSION = "2"
 """Version of the keyed random draws (:mod:`fastsfm.rng`); checkpoints of another cannot resume."""
+
+
+DEFAULT_RESOLUTION = 256
+"""Real and synthetic images are resized to this (shorter side) unless the dataset or the user
+says otherwise: the default of :attr:`DistillConfig.resolution` and of ``--resolution``."""
 
 
 def require(
@@ -160,7 +166,9 @@ class DistillConfig:
     ipc: int = option(1, "synthetic images per class")
     steps: int = option(5000, "optimisation steps (the authors' loop runs 5000 + 1)")
     lr: float = option(2e-3, "Adam learning rate")
-    resolution: int = option(256, "stored synthetic resolution; the backbone sees random crops at its input size")
+    resolution: int = option(
+        DEFAULT_RESOLUTION, "stored synthetic resolution; the backbone sees random crops at its input size"
+    )
     param: Param = option("pyramid", "image parameterisation")
     init: Init = option("noise", "initialisation (real: random real images of each class, needs --data)")
     pyramid_start: int = option(1, "resolution of the first pyramid level")

@@ -34,11 +34,7 @@ __all__ = [
     "torchvision_dataset",
     "dataset_defaults",
     "DATASET_DEFAULTS",
-    "DEFAULT_RESOLUTION",
 ]
-
-DEFAULT_RESOLUTION = 256
-"""Real images are resized to this (shorter side) unless the dataset or the user says otherwise."""
 
 DATASET_DEFAULTS: dict[str, dict[str, object]] = {
     "digits": {

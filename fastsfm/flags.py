@@ -15,7 +15,7 @@ from typing import Literal
 
 import torch
 
-from .config import BackboneConfig, cli_fields, with_defaults
+from .config import DEFAULT_RESOLUTION, BackboneConfig, cli_fields, with_defaults
 
 __all__ = [
     "Parser",
@@ -144,8 +144,6 @@ def add_data_flags(p: argparse.ArgumentParser, required: bool, test: bool = Fals
 
 def resolution_of(args: argparse.Namespace) -> int:
     """``--resolution``, else the dataset's default, else 256: one rule for every subcommand."""
-    from .datasets import DEFAULT_RESOLUTION
-
     return args.resolution or int(dataset_defaults_of(args).get("resolution", DEFAULT_RESOLUTION))
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import statistics
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -157,13 +158,9 @@ def run_step(objective, synset, optim, step: int) -> float:
 
 
 def time_steps(objective, synset, optim, steps: int, device: torch.device) -> float:
-    """Seconds per step over ``steps`` steps, after one warm-up step (which also sizes the chunks)."""
-    run_step(objective, synset, optim, 0)
-    synchronize(device)
-    start = time.perf_counter()
-    for step in range(1, steps + 1):
-        run_step(objective, synset, optim, step)
-    return (time.perf_counter() - start) / steps
+    """Seconds per step over ``steps`` steps, after one warm-up step (which also sizes the chunks):
+    the mean of :func:`step_seconds`."""
+    return statistics.fmean(step_seconds(objective, synset, optim, steps, device))
 
 
 def step_seconds(objective, synset, optim, steps: int, device: torch.device) -> list[float]:
