@@ -10,15 +10,13 @@ set's metadata (method, backbone, dataset, IPC, configuration, class names, sour
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
+from .io import atomic_folder
 from .synset import load_images
 
 __all__ = ["export_image_folder", "to_uint8", "SET_JSON"]
@@ -64,9 +62,7 @@ def export_image_folder(synset: str | Path, out: str | Path, class_names: list[s
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"{out} exists and is not an empty folder: choose a new --out")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    try:
+    with atomic_folder(out) as tmp:
         pixels = to_uint8(images)
         counts: dict[int, int] = {}
         for image, label in zip(pixels, labels.tolist(), strict=True):
@@ -85,17 +81,4 @@ def export_image_folder(synset: str | Path, out: str | Path, class_names: list[s
             }
         )
         (tmp / SET_JSON).write_text(json.dumps(info, indent=1))
-        os.chmod(tmp, 0o777 & ~_umask())
-        if out.exists():
-            out.rmdir()
-        tmp.rename(out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     return out
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask

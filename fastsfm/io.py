@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import struct
 import tempfile
 from collections.abc import Iterator
@@ -25,6 +26,7 @@ __all__ = [
     "atomic_save_safetensors",
     "read_safetensors",
     "atomic_write",
+    "atomic_folder",
     "atomic_write_text",
     "atomic_write_json",
     "read_json",
@@ -42,13 +44,37 @@ def atomic_write(path: str | Path) -> Iterator[str]:
     os.close(fd)
     try:
         yield tmp
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 -> the permissions of any newly written file
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 -> the permissions of any newly written file
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _umask() -> int:
+    """The process's file-creation mask (read by setting it and setting it back)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@contextlib.contextmanager
+def atomic_folder(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary folder beside ``path`` (which must not exist, or be an empty folder); on
+    success it becomes ``path`` (with the permissions of a newly made folder), on failure it is
+    removed -- the folder appears whole or not at all."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+    try:
+        yield tmp
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0700 -> the permissions of any new folder
+        if path.exists():
+            path.rmdir()
+        tmp.rename(path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
