@@ -106,6 +106,11 @@ class SFMLoss(nn.Module):
         self._consts, self._plan, self._plan_key, self._prepared = {}, None, None, None
         return super()._apply(fn, *args, **kwargs)
 
+    def _new_plan(self, labels: Tensor, contiguous: bool, backend: str, balance: bool) -> ops.LabelPlan:
+        """A row plan of ``labels``, with the kernels' work items when ``backend`` is Triton."""
+        dim = self.centers.shape[1] if backend == "triton" else None
+        return ops.label_plan(labels, self.num_classes, contiguous, dim, balance=balance)
+
     def _label_plan(self, features: Tensor, labels: Tensor, backend: str) -> tuple[ops.LabelPlan, bool]:
         """The cached plan for ``labels`` (rebuilt, and validated, when they change); whether to validate sums."""
         key = (labels, labels._version, labels.device, backend == "triton")
@@ -115,9 +120,7 @@ class SFMLoss(nn.Module):
             features, labels, self.num_classes, self.centers.shape[1], self.centers.device, sync=fresh and check
         )
         if fresh:
-            dim = self.centers.shape[1] if backend == "triton" else None
-            self._plan = ops.label_plan(labels, self.num_classes, contiguous, dim, balance=check)
-            self._plan_key = key
+            self._plan, self._plan_key = self._new_plan(labels, contiguous, backend, balance=check), key
         return self._plan, self.validate == "always" or (fresh and self.validate == "once")
 
     def prepare(self, labels: Tensor, features: Tensor) -> SFMLoss:
@@ -138,8 +141,7 @@ class SFMLoss(nn.Module):
             if prepared is not None and prepared.labels.shape == labels.shape:
                 plan = prepared
             else:  # no prepared plan: build one inside the graph (a sort; no host synchronisation)
-                dim = self.centers.shape[1] if backend == "triton" else None
-                plan = ops.label_plan(labels, self.num_classes, contiguous=False, dim=dim, balance=False)
+                plan = self._new_plan(labels, False, backend, balance=False)
             check = False
         else:
             plan, check = self._label_plan(features, labels, backend)
