@@ -89,7 +89,7 @@ def stage_section(objective, synset, n: int, device: torch.device) -> list[dict]
     keys = rng.augment_keys(0, 1, 1, torch.arange(n, device=device))
     crops = objective.augment(images, keys).detach().requires_grad_()
     feats = objective.backbone(crops).detach().requires_grad_()
-    plan = objective.rows(synset, 0, n)
+    plans = objective.rows(synset, 0, n)
     rows = [
         {"stage": "render", "ms": _fwd_bwd_ms(lambda *q: synset.render_levels(list(q)), levels, device)},
         {"stage": "augment", "ms": _fwd_bwd_ms(lambda x: objective.augment(x, keys), [images], device)},
@@ -98,11 +98,8 @@ def stage_section(objective, synset, n: int, device: torch.device) -> list[dict]
     from fastsfm import ops
 
     def loss(f):
-        sums = ops.class_sums(f.detach(), plan, objective.num_classes, objective.backend)
-        total, grad = ops.epilogue(
-            sums, objective.consts, objective.objective, 1.0, objective.divisor, objective.backend
-        )
-        return (f * ops.grad_rows(grad, plan, objective.upstream, f.dtype, objective.backend)).sum()
+        _, grads = objective.finish(objective.accumulate(f.detach(), plans, None))
+        return (f * ops.grad_rows(grads[0], plans[0], objective.upstreams[0], f.dtype, objective.backend)).sum()
 
     rows.append({"stage": "loss (sums, epilogue, rows)", "ms": _fwd_bwd_ms(loss, [feats], device)})
     return rows

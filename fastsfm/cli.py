@@ -2,7 +2,10 @@
 
     fastsfm demo                                   # offline CPU demo on the embedded digits
     fastsfm stats   --data DIR --backbone dinov2_vitb14 --out stats.safetensors
+    fastsfm stats   --data DIR --backbone dinov2_vitb14 clip_vitb16 --out stats/   # one pass, one file each
     fastsfm distill --data DIR --stats stats.safetensors --backbone dinov2_vitb14 --ipc 1 --out runs/x
+    fastsfm distill --data DIR --backbone dinov2_vitb14 clip_vitb16 \
+                    --stats stats/dinov2_vitb14.safetensors stats/clip_vitb16.safetensors --out runs/y
     fastsfm eval    --synset runs/x/synset.safetensors --stats stats.safetensors --data DIR --test-data DIR \\
                     --backbone dinov2_vitb14
     fastsfm export  runs/x --out runs/x/images       # <class>/<image>.png + synset.json
@@ -33,6 +36,7 @@ from .flags import (
     add_config_flags,
     add_data_flags,
     backbone_config_of,
+    backbone_configs_of,
     config_from_args,
     data_from_args,
     dataset_defaults_of,
@@ -55,23 +59,30 @@ def _join_torchrun(args: argparse.Namespace) -> int:
 
 def cmd_stats(args: argparse.Namespace) -> None:
     from .backbones import from_config
-    from .stats import dataset_stats
+    from .stats import dataset_stats_many, input_crops, stats_file
 
     classifier = config_from_args(ClassifierConfig, args, dataset_defaults_of(args))
-    options = backbone_config_of(args)
+    options = backbone_configs_of(args)
+    if len(options) > 1 and Path(args.out).suffix == ".safetensors":
+        raise ValueError(
+            f"with several --backbone, --out is a folder (one <backbone>.safetensors each), not {args.out}"
+        )
+    paths = [Path(args.out)] if len(options) == 1 else [stats_file(args.out, o.backbone) for o in options]
     rank = _join_torchrun(args)
-    backbone = from_config(options, args.device)
-    data = data_from_args(args, backbone.input_size)
-    stats = dataset_stats(
-        backbone, data, classifier, args.device, args.batch_size, args.workers, precision=options.real_precision
+    backbones = [from_config(o, args.device) for o in options]
+    data = data_from_args(args, input_crops(backbones))
+    all_stats = dataset_stats_many(
+        backbones, data, classifier, args.device, args.batch_size, args.workers, precision=options[0].real_precision
     )
     if rank != 0:
         return
-    stats.save(args.out)
-    print(
-        f"wrote {args.out}: {stats.num_classes} classes x {stats.feature_dim} dims, {stats.meta['num_images']} "
-        f"images, backbone {backbone.identity}"
-    )
+    for stats, backbone, path in zip(all_stats, backbones, paths, strict=True):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        stats.save(path)
+        print(
+            f"wrote {path}: {stats.num_classes} classes x {stats.feature_dim} dims, {stats.meta['num_images']} "
+            f"images, backbone {backbone.identity}"
+        )
 
 
 def cmd_distill(args: argparse.Namespace) -> None:
@@ -80,19 +91,21 @@ def cmd_distill(args: argparse.Namespace) -> None:
     from .stats import ClassStats
 
     config = config_from_args(DistillConfig, args, dataset_defaults_of(args))
-    options = backbone_config_of(args)  # its precision is the distillation's
+    options = backbone_configs_of(args)  # their precision is the distillation's
+    if len(args.stats) != len(options):
+        raise ValueError(f"{len(args.stats)} --stats files for {len(options)} backbones: give one per --backbone")
     rank = _join_torchrun(args)
-    backbone = from_config(options, args.device)
-    stats = ClassStats.load(args.stats)
+    backbones = [from_config(o, args.device) for o in options]
+    stats = [ClassStats.load(path) for path in args.stats]
     real = None
     if args.data is not None:
         args.resolution = config.resolution
-        data = data_from_args(args, backbone.input_size)
-        stats.check_compatible(num_classes=data.num_classes)
+        data = data_from_args(args, backbones[0].input_size)
+        stats[0].check_compatible(num_classes=data.num_classes)
         real = data.train
     elif config.init == "real" or config.method == "lgm":
         raise SystemExit("--data is needed for --init real and --method lgm")
-    distill(backbone, stats, config, args.out, real=real, resume=args.resume, device=args.device)
+    distill(backbones, stats, config, args.out, real=real, resume=args.resume, device=args.device)
     if rank == 0:
         print(f"wrote {Path(args.out) / 'synset.safetensors'}, synset.png, loss.png and metrics.jsonl")
 
@@ -196,19 +209,34 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"fastsfm {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("stats", help="one pass over the real data: class means + real-data classifier")
-    add_backbone_flags(p)
+    p = sub.add_parser(
+        "stats", help="one pass over the real data: class means + real-data classifier, of one or several backbones"
+    )
+    add_backbone_flags(p, several=True)
     add_data_flags(p, required=True)
-    p.add_argument("--out", required=True, help="statistics file to write (.safetensors)")
+    p.add_argument(
+        "--out",
+        required=True,
+        help="statistics file to write (.safetensors); with several --backbone a folder, one <backbone>.safetensors "
+        "each (every image is decoded once and encoded by every backbone)",
+    )
     p.add_argument("--batch-size", type=integer(1), default=128, help="images per batch of the statistics pass")
     p.add_argument("--workers", type=integer(0), default=None, help=WORKERS_HELP)
     add_config_flags(p, ClassifierConfig, "real-data classifier (ClassifierConfig)")
     p.set_defaults(func=cmd_stats)
 
-    p = sub.add_parser("distill", help="distill a synthetic set with SFM (or the LGM baseline)")
-    add_backbone_flags(p)
+    p = sub.add_parser(
+        "distill", help="distill a synthetic set with SFM (against one backbone or several), or the LGM baseline"
+    )
+    add_backbone_flags(p, several=True)
     add_data_flags(p, required=False, resolution=False)
-    p.add_argument("--stats", required=True, help="statistics file from `fastsfm stats` (same backbone)")
+    p.add_argument(
+        "--stats",
+        required=True,
+        nargs="+",
+        help="statistics files from `fastsfm stats`, one per --backbone in the same order (SFM against several "
+        "backbones minimises the mean of their flow losses; --backbone-weights weighs them)",
+    )
     p.add_argument("--out", required=True, help="run folder: checkpoint, metrics, synset.safetensors, PNGs")
     p.add_argument("--resume", action="store_true", help="continue from OUT's checkpoint")
     add_config_flags(p, DistillConfig, "distillation (DistillConfig)")

@@ -181,6 +181,11 @@ class DistillConfig:
         "10 for lgm, LGM's augs_per_batch; its real batch is ipc x views x C images)",
     )
     objective: Objective = option("flow", "SFM objective")
+    backbone_weights: tuple[float, ...] | None = option(
+        None,
+        "SFM against several backbones: the weight of each backbone's flow loss, in --backbone order "
+        "(default: equal weights, the mean of the losses)",
+    )
     alpha: float = option(1.0, "decouple: weight of MSE(mu, t)")
     nontarget_divisor: float | None = option(
         None, "divisor of the synthetic non-target mean (default C-1; the released script uses C*IPC-1)"
@@ -203,6 +208,22 @@ class DistillConfig:
         )
         check_loss_options(self.objective, self.alpha, self.nontarget_divisor)
         _check_literals(self)
+        if self.backbone_weights is not None:
+            self.backbone_weights = tuple(self.backbone_weights)
+            bad = [w for w in self.backbone_weights if isinstance(w, bool) or not isinstance(w, (int, float))]
+            if bad or not all(math.isfinite(w) and w >= 0 for w in self.backbone_weights):
+                raise ValueError(f"backbone_weights must be finite numbers >= 0, got {self.backbone_weights!r}")
+            if not sum(self.backbone_weights) > 0:
+                raise ValueError(f"backbone_weights must not all be 0, got {self.backbone_weights!r}")
+
+    def loss_weights(self, backbones: int) -> tuple[float, ...]:
+        """The weight of each of ``backbones`` flow losses, summing to 1: ``backbone_weights``
+        normalised, else equal (the mean).  ``ValueError`` when their number is not ``backbones``."""
+        weights = self.backbone_weights or (1.0,) * backbones
+        if len(weights) != backbones:
+            raise ValueError(f"backbone_weights has {len(weights)} weights for {backbones} backbones")
+        total = float(sum(weights))
+        return tuple(float(w) / total for w in weights)
 
     @property
     def effective_views(self) -> int:
@@ -215,6 +236,8 @@ class DistillConfig:
         change results), plus the version of the random draws (:data:`DRAWS_VERSION`)."""
         free = ("steps", "checkpoint_every", "chunk_size", "offload", "workers", "views")
         kept = {k: json.dumps(v) for k, v in asdict(self).items() if k not in free}
+        if self.backbone_weights is None:  # one backbone, or the mean: runs of earlier versions resume
+            del kept["backbone_weights"]
         return {**kept, "views": str(self.effective_views), "draws": DRAWS_VERSION}
 
 

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset, TensorDataset
 
 from .imagenet import SUBSETS, imagenet_subset
-from .images import ImageData, center_crop, labels_of, view_transform, with_transform
+from .images import CropViews, ImageData, center_crop, labels_of, view_transform, with_transform
 
 __all__ = [
     "DatasetSpec",
@@ -59,12 +59,15 @@ def dataset_defaults(spec: str | None) -> dict[str, object]:
     return dict(DATASET_DEFAULTS.get(spec or "", {}))
 
 
-def digits(image_size: int = 32, crop: int | None = None, test_fraction: float = 0.3, seed: int = 0) -> ImageData:
+def digits(
+    image_size: int = 32, crop: int | tuple[int, ...] | None = None, test_fraction: float = 0.3, seed: int = 0
+) -> ImageData:
     """scikit-learn's 8x8 handwritten digits (1,797 images, 10 classes), shipped in its wheel.
 
     Grey levels 0..16 become RGB in [0, 1], upsampled bilinearly to ``image_size``
     (``train``); ``train_eval``/``test`` are centre crops of ``crop`` (default: the whole
-    image).  A stratified split with a fixed ``seed`` keeps ``test_fraction`` of each class for testing.
+    image; a tuple: a tuple of crops per image, :class:`fastsfm.images.CropViews`).  A stratified split with a fixed
+    ``seed`` keeps ``test_fraction`` of each class for testing.
     """
     from sklearn.datasets import load_digits
 
@@ -81,17 +84,23 @@ def digits(image_size: int = 32, crop: int | None = None, test_fraction: float =
         test_idx.append(idx[: int(round(len(idx) * test_fraction))])
     is_test = torch.zeros(len(labels), dtype=torch.bool)
     is_test[torch.cat(test_idx)] = True
-    cropped = center_crop(images, crop or image_size)
+    if isinstance(crop, tuple):
+        train_eval, test = (CropViews(images[part], labels[part], crop) for part in (~is_test, is_test))
+    else:
+        cropped = center_crop(images, crop or image_size)
+        train_eval, test = (TensorDataset(cropped[part], labels[part]) for part in (~is_test, is_test))
     return ImageData(
         TensorDataset(images[~is_test], labels[~is_test]),
-        TensorDataset(cropped[~is_test], labels[~is_test]),
-        TensorDataset(cropped[is_test], labels[is_test]),
+        train_eval,
+        test,
         [str(c) for c in range(10)],
         f"digits{image_size}",
     )
 
 
-def image_folder(root: str | Path, resolution: int, crop: int, test_root: str | Path | None = None) -> ImageData:
+def image_folder(
+    root: str | Path, resolution: int, crop: int | tuple[int, ...], test_root: str | Path | None = None
+) -> ImageData:
     """ImageFolder dataset(s) (``root/<class>/<image>``) in the views of the module docstring."""
     from torchvision import datasets
 
@@ -109,7 +118,7 @@ def image_folder(root: str | Path, resolution: int, crop: int, test_root: str | 
     )
 
 
-def torchvision_dataset(name: str, root: str | Path, resolution: int, crop: int) -> ImageData:
+def torchvision_dataset(name: str, root: str | Path, resolution: int, crop: int | tuple[int, ...]) -> ImageData:
     """A ``torchvision.datasets`` class by name on a local ``root``, never downloading: the train
     split (``train=True`` or ``split="train"``) and the test split (``"test"``, else ``"val"``)."""
     import inspect
@@ -187,8 +196,9 @@ class DatasetSpec:
             )
         return root
 
-    def load(self, resolution: int, crop: int) -> ImageData:
-        """The dataset's :class:`fastsfm.images.ImageData` at ``resolution``, centre crops of ``crop``."""
+    def load(self, resolution: int, crop: int | tuple[int, ...]) -> ImageData:
+        """The dataset's :class:`fastsfm.images.ImageData` at ``resolution``, centre crops of ``crop``
+        (a tuple: a tuple of views per image, one per size, from one decoding)."""
         if self.kind == "digits":
             return digits(resolution, crop)
         if self.kind == "torchvision":
@@ -198,6 +208,6 @@ class DatasetSpec:
         return image_folder(self.root, resolution, crop, self.test_root)
 
 
-def load_data(spec: str, resolution: int, crop: int, test_spec: str | None = None) -> ImageData:
+def load_data(spec: str, resolution: int, crop: int | tuple[int, ...], test_spec: str | None = None) -> ImageData:
     """:meth:`DatasetSpec.load` of ``DatasetSpec.parse(spec, test_root=test_spec)``."""
     return DatasetSpec.parse(spec, test_root=test_spec).load(resolution, crop)

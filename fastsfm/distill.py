@@ -33,6 +33,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
@@ -45,6 +46,7 @@ from .baselines.reals import random_reals
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import DistillConfig
 from .distributed import barrier, rank_world, shard_classes
+from .ensemble import BackboneEnsemble, members_of
 from .images import labels_of, stack_images
 from .io import concat_safetensors
 from .metrics import MetricsLog, plot_loss
@@ -184,17 +186,19 @@ def _export(
     synset: SyntheticSet,
     stats: ClassStats,
     config: DistillConfig,
-    backbone: Backbone,
+    backbone: Backbone | BackboneEnsemble,
     out: Path,
     device: torch.device,
     rank: int,
     world: int,
 ) -> None:
     """Render the set and write synset.safetensors (merged by rank 0 from per-rank shard files
-    under torch.distributed), synset.png and loss.png."""
+    under torch.distributed), synset.png and loss.png.  The metadata names every backbone
+    (``backbones``; ``backbone``: the first, whose statistics evaluate the set by default)."""
     meta = {
         "method": config.method,
-        "backbone": backbone.identity,
+        "backbone": members_of(backbone)[0].identity,
+        "backbones": json.dumps([m.identity for m in members_of(backbone)]),
         "precision": backbone.precision,
         "dataset": stats.meta.get("dataset", ""),
         "class_names": json.dumps(stats.class_names),
@@ -223,9 +227,29 @@ def _export(
     plot_loss(out / "metrics.jsonl", out / "loss.png", title=title)
 
 
+def _matched(
+    backbone: Backbone | BackboneEnsemble | Sequence[Backbone], stats: ClassStats | Sequence[ClassStats]
+) -> tuple[Backbone | BackboneEnsemble, list[ClassStats]]:
+    """The backbone (an ensemble for several) and its statistics, one per member, each checked
+    against its member, all of one dataset and class list."""
+    members = list(backbone) if isinstance(backbone, Sequence) else members_of(backbone)
+    stats = [stats] if isinstance(stats, ClassStats) else list(stats)
+    if len(stats) != len(members):
+        raise ValueError(f"{len(stats)} statistics for {len(members)} backbones: give one --stats per --backbone")
+    for member, member_stats in zip(members, stats, strict=True):
+        member_stats.check_compatible(member)
+    for other in stats[1:]:
+        other.check_compatible(num_classes=stats[0].num_classes, dataset=stats[0].meta.get("dataset"))
+        if other.class_names != stats[0].class_names:
+            raise ValueError("the statistics of the backbones name different classes: compute them on one dataset")
+    if len(members) == 1:
+        return members[0], stats
+    return (backbone if isinstance(backbone, BackboneEnsemble) else BackboneEnsemble(members)), stats
+
+
 def distill(
-    backbone: Backbone,
-    stats: ClassStats,
+    backbone: Backbone | BackboneEnsemble | Sequence[Backbone],
+    stats: ClassStats | Sequence[ClassStats],
     config: DistillConfig,
     out_dir: str | Path,
     *,
@@ -239,8 +263,10 @@ def distill(
     """Run (or resume) a distillation; returns this rank's :class:`SyntheticSet`.
 
     Args:
-        backbone: frozen feature extractor matching ``stats`` (checked).
-        stats: real class statistics of ``backbone``.
+        backbone: frozen feature extractor matching ``stats`` (checked); several backbones (a
+            sequence, or a :class:`fastsfm.ensemble.BackboneEnsemble`) for SFM against all of them
+            at once, the weighted mean of their flow losses (``config.backbone_weights``).
+        stats: real class statistics of ``backbone``; one per backbone, in the same order.
         config: :class:`DistillConfig`; ``config.method`` picks the objective.
         out_dir: the run folder (see the module docstring for its files).
         real: real training images at the synthetic resolution (``init="real"``, LGM).
@@ -250,31 +276,32 @@ def distill(
             runner's LGM cells, which rank 0 runs alone).
     """
     device = torch.device(device)
-    stats.check_compatible(backbone)
+    backbone, stats = _matched(backbone, stats)
     rank, world = (0, 1) if local else rank_world()
     group = dist.group.WORLD if world > 1 else None
     out = Path(out_dir)
     ckpt = _checkpoint_path(out, rank, world)
+    made_with = [s.meta.get("backbone", "") for s in stats]
     identity = {
         **config.identity(),
         "precision": json.dumps(backbone.precision),  # the backbone owns it; it changes the results
-        "stats_backbone": stats.meta.get("backbone", ""),
-        "stats_dataset": stats.meta.get("dataset", ""),
+        "stats_backbone": made_with[0] if len(made_with) == 1 else json.dumps(made_with),
+        "stats_dataset": stats[0].meta.get("dataset", ""),
         "world_size": str(world),
     }
+    backbone, stats = backbone.to(device), [s.to(device) for s in stats]
+    if objective is None:  # before the run folder: a setting no objective takes writes nothing
+        objective = build_objective(config, backbone, stats, device, real=real, group=group)
     state = _open_run(out, ckpt, identity, resume)
-    classes = shard_classes(stats.num_classes, rank, world)
-    backbone, stats = backbone.to(device), stats.to(device)
-    synset = _build_synset(config, real, stats.num_classes, classes, device)
+    classes = shard_classes(stats[0].num_classes, rank, world)
+    synset = _build_synset(config, real, stats[0].num_classes, classes, device)
     optim = ChunkAdam(synset, config.lr, check_finite=backbone.autocast_dtype() == torch.float16)
     start = 0
     if state is not None:
         synset.load_state(state["tensors"])
         optim.load_state(state["tensors"], state["optimizer_steps"])
         start = state["step"]
-    if objective is None:
-        objective = build_objective(config, backbone, stats, device, real=real, group=group)
     metrics = MetricsLog(out / "metrics.jsonl", start, enabled=rank == 0)
     _optimise(synset, optim, objective, config, start, ckpt, identity, metrics, device, group, progress and rank == 0)
-    _export(synset, stats, config, backbone, out, device, rank, world)
+    _export(synset, stats[0], config, backbone, out, device, rank, world)
     return synset

@@ -223,7 +223,8 @@ class Evaluator:
 
 def load_image_set(path: str | Path, stats: ClassStats, resolution: int) -> ImageSet:
     """A set to evaluate: an exported ``synset.safetensors`` (checked against the statistics'
-    backbone and classes) or a run folder holding one, or a folder of images made by any method
+    backbone -- one of the set's, for a set distilled with several -- and classes) or a run folder holding one, or a
+    folder of images made by any method
     (``fastsfm export``'s, or any), one subfolder per class."""
     from .images import image_set_folder
     from .synset import load_images
@@ -237,12 +238,13 @@ def load_image_set(path: str | Path, stats: ClassStats, resolution: int) -> Imag
     if not path.is_file():
         raise FileNotFoundError(f"image set {path} does not exist (a synset.safetensors file or a folder)")
     images, labels, meta = load_images(path)
-    made_with, stats_of = meta.get("backbone"), stats.meta.get("backbone")
-    if made_with and stats_of and made_with != stats_of:
+    made_with = json.loads(meta["backbones"]) if "backbones" in meta else [meta.get("backbone")]
+    stats_of = stats.meta.get("backbone")
+    if made_with[0] and stats_of and stats_of not in made_with:
         raise ValueError(
-            f"{path} was distilled with backbone {made_with!r}, the statistics are of {stats_of!r}: "
-            "pass the distillation backbone's statistics (evaluate on another backbone with "
-            "--eval-backbone)"
+            f"{path} was distilled with backbone{'s' * (len(made_with) > 1)} {' + '.join(made_with)}, the statistics "
+            f"are of {stats_of!r}: pass the statistics of a distillation backbone, whose real classifier "
+            "inheritance reuses (evaluate on any other backbone with --eval-backbone)"
         )
     if meta.get("num_classes") and int(meta["num_classes"]) != stats.num_classes:
         raise ValueError(f"{path} has {meta['num_classes']} classes, the statistics {stats.num_classes}")

@@ -9,6 +9,7 @@ groups, shared by several subcommands, and their readers live here too.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import types
 import typing
 from typing import Literal
@@ -25,6 +26,7 @@ __all__ = [
     "dataset_defaults_of",
     "add_backbone_flags",
     "backbone_config_of",
+    "backbone_configs_of",
     "add_data_flags",
     "resolution_of",
     "data_from_args",
@@ -57,42 +59,29 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def add_config_flags(parser: argparse.ArgumentParser, cls: type, title: str) -> None:
-    """One ``--flag`` per field of the config dataclass ``cls`` (Literal -> choices, bool -> --x/--no-x).
+def add_config_flags(parser: argparse.ArgumentParser, cls: type, title: str, many: tuple[str, ...] = ()) -> None:
+    """One ``--flag`` per field of the config dataclass ``cls`` (Literal -> choices, bool -> --x/--no-x,
+    tuple -> several values); the fields named in ``many`` take one value per item (``--backbone A B``).
 
     A flag that is not given leaves no attribute (``argparse.SUPPRESS``): :func:`config_from_args`
     then takes the dataset's default, else the field's (the help shows the field's)."""
     group = parser.add_argument_group(title)
     for name, kind, default, text in cli_fields(cls):
         flag = "--" + name.replace("_", "-")
+        shown = " ".join(map(str, default)) if isinstance(default, tuple) else default
+        common = {"dest": name, "default": argparse.SUPPRESS, "help": f"{text} (default: {shown})"}
         if kind is bool:
-            group.add_argument(
-                flag,
-                dest=name,
-                action=argparse.BooleanOptionalAction,
-                default=argparse.SUPPRESS,
-                help=f"{text} (default: {default})",
-            )
-            continue
-        args = typing.get_args(kind)
-        if typing.get_origin(kind) is tuple:  # tuple[Literal[...], ...]: a list of choices
-            group.add_argument(
-                flag,
-                dest=name,
-                nargs="+",
-                choices=list(typing.get_args(args[0])),
-                default=argparse.SUPPRESS,
-                help=f"{text} (default: {' '.join(default)})",
-            )
-            continue
-        if typing.get_origin(kind) is Literal:
-            group.add_argument(
-                flag, dest=name, choices=list(args), default=argparse.SUPPRESS, help=f"{text} (default: {default})"
-            )
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, **common)
             continue
         if typing.get_origin(kind) in (typing.Union, types.UnionType):  # X | None
-            kind = next(a for a in args if a is not type(None))
-        group.add_argument(flag, dest=name, type=kind, default=argparse.SUPPRESS, help=f"{text} (default: {default})")
+            kind = next(a for a in typing.get_args(kind) if a is not type(None))
+        nargs = "+" if name in many else None
+        if typing.get_origin(kind) is tuple:  # tuple[X, ...]: a list of values
+            kind, nargs = typing.get_args(kind)[0], "+"
+        if typing.get_origin(kind) is Literal:
+            group.add_argument(flag, choices=list(typing.get_args(kind)), nargs=nargs, **common)
+        else:
+            group.add_argument(flag, type=kind, nargs=nargs, **common)
 
 
 def config_from_args(cls: type, args: argparse.Namespace, defaults: dict[str, object] | None = None):
@@ -112,15 +101,37 @@ def dataset_defaults_of(args: argparse.Namespace) -> dict[str, object]:
     return dataset_defaults(getattr(args, "data", None))
 
 
-def add_backbone_flags(p: argparse.ArgumentParser) -> None:
-    """The backbone's flags, from :class:`fastsfm.config.BackboneConfig`, and ``--device``."""
-    add_config_flags(p, BackboneConfig, "backbone (BackboneConfig)")
+SEVERAL = ("backbone", "weights")
+"""The backbone flags that take one value per backbone where a subcommand accepts several."""
+
+
+def add_backbone_flags(p: argparse.ArgumentParser, several: bool = False) -> None:
+    """The backbone's flags, from :class:`fastsfm.config.BackboneConfig`, and ``--device``; with
+    ``several``, ``--backbone`` and ``--weights`` take one value per backbone (:func:`backbone_configs_of`)."""
+    add_config_flags(p, BackboneConfig, "backbone (BackboneConfig)", many=SEVERAL if several else ())
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where the backbone runs")
 
 
 def backbone_config_of(args: argparse.Namespace) -> BackboneConfig:
     """The :class:`BackboneConfig` of the flags, with the dataset's default backbone (digits: digits_vit)."""
     return config_from_args(BackboneConfig, args, dataset_defaults_of(args))
+
+
+def backbone_configs_of(args: argparse.Namespace) -> list[BackboneConfig]:
+    """One :class:`BackboneConfig` per ``--backbone`` name (``--weights``: none, or one per name, in
+    order), the other backbone flags shared; the dataset's default backbone when none is named."""
+    names = list(getattr(args, "backbone", None) or [None])
+    weights = list(getattr(args, "weights", None) or [None] * len(names))
+    if len(weights) != len(names):
+        raise ValueError(f"--weights gives {len(weights)} files for {len(names)} backbones: give one per --backbone")
+    if len(set(names)) != len(names):
+        raise ValueError(f"--backbone names a backbone twice: {names}")
+    shared = argparse.Namespace(**{k: v for k, v in vars(args).items() if k not in SEVERAL})
+    base = backbone_config_of(shared)
+    return [
+        dataclasses.replace(base, weights=file, **({"backbone": name} if name else {}))
+        for name, file in zip(names, weights, strict=True)
+    ]
 
 
 def add_data_flags(p: argparse.ArgumentParser, required: bool, test: bool = False, resolution: bool = True) -> None:
@@ -147,7 +158,7 @@ def resolution_of(args: argparse.Namespace) -> int:
     return args.resolution or int(dataset_defaults_of(args).get("resolution", DEFAULT_RESOLUTION))
 
 
-def data_from_args(args: argparse.Namespace, crop: int):
+def data_from_args(args: argparse.Namespace, crop: int | tuple[int, ...]):
     from .datasets import load_data
 
     return load_data(args.data, resolution_of(args), crop, getattr(args, "test_data", None))

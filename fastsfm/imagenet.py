@@ -103,7 +103,7 @@ def check_imagenet_root(root: str | Path, subset: str) -> list[str]:
     return wnids
 
 
-def imagenet_subset(root: str | Path, subset: str, resolution: int, crop: int) -> ImageData:
+def imagenet_subset(root: str | Path, subset: str, resolution: int, crop: int | tuple[int, ...]) -> ImageData:
     """A named subset of a local ImageNet in the views of :mod:`fastsfm.images` (labels in the authors' order)."""
     wnids = check_imagenet_root(root, subset)
     root = Path(root)

@@ -19,6 +19,7 @@ Views of the real images, as the authors' loaders (``einsteinxia/SFM``, ``data/d
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import os
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ __all__ = [
     "ImageData",
     "image_set_folder",
     "center_crop",
+    "CropViews",
     "labels_of",
     "fingerprint",
     "stack_images",
@@ -65,19 +67,41 @@ def center_crop(images: Tensor, size: int) -> Tensor:
     return images[..., top : top + size, left : left + size].contiguous()
 
 
-def view_transform(resolution: int, crop: int):
-    """Resize the shorter side to ``resolution``, centre-crop ``crop``, float RGB in [0, 1]."""
+def view_transform(resolution: int, crop: int | tuple[int, ...]):
+    """Resize the shorter side to ``resolution``, centre-crop ``crop``, float RGB in [0, 1].
+
+    A tuple of crops gives a tuple of views, one centre crop per size, of one decoded and resized
+    image: the statistics of several backbones with different input sizes in one pass
+    (:func:`fastsfm.stats.dataset_stats_many`), each view equal to the one-crop transform's."""
     from torchvision.transforms import v2
 
-    return v2.Compose(
-        [
-            v2.ToImage(),
-            v2.Resize(resolution, antialias=True),
-            v2.CenterCrop(crop),
-            v2.ToDtype(torch.float32, scale=True),
-            v2.Lambda(_to_rgb),
-        ]
-    )
+    if isinstance(crop, tuple):
+        steps = [v2.ToDtype(torch.float32, scale=True), v2.Lambda(_to_rgb), v2.Lambda(functools.partial(_crops, crop))]
+    else:
+        steps = [v2.CenterCrop(crop), v2.ToDtype(torch.float32, scale=True), v2.Lambda(_to_rgb)]
+    return v2.Compose([v2.ToImage(), v2.Resize(resolution, antialias=True), *steps])
+
+
+def _crops(sizes: tuple[int, ...], image: Tensor) -> tuple[Tensor, ...]:
+    from torchvision.transforms.v2 import functional
+
+    return tuple(functional.center_crop(image, [size, size]) for size in sizes)
+
+
+class CropViews(Dataset):
+    """In-memory images seen as several centre crops: item ``i`` is ``((crop_1, ..., crop_k), label)``,
+    one crop per size of ``sizes`` (:func:`center_crop`): the tuple-of-views form of
+    :func:`view_transform` for datasets held as tensors."""
+
+    def __init__(self, images: Tensor, labels: Tensor, sizes: tuple[int, ...]):
+        self.views = [center_crop(images, size) for size in sizes]
+        self.labels = labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[tuple[Tensor, ...], Tensor]:
+        return tuple(view[i] for view in self.views), self.labels[i]
 
 
 def with_transform(dataset: Dataset, transform) -> Dataset:

@@ -10,6 +10,7 @@ from another backbone or dataset.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -27,7 +28,15 @@ from .io import atomic_save_safetensors, read_safetensors
 from .probe import fit_linear_classifier
 from .progress import track
 
-__all__ = ["ClassStats", "compute_stats", "dataset_stats"]
+__all__ = [
+    "ClassStats",
+    "compute_stats",
+    "compute_stats_many",
+    "dataset_stats",
+    "dataset_stats_many",
+    "input_crops",
+    "stats_file",
+]
 
 FORMAT = "fastsfm-stats-v1"
 
@@ -129,9 +138,32 @@ class ClassStats:
             raise ValueError(f"statistics are of dataset {self.meta.get('dataset')!r}, not {dataset!r}")
 
 
+def stats_file(folder: str | Path, backbone: str) -> Path:
+    """``folder/<backbone>.safetensors``: where a several-backbone statistics pass writes each one's."""
+    return Path(folder) / f"{backbone.replace('/', '_').replace(':', '_')}.safetensors"
+
+
+def input_crops(backbones: Sequence[Backbone]) -> int | tuple[int, ...]:
+    """The centre crops a statistics pass over ``backbones`` reads: their one input size, or a tuple
+    of their distinct sizes in order (the data then gives a tuple of views per image,
+    :func:`fastsfm.images.view_transform`)."""
+    sizes = tuple(dict.fromkeys(b.input_size for b in backbones))
+    return sizes[0] if len(sizes) == 1 else sizes
+
+
+def _view(images: Tensor | Sequence[Tensor], crops: int | tuple[int, ...], backbone: Backbone) -> Tensor:
+    """The batch of views ``backbone`` reads: the batch itself, or its view at the backbone's input size."""
+    return images if isinstance(crops, int) else images[crops.index(backbone.input_size)]
+
+
+def compute_stats(backbone: Backbone, *args, **kwargs) -> ClassStats:
+    """:func:`compute_stats_many` of one backbone (the same further arguments)."""
+    return compute_stats_many([backbone], *args, **kwargs)[0]
+
+
 @torch.no_grad()
-def compute_stats(
-    backbone: Backbone,
+def compute_stats_many(
+    backbones: Sequence[Backbone],
     loader: DataLoader,
     class_names: list[str],
     dataset_id: str,
@@ -139,15 +171,19 @@ def compute_stats(
     device: str | torch.device = "cpu",
     progress: bool = True,
     precision: Precision = "fp32",
-    features_path: str | Path | None = None,
-) -> ClassStats:
-    """One pass over ``loader`` (images in [0, 1], int labels): per-class sums and counts by a
-    segmented reduction (``index_add_``), plus the real-data linear classifier
-    (:class:`fastsfm.config.ClassifierConfig`, recorded in the metadata) fitted on the features
-    cached in float16 during the same pass (so images are read exactly once).  The backbone runs
-    under ``precision`` (fp32 by default: the authors compute class means without autocast).
-    ``features_path``: rank 0 also writes the cached features (float16 (N, D), ``features``) and
-    their labels (``labels``) there, in dataset order, so baselines need not encode the images again.
+    features_path: str | Path | Sequence[str | Path] | None = None,
+) -> list[ClassStats]:
+    """The statistics of every backbone in one pass over ``loader`` (images in [0, 1], int labels):
+    each batch is read once and encoded by every backbone.  The batches are the images
+    (:func:`input_crops` an int) or a tuple of views, one per size of :func:`input_crops`.
+
+    Per backbone: per-class sums and counts by a segmented reduction (``index_add_``), plus the
+    real-data linear classifier (:class:`fastsfm.config.ClassifierConfig`, recorded in the metadata)
+    fitted on the features cached in float16 during the same pass (so images are read exactly once).
+    The backbones run under ``precision`` (fp32 by default: the authors compute class means without
+    autocast).  ``features_path`` (one per backbone): rank 0 also writes the cached features (float16
+    (N, D), ``features``) and their labels (``labels``) there, in dataset order, so baselines need not
+    encode the images again.  Each backbone's statistics equal a one-backbone pass's.
 
     Under ``torch.distributed`` each rank passes a loader over
     ``shard_dataset(dataset, rank, world)`` in order (no shuffling): sums and counts are
@@ -155,64 +191,92 @@ def compute_stats(
     the classifier and sends it to the others, so every rank returns the statistics a single
     process would compute and no rank but 0 ever holds another rank's features.
     """
-    c, d = len(class_names), backbone.feature_dim
-    sums = torch.zeros(c, d, dtype=torch.float64, device=device)
+    backbones = list(backbones)
+    crops = input_crops(backbones)
+    paths = (
+        [features_path] if isinstance(features_path, (str, Path)) else list(features_path or [None] * len(backbones))
+    )
+    if len(paths) != len(backbones):
+        raise ValueError(f"{len(paths)} feature files for {len(backbones)} backbones")
+    c = len(class_names)
+    sums = [torch.zeros(c, b.feature_dim, dtype=torch.float64, device=device) for b in backbones]
     counts = torch.zeros(c, dtype=torch.int64, device=device)
-    cached, cached_labels = [], []
+    cached: list[list[Tensor]] = [[] for _ in backbones]
+    cached_labels = []
     batches = track(loader, "class statistics", enabled=progress and rank_world()[0] == 0, unit="batch")
     for images, labels in batches:
         labels = labels.to(device)
         if int(labels.min()) < 0 or int(labels.max()) >= c:
             raise ValueError(f"labels must lie in [0, {c}), got [{int(labels.min())}, {int(labels.max())}]")
-        with backbone.using_precision(precision):
-            feats = backbone(images.to(device, non_blocking=True)).float()
-        sums.index_add_(0, labels, feats.double())
+        for backbone, total, kept in zip(backbones, sums, cached, strict=True):
+            with backbone.using_precision(precision):
+                feats = backbone(_view(images, crops, backbone).to(device, non_blocking=True)).float()
+            total.index_add_(0, labels, feats.double())
+            kept.append(feats.half().cpu())
         counts += torch.bincount(labels, minlength=c)
-        cached.append(feats.half().cpu())
         cached_labels.append(labels.cpu())
-    features, feature_labels = torch.cat(cached), torch.cat(cached_labels)
     rank, world = rank_world()
     if world > 1:
-        dist.all_reduce(sums)
+        for total in sums:
+            dist.all_reduce(total)
         dist.all_reduce(counts)
     if bool((counts == 0).any()):
         missing = [class_names[i] for i in torch.nonzero(counts == 0).squeeze(1).tolist()]
         raise ValueError(f"classes without any image: {missing[:10]}")
-    means = (sums / counts[:, None]).float()
     classifier = classifier or ClassifierConfig()
-    shards = gather_to_rank0((features, feature_labels))
+    label_shards = gather_to_rank0(torch.cat(cached_labels))
+    feature_labels = interleave_shards(label_shards) if rank == 0 else None
+    out = []
+    for backbone, total, kept, path in zip(backbones, sums, cached, paths, strict=True):
+        head = _real_classifier(torch.cat(kept), feature_labels, c, classifier, device, progress, path)
+        meta = {
+            "backbone": backbone.identity,
+            "input_size": str(backbone.input_size),
+            "mean": json.dumps(backbone.mean),
+            "std": json.dumps(backbone.std),
+            "dataset": dataset_id,
+            "feature_dim": str(backbone.feature_dim),
+            "num_images": str(int(counts.sum())),
+            "classifier": json.dumps(asdict(classifier)),
+            "precision": precision,
+        }
+        means = (total / counts[:, None]).float()
+        out.append(ClassStats(means.cpu(), counts.cpu(), head[0], head[1], list(class_names), meta))
+    return out
+
+
+def _real_classifier(
+    features: Tensor,
+    labels: Tensor | None,
+    c: int,
+    classifier: ClassifierConfig,
+    device: str | torch.device,
+    progress: bool,
+    features_path: str | Path | None,
+) -> list[Tensor]:
+    """``[weight, bias]`` of the real-data classifier, on every rank: this rank's cached ``features``
+    are gathered to rank 0 (``labels``: the gathered labels there), which writes them to
+    ``features_path`` (if any), fits the classifier and sends it to the others."""
+    shards = gather_to_rank0(features)
     head = [None, None]
-    if rank == 0:
-        features, feature_labels = interleave_shards([f for f, _ in shards]), interleave_shards([y for _, y in shards])
+    if rank_world()[0] == 0:
+        features = interleave_shards(shards)
         if features_path is not None:
-            atomic_save_safetensors({"features": features, "labels": feature_labels}, features_path, {})
-        fitted = fit_linear_classifier(
-            features,
-            feature_labels,
-            c,
-            classifier,
-            device=device,
-            progress=progress,
-        )
+            atomic_save_safetensors({"features": features, "labels": labels}, features_path, {})
+        fitted = fit_linear_classifier(features, labels, c, classifier, device=device, progress=progress)
         head = [fitted.weight.detach().cpu(), fitted.bias.detach().cpu()]
-    if world > 1:
+    if rank_world()[1] > 1:
         dist.broadcast_object_list(head, src=0, group=control_group())
-    meta = {
-        "backbone": backbone.identity,
-        "input_size": str(backbone.input_size),
-        "mean": json.dumps(backbone.mean),
-        "std": json.dumps(backbone.std),
-        "dataset": dataset_id,
-        "feature_dim": str(d),
-        "num_images": str(int(counts.sum())),
-        "classifier": json.dumps(asdict(classifier)),
-        "precision": precision,
-    }
-    return ClassStats(means.cpu(), counts.cpu(), head[0], head[1], list(class_names), meta)
+    return head
 
 
-def dataset_stats(
-    backbone: Backbone,
+def dataset_stats(backbone: Backbone, *args, **kwargs) -> ClassStats:
+    """:func:`dataset_stats_many` of one backbone (the same further arguments)."""
+    return dataset_stats_many([backbone], *args, **kwargs)[0]
+
+
+def dataset_stats_many(
+    backbones: Sequence[Backbone],
     data,
     classifier: ClassifierConfig | None = None,
     device: str | torch.device = "cpu",
@@ -220,16 +284,16 @@ def dataset_stats(
     workers: int | None = None,
     progress: bool = True,
     precision: Precision = "fp32",
-    features_path: str | Path | None = None,
-) -> ClassStats:
-    """:func:`compute_stats` of an :class:`fastsfm.images.ImageData`'s train split (its centre-crop
-    view), identified by name and file fingerprint; under ``torch.distributed`` each rank reads
-    its shard of the images."""
+    features_path: str | Path | Sequence[str | Path] | None = None,
+) -> list[ClassStats]:
+    """:func:`compute_stats_many` of an :class:`fastsfm.images.ImageData`'s train split (its centre-crop
+    view: load the data with ``crop=input_crops(backbones)``), identified by name and file
+    fingerprint; under ``torch.distributed`` each rank reads its shard of the images."""
     loader = DataLoader(
         shard_dataset(data.train_eval, *rank_world()), batch_size=batch_size, **loader_kwargs(device, workers)
     )
-    return compute_stats(
-        backbone,
+    return compute_stats_many(
+        backbones,
         loader,
         data.class_names,
         f"{data.name}:{fingerprint(data.train)}",

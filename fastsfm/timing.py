@@ -112,28 +112,32 @@ def distill_setup(
     real_per_class: int = 2,
     seed: int = 0,
 ):
-    """What one timed distillation step needs: random statistics of ``backbone`` for ``classes``
-    classes, random real images at ``config.resolution`` (``real_per_class`` each, cycled to as many
-    indices as one LGM real batch needs), a synthetic set
-    with every pyramid level (as after its last growth), its optimiser and the objective of
+    """What one timed distillation step needs: random statistics of ``backbone`` (of each member of a
+    :class:`fastsfm.ensemble.BackboneEnsemble`) for ``classes`` classes, random real images at ``config.resolution``
+    (``real_per_class`` each, cycled to as many indices as one LGM real batch needs), a synthetic set with every
+    pyramid level (as after its last growth), its optimiser and the objective of
     ``config.method`` -- ``(synset, optim, objective)``.  Time and memory do not depend on the values."""
     from torch.utils.data import TensorDataset
 
+    from .ensemble import members_of
     from .objectives import build_objective
     from .optim import ChunkAdam
     from .stats import ClassStats
     from .synset import SyntheticSet
 
-    d, res = backbone.feature_dim, config.resolution
+    res = config.resolution
     gen = torch.Generator().manual_seed(seed)
-    stats = ClassStats(
-        torch.randn(classes, d, generator=gen),
-        torch.full((classes,), real_per_class),
-        torch.zeros(classes, d),
-        torch.zeros(classes),
-        [str(i) for i in range(classes)],
-        {"backbone": backbone.identity},
-    ).to(device)
+    stats = [
+        ClassStats(
+            torch.randn(classes, member.feature_dim, generator=gen),
+            torch.full((classes,), real_per_class),
+            torch.zeros(classes, member.feature_dim),
+            torch.zeros(classes),
+            [str(i) for i in range(classes)],
+            {"backbone": member.identity},
+        ).to(device)
+        for member in members_of(backbone)
+    ]
     real = TensorDataset(
         torch.rand(classes * real_per_class, 3, res, res, generator=gen),
         torch.arange(classes).repeat_interleave(real_per_class),

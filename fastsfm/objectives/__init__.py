@@ -9,10 +9,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from ..backbones import Backbone
 from ..config import DistillConfig
+from ..ensemble import BackboneEnsemble
 from ..stats import ClassStats
 from .lgm import LGMObjective
 from .sfm import SFMObjective
@@ -22,12 +25,25 @@ __all__ = ["build_objective", "DistillStep", "TwoPassStep", "SFMObjective", "LGM
 
 
 def build_objective(
-    config: DistillConfig, backbone: Backbone, stats: ClassStats, device: torch.device, *, real=None, group=None
+    config: DistillConfig,
+    backbone: Backbone | BackboneEnsemble,
+    stats: ClassStats | Sequence[ClassStats],
+    device: torch.device,
+    *,
+    real=None,
+    group=None,
 ) -> DistillStep:
-    """The objective of ``config.method``: SFM, or LGM (needs ``real``: a dataset of real images
-    at the synthetic resolution; single process only)."""
+    """The objective of ``config.method``: SFM (against one backbone or an ensemble, one statistics
+    per member), or LGM (one backbone; needs ``real``: a dataset of real images at the synthetic
+    resolution; single process only)."""
     if config.method == "sfm":
         return SFMObjective(backbone, stats, config, device, group)
+    if isinstance(backbone, BackboneEnsemble):
+        raise ValueError(
+            "LGM distils with one backbone (it matches the gradient of one linear head on its features); "
+            "give one --backbone, or use --method sfm for several"
+        )
+    stats = stats if isinstance(stats, ClassStats) else stats[0]
     if group is not None:
         raise ValueError("LGM runs in a single process (its loss matches one global gradient); drop torchrun")
     if real is None:

@@ -3,21 +3,22 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import torch
 
-from ..backbones import Backbone, from_config, resolve_name
+from ..backbones import Backbone, from_config
 from ..baselines.sets import Selection, select
 from ..distributed import rank_world
 from ..evaluate import Evaluator, FeatureCache, ImageSet, compare
 from ..images import ImageData, labels_of
 from ..io import atomic_write_json, read_safetensors
-from ..stats import ClassStats, dataset_stats
+from ..stats import ClassStats, dataset_stats_many
 from ..synset import load_images
-from .config import GridConfig, input_size
-from .plan import DISTILLED, Cell, backbone_folder
+from .config import GridConfig, input_size, members
+from .plan import DISTILLED, Cell, backbone_folder, canonical
 
-__all__ = ["Run", "RUNNERS", "ALL_RANKS"]
+__all__ = ["Run", "RUNNERS", "ALL_RANKS", "stats_path", "pending_stats"]
 
 FEATURES = "train_features.safetensors"
 
@@ -52,7 +53,11 @@ class Run:
         return self.caches[dataset]
 
     def stats(self, cell: Cell) -> ClassStats:
-        return ClassStats.load(backbone_folder(self.grid, cell.dataset, cell.backbone) / "stats.safetensors")
+        """The statistics of the cell's backbone (an ensemble's: its first member's, for inheritance)."""
+        return self.member_stats(cell.dataset, members(cell.backbone)[0])
+
+    def member_stats(self, dataset: str, backbone: str) -> ClassStats:
+        return ClassStats.load(stats_path(self.grid, dataset, backbone))
 
     def features(self, dataset: str, backbone: str) -> torch.Tensor:
         """The backbone's features of the train split's statistics view: those the statistics cell
@@ -76,28 +81,42 @@ class Run:
         return self.train_features[key]
 
 
+def stats_path(grid: GridConfig, dataset: str, backbone: str) -> Path:
+    return backbone_folder(grid, dataset, backbone) / "stats.safetensors"
+
+
+def pending_stats(grid: GridConfig, dataset: str) -> list[str]:
+    """The backbones of the grid still without statistics of ``dataset``: one pass computes them all."""
+    return [b for b in grid.backbones if not stats_path(grid, dataset, b).exists()]
+
+
 def run_stats(run: Run, cell: Cell) -> None:
-    stats = dataset_stats(
-        run.backbone(cell.backbone),
+    """The statistics of every backbone without them (this cell's included) in one pass over the images."""
+    names = pending_stats(run.grid, cell.dataset)
+    paths = [stats_path(run.grid, cell.dataset, b) for b in names]
+    all_stats = dataset_stats_many(
+        [run.backbone(b) for b in names],
         run.dataset(cell.dataset),
         run.grid.classifier,
         run.device,
         workers=run.grid.workers,
         progress=run.progress,
         precision=run.grid.backbone.real_precision,
-        features_path=cell.path.with_name(FEATURES),
+        features_path=[p.with_name(FEATURES) for p in paths],
     )
     if run.rank == 0:
-        stats.save(cell.path)
+        for stats, path in zip(all_stats, paths, strict=True):
+            stats.save(path)
 
 
 def run_distill(run: Run, cell: Cell) -> None:
     from ..distill import distill
 
     folder = cell.path.parent
+    names = members(cell.backbone)
     distill(
-        run.backbone(cell.backbone),
-        run.stats(cell),
+        [run.backbone(b) for b in names],
+        [run.member_stats(cell.dataset, b) for b in names],
         run.grid.distill_config(cell.name, cell.ipc),
         folder,
         real=run.dataset(cell.dataset).train,
@@ -141,7 +160,7 @@ def _source(run: Run, cell: Cell):
 def run_eval(run: Run, cell: Cell) -> None:
     grid = run.grid
     evaluator = Evaluator(
-        run.backbone(cell.backbone),
+        run.backbone(members(cell.backbone)[0]),  # an ensemble: its first member's classifier is inherited
         run.stats(cell),
         run.cache(cell.dataset),
         grid.eval,
@@ -153,7 +172,7 @@ def run_eval(run: Run, cell: Cell) -> None:
         evaluator, [_source(run, cell)], grid.eval.seeds, full_data=False, journal=cell.path.parent / "eval"
     )
     payload = {
-        "distill_backbone": resolve_name(cell.backbone)[0],
+        "distill_backbone": canonical(cell.backbone),
         "set": cell.name,
         "ipc": cell.ipc,
         "scores": [dataclasses.asdict(s) for s in scores],

@@ -26,7 +26,25 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
-__all__ = ["GridConfig", "load_grid", "validate_grid", "input_size", "SHIPPED_CONFIGS", "PER_CELL"]
+__all__ = [
+    "GridConfig",
+    "load_grid",
+    "validate_grid",
+    "input_size",
+    "members",
+    "ENSEMBLE_SEP",
+    "SHIPPED_CONFIGS",
+    "PER_CELL",
+]
+
+ENSEMBLE_SEP = "+"
+"""Joins the members of an ensemble into the name of its cells (timm names hold no ``+``)."""
+
+
+def members(name: str) -> list[str]:
+    """The backbones a distillation cell's backbone ``name`` stands for: an ensemble's members, or itself."""
+    return name.split(ENSEMBLE_SEP)
+
 
 SHIPPED_CONFIGS = Path(__file__).resolve().parents[1] / "resources" / "configs"
 PER_CELL = {
@@ -53,13 +71,18 @@ class GridConfig:
     matrix) or a list.  ``views``: augmented copies per step of each distillation method.
     ``backbone``: how every backbone runs (input size, normalisation, ``precision`` of the
     synthetic side, ``real_precision`` of statistics and test features, ``random_init``); the
-    ``weights`` table gives local weights per backbone.  ``wait_hours``: how long ranks wait for
+    ``weights`` table gives local weights per backbone.  ``ensembles``: lists of backbones (each
+    list at least two of ``backbones``) for which SFM distils one set against all of them at once
+    (:mod:`fastsfm.ensemble`); such a cell is named by its members joined with ``+``, reuses the
+    members' statistics, and is evaluated (with the first member's real classifier for inheritance)
+    on ``eval_backbones`` (``"same"``: its members).  ``wait_hours``: how long ranks wait for
     rank 0's work under torchrun (:mod:`fastsfm.distributed`).
     """
 
     out: str
     datasets: list[str]
     backbones: list[str]
+    ensembles: list[list[str]] = field(default_factory=list)
     root: str | None = None
     ipc: list[int] = field(default_factory=lambda: [1])
     methods: list[GridMethod] = field(default_factory=lambda: ["sfm", "random", "centroid", "neighbors"])
@@ -76,9 +99,13 @@ class GridConfig:
     classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
 
+    def ensemble_names(self) -> list[str]:
+        """The distillation "backbones" of the ``ensembles``: their members joined with ``+``."""
+        return [ENSEMBLE_SEP.join(members) for members in self.ensembles]
+
     def eval_list(self, backbone: str) -> list[str]:
         if self.eval_backbones == "same":
-            return [backbone]
+            return members(backbone)
         return list(self.backbones) if self.eval_backbones == "all" else list(self.eval_backbones)
 
     def dataset(self, entry: str) -> DatasetSpec:
@@ -188,6 +215,14 @@ def validate_grid(grid: GridConfig) -> None:
             f"unknown backbones {unknown}: use a fastsfm alias (fastsfm.backbones.ALIASES), an author "
             "name or a timm model name"
         )
+    for ensemble in grid.ensembles:
+        if not isinstance(ensemble, list) or len(ensemble) < 2 or len(set(ensemble)) != len(ensemble):
+            raise ValueError(f"ensembles: each a list of at least two distinct backbones, got {ensemble!r}")
+        outside = [b for b in ensemble if b not in grid.backbones]
+        if outside:
+            raise ValueError(f"ensemble {ensemble}: {outside} not in `backbones` (their statistics are computed there)")
+    if grid.ensembles and "sfm" not in grid.methods:
+        raise ValueError("ensembles are distilled with SFM (LGM matches one backbone): add 'sfm' to methods")
     for name, path in grid.weights.items():
         if name not in named:
             raise ValueError(f"weights for {name!r}, which is not a backbone of the grid")

@@ -7,16 +7,20 @@ stats       (dataset, backbone)                          ``stats.safetensors`` (
                                                          classifier) and ``train_features.safetensors``
                                                          (the features of that pass, for baselines)
 full        (dataset, backbone)                          ``full.json``: the real classifier's test accuracy
-distill     (dataset, backbone, IPC, sfm|lgm)            ``ipc<k>/<method>/``: a run folder (resumed
-                                                         from its checkpoint), done with ``synset.safetensors``
+distill     (dataset, backbone or ensemble, IPC,         ``ipc<k>/<method>/``: a run folder (resumed
+            sfm|lgm; an ensemble: sfm)                   from its checkpoint), done with ``synset.safetensors``
 baseline    (dataset, backbone, IPC, random|centroid|    ``ipc<k>/<method>/indices.json``: the selected
             kmeans|neighbors)                            real images (random: one draw per seed)
-eval        (dataset, backbone, IPC, set)                ``ipc<k>/<set>/eval.json``: every evaluation
+eval        (dataset, backbone or ensemble, IPC, set)    ``ipc<k>/<set>/eval.json``: every evaluation
                                                          backbone x mode x seed (``eval/`` holds the
                                                          partial results of an unfinished cell)
 =========== ============================================ ==========================================
 
-Each cell is done when its output exists, so an interrupted grid resumes where it stopped.
+Each cell is done when its output exists, so an interrupted grid resumes where it stopped.  The
+first statistics cell of a dataset computes the statistics of every backbone still without them in
+one pass over the images (:func:`fastsfm.stats.dataset_stats_many`), so the others are then done.
+An ensemble (``a+b``, :attr:`GridConfig.ensembles`) has only SFM's distill and eval cells, in
+``out/<dataset>/<a>+<b>/``.
 """
 
 from __future__ import annotations
@@ -25,9 +29,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..backbones import resolve_name
-from .config import GridConfig
+from .config import ENSEMBLE_SEP, GridConfig, members
 
-__all__ = ["Cell", "plan_grid", "dataset_folder", "backbone_folder", "DISTILLED"]
+__all__ = ["Cell", "plan_grid", "dataset_folder", "backbone_folder", "canonical", "DISTILLED"]
 
 DISTILLED = ("sfm", "lgm")
 
@@ -55,8 +59,13 @@ def dataset_folder(grid: GridConfig, dataset: str) -> Path:
     return Path(grid.out) / dataset.replace(":", "_").replace("/", "_")
 
 
+def canonical(backbone: str) -> str:
+    """A backbone's (or an ensemble's, member by member) canonical name: its folder and table name."""
+    return ENSEMBLE_SEP.join(resolve_name(member)[0] for member in members(backbone))
+
+
 def backbone_folder(grid: GridConfig, dataset: str, backbone: str) -> Path:
-    return dataset_folder(grid, dataset) / resolve_name(backbone)[0]
+    return dataset_folder(grid, dataset) / canonical(backbone)
 
 
 def plan_grid(grid: GridConfig) -> list[Cell]:
@@ -75,4 +84,9 @@ def plan_grid(grid: GridConfig) -> list[Cell]:
                     kind = "distill" if method in DISTILLED else "baseline"
                     cells.append(Cell(kind, dataset, backbone, ipc, method, run / method / done))
                 cells += [Cell("eval", dataset, backbone, ipc, m, run / m / "eval.json") for m in grid.methods]
+        for ensemble in grid.ensemble_names():
+            for ipc in grid.ipc:
+                run = backbone_folder(grid, dataset, ensemble) / f"ipc{ipc}" / "sfm"
+                cells.append(Cell("distill", dataset, ensemble, ipc, "sfm", run / "synset.safetensors"))
+                cells.append(Cell("eval", dataset, ensemble, ipc, "sfm", run / "eval.json"))
     return cells

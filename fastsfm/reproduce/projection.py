@@ -1,12 +1,12 @@
 """``fastsfm reproduce --dry-run``: the plan with the device hours of each cell, measured here.
 
 Measured on the device the grid would run on, with random weights (time does not depend on them):
-a distillation step of every distillation cell (:func:`fastsfm.timing.distill_setup`, all pyramid
-levels), the forward throughput of every backbone, and the **decode throughput of the real files**
-(the dataset's own transform: JPEG decode, resize, crop, per loader worker).  Passes over real images
--- statistics, baselines that encode the train split, test features -- are projected from the
-smaller of decode (workers x images/s per worker) and encode throughput; LGM's steps include their
-real batches the same way.
+a distillation step of every distillation cell (an ensemble's: every member on the same crops)
+(:func:`fastsfm.timing.distill_setup`, all pyramid levels), the forward throughput of every backbone, and the
+**decode throughput of the real files** (the dataset's own transform: JPEG decode, resize, crop, per loader worker).
+Passes over real images -- statistics (one pass per dataset for every backbone), baselines that encode the train
+split, test features -- are projected from the smaller of decode (workers x images/s per worker) and encode
+throughput; LGM's steps include their real batches the same way.
 """
 
 from __future__ import annotations
@@ -17,10 +17,11 @@ import time
 import torch
 
 from ..backbones import Backbone, from_config
+from ..ensemble import BackboneEnsemble
 from ..images import default_workers
 from ..timing import distill_setup, synchronize, time_steps
-from .cells import Run
-from .config import GridConfig
+from .cells import Run, pending_stats
+from .config import GridConfig, members
 from .plan import Cell
 
 __all__ = ["projection", "decode_rate", "forward_rate"]
@@ -60,11 +61,16 @@ def projection(run: Run, cells: list[Cell]) -> tuple[str, float]:
     grid, device = run.grid, run.device
     workers = grid.workers if grid.workers is not None else default_workers()
     speed, steps, decode, total = {}, {}, {}, 0.0
+    passed: set[str] = set()
     random_init: dict[str, Backbone] = {}
 
-    def backbone(name: str) -> Backbone:  # time and memory do not depend on the weights
+    def backbone(name: str) -> Backbone | BackboneEnsemble:  # time and memory do not depend on the weights
         if name not in random_init:
-            random_init[name] = from_config(dataclasses.replace(grid.backbone, random_init=True), device, name)
+            parts = members(name)
+            if len(parts) > 1:
+                random_init[name] = BackboneEnsemble([backbone(m) for m in parts])
+            else:
+                random_init[name] = from_config(dataclasses.replace(grid.backbone, random_init=True), device, name)
         return random_init[name]
 
     def pass_hours(images: int, encoders: list[Backbone], dataset: str) -> float:
@@ -82,12 +88,14 @@ def projection(run: Run, cells: list[Cell]) -> tuple[str, float]:
         "|---|---|---|",
     ]
     for cell in cells:
-        bb = backbone(cell.backbone)
+        bb = backbone(cell.backbone if cell.kind == "distill" else members(cell.backbone)[0])
         data = run.dataset(cell.dataset)
         classes, n_train = len(data.class_names), len(data.train)
         evals = [backbone(b) for b in grid.eval_list(cell.backbone)]
-        if cell.kind == "stats":
-            hours = pass_hours(n_train, [bb], cell.dataset)
+        if cell.kind == "stats":  # the dataset's first pending statistics cell encodes for every pending backbone
+            pending = [] if cell.dataset in passed else pending_stats(grid, cell.dataset)
+            passed.add(cell.dataset)
+            hours = pass_hours(n_train, [backbone(b) for b in pending], cell.dataset) if pending else 0.0
         elif cell.kind == "full":
             hours = pass_hours(len(data.test), [bb], cell.dataset)
         elif cell.kind == "baseline" and cell.name != "random":

@@ -52,6 +52,8 @@ def run_grid(grid: GridConfig, dry_run: bool = False, progress: bool = True) -> 
         log.info("grid %s: %d cells, %d done, %d to run", grid.out, len(cells), len(cells) - len(todo), len(todo))
         atomic_write_json(Path(grid.out) / "grid.json", dataclasses.asdict(grid))
     for cell in todo:
+        if cell.done():  # a statistics cell computes every pending backbone's statistics in its pass
+            continue
         if run.rank == 0:
             log.info("[%s] %s", time.strftime("%H:%M:%S"), cell.label())
         work = lambda cell=cell: RUNNERS[cell.kind](run, cell)  # noqa: E731

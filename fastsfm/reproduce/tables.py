@@ -3,8 +3,8 @@
 ``out/<dataset>/results_ipc<k>.{md,csv,json}``: per evaluation mode, the same-backbone table (rows:
 training sets, columns: backbones, mean ± std over seeds, the LGM paper's published number in
 parentheses where a cell matches) and the cross-backbone matrix of each distilled method
-(distillation backbone x evaluation backbone).  Rows of scores are summarised with
-:func:`fastsfm.evaluate.summarise`, cells written with :func:`fastsfm.evaluate.mean_std`.
+(distillation backbone x evaluation backbone; SFM's also has a row per ensemble, ``a+b``).  Rows of scores are
+summarised with :func:`fastsfm.evaluate.summarise`, cells written with :func:`fastsfm.evaluate.mean_std`.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from pathlib import Path
 from ..backbones import resolve_name
 from ..evaluate import Score, mean_std, summarise
 from ..io import atomic_write_json, atomic_write_text
-from .config import GridConfig
-from .plan import DISTILLED, backbone_folder, dataset_folder
+from .config import ENSEMBLE_SEP, GridConfig
+from .plan import DISTILLED, backbone_folder, canonical, dataset_folder
 
 __all__ = ["write_tables", "ROWS", "FULL_DATA_NOTE", "CLIP_NOTE"]
 
@@ -54,9 +54,9 @@ def _published() -> dict:
 def _collect(grid: GridConfig, dataset: str, ipc: int) -> tuple[list[dict], dict[str, dict]]:
     """Rows (set x distillation backbone x evaluation backbone x mode, mean and std) and the full-data scores."""
     rows, full = [], {}
-    for backbone in grid.backbones:
+    for backbone in grid.backbones + grid.ensemble_names():
         base = backbone_folder(grid, dataset, backbone)
-        distill_name = resolve_name(backbone)[0]
+        distill_name = canonical(backbone)
         if (base / "full.json").exists():
             full[distill_name] = json.loads((base / "full.json").read_text())
         for method in grid.methods:
@@ -124,12 +124,12 @@ def _same_table(index: dict, full: dict, backbones: list[str], dataset: str, ipc
 
 
 def _cross_table(
-    index: dict, backbones: list[str], evals: list[str], dataset: str, ipc: int, method: str, mode: str
+    index: dict, distillers: list[str], evals: list[str], dataset: str, ipc: int, method: str, mode: str
 ) -> str | None:
     pub = _published()
     anchors = pub["cross_backbone_lgm"].get(dataset) if method == "lgm" and mode == "probe" and ipc == 1 else None
     body = []
-    for d in backbones:
+    for d in distillers:
         cells, means = [], []
         for e in evals:
             r = index.get((method, d, e, mode))
@@ -138,7 +138,8 @@ def _cross_table(
                 anchor = anchors[pub["backbones"].index(d)][pub["backbones"].index(e)]
             cells.append("" if r is None else _cell(r["top1 mean"], _std(r), anchor))
             means += [] if r is None else [r["top1 mean"]]
-        body.append((d, cells, means))
+        if means or ENSEMBLE_SEP not in d:  # an ensemble's row only where it has results (SFM)
+            body.append((d, cells, means))
     return _table("distill \\ eval", evals, body) if any(means for _, _, means in body) else None
 
 
@@ -147,6 +148,7 @@ def write_tables(grid: GridConfig, dataset: str, ipc: int) -> Path:
     rows, full = _collect(grid, dataset, ipc)
     index = {(r["set"], r["distill_backbone"], r["eval_backbone"], r["mode"]): r for r in rows}
     backbones = [resolve_name(b)[0] for b in grid.backbones]
+    distillers = backbones + [canonical(e) for e in grid.ensemble_names()]  # ensembles: SFM's cross table
     evals = list(dict.fromkeys(r["eval_backbone"] for r in rows)) or backbones
     parts = [
         f"# {dataset}, IPC = {ipc}\n",
@@ -157,7 +159,7 @@ def write_tables(grid: GridConfig, dataset: str, ipc: int) -> Path:
     for mode in grid.eval.mode:
         parts += [f"\n## Same backbone, {mode}\n", _same_table(index, full, backbones, dataset, ipc, mode)]
         for method in DISTILLED:
-            table = _cross_table(index, backbones, evals, dataset, ipc, method, mode)
+            table = _cross_table(index, distillers, evals, dataset, ipc, method, mode)
             if table:
                 parts += [f"\n## Cross-backbone, {method.upper()}, {mode} (rows: distillation backbone)\n", table]
     base = dataset_folder(grid, dataset)
