@@ -15,6 +15,10 @@ against their byte size (``pinned/data``, at most 1.1 is the target), and ``--gr
 row that grows an offloaded set through every pyramid level and reports the largest such ratio
 seen at any level.
 
+SFM against K = 2 and 4 backbones at once (:mod:`fastsfm.ensemble`; the paper's four at C = 100,
+IPC = 1 in the paper preset) reports its time and memory over SFM's with the first backbone alone
+(``time /K=1``, ``memory /K=1``).
+
 Rows are written to the CSV/JSON as each finishes; a configuration that fails (out of memory,
 an error) is recorded with its error and the run goes on.
 
@@ -38,6 +42,7 @@ from fastsfm import pinned
 from fastsfm.backbones import load_backbone
 from fastsfm.benchmark import environment, in_child, kernel_events, print_table, write_csv
 from fastsfm.config import DistillConfig, Precision, choices
+from fastsfm.ensemble import BackboneEnsemble
 from fastsfm.io import atomic_write_json
 from fastsfm.optim import ChunkAdam
 from fastsfm.synset import SyntheticSet
@@ -57,7 +62,9 @@ def _paper() -> list[dict]:
     base = {"backbone": "dinov2_vitb14", "image_size": 224, "resolution": 256, "method": "sfm", "classes": 1000}
     runs.append({**base, "ipc": 10})
     runs.append({**base, "ipc": 50, "offload": True})
-    return runs
+    paper = ["dinov2_vitb14", "clip_vitb16", "eva02_vitb14", "mocov3_vitb16"]
+    base = {"image_size": 224, "resolution": 256, "method": "sfm", "classes": 100, "ipc": 1}
+    return runs + [{**base, "backbone": paper[:k]} for k in (2, 4)]  # K = 1: dinov2_vitb14's row above
 
 
 def _cpu() -> list[dict]:
@@ -67,7 +74,8 @@ def _cpu() -> list[dict]:
         runs.append({**base, "method": "sfm", "ipc": ipc})
         runs.append({**base, "method": "lgm", "ipc": ipc, "views": views})
     runs.append({**base, "method": "sfm", "ipc": 4, "chunk": 8, "offload": True})
-    return runs
+    several = ["vit_tiny_patch16_224", "test_vit", "vit_tiny_patch16_224", "test_vit"]  # seeds differ per member
+    return runs + [{**base, "method": "sfm", "ipc": 1, "backbone": several[:k]} for k in (2, 4)]
 
 
 PRESETS = {"paper": _paper, "cpu": _cpu}
@@ -136,16 +144,21 @@ def _pinned_ratio(synset, optim) -> float | None:
 
 def measure(run: dict, args) -> dict:
     """One configuration: step time (ms), peak memory (MiB), FLOP rate, projected loop hours, optional profile."""
-    row = {k: run.get(k) for k in ("backbone", "classes", "ipc", "method")}
+    names = run["backbone"] if isinstance(run["backbone"], list) else [run["backbone"]]
+    row = {"backbone": "+".join(names), "K": len(names)} | {k: run.get(k) for k in ("classes", "ipc", "method")}
     config = _config(run)
     row["views"] = config.effective_views
     row["chunk/offload"] = f"{run.get('chunk') or 'auto'}/{'yes' if run.get('offload') else 'no'}"
     device = torch.device(args.device)
     try:
-        backbone = load_backbone(
-            run["backbone"], pretrained=False, image_size=run["image_size"], device=device, precision=args.precision
-        )
-        flops = backbone_flops(backbone, device)
+        members = [
+            load_backbone(
+                n, pretrained=False, image_size=run["image_size"], device=device, precision=args.precision, seed=i
+            )
+            for i, n in enumerate(names)
+        ]
+        backbone = members[0] if len(members) == 1 else BackboneEnsemble(members)
+        flops = tuple(map(sum, zip(*(backbone_flops(m, device) for m in members), strict=True)))
         pinned.reset_peak()
         synset, optim, objective = distill_setup(backbone, config, run["classes"], device)
         if device.type == "cuda":
@@ -205,7 +218,8 @@ def measure_isolated(run: dict, args) -> dict:
 
 
 def add_ratios(rows: list[dict]) -> None:
-    """LGM/SFM time and memory ratios on each LGM row (same backbone, classes and IPC)."""
+    """LGM/SFM time and memory ratios on each LGM row (same backbone, classes and IPC); on each row of
+    SFM against K > 1 backbones, its time and memory over SFM's with the first of them alone."""
     for lgm in (r for r in rows if r["method"] == "lgm"):
         sfm = next(
             (r for r in rows if r["method"] == "sfm" and all(r[k] == lgm[k] for k in ("backbone", "classes", "ipc"))),
@@ -214,6 +228,13 @@ def add_ratios(rows: list[dict]) -> None:
         if sfm and sfm.get("step ms") and lgm.get("step ms"):
             lgm["time LGM/SFM"] = lgm["step ms"] / sfm["step ms"]
             lgm["memory LGM/SFM"] = lgm["peak MiB"] / sfm["peak MiB"]
+    for several in (r for r in rows if r.get("K", 1) > 1 and r.get("step ms")):
+        first = several["backbone"].split("+")[0]
+        same = ("classes", "ipc", "method")
+        one = next((r for r in rows if r["backbone"] == first and all(r[k] == several[k] for k in same)), None)
+        if one and one.get("step ms"):
+            several["time /K=1"] = several["step ms"] / one["step ms"]
+            several["memory /K=1"] = several["peak MiB"] / one["peak MiB"]
 
 
 def plot(rows: list[dict], path: Path) -> None:

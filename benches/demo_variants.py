@@ -14,9 +14,16 @@ the random and centroid real images of the same backbones:
 * ``64 px``: synthetic images stored at 64 px (the backbones see 32 px crops);
 * ``8x8 patches``: ``digits_vit8`` as the distillation backbone.
 
-    python benches/demo_variants.py --grey-weights /tmp/grey --seeds 2      # about 15 minutes on 2 CPU cores
+``--held-out`` runs the multi-backbone experiment instead: for each of the three shipped backbones
+(``digits_vit``, ``digits_vit8``, ``digits_resnet``) held out, SFM distils the digits with each of the
+other two alone and with both at once (:mod:`fastsfm.ensemble`), and every set is evaluated on the
+held-out backbone (probe, and inheritance of the first distillation backbone's classifier), beside
+random reals and the centroid reals of the first backbone, with ``--seeds`` seeds each.
 
-Writes ``benches/out/demo_variants.md`` and ``.json``; never touches tracked files.
+    python benches/demo_variants.py --grey-weights /tmp/grey --seeds 2      # about 15 minutes on 2 CPU cores
+    python benches/demo_variants.py --held-out --seeds 2                    # about 10 minutes
+
+Writes ``benches/out/demo_variants.md`` and ``.json`` (``held_out.md``/``.json``); never touches tracked files.
 """
 
 from __future__ import annotations
@@ -27,8 +34,18 @@ import logging
 from dataclasses import replace
 from pathlib import Path
 
+import torch
+from torch.utils.data import DataLoader
+
+from fastsfm.backbones import encode, from_config
+from fastsfm.baselines.sets import baseline_sources
 from fastsfm.benchmark import markdown_table
-from fastsfm.demo import DEMO_BACKBONES, DEMO_DISTILL, DemoConfig, run_demo
+from fastsfm.config import BackboneConfig
+from fastsfm.datasets import digits
+from fastsfm.demo import DEMO_BACKBONES, DEMO_CLASSIFIER, DEMO_DISTILL, DEMO_EVAL, DemoConfig, run_demo
+from fastsfm.distill import distill
+from fastsfm.evaluate import Evaluator, FeatureCache, ImageSet, compare, mean_std, summarise
+from fastsfm.stats import compute_stats_many
 
 VARIANTS = {
     "colour-pretrained backbones (the default)": {},
@@ -57,15 +74,84 @@ def table_rows(variant: str, rows: list[dict], backbones: tuple[str, str]) -> li
     return out
 
 
+HELD_OUT_BACKBONES = ("digits_vit", "digits_vit8", "digits_resnet")
+
+
+def held_out(seeds: int, eval_epochs: int, out: Path, steps: int = DEMO_DISTILL.steps) -> list[dict]:
+    """Rows of the held-out experiment (module docstring): per held-out backbone and set (the
+    backbones SFM distilled it with, or a real baseline), its probe and inheritance top-1 on the
+    held-out backbone (mean ± std over ``seeds``)."""
+    cpu = torch.device("cpu")
+    data = digits(32)
+    backbones = {n: from_config(BackboneConfig(), cpu, n) for n in HELD_OUT_BACKBONES}
+    loader = DataLoader(data.train_eval, batch_size=256)
+    stats = dict(
+        zip(
+            backbones,
+            compute_stats_many(
+                list(backbones.values()), loader, data.class_names, data.name, DEMO_CLASSIFIER, progress=False
+            ),
+            strict=True,
+        )
+    )
+    config = replace(DEMO_DISTILL, steps=steps)
+    eval_config = replace(DEMO_EVAL, mode=("probe", "inherit"), seeds=seeds, epochs=eval_epochs)
+    cache = FeatureCache(data.test)
+
+    def sfm(names: tuple[str, ...]):
+        def make(seed: int) -> ImageSet:
+            run = out / "held_out" / f"{'+'.join(names)}-seed{seed}"
+            synset = distill(
+                [backbones[n] for n in names],
+                [stats[n] for n in names],
+                replace(config, seed=seed),
+                run,
+                progress=False,
+                resume=(run / "checkpoint.safetensors").exists(),
+            )
+            return ImageSet(f"SFM {' + '.join(names)}", synset.render(), synset.labels)
+
+        return make
+
+    rows = []
+    for held in HELD_OUT_BACKBONES:
+        first, second = (n for n in HELD_OUT_BACKBONES if n != held)
+        scores = []
+        for lead, sets in ((first, [sfm((first,)), sfm((first, second))]), (second, [sfm((second,))])):
+            evaluator = Evaluator(backbones[lead], stats[lead], cache, eval_config, [backbones[held]])
+            if lead == first:
+                train_f = encode(backbones[lead], data.train_eval.tensors[0])
+                sets += baseline_sources(
+                    data, ["random", "centroid"], 1, seeds, lambda f=train_f: f, stats[lead].means, [], backbones[lead]
+                )
+            scores += compare(evaluator, sets, seeds, full_data=False)
+        cells = {(r["set"], r["mode"]): mean_std(r["top1 mean"], r["top1 std"], r["seeds"]) for r in summarise(scores)}
+        for name in dict.fromkeys(name for name, _ in cells):
+            made = name.removeprefix("SFM ") if name.startswith("SFM ") else f"(real) {name}"
+            rows.append({"held out": held, "set": made} | {m: cells.get((name, m), "") for m in eval_config.mode})
+        print(markdown_table(rows[-5:]), flush=True)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--grey-weights", type=Path, default=None, help="folder of the grey-pretrained weights")
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--eval-epochs", type=int, default=1000)
     parser.add_argument("--only", nargs="*", default=None, help="variant names to run (default: all)")
+    parser.add_argument("--held-out", action="store_true", help="the multi-backbone held-out experiment instead")
+    parser.add_argument("--steps", type=int, default=DEMO_DISTILL.steps, help="--held-out: distillation steps")
     parser.add_argument("--out", type=Path, default=Path("benches/out/demo_variants"))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    if args.held_out:
+        table = held_out(args.seeds, args.eval_epochs, args.out, args.steps)
+        path = args.out.with_name("held_out")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.with_suffix(".md").write_text(markdown_table(table) + "\n")
+        path.with_suffix(".json").write_text(json.dumps(table, indent=1))
+        print(f"\n{markdown_table(table)}\nwrote {path.with_suffix('.md')}")
+        return table
     variants = dict(VARIANTS)
     if args.grey_weights:
         weights = {n: str(args.grey_weights / f"{n}.safetensors") for n in DEMO_BACKBONES}

@@ -37,14 +37,18 @@ def test_bench_distill_runs_on_cpu_and_records_failures(tmp_path):
         {**base, "method": "lgm", "views": 2},
         {**base, "method": "sfm", "chunk": 4, "offload": True},
         {**base, "method": "sfm", "backbone": "no_such_model"},
+        {**base, "method": "sfm", "backbone": ["vit_tiny_patch16_224", "test_vit"]},  # SFM against K = 2 backbones
     ]
     args = ["--device", "cpu", "--runs", json.dumps(runs), "--steps", "1", "--profile", "--growth", "3:2:16"]
     rows = _bench("bench_distill").main([*args, "--out", str(tmp_path / "d.csv")])
-    assert [r["method"] for r in rows] == ["sfm", "lgm", "sfm", "sfm", "offload growth"] and rows[2]["chunk"] == 4
+    assert [r["method"] for r in rows] == ["sfm", "lgm", "sfm", "sfm", "sfm", "offload growth"] and rows[2][
+        "chunk"
+    ] == 4
     assert all(r["step ms"] > 0 and r["peak MiB"] > 0 and r["5001 steps h"] > 0 for r in rows[:3])
     assert rows[1]["time LGM/SFM"] > 0 and abs(sum(v for k, v in rows[0].items() if k.startswith("% ")) - 100) < 1e-6
     assert "error" in rows[3] and "no_such_model" in rows[3]["error"]  # a failed configuration is a row
-    assert (tmp_path / "d.png").exists() and len(json.loads((tmp_path / "d.json").read_text())) == 5
+    assert rows[4]["K"] == 2 and rows[4]["time /K=1"] > 0 and rows[4]["memory /K=1"] > 0 and rows[0]["K"] == 1
+    assert (tmp_path / "d.png").exists() and len(json.loads((tmp_path / "d.json").read_text())) == 6
 
 
 @pytest.mark.slow
