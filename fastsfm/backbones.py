@@ -2,7 +2,8 @@
 
 A :class:`Backbone` maps images in [0, 1] to float32 features (B, D): it resizes to its
 input size when needed, normalises, and runs the timm model under ``torch.autocast`` with
-its precision (:mod:`fastsfm.precision`).  Its ``identity`` (name, weights, input size,
+its precision (:mod:`fastsfm.precision`), its Linear/conv weights cast to that dtype once
+(:mod:`fastsfm.cast_weights`).  Its ``identity`` (name, weights, input size,
 normalisation) is written into statistics files, so statistics of another backbone are refused.
 
 **The paper backbones** (:data:`ALIASES`).  The authors' ``models/__init__.py`` loads them from
@@ -53,6 +54,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from .cast_weights import CastWeights
 from .cls_only import use_cls_only_last_block
 from .config import BackboneConfig, Precision, Preprocess, choices
 from .images import loader_kwargs
@@ -197,6 +199,7 @@ class Backbone(nn.Module):
         super().__init__()
         self.model = model.eval().requires_grad_(False)
         self.cls_only = use_cls_only_last_block(self.model)  # exact: features are the class token
+        self._cast = CastWeights(self.model)  # under autocast: Linear/conv weights cast once, not per forward
         self.name, self.weights, self.input_size, self.feature_dim = name, weights, input_size, feature_dim
         self.mean, self.std, self.preprocess, self.precision = tuple(mean), tuple(std), preprocess, precision
         self.register_buffer("_mean", torch.tensor(self.mean).view(1, 3, 1, 1), persistent=False)
@@ -235,8 +238,15 @@ class Backbone(nn.Module):
     def forward(self, images: Tensor) -> Tensor:
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"backbone expects images (B, 3, H, W), got {tuple(images.shape)}")
-        with autocast(images.device, self.autocast_dtype()):
-            return self.model(self.normalize(images)).float()
+        dtype = self.autocast_dtype()
+        with autocast(images.device, dtype):
+            x = self.normalize(images)
+            return (self.model(x) if dtype is None else self._cast(x, dtype)).float()
+
+    @property
+    def compiled(self) -> bool:
+        """Whether :meth:`compile` (``torch.compile`` of the forward and its backward) is in effect."""
+        return getattr(self, "_compiled_call_impl", None) is not None
 
     def train(self, mode: bool = True) -> Backbone:
         """Always stays in eval mode: the backbone is frozen (no dropout, fixed norm statistics)."""
@@ -363,7 +373,7 @@ def from_config(
         pretrained = weights or (False if config.random_init else True)
     else:
         pretrained = config.pretrained()
-    return load_backbone(
+    backbone = load_backbone(
         name or config.backbone or DEFAULT_BACKBONE,
         pretrained,
         config.image_size,
@@ -371,6 +381,9 @@ def from_config(
         preprocess=config.preprocess,
         precision=config.precision,
     )
+    if config.compile:
+        backbone.compile(fullgraph=True)  # traced on first use: no graph break in any shipped backbone (tested)
+    return backbone
 
 
 @torch.no_grad()

@@ -272,6 +272,11 @@ class BackboneConfig:
         "autocast of the real side -- class statistics, the real classifier's features, test features, baseline "
         "selection (fp32: the authors run these without autocast)",
     )
+    compile: bool = option(
+        False,
+        "torch.compile the backbone's forward and its backward (fullgraph; equal to eager within float rounding; the "
+        "first step includes the compilation, logged). Off by default until a GPU profile shows it wins",
+    )
 
     def __post_init__(self) -> None:
         require(self, at_least={"image_size": 1})

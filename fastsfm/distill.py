@@ -138,6 +138,8 @@ def _optimise(
 ) -> None:
     """Steps ``start .. config.steps - 1`` with checkpoints; exits ``128 + signal`` when asked to stop."""
     bar = Progress(config.steps, f"distill ({config.method})", initial=start, enabled=progress, unit="step")
+    backbone = getattr(objective, "backbone", None)
+    compiled = backbone is not None and any(getattr(m, "compiled", False) for m in members_of(backbone))
     done = saved = start
     try:
         with StopSignals() as stop:
@@ -156,6 +158,8 @@ def _optimise(
                         "--precision fp32"
                     )
                 seconds = time.perf_counter() - began
+                if step == start and compiled:
+                    log.info("step %d took %.1f s, the torch.compile of the backbone included", step, seconds)
                 peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
                 done = step + 1
                 extra = {"skipped_chunks": skipped} if optim.check_finite else {}

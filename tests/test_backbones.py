@@ -4,6 +4,7 @@ import pytest
 import torch
 from helpers import tiny_backbone
 from safetensors.torch import save_file
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastsfm.backbones import load_backbone
 
@@ -101,3 +102,55 @@ def test_cls_only_last_block_equals_the_full_block_in_float64(name):
 def test_cls_only_is_not_used_where_features_are_not_the_class_token():
     """EVA-02's features are its average-pooled tokens (timm's Eva): every token of the last block counts."""
     assert not load_backbone("eva02_vitt14", pretrained=False, image_size=28).cls_only
+
+
+class _Casts(TorchDispatchMode):
+    """Counts ``aten._to_copy`` calls (autocast's casts among them)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func is torch.ops.aten._to_copy.default
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("name,size", [("dinov2_vits14", 28), ("digits_resnet", 32)])
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_precast_weights_equal_autocast_bitwise_and_cast_nothing_per_forward(name, size, dtype):
+    """Linear/conv weights cast once (fastsfm.cast_weights) give autocast's features and input
+    gradients bit for bit, and a forward no longer casts any of them (one ``_to_copy`` fewer each)."""
+    bb = load_backbone(name, pretrained=False, image_size=size, precision=dtype)
+    x = torch.rand(2, 3, size, size, requires_grad=True)
+    bb(x)  # the first forward makes the copies
+    with _Casts() as ours:
+        feats = bb(x)
+    (grad,) = torch.autograd.grad(feats.square().sum(), x)
+    with torch.autocast("cpu", dtype=bb.autocast_dtype()), _Casts() as autocast:
+        want = bb.model(bb.normalize(x)).float()
+    (want_grad,) = torch.autograd.grad(want.square().sum(), x)
+    assert torch.equal(feats, want) and torch.equal(grad, want_grad)
+    assert autocast.count - ours.count == len(bb._cast.names()) > 0
+    assert all(p.dtype == torch.float32 for p in bb.parameters())  # the real side still runs in float32
+
+
+def test_compiled_backbone_traces_whole_and_equals_eager():
+    """``compile=True``: one graph (fullgraph: a break would raise) through the hub position table, the
+    class-token-only last block and the pre-cast weights; features and input gradients equal eager's."""
+    from fastsfm.backbones import from_config
+    from fastsfm.config import BackboneConfig
+
+    config = BackboneConfig(backbone="dinov2_vits14", random_init=True, image_size=28, precision="bf16")
+    eager, compiled = from_config(config), load_backbone("dinov2_vits14", pretrained=False, image_size=28)
+    compiled.precision = "bf16"
+    compiled.compile(backend="aot_eager", fullgraph=True)  # from_config(compile=True) uses inductor
+    assert compiled.compiled and not eager.compiled
+    x = torch.rand(3, 3, 28, 28, requires_grad=True)
+    grads = []
+    for bb in (eager, compiled):
+        feats = bb(x)
+        grads.append((feats, *torch.autograd.grad(feats.square().sum(), x)))
+    for a, b in zip(grads[0], grads[1], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert from_config(BackboneConfig(backbone="digits_resnet", random_init=True, compile=True)).compiled
