@@ -15,7 +15,8 @@ At C = 1000 and C = 100, IPC 1, DINOv2-B/14 (random weights: time does not depen
    launched from autograd's thread);
 4. **alternatives**, each beside what the step uses: the pyramid rendered with ``F.interpolate``
    (atomic backward) vs the one matrix product; ``grid_sample`` (atomic backward) vs the
-   separable crop; the backbone eager vs ``torch.compile`` (compile time reported); each SDPA
+   separable crop; the backbone with its weights pre-cast once vs cast by autocast at every forward,
+   and eager vs ``torch.compile`` (compile time reported; ``--compile``); each SDPA
    backend at 257 (CLS + 256 patches) and 256 tokens.
 
 Prints the environment line and the tables; ``--out`` writes everything as JSON.  Never touches
@@ -142,7 +143,15 @@ def alternatives(objective, synset, n: int, device: torch.device, compile_backbo
         {"what": "crop + noise: separable (the step's)", "ms": _fwd_bwd_ms(lambda x: aug(x, keys), [images], device)}
     )
     crops = aug(images, keys).detach().requires_grad_()
-    rows.append({"what": "backbone eager", "ms": _fwd_bwd_ms(objective.backbone, [crops], device)})
+    backbone, dtype = objective.backbone, objective.backbone.autocast_dtype()
+    rows.append({"what": "backbone eager (weights pre-cast once)", "ms": _fwd_bwd_ms(backbone, [crops], device)})
+    if dtype is not None:
+
+        def recast(x):  # autocast alone: every Linear/conv weight cast again at every forward
+            with torch.autocast(device.type, dtype=dtype):
+                return backbone.model(backbone.normalize(x)).float()
+
+        rows.append({"what": "backbone eager, weights cast per forward", "ms": _fwd_bwd_ms(recast, [crops], device)})
     if compile_backbone:
         compiled = torch.compile(objective.backbone)
         began = time.perf_counter()

@@ -241,10 +241,11 @@ def load_image_set(path: str | Path, stats: ClassStats, resolution: int) -> Imag
     made_with = json.loads(meta["backbones"]) if "backbones" in meta else [meta.get("backbone")]
     stats_of = stats.meta.get("backbone")
     if made_with[0] and stats_of and stats_of not in made_with:
+        named = f"backbone{'s' * (len(made_with) > 1)} {' + '.join(map(repr, made_with))}"
         raise ValueError(
-            f"{path} was distilled with backbone{'s' * (len(made_with) > 1)} {' + '.join(made_with)}, the statistics "
-            f"are of {stats_of!r}: pass the statistics of a distillation backbone, whose real classifier "
-            "inheritance reuses (evaluate on any other backbone with --eval-backbone)"
+            f"{path} was distilled with {named}, the statistics are of {stats_of!r}: pass the statistics of a "
+            "distillation backbone, whose real classifier inheritance reuses (evaluate on any other backbone with "
+            "--eval-backbone)"
         )
     if meta.get("num_classes") and int(meta["num_classes"]) != stats.num_classes:
         raise ValueError(f"{path} has {meta['num_classes']} classes, the statistics {stats.num_classes}")

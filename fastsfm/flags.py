@@ -69,7 +69,8 @@ def add_config_flags(parser: argparse.ArgumentParser, cls: type, title: str, man
     for name, kind, default, text in cli_fields(cls):
         flag = "--" + name.replace("_", "-")
         shown = " ".join(map(str, default)) if isinstance(default, tuple) else default
-        common = {"dest": name, "default": argparse.SUPPRESS, "help": f"{text} (default: {shown})"}
+        several = "; several: one per backbone, in order" if name in many else ""
+        common = {"dest": name, "default": argparse.SUPPRESS, "help": f"{text}{several} (default: {shown})"}
         if kind is bool:
             group.add_argument(flag, action=argparse.BooleanOptionalAction, **common)
             continue

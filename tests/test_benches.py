@@ -98,3 +98,12 @@ def test_profile_step_smoke(tmp_path):
     names = [r["what"] for r in result["alternatives"]]
     assert "render: F.interpolate (atomic backward)" in names and "crop: grid_sample (atomic backward)" in names
     assert json.loads((tmp_path / "step.json").read_text())["steps"][0]["C"] == 4
+
+
+def test_demo_variants_held_out_runs_every_pairing(tmp_path):
+    """The multi-backbone experiment: each shipped backbone held out, its two others alone and together."""
+    args = ["--held-out", "--seeds", "1", "--steps", "2", "--eval-epochs", "1", "--out", str(tmp_path / "v")]
+    rows = _bench("demo_variants").main(args)
+    assert len(rows) == 3 * 5 and {r["held out"] for r in rows} == {"digits_vit", "digits_vit8", "digits_resnet"}
+    assert {r["set"] for r in rows if r["held out"] == "digits_resnet"} >= {"digits_vit + digits_vit8", "digits_vit"}
+    assert all(r["probe"] and r["inherit"] for r in rows) and (tmp_path / "held_out.md").exists()

@@ -20,10 +20,12 @@ from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
 from fastsfm import SFMLoss
+from fastsfm.backbones import load_backbone
 from fastsfm.distill import DistillConfig, distill
 from fastsfm.distributed import init_from_env, interleave_shards, shard_classes, shard_dataset, shutdown
+from fastsfm.ensemble import BackboneEnsemble
 from fastsfm.objectives import SFMObjective
-from fastsfm.stats import ClassStats, compute_stats
+from fastsfm.stats import ClassStats, compute_stats, compute_stats_many
 from fastsfm.synset import SyntheticSet
 
 CFG = DistillConfig(ipc=2, steps=5, lr=0.05, resolution=16, pyramid_extent=2, checkpoint_every=2, views=2)
@@ -75,13 +77,35 @@ def _stats_job(rank, world, tmp):
     stats.save(tmp / f"stats{rank}.safetensors")
 
 
-def _objective_step(stats, first_class, classes, group, chunk):
+def _objective_step(stats, first_class, classes, group, chunk, backbone=None):
     synset = SyntheticSet(classes, 2, 16, extent=1, seed=2, first_class=first_class)
     synset.grow(2)
     recorder = Recorder(synset)
     config = replace(CFG, chunk_size=chunk)
-    loss = SFMObjective(tiny_backbone(), stats, config, torch.device("cpu"), group).step(synset, recorder, 4)
-    return loss, recorder.grads
+    objective = SFMObjective(backbone or tiny_backbone(), stats, config, torch.device("cpu"), group)
+    return objective.step(synset, recorder, 4), recorder.grads
+
+
+def _two_backbones():
+    return [tiny_backbone(), load_backbone("test_vit", pretrained=False, image_size=16, seed=1)]
+
+
+def _multi_backbone_job(rank, world, tmp):
+    """Two backbones: their statistics in one sharded pass, and SFM against both with the classes split
+    over the ranks (one all-reduce of both sums buffers), equal to the single process's."""
+    loader = DataLoader(shard_dataset(toy_data(), rank, world), batch_size=4)
+    names = ["c0", "c1", "c2"]
+    stats = compute_stats_many(_two_backbones(), loader, names, "toy", classifier=TOY_CLASSIFIER, progress=False)
+    for k, member in enumerate(stats):
+        member.save(tmp / f"stats{k}.rank{rank}.safetensors")
+    ensemble = BackboneEnsemble(_two_backbones())
+    want_loss, want_grads = _objective_step(stats, 0, 3, None, None, ensemble)
+    first, count = [(0, 2), (2, 1)][rank]
+    for chunk in (None, 1):
+        loss, grads = _objective_step(stats, first, count, dist.group.WORLD, chunk, ensemble)
+        assert abs(loss - want_loss) < 1e-6
+        for got, want in zip(grads, want_grads, strict=True):
+            assert (got - want[2 * first : 2 * (first + count)]).abs().max() <= 1e-6
 
 
 def _objective_job(rank, world, tmp):
@@ -220,6 +244,18 @@ def test_distributed_stats_equal_single_process(tmp_path):
         assert torch.equal(got.counts, single.counts) and got.meta == single.meta
         torch.testing.assert_close(got.means, single.means, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(got.classifier_weight, single.classifier_weight, rtol=1e-3, atol=1e-4)
+
+
+def test_multi_backbone_two_rank_statistics_and_objective_equal_single_process(tmp_path):
+    _spawn("_multi_backbone_job", tmp_path)
+    loader = DataLoader(toy_data(), batch_size=4)
+    single = compute_stats_many(_two_backbones(), loader, ["c0", "c1", "c2"], "toy", classifier=TOY_CLASSIFIER)
+    for k, want in enumerate(single):
+        for rank in range(2):
+            got = ClassStats.load(tmp_path / f"stats{k}.rank{rank}.safetensors")
+            assert torch.equal(got.counts, want.counts) and got.meta == want.meta
+            torch.testing.assert_close(got.means, want.means, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(got.classifier_weight, want.classifier_weight, rtol=1e-3, atol=1e-4)
 
 
 def test_two_rank_objective_equals_single_process(tmp_path):
