@@ -10,7 +10,7 @@ from helpers import TOY_CLASSIFIER, class_folders, imagenet_folder, tiny_backbon
 from fastsfm.backbones import load_backbone
 from fastsfm.cli import main
 from fastsfm.config import DistillConfig
-from fastsfm.datasets import load_data
+from fastsfm.datasets import digits, load_data
 from fastsfm.distill import distill
 from fastsfm.ensemble import BackboneEnsemble
 from fastsfm.objectives import SFMObjective
@@ -38,23 +38,32 @@ def _assert_stats_equal(many: ClassStats, one: ClassStats) -> None:
     assert many.meta == one.meta
 
 
-@pytest.mark.parametrize("source", ["folder", "digits"])
-def test_multi_backbone_one_pass_statistics_equal_one_pass_per_backbone(tmp_path, source):
-    """Backbones of different input sizes (16 and 32 px) in one pass: each image decoded once, each
-    backbone's statistics (centres, counts, real classifier, metadata) equal its own pass's."""
+def test_multi_backbone_one_pass_statistics_equal_one_pass_per_backbone(tmp_path):
+    """Backbones of different input sizes (16 and 32 px) in one pass over an ImageFolder: each image
+    decoded once, each backbone's statistics (centres, counts, real classifier, metadata) equal its own pass's."""
     backbones = [tiny_backbone(), _other_backbone(32)]
     assert input_crops(backbones) == (16, 32) and input_crops(backbones[:1]) == 16
-    spec, resolution = (str(class_folders(tmp_path / "f", size=40)), 36) if source == "folder" else ("digits", 32)
+    spec = str(class_folders(tmp_path / "f", size=40))
     options = {"classifier": TOY_CLASSIFIER, "workers": 0, "progress": False, "batch_size": 5}
-    data = load_data(spec, resolution, input_crops(backbones))
+    data = load_data(spec, 36, input_crops(backbones))
     images, _ = data.train_eval[0]
     assert [tuple(v.shape) for v in images] == [(3, 16, 16), (3, 32, 32)]
     paths = [tmp_path / "a.safetensors", tmp_path / "b.safetensors"]
     many = dataset_stats_many(backbones, data, features_path=paths, **options)
     for backbone, stats, path in zip(backbones, many, paths, strict=True):
-        one = dataset_stats(backbone, load_data(spec, resolution, backbone.input_size), **options)
+        one = dataset_stats(backbone, load_data(spec, 36, backbone.input_size), **options)
         _assert_stats_equal(stats, one)
         assert path.exists()
+
+
+def test_multi_backbone_views_of_in_memory_data_equal_their_one_crop_views():
+    """The digits (held as tensors) give a tuple of centre crops per image, each its one-crop view."""
+    both, small, whole = digits(32, (16, 32)), digits(32, 16), digits(32, 32)
+    for i in (0, 7, len(both.train_eval) - 1):
+        (a, b), label = both.train_eval[i]
+        assert torch.equal(a, small.train_eval[i][0]) and torch.equal(b, whole.train_eval[i][0])
+        assert label == small.train_eval[i][1]
+    assert len(both.test) == len(small.test) and torch.equal(both.test[3][0][0], small.test[3][0])
 
 
 def _grads(objective, synset):
