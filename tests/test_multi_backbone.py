@@ -206,3 +206,8 @@ def test_multi_backbone_grid_cells_and_one_statistics_pass(tmp_path, monkeypatch
     assert row.count("|") == 5 and "|  |" not in row  # evaluated on both members ("same")
     with pytest.raises(ValueError, match="not in `backbones`"):
         run_grid(replace(grid, ensembles=[["vit_tiny_patch16_224", "vit_small_patch16_224"]]), progress=False)
+    with pytest.raises(ValueError, match="backbone_weights has 3 weights"):
+        run_grid(replace(grid, distill=DistillConfig(backbone_weights=(1, 2, 3))), progress=False)
+    weighted = replace(grid, distill=DistillConfig(backbone_weights=(1, 2)))  # for the ensembles' cells only
+    assert weighted.distill_config("sfm", 1).backbone_weights is None
+    assert weighted.distill_config("sfm", 1, backbones=2).backbone_weights == (1, 2)

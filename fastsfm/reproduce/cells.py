@@ -117,7 +117,7 @@ def run_distill(run: Run, cell: Cell) -> None:
     distill(
         [run.backbone(b) for b in names],
         [run.member_stats(cell.dataset, b) for b in names],
-        run.grid.distill_config(cell.name, cell.ipc),
+        run.grid.distill_config(cell.name, cell.ipc, len(names)),
         folder,
         real=run.dataset(cell.dataset).train,
         resume=any(folder.glob("checkpoint*.safetensors")),

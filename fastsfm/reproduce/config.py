@@ -118,14 +118,16 @@ class GridConfig:
             return torch.device(self.device)
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
-    def distill_config(self, method: str, ipc: int) -> DistillConfig:
-        """The ``[distill]`` settings of one distillation cell, with the keys the grid sets per cell."""
+    def distill_config(self, method: str, ipc: int, backbones: int = 1) -> DistillConfig:
+        """The ``[distill]`` settings of one distillation cell (against ``backbones`` backbones), with
+        the keys the grid sets per cell; ``backbone_weights`` apply to the ensembles' cells only."""
         return dataclasses.replace(
             self.distill,
             method=method,
             ipc=ipc,
             resolution=self.resolution,
             views=self.views[method],
+            backbone_weights=self.distill.backbone_weights if backbones > 1 else None,
         )
 
 
@@ -221,6 +223,9 @@ def validate_grid(grid: GridConfig) -> None:
         outside = [b for b in ensemble if b not in grid.backbones]
         if outside:
             raise ValueError(f"ensemble {ensemble}: {outside} not in `backbones` (their statistics are computed there)")
+    weights = grid.distill.backbone_weights
+    if weights is not None and any(len(e) != len(weights) for e in grid.ensembles):
+        raise ValueError(f"[distill] backbone_weights has {len(weights)} weights: every ensemble needs as many members")
     if grid.ensembles and "sfm" not in grid.methods:
         raise ValueError("ensembles are distilled with SFM (LGM matches one backbone): add 'sfm' to methods")
     for name, path in grid.weights.items():

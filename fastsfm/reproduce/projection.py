@@ -17,7 +17,7 @@ import time
 import torch
 
 from ..backbones import Backbone, from_config
-from ..ensemble import BackboneEnsemble
+from ..ensemble import BackboneEnsemble, members_of
 from ..images import default_workers
 from ..timing import distill_setup, synchronize, time_steps
 from .cells import Run, pending_stats
@@ -52,7 +52,8 @@ def decode_rate(dataset, images: int = 32) -> float:
 
 
 def _step_seconds(grid: GridConfig, backbone: Backbone, method: str, classes: int, ipc: int, device) -> float:
-    synset, optim, objective = distill_setup(backbone, grid.distill_config(method, ipc), classes, device)
+    config = grid.distill_config(method, ipc, len(members_of(backbone)))
+    synset, optim, objective = distill_setup(backbone, config, classes, device)
     return time_steps(objective, synset, optim, 1, device)
 
 
