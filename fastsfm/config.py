@@ -194,6 +194,11 @@ class DistillConfig:
     noise_mean: float = option(0.5, "augmentation noise mean (0.5: LGM's code when SFM forked it; 0.0: LGM's current)")
     chunk_size: int | None = option(None, "images per chunk of the exact two-pass step (default: from free memory)")
     offload: bool = option(False, "keep the synthetic set and its Adam state in page-locked host memory")
+    cuda_graph: bool = option(
+        False,
+        "SFM on CUDA: replay each step as a CUDA graph (captured per pyramid level count after 2 eager steps), "
+        "the host's launch overhead out of the step; resident sets, bf16/fp32",
+    )
     workers: int | None = option(None, "LGM: real-image loading workers (default: the CPUs of this rank)")
     seed: int = option(0, "seed of every random draw of the run")
     checkpoint_every: int = option(100, "steps between checkpoints")
@@ -208,6 +213,8 @@ class DistillConfig:
         )
         check_loss_options(self.objective, self.alpha, self.nontarget_divisor)
         _check_literals(self)
+        if self.cuda_graph and (self.method != "sfm" or self.offload):
+            raise ValueError("cuda_graph replays SFM steps of a resident set: not with method='lgm' or offload")
         if self.backbone_weights is not None:
             self.backbone_weights = tuple(self.backbone_weights)
             bad = [w for w in self.backbone_weights if isinstance(w, bool) or not isinstance(w, (int, float))]
@@ -234,7 +241,7 @@ class DistillConfig:
         """What must match for a checkpoint to be resumed: everything but the length and the
         execution choices (steps may grow; chunking, offload, workers and checkpoint cadence do not
         change results), plus the version of the random draws (:data:`DRAWS_VERSION`)."""
-        free = ("steps", "checkpoint_every", "chunk_size", "offload", "workers", "views")
+        free = ("steps", "checkpoint_every", "chunk_size", "offload", "workers", "views", "cuda_graph")
         kept = {k: json.dumps(v) for k, v in asdict(self).items() if k not in free}
         if self.backbone_weights is None:  # one backbone, or the mean: runs of earlier versions resume
             del kept["backbone_weights"]

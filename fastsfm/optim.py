@@ -89,7 +89,10 @@ class ChunkAdam:
         device = params[0].device
         found = self._unscale(params, grad_scale)
         fused = self.fused if self.fused is not None else device.type == "cuda"
-        opt = torch.optim.Adam(params, lr=self.lr, betas=self.betas, eps=self.eps, fused=fused or None)
+        capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()  # a CUDA graph's step
+        opt = torch.optim.Adam(
+            params, lr=self.lr, betas=self.betas, eps=self.eps, fused=fused or None, capturable=capturing
+        )
         moments = []
         for i, p in enumerate(params):
             avg, sq = (m[start:stop] for m in (self.exp_avg[i], self.exp_avg_sq[i]))

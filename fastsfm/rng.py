@@ -127,7 +127,10 @@ def normal(keys: Tensor, shape: tuple[int, ...]) -> Tensor:
     return torch.cat([radius * torch.cos(angle), radius * torch.sin(angle)], 1)[:, :numel].reshape(-1, *shape)
 
 
-def augment_keys(seed: int, step: int, views: int, image_ids: Tensor, stream: int = SYNTHETIC_STREAM) -> Tensor:
-    """(views * n,) augmentation keys of images ``image_ids`` (global indices) at ``step``, view-major."""
+def augment_keys(
+    seed: int, step: int | Tensor, views: int, image_ids: Tensor, stream: int = SYNTHETIC_STREAM
+) -> Tensor:
+    """(views * n,) augmentation keys of images ``image_ids`` (global indices) at ``step`` (an int, or a
+    0-dim int64 tensor on the ids' device: the same keys), view-major."""
     view = torch.arange(views, device=image_ids.device)[:, None]
     return derive(derive(seed, stream, step), view, image_ids[None, :]).flatten()

@@ -4,6 +4,7 @@
   :class:`DistillStep`, what the loop (:func:`fastsfm.distill.distill`) calls;
 * :mod:`.sfm`: :class:`SFMObjective`, statistical flow matching (the paper);
 * :mod:`.lgm`: :class:`LGMObjective`, linear gradient matching (the baseline);
+* :mod:`.graphed`: :class:`GraphedStep`, an SFM step replayed as a CUDA graph (``cuda_graph``);
 * :func:`build_objective`: the one builder, from ``DistillConfig.method``.
 """
 
@@ -17,11 +18,20 @@ from ..backbones import Backbone
 from ..config import DistillConfig
 from ..ensemble import BackboneEnsemble
 from ..stats import ClassStats
+from .graphed import GraphedStep
 from .lgm import LGMObjective
 from .sfm import SFMObjective
 from .step import DistillStep, TwoPassStep, plan_chunk
 
-__all__ = ["build_objective", "DistillStep", "TwoPassStep", "SFMObjective", "LGMObjective", "plan_chunk"]
+__all__ = [
+    "build_objective",
+    "DistillStep",
+    "TwoPassStep",
+    "SFMObjective",
+    "LGMObjective",
+    "GraphedStep",
+    "plan_chunk",
+]
 
 
 def build_objective(
@@ -37,7 +47,8 @@ def build_objective(
     per member), or LGM (one backbone; needs ``real``: a dataset of real images at the synthetic
     resolution; single process only)."""
     if config.method == "sfm":
-        return SFMObjective(backbone, stats, config, device, group)
+        sfm = SFMObjective(backbone, stats, config, device, group)
+        return GraphedStep(sfm) if config.cuda_graph else sfm
     if isinstance(backbone, BackboneEnsemble):
         raise ValueError(
             "LGM distils with one backbone (it matches the gradient of one linear head on its features); "

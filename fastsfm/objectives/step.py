@@ -66,9 +66,10 @@ MEMORY_FRACTION = 0.85
 class DistillStep(Protocol):
     """What :func:`fastsfm.distill.distill` runs each step."""
 
-    def step(self, synset: SyntheticSet, optim: ChunkAdam, step: int) -> Tensor:
+    def step(self, synset: SyntheticSet, optim: ChunkAdam, step: int | Tensor) -> Tensor:
         """Queue step ``step`` of ``synset`` (every chunk stepped by ``optim``); return the loss, a 0-dim
-        tensor not yet read back (the loop reads it, then calls ``optim.finish_step()``)."""
+        tensor not yet read back (the loop reads it, then calls ``optim.finish_step()``).  ``step`` may be
+        a 0-dim int64 device tensor (a CUDA graph's step number): the same draws as from the int."""
 
 
 def plan_chunk(
@@ -105,7 +106,7 @@ class TwoPassStep:
         self.upstream = torch.full((1,), self.scale, device=self.device)
 
     def features(
-        self, synset: SyntheticSet, start: int, stop: int, step: int, grad: bool
+        self, synset: SyntheticSet, start: int, stop: int, step: int | Tensor, grad: bool
     ) -> tuple[Tensor, list[Tensor]]:
         """Features (views * n, D) of images ``start:stop`` (view-major) and their level tensors on the device."""
         with record_function("fastsfm.render"):
@@ -161,7 +162,7 @@ class TwoPassStep:
         n = synset.num_images
         return [(a, min(a + self.chunk_size, n)) for a in range(0, n, self.chunk_size)]
 
-    def begin(self, synset: SyntheticSet, step: int) -> None:
+    def begin(self, synset: SyntheticSet, step: int | Tensor) -> None:
         """Per-step preparation before pass 1 (nothing by default)."""
 
     def accumulate(self, feats: Tensor, rows: object, total: Tensor | None) -> Tensor:
@@ -176,7 +177,7 @@ class TwoPassStep:
         """Back-propagate ``G`` (times :attr:`scale`) into a chunk's images through its features."""
         raise NotImplementedError
 
-    def step(self, synset: SyntheticSet, optim: ChunkAdam, step: int) -> Tensor:
+    def step(self, synset: SyntheticSet, optim: ChunkAdam, step: int | Tensor) -> Tensor:
         bounds = self.chunks(synset)
         single = len(bounds) == 1
         self.begin(synset, step)
