@@ -7,7 +7,8 @@ At C = 1000 and C = 100, IPC 1, DINOv2-B/14 (random weights: time does not depen
 224 px crops of 256 px images, bf16:
 
 1. **the step**: median seconds of timed steps (each reads its loss back), the chunk size, the
-   host's enqueue time of one step, and the share of the tensor cores' dense bf16 peak
+   same step replayed as a CUDA graph (``--cuda-graph``; the median includes its warm-up and
+   capture steps), the host's enqueue time of one step, and the share of the tensor cores' dense bf16 peak
    (``--peak-tflops``, 989 for an H100) at the step's FLOPs (forward + input-gradient backward);
 2. **stages alone** at n = C images, forward + backward each: render, augment, backbone, loss
    (device-synchronised wall time; the rest of a step is Adam and the host);
@@ -38,6 +39,7 @@ from fastsfm import rng
 from fastsfm.backbones import load_backbone
 from fastsfm.benchmark import environment, kernel_events, print_table, time_ms
 from fastsfm.config import DistillConfig
+from fastsfm.objectives.graphed import WARMUP_STEPS, GraphedStep
 from fastsfm.timing import distill_setup, profiler, run_step, step_seconds, synchronize
 
 GFLOP_PER_IMAGE = 96.3
@@ -71,10 +73,15 @@ def step_section(backbone, classes: int, device: torch.device, steps: int, peak:
         synchronize(device)
     top = sorted(kernel_events(prof), key=lambda e: -e.self_device_time_total)[:25]
     tflops = GFLOP_PER_IMAGE * classes / seconds / 1e3
+    graphed = None
+    if device.type == "cuda":  # the same step replayed as a CUDA graph (--cuda-graph)
+        wrapped = GraphedStep(objective)
+        graphed = 1e3 * statistics.median(step_seconds(wrapped, synset, optim, WARMUP_STEPS + 1 + steps, device))
     return {
         "C": classes,
         "chunk": objective.chunk_size,
         "step ms": 1e3 * seconds,
+        "CUDA-graph step ms": graphed,
         "host enqueue ms": 1e3 * enqueue,
         "TFLOP/s": tflops,
         "% of peak": 100 * tflops / peak,
