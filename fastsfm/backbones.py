@@ -44,8 +44,6 @@ in the publisher's format (:mod:`fastsfm.weights`); ``False`` is a seeded random
 from __future__ import annotations
 
 import contextlib
-import math
-import types
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,6 +55,7 @@ from torch.utils.data import DataLoader, Dataset
 from .cast_weights import CastWeights
 from .cls_only import use_cls_only_last_block
 from .config import BackboneConfig, Precision, Preprocess, choices
+from .hub_positions import use_hub_positions
 from .images import loader_kwargs
 from .precision import autocast, autocast_dtype
 from .progress import track
@@ -253,23 +252,6 @@ class Backbone(nn.Module):
         return nn.Module.train(self, False)
 
 
-def _hub_pos_embed(self, x: Tensor) -> Tensor:
-    """torch.hub DINOv2's position embedding, as a replacement of timm's ``VisionTransformer._pos_embed``:
-    the native table (37x37 for DINOv2) re-interpolated at every forward to the patch grid of ``x``
-    (B, H, W, C): bicubic with ``scale_factor = ((H + 0.1) / 37, (W + 0.1) / 37)``, no antialias,
-    computed in float32 (the hub's ``interpolate_pos_encoding``)."""
-    b, h, w, c = x.shape
-    table = self.pos_embed.float()
-    cls_pos, patch_pos = table[:, :1], table[:, 1:]
-    n = math.isqrt(patch_pos.shape[1])
-    if (h, w) != (n, n):
-        grid = patch_pos.reshape(1, n, n, c).permute(0, 3, 1, 2)
-        grid = F.interpolate(grid, scale_factor=((h + 0.1) / n, (w + 0.1) / n), mode="bicubic", align_corners=False)
-        patch_pos = grid.permute(0, 2, 3, 1).reshape(1, h * w, c)
-    tokens = torch.cat([self.cls_token.expand(b, -1, -1), x.reshape(b, h * w, c)], dim=1)
-    return self.pos_drop(tokens + torch.cat([cls_pos, patch_pos], dim=1).to(tokens.dtype))
-
-
 def _build(timm, spec: BackboneSpec, name: str, kwargs: dict, pretrained: bool | str | Path, seed: int):
     """``(model, weights identity)``: ``spec``'s timm model with the requested weights."""
     if spec.mixin_repo is not None and pretrained:
@@ -341,7 +323,7 @@ def load_backbone(
         kwargs["img_size"] = size
     model, weights = _build(timm, spec, name, kwargs, pretrained, seed)
     if spec.hub_positions:
-        model._pos_embed = types.MethodType(_hub_pos_embed, model)
+        use_hub_positions(model)
     cfg = timm.data.resolve_data_config({}, model=model)
     size = int(size or cfg["input_size"][-1])
     mean, std = (IMAGENET_MEAN, IMAGENET_STD) if preprocess == "authors" else (cfg["mean"], cfg["std"])
