@@ -54,10 +54,10 @@ from torch.utils.data import DataLoader, Dataset
 
 from .cast_weights import CastWeights
 from .cls_only import use_cls_only_last_block
-from .config import BackboneConfig, Precision, Preprocess, choices
+from .config import Attention, BackboneConfig, Precision, Preprocess, choices
 from .hub_positions import use_hub_positions
 from .images import loader_kwargs
-from .precision import autocast, autocast_dtype
+from .precision import attention_kernels, autocast, autocast_dtype
 from .progress import track
 from .weights import file_digest, hub_offline, load_into, mixin_checkpoint, read_state_dict
 
@@ -199,6 +199,7 @@ class Backbone(nn.Module):
         self.model = model.eval().requires_grad_(False)
         self.cls_only = use_cls_only_last_block(self.model)  # exact: features are the class token
         self._cast = CastWeights(self.model)  # under autocast: Linear/conv weights cast once, not per forward
+        self.attention: Attention = "auto"  # the SDPA kernel (BackboneConfig.attention)
         self.name, self.weights, self.input_size, self.feature_dim = name, weights, input_size, feature_dim
         self.mean, self.std, self.preprocess, self.precision = tuple(mean), tuple(std), preprocess, precision
         self.register_buffer("_mean", torch.tensor(self.mean).view(1, 3, 1, 1), persistent=False)
@@ -238,7 +239,7 @@ class Backbone(nn.Module):
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"backbone expects images (B, 3, H, W), got {tuple(images.shape)}")
         dtype = self.autocast_dtype()
-        with autocast(images.device, dtype):
+        with autocast(images.device, dtype), attention_kernels(self.attention):
             x = self.normalize(images)
             return (self.model(x) if dtype is None else self._cast(x, dtype)).float()
 
@@ -363,6 +364,7 @@ def from_config(
         preprocess=config.preprocess,
         precision=config.precision,
     )
+    backbone.attention = config.attention
     if config.compile:
         backbone.compile(fullgraph=True)  # traced on first use: no graph break in any shipped backbone (tested)
     return backbone

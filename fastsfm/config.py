@@ -24,6 +24,7 @@ __all__ = [
     "Channels",
     "Precision",
     "Preprocess",
+    "Attention",
     "EvalMode",
     "Baseline",
     "GridMethod",
@@ -68,6 +69,10 @@ Init = Literal["noise", "real"]
 Precision = Literal["auto", "bf16", "fp16", "fp32"]
 """Backbone precision under ``torch.autocast``: ``auto`` is bf16 on CUDA and fp32 on CPU; fp16 uses
 the authors' fixed x1024 loss scale.  Statistics and losses are always float32."""
+
+Attention = Literal["auto", "flash", "efficient", "cudnn", "math"]
+"""The backbone's scaled-dot-product attention kernel: ``auto`` (PyTorch's own choice per call) or one
+backend, picked from ``benches/profile_step.py``'s timings of each (all equal within float rounding)."""
 
 Preprocess = Literal["authors", "model"]
 """Backbone input normalisation: ``authors`` (ImageNet mean/std for every backbone, as both papers'
@@ -278,6 +283,11 @@ class BackboneConfig:
         "fp32",
         "autocast of the real side -- class statistics, the real classifier's features, test features, baseline "
         "selection (fp32: the authors run these without autocast)",
+    )
+    attention: Attention = option(
+        "auto",
+        "attention kernel: auto (PyTorch's choice) or one SDPA backend (flash, efficient, cudnn, math); "
+        "benches/profile_step.py times each",
     )
     compile: bool = option(
         False,

@@ -3,7 +3,8 @@
 ``bf16`` (default on CUDA) needs no loss scaling.  ``fp16`` follows the authors: a fixed
 x1024 scale on the gradient that enters the backbone's backward, divided out of the image
 gradients before the optimiser step (their ``AMP_SCALE``).  ``fp32`` (default on CPU) runs
-without autocast.
+without autocast.  The backbone's attention kernel is part of the policy too
+(:func:`attention_kernels`).
 """
 
 from __future__ import annotations
@@ -12,9 +13,9 @@ import contextlib
 
 import torch
 
-from .config import Precision, choices
+from .config import Attention, Precision, choices
 
-__all__ = ["autocast_dtype", "autocast", "loss_scale", "FP16_LOSS_SCALE"]
+__all__ = ["autocast_dtype", "autocast", "loss_scale", "attention_kernels", "FP16_LOSS_SCALE", "SDPA"]
 
 FP16_LOSS_SCALE = 1024.0
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
@@ -39,3 +40,21 @@ def autocast(device: torch.device | str, dtype: torch.dtype | None):
 def loss_scale(dtype: torch.dtype | None) -> float:
     """Gradient scale for the backbone's backward: the authors' 1024 for float16, else 1."""
     return FP16_LOSS_SCALE if dtype == torch.float16 else 1.0
+
+
+SDPA = {
+    "flash": "FLASH_ATTENTION",
+    "efficient": "EFFICIENT_ATTENTION",
+    "cudnn": "CUDNN_ATTENTION",
+    "math": "MATH",
+}
+"""The ``torch.nn.attention.SDPBackend`` of each :data:`fastsfm.config.Attention` choice but ``auto``."""
+
+
+def attention_kernels(choice: Attention):
+    """The scaled-dot-product attention kernel for the block: PyTorch's own choice (``auto``), or one backend."""
+    if choice == "auto":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel(getattr(SDPBackend, SDPA[choice]))

@@ -156,3 +156,24 @@ def test_compiled_backbone_traces_whole_and_equals_eager():
     for a, b in zip(grads[0], grads[1], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     assert from_config(BackboneConfig(backbone="digits_resnet", random_init=True, compile=True)).compiled
+
+
+def test_attention_backend_choice_equals_pytorchs_own_within_rounding():
+    """``attention``: PyTorch's choice (auto) or one SDPA backend -- the same features within float32
+    rounding; a backend this device lacks is PyTorch's "no viable backend" error; a bad name a config error."""
+    from fastsfm.backbones import from_config
+    from fastsfm.config import BackboneConfig
+
+    x = torch.rand(3, 3, 32, 32)
+    feats = {}
+    for choice in ("auto", "math", "flash"):
+        bb = from_config(BackboneConfig(backbone="digits_vit", random_init=True, attention=choice))
+        assert bb.attention == choice
+        feats[choice] = bb(x)
+    torch.testing.assert_close(feats["math"], feats["auto"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(feats["flash"], feats["auto"], rtol=1e-5, atol=1e-5)
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="No viable backend"):
+            from_config(BackboneConfig(backbone="digits_vit", random_init=True, attention="cudnn"))(x)
+    with pytest.raises(ValueError, match="attention must be one of"):
+        BackboneConfig(attention="fast")
