@@ -151,9 +151,10 @@ def input_crops(backbones: Sequence[Backbone]) -> int | tuple[int, ...]:
     return sizes[0] if len(sizes) == 1 else sizes
 
 
-def _view(images: Tensor | Sequence[Tensor], crops: int | tuple[int, ...], backbone: Backbone) -> Tensor:
-    """The batch of views ``backbone`` reads: the batch itself, or its view at the backbone's input size."""
-    return images if isinstance(crops, int) else images[crops.index(backbone.input_size)]
+def _on_device(images: Tensor | Sequence[Tensor], crops: int | tuple[int, ...], device) -> dict[int, Tensor]:
+    """A batch's views on ``device`` by crop size, each copied once (every backbone of that size reads it)."""
+    sizes, views = ((crops,), (images,)) if isinstance(crops, int) else (crops, images)
+    return {size: view.to(device, non_blocking=True) for size, view in zip(sizes, views, strict=True)}
 
 
 def compute_stats(backbone: Backbone, *args, **kwargs) -> ClassStats:
@@ -208,9 +209,10 @@ def compute_stats_many(
         labels = labels.to(device)
         if int(labels.min()) < 0 or int(labels.max()) >= c:
             raise ValueError(f"labels must lie in [0, {c}), got [{int(labels.min())}, {int(labels.max())}]")
+        views = _on_device(images, crops, device)
         for backbone, total, kept in zip(backbones, sums, cached, strict=True):
             with backbone.using_precision(precision):
-                feats = backbone(_view(images, crops, backbone).to(device, non_blocking=True)).float()
+                feats = backbone(views[backbone.input_size]).float()
             total.index_add_(0, labels, feats.double())
             kept.append(feats.half().cpu())
         counts += torch.bincount(labels, minlength=c)
