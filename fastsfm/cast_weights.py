@@ -45,9 +45,9 @@ class CastWeights:
 
     def copies(self, dtype: torch.dtype) -> dict[str, Tensor]:
         """The pre-cast parameters in ``dtype`` on the model's device (made once; other copies dropped)."""
-        params = dict(self.model.named_parameters())
-        key = (dtype, next(iter(params.values())).device)
+        key = (dtype, next(self.model.parameters()).device)  # every forward: no walk over all parameters
         if key not in self._copies:
+            params = dict(self.model.named_parameters())
             self._copies = {key: {name: params[name].detach().to(dtype) for name in self.names()}}
         return self._copies[key]
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .config import Attention, Precision, choices
 
@@ -43,18 +44,14 @@ def loss_scale(dtype: torch.dtype | None) -> float:
 
 
 SDPA = {
-    "flash": "FLASH_ATTENTION",
-    "efficient": "EFFICIENT_ATTENTION",
-    "cudnn": "CUDNN_ATTENTION",
-    "math": "MATH",
+    "flash": SDPBackend.FLASH_ATTENTION,
+    "efficient": SDPBackend.EFFICIENT_ATTENTION,
+    "cudnn": SDPBackend.CUDNN_ATTENTION,
+    "math": SDPBackend.MATH,
 }
 """The ``torch.nn.attention.SDPBackend`` of each :data:`fastsfm.config.Attention` choice but ``auto``."""
 
 
 def attention_kernels(choice: Attention):
     """The scaled-dot-product attention kernel for the block: PyTorch's own choice (``auto``), or one backend."""
-    if choice == "auto":
-        return contextlib.nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    return sdpa_kernel(getattr(SDPBackend, SDPA[choice]))
+    return contextlib.nullcontext() if choice == "auto" else sdpa_kernel(SDPA[choice])

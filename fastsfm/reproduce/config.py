@@ -101,7 +101,7 @@ class GridConfig:
 
     def ensemble_names(self) -> list[str]:
         """The distillation "backbones" of the ``ensembles``: their members joined with ``+``."""
-        return [ENSEMBLE_SEP.join(members) for members in self.ensembles]
+        return [ENSEMBLE_SEP.join(ensemble) for ensemble in self.ensembles]
 
     def eval_list(self, backbone: str) -> list[str]:
         if self.eval_backbones == "same":
