@@ -103,6 +103,10 @@ class GridConfig:
         """The distillation "backbones" of the ``ensembles``: their members joined with ``+``."""
         return [ENSEMBLE_SEP.join(ensemble) for ensemble in self.ensembles]
 
+    def distillers(self) -> list[str]:
+        """Every distillation "backbone" of the grid: the ``backbones``, then the ensembles' names."""
+        return list(self.backbones) + self.ensemble_names()
+
     def eval_list(self, backbone: str) -> list[str]:
         if self.eval_backbones == "same":
             return members(backbone)

@@ -54,7 +54,7 @@ def _published() -> dict:
 def _collect(grid: GridConfig, dataset: str, ipc: int) -> tuple[list[dict], dict[str, dict]]:
     """Rows (set x distillation backbone x evaluation backbone x mode, mean and std) and the full-data scores."""
     rows, full = [], {}
-    for backbone in grid.backbones + grid.ensemble_names():
+    for backbone in grid.distillers():
         base = backbone_folder(grid, dataset, backbone)
         distill_name = canonical(backbone)
         if (base / "full.json").exists():
@@ -148,7 +148,7 @@ def write_tables(grid: GridConfig, dataset: str, ipc: int) -> Path:
     rows, full = _collect(grid, dataset, ipc)
     index = {(r["set"], r["distill_backbone"], r["eval_backbone"], r["mode"]): r for r in rows}
     backbones = [resolve_name(b)[0] for b in grid.backbones]
-    distillers = backbones + [canonical(e) for e in grid.ensemble_names()]  # ensembles: SFM's cross table
+    distillers = [canonical(d) for d in grid.distillers()]  # the ensembles' rows: SFM's cross table
     evals = list(dict.fromkeys(r["eval_backbone"] for r in rows)) or backbones
     parts = [
         f"# {dataset}, IPC = {ipc}\n",
