@@ -16,9 +16,10 @@ At C = 1000 and C = 100, IPC 1, DINOv2-B/14 (random weights: time does not depen
    launched from autograd's thread);
 4. **alternatives**, each beside what the step uses: the pyramid rendered with ``F.interpolate``
    (atomic backward) vs the one matrix product; ``grid_sample`` (atomic backward) vs the
-   separable crop; the backbone with its weights pre-cast once vs cast by autocast at every forward,
-   and eager vs ``torch.compile`` (compile time reported; ``--compile``); each SDPA
-   backend at 257 (CLS + 256 patches) and 256 tokens.
+   separable crop; the render's and the crop's products in IEEE float32 vs TF32 (a bf16 step's);
+   the backbone with its weights pre-cast once vs cast by autocast at every forward, and eager
+   vs ``torch.compile`` (compile time reported; ``--compile``); each SDPA backend
+   at 257 (CLS + 256 patches) and 256 tokens.
 
 Prints the environment line and the tables; ``--out`` writes everything as JSON.  Never touches
 tracked files.
@@ -40,6 +41,7 @@ from fastsfm.backbones import load_backbone
 from fastsfm.benchmark import environment, kernel_events, print_table, time_ms
 from fastsfm.config import DistillConfig
 from fastsfm.objectives.graphed import WARMUP_STEPS, GraphedStep
+from fastsfm.precision import tf32_matmuls
 from fastsfm.timing import distill_setup, profiler, run_step, step_seconds, synchronize
 
 GFLOP_PER_IMAGE = 96.3
@@ -91,7 +93,13 @@ def step_section(backbone, classes: int, device: torch.device, steps: int, peak:
 
 
 def stage_section(objective, synset, n: int, device: torch.device) -> list[dict]:
-    """Each stage of a step alone at ``n`` images, forward + backward."""
+    """Each stage of a step alone at ``n`` images, forward + backward, under the step's precision of
+    float32 products (TF32 in a bf16 step)."""
+    with tf32_matmuls(objective.dtype):
+        return _stages(objective, synset, n, device)
+
+
+def _stages(objective, synset, n: int, device: torch.device) -> list[dict]:
     levels = synset.chunk(0, n, device, requires_grad=True)
     images = synset.render_levels(levels).detach().requires_grad_()
     keys = rng.augment_keys(0, 1, 1, torch.arange(n, device=device))
@@ -126,12 +134,11 @@ def alternatives(objective, synset, n: int, device: torch.device, compile_backbo
     rows.append(
         {"what": "render: F.interpolate (atomic backward)", "ms": _fwd_bwd_ms(interpolate_render, levels, device)}
     )
-    rows.append(
-        {
-            "what": "render: one matrix product",
-            "ms": _fwd_bwd_ms(lambda *q: synset.render_levels(list(q)), levels, device),
-        }
-    )
+    products = ((None, "IEEE float32"), (torch.bfloat16, "TF32, a bf16 step's"))
+    for dtype, name in products:
+        with tf32_matmuls(dtype):
+            ms = _fwd_bwd_ms(lambda *q: synset.render_levels(list(q)), levels, device)
+        rows.append({"what": f"render: one matrix product, {name}", "ms": ms})
     images = synset.render_levels(levels).detach().requires_grad_()
     keys = rng.augment_keys(0, 1, 1, torch.arange(n, device=device))
     aug = objective.augment
@@ -146,9 +153,10 @@ def alternatives(objective, synset, n: int, device: torch.device, compile_backbo
         return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
     rows.append({"what": "crop: grid_sample (atomic backward)", "ms": _fwd_bwd_ms(grid_sample_crop, [images], device)})
-    rows.append(
-        {"what": "crop + noise: separable (the step's)", "ms": _fwd_bwd_ms(lambda x: aug(x, keys), [images], device)}
-    )
+    for dtype, name in products:
+        with tf32_matmuls(dtype):
+            ms = _fwd_bwd_ms(lambda x: aug(x, keys), [images], device)
+        rows.append({"what": f"crop + noise: separable, {name}", "ms": ms})
     crops = aug(images, keys).detach().requires_grad_()
     backbone, dtype = objective.backbone, objective.backbone.autocast_dtype()
     rows.append({"what": "backbone eager (weights pre-cast once)", "ms": _fwd_bwd_ms(backbone, [crops], device)})

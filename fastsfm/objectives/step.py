@@ -34,6 +34,10 @@ render/augment/encode/loss/backward/optimiser waits for the GPU (tested under
 ``torch.cuda.set_sync_debug_mode("error")``).  The loop reads the loss back (the one
 synchronisation of a step) before it counts the step done.
 
+**Precision.**  The backbone runs under the config's autocast (:mod:`fastsfm.precision`); in a
+bf16 step every other float32 matrix product (the render, the crop, LGM's head) runs in TF32,
+forward and backward (:func:`fastsfm.precision.tf32_matmuls`).
+
 Profiler ranges (``fastsfm.render``, ``.augment``, ``.backbone``, ``.loss``, ``.backward``,
 ``.optimizer``) let ``benches/bench_distill.py --profile`` say where a step's time goes.
 """
@@ -52,7 +56,7 @@ from ..augment import BatchAugment
 from ..backbones import Backbone
 from ..config import DistillConfig
 from ..optim import ChunkAdam
-from ..precision import loss_scale
+from ..precision import loss_scale, tf32_matmuls
 from ..synset import SyntheticSet
 
 __all__ = ["DistillStep", "TwoPassStep", "plan_chunk", "PROBE_SIZES", "MEMORY_FRACTION"]
@@ -102,7 +106,8 @@ class TwoPassStep:
         self.augment = BatchAugment(backbone.input_size, noise_std=config.noise_std, noise_mean=config.noise_mean)
         self.views, self.seed, self.chunk_size = config.effective_views, config.seed, config.chunk_size
         self.measured_levels = 0 if config.chunk_size is None else None  # None: fixed by the user
-        self.scale = loss_scale(backbone.autocast_dtype())
+        self.dtype = backbone.autocast_dtype()
+        self.scale = loss_scale(self.dtype)
         self.upstream = torch.full((1,), self.scale, device=self.device)
 
     def features(
@@ -178,6 +183,10 @@ class TwoPassStep:
         raise NotImplementedError
 
     def step(self, synset: SyntheticSet, optim: ChunkAdam, step: int | Tensor) -> Tensor:
+        with tf32_matmuls(self.dtype):  # render, crop (and LGM's head): TF32 in a bf16 step
+            return self._two_passes(synset, optim, step)
+
+    def _two_passes(self, synset: SyntheticSet, optim: ChunkAdam, step: int | Tensor) -> Tensor:
         bounds = self.chunks(synset)
         single = len(bounds) == 1
         self.begin(synset, step)
