@@ -40,7 +40,15 @@ import torch
 
 from fastsfm import pinned
 from fastsfm.backbones import load_backbone
-from fastsfm.benchmark import environment, in_child, kernel_events, print_table, write_csv
+from fastsfm.benchmark import (
+    BackboneFlops,
+    backbone_flops,
+    environment,
+    in_child,
+    kernel_events,
+    print_table,
+    write_csv,
+)
 from fastsfm.config import DistillConfig, Precision, choices
 from fastsfm.ensemble import BackboneEnsemble
 from fastsfm.io import atomic_write_json
@@ -114,22 +122,9 @@ def _profile(objective, synset, optim, device, step_ms: float) -> dict:
     return row
 
 
-def backbone_flops(backbone, device: torch.device) -> tuple[float, float]:
-    """(forward, backward to the pixels) FLOPs per image at the backbone's input size."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    x = torch.rand(2, 3, backbone.input_size, backbone.input_size, device=device, requires_grad=True)
-    with FlopCounterMode(display=False) as counter:
-        out = backbone(x)
-    forward = counter.get_total_flops() / 2
-    with FlopCounterMode(display=False) as counter:
-        out.sum().backward()
-    return forward, counter.get_total_flops() / 2
-
-
-def _step_flops(objective, synset, flops: tuple[float, float]) -> float:
+def _step_flops(objective, synset, flops: BackboneFlops) -> float:
     """FLOPs of one step: every view forward (twice when chunked) and backward; LGM adds its real batch."""
-    forward, backward = flops
+    forward, backward = flops.forward, flops.backward
     rows = objective.views * synset.num_images
     chunked = objective.chunk_size is not None and objective.chunk_size < synset.num_images
     total = rows * ((2 if chunked else 1) * forward + backward)
@@ -158,7 +153,7 @@ def measure(run: dict, args) -> dict:
             for i, n in enumerate(names)
         ]
         backbone = members[0] if len(members) == 1 else BackboneEnsemble(members)
-        flops = tuple(map(sum, zip(*(backbone_flops(m, device) for m in members), strict=True)))
+        flops = BackboneFlops(*map(sum, zip(*(backbone_flops(m, device) for m in members), strict=True)))
         pinned.reset_peak()
         synset, optim, objective = distill_setup(backbone, config, run["classes"], device)
         if device.type == "cuda":

@@ -129,27 +129,12 @@ def environment(ctx: Context) -> None:
             env["driver"] = subprocess.run(smi, capture_output=True, text=True, timeout=20).stdout.strip()
         except (OSError, subprocess.SubprocessError) as err:
             env["driver"] = f"unknown ({err})"
-        env.update(_ceilings(ctx))
+        from fastsfm.benchmark import ceilings
+
+        env.update(ceilings(ctx.device))
     ctx.report.environment = env
     for key, value in env.items():
         print(f"{key}: {value}", flush=True)
-
-
-def _ceilings(ctx: Context) -> dict:
-    """Measured now: copy bandwidth (bytes read + written) and the bf16 matrix-product rate."""
-    import torch
-
-    from fastsfm.benchmark import time_ms
-
-    src = torch.empty(2**29, device=ctx.device, dtype=torch.float32)  # 2 GiB
-    dst = torch.empty_like(src)
-    copy_ms = time_ms(lambda: dst.copy_(src), ctx.device)
-    a = torch.randn(8192, 8192, device=ctx.device, dtype=torch.bfloat16)
-    mm_ms = time_ms(lambda: a @ a, ctx.device)
-    return {
-        "copy TB/s (measured)": round(2 * 2**31 / copy_ms / 1e9, 2),
-        "bf16 TFLOP/s (measured)": round(2 * 8192**3 / mm_ms / 1e9, 1),
-    }
 
 
 def gpu_tests(ctx: Context) -> None:

@@ -13,7 +13,9 @@ At C = 1000 and C = 100, IPC 1, DINOv2-B/14 (random weights: time does not depen
 2. **stages alone** at n = C images, forward + backward each: render, augment, backbone, loss
    (device-synchronised wall time; the rest of a step is Adam and the host);
 3. **the top 25 kernels** of one step by device time (the backward's kernels included: they are
-   launched from autograd's thread);
+   launched from autograd's thread), and issue 21's **budgets** read from all of them: the
+   backbone's matrix-product rate, attention's time, the elementwise traffic (at the copy
+   bandwidth measured first), the small stages, the host's share;
 4. **alternatives**, each beside what the step uses: the pyramid rendered with ``F.interpolate``
    (atomic backward) vs the one matrix product; ``grid_sample`` (atomic backward) vs the
    separable crop; the render's and the crop's products in IEEE float32 vs TF32 (a bf16 step's);
@@ -38,14 +40,56 @@ import torch.nn.functional as F
 
 from fastsfm import rng
 from fastsfm.backbones import load_backbone
-from fastsfm.benchmark import environment, kernel_events, print_table, time_ms
+from fastsfm.benchmark import BackboneFlops, backbone_flops, ceilings, environment, kernel_events, print_table, time_ms
 from fastsfm.config import DistillConfig
 from fastsfm.objectives.graphed import WARMUP_STEPS, GraphedStep
 from fastsfm.precision import tf32_matmuls
 from fastsfm.timing import distill_setup, profiler, run_step, step_seconds, synchronize
 
-GFLOP_PER_IMAGE = 96.3
-"""DINOv2-B/14 at 224 px, forward + input-gradient backward (the issue's FLOP count)."""
+KERNEL_CLASSES = (
+    ("attention", ("flash", "fmha", "attention", "sdpa")),
+    ("matrix products", ("gemm", "nvjet", "cutlass", "xmma", "wgmma", "cublas", "triton_tem")),
+)
+"""Fragments (lower case) of the kernel names of each class; attention first (efficient attention's
+kernels are CUTLASS's, flash kernels' names can hold an architecture's)."""
+OTHER = "elementwise and other"
+
+
+def kernel_class(name: str) -> str:
+    """The :data:`KERNEL_CLASSES` class of a kernel name, else :data:`OTHER`."""
+    low = name.lower()
+    return next((kind for kind, parts in KERNEL_CLASSES if any(p in low for p in parts)), OTHER)
+
+
+def budgets(
+    events, flops: BackboneFlops, classes: int, stages: list[dict], copy_tbs: float, host_ms: float, step_ms: float
+) -> list[dict]:
+    """Issue 21's stage budgets read from one profiled step: its kernels' device time per class
+    (:func:`kernel_class`), the backbone's matrix-product FLOPs, the copy bandwidth measured now
+    (the elementwise traffic at that bandwidth is an upper bound of its bytes), the stages alone."""
+    ms = dict.fromkeys([kind for kind, _ in KERNEL_CLASSES] + [OTHER], 0.0)
+    for e in events:
+        ms[kernel_class(e.key)] += e.self_device_time_total / 1e3
+    matrix = (flops.forward + flops.backward - flops.attention) * classes
+    small = sum(s["ms"] for s in stages if s["stage"] != "backbone")
+    rows = [
+        (
+            "backbone matrix products, TFLOP/s",
+            matrix / ms["matrix products"] / 1e9 if ms["matrix products"] else None,
+            ">= 650",
+        ),
+        ("matrix products, device ms", ms["matrix products"], "-"),
+        ("attention, device ms", ms["attention"], "<= 35"),
+        ("elementwise and other, device ms", ms[OTHER], "-"),
+        (
+            "elementwise and other, MB per image at the copy bandwidth",
+            ms[OTHER] * copy_tbs * 1e3 / classes,
+            "<= 170 (the backbone's)",
+        ),
+        ("render + augment + loss alone, ms", small, "<= 8 (with Adam)"),
+        ("host enqueue / step time", host_ms / step_ms, "< 1 (hidden)"),
+    ]
+    return [{"budget": name, "measured": value, "target at C = 1000": target} for name, value, target in rows]
 
 
 def _fwd_bwd_ms(fn, inputs: list[torch.Tensor], device: torch.device) -> float:
@@ -60,7 +104,9 @@ def _fwd_bwd_ms(fn, inputs: list[torch.Tensor], device: torch.device) -> float:
     return time_ms(run, device)
 
 
-def step_section(backbone, classes: int, device: torch.device, steps: int, peak: float) -> dict:
+def step_section(
+    backbone, classes: int, device: torch.device, steps: int, peak: float, copy_tbs: float | None = None
+) -> dict:
     config = DistillConfig(ipc=1, resolution=256 if device.type == "cuda" else 64)
     synset, optim, objective = distill_setup(backbone, config, classes, device)
     seconds = statistics.median(step_seconds(objective, synset, optim, steps, device))
@@ -73,12 +119,15 @@ def step_section(backbone, classes: int, device: torch.device, steps: int, peak:
     with profiler(device) as prof:
         run_step(objective, synset, optim, steps + 2)
         synchronize(device)
-    top = sorted(kernel_events(prof), key=lambda e: -e.self_device_time_total)[:25]
-    tflops = GFLOP_PER_IMAGE * classes / seconds / 1e3
+    events = kernel_events(prof)
+    top = sorted(events, key=lambda e: -e.self_device_time_total)[:25]
+    flops = backbone_flops(backbone, device)
+    tflops = (flops.forward + flops.backward) * classes / seconds / 1e12
     graphed = None
     if device.type == "cuda":  # the same step replayed as a CUDA graph (--cuda-graph)
         wrapped = GraphedStep(objective)
         graphed = 1e3 * statistics.median(step_seconds(wrapped, synset, optim, WARMUP_STEPS + 1 + steps, device))
+    stages = stage_section(objective, synset, classes, device)
     return {
         "C": classes,
         "chunk": objective.chunk_size,
@@ -88,7 +137,8 @@ def step_section(backbone, classes: int, device: torch.device, steps: int, peak:
         "TFLOP/s": tflops,
         "% of peak": 100 * tflops / peak,
         "top kernels": [{"kernel": e.key[:90], "ms": e.self_device_time_total / 1e3, "calls": e.count} for e in top],
-        "stages": stage_section(objective, synset, classes, device),
+        "stages": stages,
+        "budgets": budgets(events, flops, classes, stages, copy_tbs, 1e3 * enqueue, 1e3 * seconds) if events else [],
     }
 
 
@@ -216,14 +266,18 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         backbone = load_backbone("dinov2_vitb14", False, 224, device=device, precision="bf16")
     print(environment(device))
-    result: dict = {"steps": [], "alternatives": []}
+    limits = ceilings(device) if device.type == "cuda" else {}
+    if limits:
+        print(limits)
+    result: dict = {"ceilings": limits, "steps": [], "alternatives": []}
     for classes in args.classes:
-        row = step_section(backbone, classes, device, args.steps, args.peak_tflops)
+        row = step_section(backbone, classes, device, args.steps, args.peak_tflops, limits.get("copy TB/s (measured)"))
         result["steps"].append(row)
-        print_table([{k: v for k, v in row.items() if k not in ("top kernels", "stages")}])
+        print_table([{k: v for k, v in row.items() if k not in ("top kernels", "stages", "budgets")}])
         print_table(row["stages"])
         if row["top kernels"]:  # none on a CPU
             print_table(row["top kernels"])
+            print_table(row["budgets"])
     config = DistillConfig(ipc=1, resolution=256 if device.type == "cuda" else 64)
     n = args.classes[0]
     synset, _, objective = distill_setup(backbone, config, n, device)

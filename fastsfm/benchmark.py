@@ -10,6 +10,7 @@ import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -21,6 +22,9 @@ __all__ = [
     "time_ms",
     "cuda_graph",
     "kernel_events",
+    "ceilings",
+    "BackboneFlops",
+    "backbone_flops",
     "write_csv",
     "markdown_table",
     "print_table",
@@ -72,6 +76,49 @@ def kernel_events(prof: torch.profiler.profile) -> list:
         and e.self_device_time_total > 0
         and e.key != "Activity Buffer Request"
     ]
+
+
+def ceilings(device: torch.device, copy_bytes: int = 2**31, matrix: int = 8192) -> dict[str, float]:
+    """Measured now: device-to-device copy bandwidth (bytes read + written) and the bf16
+    matrix-product rate, the two ceilings a profile's kernels are set against."""
+    src = torch.empty(copy_bytes // 4, device=device, dtype=torch.float32)
+    dst = torch.empty_like(src)
+    copy_ms = time_ms(lambda: dst.copy_(src), device)
+    a = torch.randn(matrix, matrix, device=device, dtype=torch.bfloat16)
+    mm_ms = time_ms(lambda: a @ a, device)
+    return {
+        "copy TB/s (measured)": round(2 * copy_bytes / copy_ms / 1e9, 2),
+        "bf16 TFLOP/s (measured)": round(2 * matrix**3 / mm_ms / 1e9, 1),
+    }
+
+
+class BackboneFlops(NamedTuple):
+    """FLOPs per image of a frozen backbone at its input size (``torch.utils.flop_counter``)."""
+
+    forward: float
+    backward: float
+    """To the pixels only: the backbone is frozen, so no weight-gradient products run."""
+    attention: float
+    """The part of both in scaled-dot-product attention kernels (0 where the counter has no formula
+    for the backend, as for the CPU's)."""
+
+
+def backbone_flops(backbone, device: torch.device) -> BackboneFlops:
+    """:class:`BackboneFlops` of ``backbone`` (counted on two images)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = torch.rand(2, 3, backbone.input_size, backbone.input_size, device=device, requires_grad=True)
+    with FlopCounterMode(display=False) as forward:
+        out = backbone(x)
+    with FlopCounterMode(display=False) as backward:
+        out.sum().backward()
+    attention = sum(
+        flops
+        for counter in (forward, backward)
+        for op, flops in counter.get_flop_counts().get("Global", {}).items()
+        if "attention" in str(op)
+    )
+    return BackboneFlops(forward.get_total_flops() / 2, backward.get_total_flops() / 2, attention / 2)
 
 
 def write_csv(rows: list[dict], path: Path) -> None:

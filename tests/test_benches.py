@@ -80,24 +80,62 @@ def test_profile_loss_host_part_runs_without_a_gpu(tmp_path):
 
 
 @pytest.mark.slow
-def test_profile_step_smoke(tmp_path):
-    """``profile_step.py --smoke``: the step, its stages and the alternatives on CPU (only the shape
-    of the report is checked; the numbers are a GPU's to give)."""
-    result = _bench("profile_step").main(["--smoke", "--out", str(tmp_path / "step.json")])
-    step = result["steps"][0]
-    assert (
-        step["C"] == 4
-        and step["step ms"] > 0
-        and [s["stage"] for s in step["stages"]][:3]
-        == [
-            "render",
-            "augment",
-            "backbone",
-        ]
+def test_gpu_session_rehearses_on_cpu_and_leaves_what_the_device_tool_returns(tmp_path):
+    """``benches/gpu_session.sh`` (the first call of a GPU loan) with ``FASTSFM_SMOKE=1``: every part
+    exits 0 inside the session's deadline, ``profile_step.py`` reports the step, its stages and the
+    alternatives (only the shape of the report is checked; the numbers are a GPU's to give), and the
+    folder holds at most 8 files no more than 2 folders down -- what the device tool brings back."""
+    env = {**os.environ, "FASTSFM_SMOKE": "1", "PYTHON": sys.executable}
+    done = subprocess.run(
+        ["bash", str(BENCHES / "gpu_session.sh"), str(tmp_path)], env=env, capture_output=True, text=True, timeout=600
     )
+    log = (tmp_path / "session.log").read_text()
+    assert done.returncode == 0 and "session done" in log, done.stdout + done.stderr
+    parts = [line for line in log.splitlines() if ": exit " in line]
+    assert len(parts) == 3 and all(line.split(": exit ")[1].startswith("0 ") for line in parts), parts
+    result = json.loads((tmp_path / "profile_step.json").read_text())
+    step = result["steps"][0]
+    assert step["C"] == 4 and step["step ms"] > 0
+    assert [s["stage"] for s in step["stages"]][:3] == ["render", "augment", "backbone"]
     names = [r["what"] for r in result["alternatives"]]
-    assert "render: F.interpolate (atomic backward)" in names and "crop: grid_sample (atomic backward)" in names
-    assert json.loads((tmp_path / "step.json").read_text())["steps"][0]["C"] == 4
+    for name in ("render: F.interpolate", "crop: grid_sample", "render: one matrix product, TF32", "SDPA MATH 257"):
+        assert any(n.startswith(name) for n in names), (name, names)
+    assert json.loads((tmp_path / "distill" / "report.json").read_text())["checks"]
+    files = [f for f in tmp_path.rglob("*") if f.is_file()]
+    assert len(files) <= 8 and all(len(f.relative_to(tmp_path).parts) <= 3 for f in files), files
+
+
+def test_profile_step_reads_the_budgets_from_kernel_names_and_times():
+    """Kernel names of cuBLAS, CUTLASS, inductor, flash, memory-efficient and cuDNN attention fall in their
+    class (attention before matrix products: efficient attention's kernels are CUTLASS's), and the
+    budgets follow from the device times: rate = FLOPs / time, bytes = time x bandwidth."""
+    from types import SimpleNamespace
+
+    from fastsfm.benchmark import BackboneFlops
+
+    module = _bench("profile_step")
+    names = {
+        "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x256x64": "matrix products",
+        "nvjet_tst_128x256_64x4_1x2_h_bz_coopA_NNT": "matrix products",
+        "ampere_bf16_s16816gemm_bf16_128x128_ldg8_f2f_tn": "matrix products",
+        "triton_tem_fused_mm_0": "matrix products",
+        "void pytorch_flash::flash_bwd_dq_dk_dv_loop_seqk_parallel_kernel<...>": "attention",
+        "fmha_cutlassB_bf16_aligned_64x64_k64_sm80": "attention",
+        "cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3": "attention",
+        "void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<float>>": module.OTHER,
+        "triton_poi_fused_add_mul_native_layer_norm_0": module.OTHER,
+        "_class_sums_kernel": module.OTHER,
+    }
+    for name, kind in names.items():
+        assert module.kernel_class(name) == kind, name
+    events = [SimpleNamespace(key=name, self_device_time_total=1000.0) for name in names]  # 1 ms each
+    flops = BackboneFlops(forward=3e9, backward=6e9, attention=1e9)
+    stages = [{"stage": "render", "ms": 1.0}, {"stage": "backbone", "ms": 50.0}, {"stage": "loss", "ms": 0.5}]
+    rows = {r["budget"]: r["measured"] for r in module.budgets(events, flops, 100, stages, 4.0, 20.0, 80.0)}
+    assert rows["matrix products, device ms"] == 4.0 and rows["attention, device ms"] == 3.0
+    assert rows["backbone matrix products, TFLOP/s"] == pytest.approx(8e9 * 100 / 4e-3 / 1e12)
+    assert rows["elementwise and other, MB per image at the copy bandwidth"] == pytest.approx(3e-3 * 4e12 / 100 / 1e6)
+    assert rows["render + augment + loss alone, ms"] == 1.5 and rows["host enqueue / step time"] == 0.25
 
 
 def test_demo_variants_held_out_runs_every_pairing(tmp_path):
