@@ -270,9 +270,16 @@ def main(argv: list[str] | None = None) -> dict:
     if limits:
         print(limits)
     result: dict = {"ceilings": limits, "steps": [], "alternatives": []}
+
+    def save() -> None:  # after every section: a run cut short by its time limit still leaves its numbers
+        if args.out is not None:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(result, indent=1, default=str))
+
     for classes in args.classes:
         row = step_section(backbone, classes, device, args.steps, args.peak_tflops, limits.get("copy TB/s (measured)"))
         result["steps"].append(row)
+        save()
         print_table([{k: v for k, v in row.items() if k not in ("top kernels", "stages", "budgets")}])
         print_table(row["stages"])
         if row["top kernels"]:  # none on a CPU
@@ -282,10 +289,8 @@ def main(argv: list[str] | None = None) -> dict:
     n = args.classes[0]
     synset, _, objective = distill_setup(backbone, config, n, device)
     result["alternatives"] = alternatives(objective, synset, n, device, args.compile)
+    save()
     print_table(result["alternatives"])
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=1, default=str))
     return result
 
 
