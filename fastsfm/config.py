@@ -68,7 +68,8 @@ Init = Literal["noise", "real"]
 
 Precision = Literal["auto", "bf16", "fp16", "fp32"]
 """Backbone precision under ``torch.autocast``: ``auto`` is bf16 on CUDA and fp32 on CPU; fp16 uses
-the authors' fixed x1024 loss scale.  Statistics and losses are always float32."""
+the authors' fixed x1024 loss scale.  Statistics and losses are always float32; a bf16 step's other
+float32 matrix products (render, crop) run in TF32 (:func:`fastsfm.precision.tf32_matmuls`)."""
 
 Attention = Literal["auto", "flash", "efficient", "cudnn", "math"]
 """The backbone's scaled-dot-product attention kernel: ``auto`` (PyTorch's own choice per call) or one
@@ -277,7 +278,7 @@ class BackboneConfig:
     precision: Precision = option(
         "auto",
         "autocast of the synthetic side (distill; eval: the augmented training views): auto = bf16 on CUDA, fp32 "
-        "on CPU; fp16 uses the authors' fixed x1024 loss scale",
+        "on CPU; fp16 uses the authors' fixed x1024 loss scale; bf16 also runs the render and crop in TF32",
     )
     real_precision: Precision = option(
         "fp32",
