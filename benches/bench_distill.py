@@ -204,8 +204,9 @@ def growth_row(classes: int, ipc: int, resolution: int) -> dict:
 
 
 def measure_isolated(run: dict, args) -> dict:
-    """CUDA: in process (then the cache is emptied); CPU: a fresh process, so peak RSS is this run's."""
-    if args.device != "cpu":
+    """CUDA: in process (then the cache is emptied); CPU: a fresh process, so peak RSS is this run's
+    (``--no-isolate``: in process, faster, its peak RSS the largest so far)."""
+    if args.device != "cpu" or not args.isolate:
         result = measure(run, args)
         torch.cuda.empty_cache()
         return result
@@ -269,6 +270,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--precision", default="auto", choices=choices(Precision))
     parser.add_argument("--steps", type=int, default=3, help="timed steps per configuration")
     parser.add_argument("--profile", action="store_true", help="profile one SFM step per configuration")
+    parser.add_argument(
+        "--isolate",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="CPU: each configuration in a fresh process, so its peak RSS is its own",
+    )
     parser.add_argument("--growth", default=None, help="C:IPC:RES of an offloaded set grown through every level")
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 tensor-core peak (H100/H200)")
     parser.add_argument("--out", type=Path, default=Path("benches/out/bench_distill.csv"))

@@ -1,6 +1,7 @@
 """The benchmark scripts and the GPU acceptance run work end to end on tiny CPU shapes (numbers are
 not checked, only that they are produced): a benchmark that is never run rots."""
 
+import argparse
 import importlib.util
 import json
 import os
@@ -40,7 +41,8 @@ def test_bench_distill_runs_on_cpu_and_records_failures(tmp_path):
         {**base, "method": "sfm", "backbone": ["vit_tiny_patch16_224", "test_vit"]},  # SFM against K = 2 backbones
     ]
     args = ["--device", "cpu", "--runs", json.dumps(runs), "--steps", "1", "--profile", "--growth", "3:2:16"]
-    rows = _bench("bench_distill").main([*args, "--out", str(tmp_path / "d.csv")])
+    module = _bench("bench_distill")
+    rows = module.main([*args, "--no-isolate", "--out", str(tmp_path / "d.csv")])
     assert [r["method"] for r in rows] == ["sfm", "lgm", "sfm", "sfm", "sfm", "offload growth"] and rows[2][
         "chunk"
     ] == 4
@@ -49,6 +51,11 @@ def test_bench_distill_runs_on_cpu_and_records_failures(tmp_path):
     assert "error" in rows[3] and "no_such_model" in rows[3]["error"]  # a failed configuration is a row
     assert rows[4]["K"] == 2 and rows[4]["time /K=1"] > 0 and rows[4]["memory /K=1"] > 0 and rows[0]["K"] == 1
     assert (tmp_path / "d.png").exists() and len(json.loads((tmp_path / "d.json").read_text())) == 6
+    isolated = module.measure_isolated(
+        runs[0],
+        argparse.Namespace(device="cpu", isolate=True, steps=1, profile=False, precision="auto", peak_tflops=989.0),
+    )
+    assert isolated["step ms"] > 0 and isolated["peak MiB"] > 0  # its own process: its own peak RSS
 
 
 @pytest.mark.slow
