@@ -6,6 +6,8 @@
 At C = 1000 and C = 100, IPC 1, DINOv2-B/14 (random weights: time does not depend on them) at
 224 px crops of 256 px images, bf16:
 
+0. **what a step saves for its backward**, per image and fixed, and projected at each C
+   (``--memory-only``: this alone, on a CPU too);
 1. **the step**: median seconds of timed steps (each reads its loss back), the chunk size, the
    same step replayed as a CUDA graph (``--cuda-graph``; the median includes its warm-up and
    capture steps), the host's enqueue time of one step, and the share of the tensor cores' dense bf16 peak
@@ -105,10 +107,9 @@ def _fwd_bwd_ms(fn, inputs: list[torch.Tensor], device: torch.device) -> float:
 
 
 def step_section(
-    backbone, classes: int, device: torch.device, steps: int, peak: float, copy_tbs: float | None = None
+    backbone, classes: int, resolution: int, device: torch.device, steps: int, peak: float, copy_tbs: float | None
 ) -> dict:
-    config = DistillConfig(ipc=1, resolution=256 if device.type == "cuda" else 64)
-    synset, optim, objective = distill_setup(backbone, config, classes, device)
+    synset, optim, objective = distill_setup(backbone, DistillConfig(ipc=1, resolution=resolution), classes, device)
     seconds = statistics.median(step_seconds(objective, synset, optim, steps, device))
     synchronize(device)
     began = time.perf_counter()
@@ -169,6 +170,34 @@ def _stages(objective, synset, n: int, device: torch.device) -> list[dict]:
 
     rows.append({"stage": "loss (sums, epilogue, rows)", "ms": _fwd_bwd_ms(loss, [feats], device)})
     return rows
+
+
+def saved_section(backbone, resolution: int, device: torch.device, classes: list[int], sizes=(1, 3)) -> dict:
+    """What a step keeps for its backward: the bytes of the tensors autograd saves while ``sizes``
+    images are rendered, cropped and encoded (``saved_tensors_hooks``, each storage counted once);
+    the slope is the memory per image, the intercept the fixed part (the backbone's weight copies),
+    and the projection the saved set of a one-chunk step at each of ``classes`` images (IPC 1)."""
+
+    def saved(n: int) -> int:
+        storages = {}
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), tf32_matmuls(objective.dtype):
+            objective.features(synset, 0, n, 1, grad=True)
+        return sum(storages.values())
+
+    synset, _, objective = distill_setup(backbone, DistillConfig(ipc=1, resolution=resolution), max(sizes), device)
+    (a, pa), (b, pb) = ((n, saved(n)) for n in sizes)
+    per_image = (pb - pa) / (b - a)
+    fixed = pa - a * per_image
+    return {
+        "saved MiB per image": per_image / 2**20,
+        "fixed MiB (weights the backward reads)": fixed / 2**20,
+        **{f"saved GiB at C = {c}": (fixed + c * per_image) / 2**30 for c in classes},
+    }
 
 
 def alternatives(objective, synset, n: int, device: torch.device, compile_backbone: bool) -> list[dict]:
@@ -257,6 +286,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak (H100 SXM: 989)")
     parser.add_argument("--compile", action="store_true", help="also time the backbone under torch.compile")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes on CPU")
+    parser.add_argument(
+        "--memory-only", action="store_true", help="only what a step saves for its backward (runs on a CPU too)"
+    )
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
@@ -266,10 +298,15 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         backbone = load_backbone("dinov2_vitb14", False, 224, device=device, precision="bf16")
     print(environment(device))
+    resolution = 64 if args.smoke else 256  # 224 px crops of 256 px images
+    memory = saved_section(backbone, resolution, device, args.classes)
+    print_table([memory])
+    if args.memory_only:
+        return {"saved for backward": memory}
     limits = ceilings(device) if device.type == "cuda" else {}
     if limits:
         print(limits)
-    result: dict = {"ceilings": limits, "steps": [], "alternatives": []}
+    result: dict = {"ceilings": limits, "saved for backward": memory, "steps": [], "alternatives": []}
 
     def save() -> None:  # after every section: a run cut short by its time limit still leaves its numbers
         if args.out is not None:
@@ -277,7 +314,8 @@ def main(argv: list[str] | None = None) -> dict:
             args.out.write_text(json.dumps(result, indent=1, default=str))
 
     for classes in args.classes:
-        row = step_section(backbone, classes, device, args.steps, args.peak_tflops, limits.get("copy TB/s (measured)"))
+        copy_tbs = limits.get("copy TB/s (measured)")
+        row = step_section(backbone, classes, resolution, device, args.steps, args.peak_tflops, copy_tbs)
         result["steps"].append(row)
         save()
         print_table([{k: v for k, v in row.items() if k not in ("top kernels", "stages", "budgets")}])
@@ -285,9 +323,8 @@ def main(argv: list[str] | None = None) -> dict:
         if row["top kernels"]:  # none on a CPU
             print_table(row["top kernels"])
             print_table(row["budgets"])
-    config = DistillConfig(ipc=1, resolution=256 if device.type == "cuda" else 64)
     n = args.classes[0]
-    synset, _, objective = distill_setup(backbone, config, n, device)
+    synset, _, objective = distill_setup(backbone, DistillConfig(ipc=1, resolution=resolution), n, device)
     result["alternatives"] = alternatives(objective, synset, n, device, args.compile)
     save()
     print_table(result["alternatives"])

@@ -101,6 +101,8 @@ def test_gpu_session_rehearses_on_cpu_and_leaves_what_the_device_tool_returns(tm
     parts = [line for line in log.splitlines() if ": exit " in line]
     assert len(parts) == 3 and all(line.split(": exit ")[1].startswith("0 ") for line in parts), parts
     result = json.loads((tmp_path / "profile_step.json").read_text())
+    saved = result["saved for backward"]
+    assert saved["saved MiB per image"] > 0 and saved["saved GiB at C = 4"] > 0
     step = result["steps"][0]
     assert step["C"] == 4 and step["step ms"] > 0
     assert [s["stage"] for s in step["stages"]][:3] == ["render", "augment", "backbone"]
