@@ -126,10 +126,11 @@ def held_out(seeds: int, eval_epochs: int, out: Path, steps: int = DEMO_DISTILL.
                 )
             scores += compare(evaluator, sets, seeds, full_data=False)
         cells = {(r["set"], r["mode"]): mean_std(r["top1 mean"], r["top1 std"], r["seeds"]) for r in summarise(scores)}
+        begun = len(rows)
         for name in dict.fromkeys(name for name, _ in cells):
             made = name.removeprefix("SFM ") if name.startswith("SFM ") else f"(real) {name}"
             rows.append({"held out": held, "set": made} | {m: cells.get((name, m), "") for m in eval_config.mode})
-        print(markdown_table(rows[-5:]), flush=True)
+        print(markdown_table(rows[begun:]), flush=True)
     return rows
 
 
