@@ -60,7 +60,7 @@ def test_cuda_graph_option_refuses_what_it_cannot_replay_and_runs_eagerly_on_cpu
 def test_graphed_distillation_equals_eager_on_cuda(setup, tmp_path, chunk):
     """Steps across two pyramid growths (three level counts, each 2 warm-up steps then a capture: three
     captures), whole or chunked; bf16."""
-    bb, stats = setup
+    _, stats = setup
     bb = tiny_backbone().cuda()
     bb.precision = "bf16"
     config = replace(CFG, chunk_size=chunk, steps=10, pyramid_extent=3)  # levels grow at steps 4 and 7
