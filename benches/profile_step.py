@@ -107,7 +107,14 @@ def _fwd_bwd_ms(fn, inputs: list[torch.Tensor], device: torch.device) -> float:
 
 
 def step_section(
-    backbone, classes: int, resolution: int, device: torch.device, steps: int, peak: float, copy_tbs: float | None
+    backbone,
+    flops: BackboneFlops,
+    classes: int,
+    resolution: int,
+    device: torch.device,
+    steps: int,
+    peak: float,
+    copy_tbs: float | None,
 ) -> dict:
     synset, optim, objective = distill_setup(backbone, DistillConfig(ipc=1, resolution=resolution), classes, device)
     seconds = statistics.median(step_seconds(objective, synset, optim, steps, device))
@@ -122,7 +129,6 @@ def step_section(
         synchronize(device)
     events = kernel_events(prof)
     top = sorted(events, key=lambda e: -e.self_device_time_total)[:25]
-    flops = backbone_flops(backbone, device)
     tflops = (flops.forward + flops.backward) * classes / seconds / 1e12
     graphed = None
     if device.type == "cuda":  # the same step replayed as a CUDA graph (--cuda-graph)
@@ -313,9 +319,9 @@ def main(argv: list[str] | None = None) -> dict:
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(result, indent=1, default=str))
 
+    flops, copy_tbs = backbone_flops(backbone, device), limits.get("copy TB/s (measured)")
     for classes in args.classes:
-        copy_tbs = limits.get("copy TB/s (measured)")
-        row = step_section(backbone, classes, resolution, device, args.steps, args.peak_tflops, copy_tbs)
+        row = step_section(backbone, flops, classes, resolution, device, args.steps, args.peak_tflops, copy_tbs)
         result["steps"].append(row)
         save()
         print_table([{k: v for k, v in row.items() if k not in ("top kernels", "stages", "budgets")}])
