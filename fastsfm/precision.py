@@ -85,7 +85,7 @@ def tf32_matmuls(dtype: torch.dtype | None):
     whose first op rounds their output to bf16 (unit roundoff 2**-9) and whose backward hands
     them a bf16 gradient; LGM's linear head reads bf16 features.  TF32 rounds the operands to 10
     mantissa bits (2**-11) and accumulates in float32, so its error stays below the rounding the
-    step already applies (``tests/test_tf32.py`` measures it on the render and the crop, values
+    step already applies (``benches/tf32_error.py`` measures it on the render and the crop, values
     and gradients, in float64 with the operands rounded as TF32 rounds them), and the products
     run on tensor cores instead of the SIMT units.  float16 steps (unit roundoff 2**-11, TF32's
     own) and float32 steps keep IEEE float32.  The flag is process-wide, so the backward, which

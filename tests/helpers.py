@@ -1,4 +1,9 @@
-"""Fixtures shared by the tests: loss problems, a random-init ViT at 16 px, toy images, an ImageNet-layout folder."""
+"""Fixtures shared by the tests: loss problems, a random-init ViT at 16 px, toy images, an ImageNet-layout folder,
+the benchmark scripts as modules."""
+
+import importlib.util
+import sys
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -11,6 +16,16 @@ from fastsfm.config import ClassifierConfig
 from fastsfm.stats import compute_stats
 
 TOY_CLASSIFIER = ClassifierConfig(classifier_epochs=5, classifier_lr=1e-2)
+BENCHES = Path(__file__).resolve().parents[1] / "benches"
+
+
+def bench(name: str):
+    """The script ``benches/<name>.py`` imported as a module (the benches are scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(name, BENCHES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses and pickling look modules up by name
+    spec.loader.exec_module(module)
+    return module
 
 
 def tiny_backbone(seed: int = 0):

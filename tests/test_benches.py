@@ -2,7 +2,6 @@
 not checked, only that they are produced): a benchmark that is never run rots."""
 
 import argparse
-import importlib.util
 import json
 import os
 import subprocess
@@ -10,20 +9,11 @@ import sys
 from pathlib import Path
 
 import pytest
-
-BENCHES = Path(__file__).resolve().parents[1] / "benches"
-
-
-def _bench(name: str):
-    spec = importlib.util.spec_from_file_location(name, BENCHES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses and pickling look modules up by name
-    spec.loader.exec_module(module)
-    return module
+from helpers import BENCHES, bench
 
 
 def test_bench_loss_runs_on_cpu(tmp_path):
-    rows = _bench("bench_loss").main(
+    rows = bench("bench_loss").main(
         ["--device", "cpu", "--shapes", "5:2:3:16,3:1:1:8", "--no-compile", "--out", str(tmp_path / "loss.csv")]
     )
     assert {r["method"] for r in rows} == {"torch (eager)", "reference (eager)"}
@@ -41,7 +31,7 @@ def test_bench_distill_runs_on_cpu_and_records_failures(tmp_path):
         {**base, "method": "sfm", "backbone": ["vit_tiny_patch16_224", "test_vit"]},  # SFM against K = 2 backbones
     ]
     args = ["--device", "cpu", "--runs", json.dumps(runs), "--steps", "1", "--profile", "--growth", "3:2:16"]
-    module = _bench("bench_distill")
+    module = bench("bench_distill")
     rows = module.main([*args, "--no-isolate", "--out", str(tmp_path / "d.csv")])
     assert [r["method"] for r in rows] == ["sfm", "lgm", "sfm", "sfm", "sfm", "offload growth"] and rows[2][
         "chunk"
@@ -60,7 +50,7 @@ def test_bench_distill_runs_on_cpu_and_records_failures(tmp_path):
 
 @pytest.mark.slow
 def test_gpu_check_smoke_runs_every_section(tmp_path):
-    module = _bench("gpu_check")
+    module = bench("gpu_check")
     report = module.main(["--smoke", "--out", str(tmp_path)])
     sections = {s["section"]: s["status"] for s in report.sections}
     assert list(sections) == [name for name, _ in module.SECTIONS] and set(sections.values()) == {"done"}, sections
@@ -122,7 +112,7 @@ def test_profile_step_reads_the_budgets_from_kernel_names_and_times():
 
     from fastsfm.benchmark import BackboneFlops
 
-    module = _bench("profile_step")
+    module = bench("profile_step")
     names = {
         "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x256x64": "matrix products",
         "nvjet_tst_128x256_64x4_1x2_h_bz_coopA_NNT": "matrix products",
@@ -150,7 +140,7 @@ def test_profile_step_reads_the_budgets_from_kernel_names_and_times():
 def test_demo_variants_held_out_runs_every_pairing(tmp_path):
     """The multi-backbone experiment: each shipped backbone held out, its two others alone and together."""
     args = ["--held-out", "--seeds", "1", "--steps", "2", "--eval-epochs", "1", "--out", str(tmp_path / "v")]
-    rows = _bench("demo_variants").main(args)
+    rows = bench("demo_variants").main(args)
     assert len(rows) == 3 * 5 and {r["held out"] for r in rows} == {"digits_vit", "digits_vit8", "digits_resnet"}
     assert {r["set"] for r in rows if r["held out"] == "digits_resnet"} >= {"digits_vit + digits_vit8", "digits_vit"}
     assert all(r["probe"] and r["inherit"] for r in rows) and (tmp_path / "held_out.md").exists()
