@@ -15,7 +15,7 @@ against their byte size (``pinned/data``, at most 1.1 is the target), and ``--gr
 row that grows an offloaded set through every pyramid level and reports the largest such ratio
 seen at any level.
 
-SFM against K = 2 and 4 backbones at once (:mod:`fastsfm.ensemble`; the paper's four at C = 100,
+SFM against K = 2 and 4 backbones at once (:mod:`fastsfm.models.ensemble`; the paper's four at C = 100,
 IPC = 1 in the paper preset) reports its time and memory over SFM's with the first backbone alone
 (``time /K=1``, ``memory /K=1``).
 
@@ -38,9 +38,7 @@ from pathlib import Path
 
 import torch
 
-from fastsfm import pinned
-from fastsfm.backbones import load_backbone
-from fastsfm.benchmark import (
+from fastsfm.bench.benchmark import (
     BackboneFlops,
     backbone_flops,
     environment,
@@ -49,12 +47,14 @@ from fastsfm.benchmark import (
     print_table,
     write_csv,
 )
+from fastsfm.bench.timing import distill_setup, profiler, run_step, synchronize, time_steps
 from fastsfm.config import DistillConfig, Precision, choices
-from fastsfm.ensemble import BackboneEnsemble
+from fastsfm.distill import pinned
+from fastsfm.distill.optim import ChunkAdam
+from fastsfm.distill.synset import SyntheticSet
 from fastsfm.io import atomic_write_json
-from fastsfm.optim import ChunkAdam
-from fastsfm.synset import SyntheticSet
-from fastsfm.timing import distill_setup, profiler, run_step, synchronize, time_steps
+from fastsfm.models.backbones import load_backbone
+from fastsfm.models.ensemble import BackboneEnsemble
 
 LOOP_STEPS = 5001
 PROFILE_RANGES = ("render", "augment", "backbone", "loss", "backward", "optimizer")

@@ -1,5 +1,5 @@
 """Registers, spills, shared memory and global access widths of every kernel specialisation, per GPU
-architecture, compiled here without a GPU (:mod:`fastsfm.kernel_report`).
+architecture, compiled here without a GPU (:mod:`fastsfm.bench.kernel_report`).
 
     python benches/compile_report.py                       # sm_90 and sm_80, C = 1000, IPC = 10
     python benches/compile_report.py --arch 90 --json benches/out/compile.json
@@ -51,8 +51,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--csv", type=Path, default=Path("benches/out/compile_report.csv"))
     args = parser.parse_args(argv)
     os.environ.pop("TRITON_INTERPRET", None)  # before triton is imported (by the next import)
-    from fastsfm import kernel_report
-    from fastsfm.benchmark import environment, print_table, write_csv
+    from fastsfm.bench import kernel_report
+    from fastsfm.bench.benchmark import environment, print_table, write_csv
 
     reason = kernel_report.unavailable()
     if reason:

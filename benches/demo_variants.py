@@ -1,12 +1,12 @@
 """Why are the demo's distilled digits colour patterns that transfer worse than real images?  The
 experiments behind README's "A representative demo": the demo (SFM only) under variants of its setting.
 
-Each variant runs :func:`fastsfm.demo.run_demo` with ``--seeds`` seeds and reports SFM's top-1 on the
+Each variant runs :func:`fastsfm.cli.demo.run_demo` with ``--seeds`` seeds and reports SFM's top-1 on the
 distillation backbone (same) and on the cross backbone (cross) in probe and inheritance modes, beside
 the random and centroid real images of the same backbones:
 
 * ``grey-pretrained backbones``: the earlier shipped weights, SimCLR without colour augmentation
-  (``--grey-weights DIR``, made by ``python -m fastsfm.pretrain --no-colour --out DIR``);
+  (``--grey-weights DIR``, made by ``python -m fastsfm.models.pretrain --no-colour --out DIR``);
 * ``colour-pretrained backbones``: the shipped weights (SimCLR with colour augmentation);
 * ``grey parameterisation``: one channel replicated to RGB (``channels="grey"``);
 * ``4 views``: four augmented copies per step;
@@ -16,7 +16,7 @@ the random and centroid real images of the same backbones:
 
 ``--held-out`` runs the multi-backbone experiment instead: for each of the three shipped backbones
 (``digits_vit``, ``digits_vit8``, ``digits_resnet``) held out, SFM distils the digits with each of the
-other two alone and with both at once (:mod:`fastsfm.ensemble`), and every set is evaluated on the
+other two alone and with both at once (:mod:`fastsfm.models.ensemble`), and every set is evaluated on the
 held-out backbone (probe, and inheritance of the first distillation backbone's classifier), beside
 random reals and the centroid reals of the first backbone, with ``--seeds`` seeds each.
 
@@ -37,14 +37,14 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from fastsfm.backbones import encode, from_config
-from fastsfm.baselines.sets import baseline_sources
-from fastsfm.benchmark import markdown_table
+from fastsfm.bench.benchmark import markdown_table
+from fastsfm.cli.demo import DEMO_BACKBONES, DEMO_CLASSIFIER, DEMO_DISTILL, DEMO_EVAL, DemoConfig, run_demo
 from fastsfm.config import BackboneConfig
-from fastsfm.datasets import digits
-from fastsfm.demo import DEMO_BACKBONES, DEMO_CLASSIFIER, DEMO_DISTILL, DEMO_EVAL, DemoConfig, run_demo
-from fastsfm.distill import distill
-from fastsfm.evaluate import Evaluator, FeatureCache, ImageSet, compare, mean_std, summarise
+from fastsfm.data.datasets import digits
+from fastsfm.distill.loop import distill
+from fastsfm.evaluate.baselines import baseline_sources
+from fastsfm.evaluate.evaluator import Evaluator, FeatureCache, ImageSet, compare, mean_std, summarise
+from fastsfm.models.backbones import encode, from_config
 from fastsfm.stats import compute_stats_many
 
 VARIANTS = {

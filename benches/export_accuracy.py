@@ -18,13 +18,21 @@ import tempfile
 from dataclasses import replace
 from pathlib import Path
 
-from fastsfm.backbones import from_config
-from fastsfm.benchmark import environment
+from fastsfm.bench.benchmark import environment
+from fastsfm.cli.demo import DEMO_BACKBONES, DEMO_EVAL
 from fastsfm.config import BackboneConfig
-from fastsfm.datasets import digits
-from fastsfm.demo import DEMO_BACKBONES, DEMO_EVAL
-from fastsfm.evaluate import Evaluator, FeatureCache, ImageSet, compare, format_markdown, load_image_set, summarise
-from fastsfm.export import export_image_folder
+from fastsfm.data.datasets import digits
+from fastsfm.evaluate.evaluator import (
+    Evaluator,
+    FeatureCache,
+    ImageSet,
+    compare,
+    format_markdown,
+    load_image_set,
+    summarise,
+)
+from fastsfm.evaluate.export import export_image_folder
+from fastsfm.models.backbones import from_config
 from fastsfm.stats import ClassStats
 
 

@@ -10,7 +10,7 @@ passed, so the report always comes back):
 1. environment: device, driver, torch/Triton/CUDA versions, and the two ceilings measured now
    (device-to-device copy bandwidth, bf16 matrix-product rate);
 2. ``pytest -m gpu``: every CUDA-only test (``--smoke``: their collection only);
-3. the fused loss against :mod:`fastsfm.reference` (float64) on CUDA: fp32/bf16/fp16, both
+3. the fused loss against :mod:`fastsfm.loss.reference` (float64) on CUDA: fp32/bf16/fp16, both
    objectives, class-contiguous and shuffled labels, N up to 50,000; the gradient's error is
    judged beyond the dtype's own rounding of the exact gradient (float16's is large at C = 1000);
 4. no host synchronisation in ``SFMLoss`` forward+backward (``set_sync_debug_mode("error")``),
@@ -64,7 +64,7 @@ class Report:
         )
 
     def write(self) -> None:
-        from fastsfm.benchmark import markdown_table
+        from fastsfm.bench.benchmark import markdown_table
         from fastsfm.io import atomic_write_json, atomic_write_text
 
         self.out.mkdir(parents=True, exist_ok=True)
@@ -129,7 +129,7 @@ def environment(ctx: Context) -> None:
             env["driver"] = subprocess.run(smi, capture_output=True, text=True, timeout=20).stdout.strip()
         except (OSError, subprocess.SubprocessError) as err:
             env["driver"] = f"unknown ({err})"
-        from fastsfm.benchmark import ceilings
+        from fastsfm.bench.benchmark import ceilings
 
         env.update(ceilings(ctx.device))
     ctx.report.environment = env
@@ -155,8 +155,8 @@ def loss_correctness(ctx: Context) -> None:
     import torch
 
     from fastsfm import sfm_loss
-    from fastsfm.benchmark import loss_problem
-    from fastsfm.reference import sfm_reference
+    from fastsfm.bench.benchmark import loss_problem
+    from fastsfm.loss.reference import sfm_reference
 
     sizes = [(5, 20, 24)] if ctx.smoke else [(100, 1000, 384), (1000, 10_000, 768), (1000, 50_000, 768)]
     tol = {torch.float32: 1e-4, torch.bfloat16: 2e-3, torch.float16: 2e-3}  # beyond the rounding floor
@@ -206,7 +206,7 @@ def sync_and_graphs(ctx: Context) -> None:
     import torch
 
     from fastsfm import SFMLoss
-    from fastsfm.benchmark import loss_problem
+    from fastsfm.bench.benchmark import loss_problem
 
     z, y, mu = loss_problem(10_000, 1000, 768, device=ctx.device, seed=1)
     module = SFMLoss(mu).to(ctx.device)
@@ -397,10 +397,10 @@ def bench_distill_section(ctx: Context) -> None:
 def digits_section(ctx: Context) -> None:
     import tempfile
 
-    from fastsfm.backbones import load_backbone
-    from fastsfm.datasets import digits
-    from fastsfm.demo import DEMO_CLASSIFIER, DEMO_DISTILL
-    from fastsfm.distill import distill
+    from fastsfm.cli.demo import DEMO_CLASSIFIER, DEMO_DISTILL
+    from fastsfm.data.datasets import digits
+    from fastsfm.distill.loop import distill
+    from fastsfm.models.backbones import load_backbone
     from fastsfm.stats import dataset_stats
 
     precision = "fp32" if ctx.smoke else "bf16"

@@ -8,7 +8,7 @@ Three parts (each prints a table; ``--out`` writes everything as JSON):
 
 * **host** (``--host``, any machine, no GPU needed): one ``SFMLoss`` forward+backward (Triton
   path, C = 1000, N = 10,000, D = 768, bf16) with Triton's real Python launch path and only the
-  driver call stubbed (:class:`fastsfm.stub_driver.StubDriver`: kernels compiled for sm_90,
+  driver call stubbed (:class:`fastsfm.bench.stub_driver.StubDriver`: kernels compiled for sm_90,
   launches counted, not run), beside an empty ``torch.autograd.Function`` forward+backward (the
   floor of any autograd loss) -- host microseconds per call, medians of ``--repeats`` batches,
   the launches per call, and the same call with every launch forced through Triton's JIT binder
@@ -49,9 +49,17 @@ elif "--smoke" in sys.argv and not os.path.exists("/dev/nvidiactl"):
 
 import torch
 
-from fastsfm import SFMLoss, ops
-from fastsfm.benchmark import cuda_graph, environment, kernel_events, loss_problem, print_table, time_ms
-from fastsfm.timing import profiler, synchronize
+from fastsfm import SFMLoss
+from fastsfm.bench.benchmark import (
+    cuda_graph,
+    environment,
+    kernel_events,
+    loss_problem,
+    print_table,
+    time_ms,
+)
+from fastsfm.bench.timing import profiler, synchronize
+from fastsfm.loss import ops
 
 
 def profile_loss(c: int, ipc: int, d: int, dtype: torch.dtype, device: torch.device, steps: int = 50) -> dict:
@@ -134,9 +142,9 @@ def _per_call_us(fn, calls: int, repeats: int) -> float:
 def host_cost(c: int = 1000, ipc: int = 10, d: int = 768, calls: int = 300, repeats: int = 7) -> dict:
     """Host microseconds per ``SFMLoss`` forward+backward with launches stubbed (no GPU), beside an
     empty ``autograd.Function`` and beside every launch through Triton's JIT binder."""
-    from fastsfm import kernel_report
-    from fastsfm.kernels import LAUNCHERS
-    from fastsfm.stub_driver import stub_driver
+    from fastsfm.bench import kernel_report
+    from fastsfm.bench.stub_driver import stub_driver
+    from fastsfm.kernels.launch import LAUNCHERS
 
     reason = kernel_report.unavailable()
     if reason:
@@ -278,7 +286,7 @@ def loss_check(device: torch.device, c: int = 1000, d: int = 768) -> dict:
 def _host_split(step) -> dict:
     """Host microseconds per forward+backward on this machine, split into Python (every cached
     launch's driver call replaced by a no-op) and the driver calls (the difference)."""
-    from fastsfm.kernels import LAUNCHERS
+    from fastsfm.kernels.launch import LAUNCHERS
 
     total = _per_call_us(step, 300, 5)
     compiled = [kernel for launcher in LAUNCHERS for kernel, _ in launcher.cache.values()]

@@ -41,12 +41,20 @@ import torch
 import torch.nn.functional as F
 
 from fastsfm import rng
-from fastsfm.backbones import load_backbone
-from fastsfm.benchmark import BackboneFlops, backbone_flops, ceilings, environment, kernel_events, print_table, time_ms
+from fastsfm.bench.benchmark import (
+    BackboneFlops,
+    backbone_flops,
+    ceilings,
+    environment,
+    kernel_events,
+    print_table,
+    time_ms,
+)
+from fastsfm.bench.timing import distill_setup, profiler, run_step, step_seconds, synchronize
 from fastsfm.config import DistillConfig
-from fastsfm.objectives.graphed import WARMUP_STEPS, GraphedStep
-from fastsfm.precision import tf32_matmuls
-from fastsfm.timing import distill_setup, profiler, run_step, step_seconds, synchronize
+from fastsfm.distill.objectives.graphed import WARMUP_STEPS, GraphedStep
+from fastsfm.models.backbones import load_backbone
+from fastsfm.models.precision import tf32_matmuls
 
 KERNEL_CLASSES = (
     ("attention", ("flash", "fmha", "attention", "sdpa")),
@@ -168,7 +176,7 @@ def _stages(objective, synset, n: int, device: torch.device) -> list[dict]:
         {"stage": "augment", "ms": _fwd_bwd_ms(lambda x: objective.augment(x, keys), [images], device)},
         {"stage": "backbone", "ms": _fwd_bwd_ms(objective.backbone, [crops], device)},
     ]
-    from fastsfm import ops
+    from fastsfm.loss import ops
 
     def loss(f):
         _, grads = objective.finish(objective.accumulate(f.detach(), plans, None))

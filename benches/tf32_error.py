@@ -12,7 +12,7 @@ worst case).  Per conversion it prints the relative L2 error of
 * the levels' gradient, beside the error of the gradient a bf16 backbone hands the crops (a random
   ``vit_tiny`` under bf16 autocast against float32, carried back through the exact render and crop).
 
-``tests/test_tf32.py`` asserts on these numbers; README's deviation table quotes them.  Never
+``tests/models/test_tf32.py`` asserts on these numbers; README's deviation table quotes them.  Never
 touches tracked files.
 """
 
@@ -24,10 +24,10 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastsfm import rng
-from fastsfm.augment import BatchAugment
-from fastsfm.backbones import load_backbone
-from fastsfm.benchmark import print_table
-from fastsfm.synset import SyntheticSet
+from fastsfm.bench.benchmark import print_table
+from fastsfm.data.augment import BatchAugment
+from fastsfm.distill.synset import SyntheticSet
+from fastsfm.models.backbones import load_backbone
 
 aten = torch.ops.aten
 PRODUCTS = {aten.mm.default, aten.bmm.default, aten.addmm.default, aten.baddbmm.default}

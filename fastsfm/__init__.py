@@ -1,8 +1,8 @@
 """fastsfm: statistical flow matching dataset distillation with fused Triton kernels."""
 
-from . import functional
-from .functional import sfm_loss
-from .loss import SFMLoss
+from .loss import functional
+from .loss.functional import sfm_loss
+from .loss.module import SFMLoss
 from .stats import ClassStats
 
 __all__ = ["SFMLoss", "ClassStats", "sfm_loss", "functional"]

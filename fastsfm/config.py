@@ -69,7 +69,7 @@ Init = Literal["noise", "real"]
 Precision = Literal["auto", "bf16", "fp16", "fp32"]
 """Backbone precision under ``torch.autocast``: ``auto`` is bf16 on CUDA and fp32 on CPU; fp16 uses
 the authors' fixed x1024 loss scale.  Statistics and losses are always float32; a bf16 step's other
-float32 matrix products (render, crop) run in TF32 (:func:`fastsfm.precision.tf32_matmuls`)."""
+float32 matrix products (render, crop) run in TF32 (:func:`fastsfm.models.precision.tf32_matmuls`)."""
 
 Attention = Literal["auto", "flash", "efficient", "cudnn", "math"]
 """The backbone's scaled-dot-product attention kernel: ``auto`` (PyTorch's own choice per call) or one
@@ -80,7 +80,7 @@ Preprocess = Literal["authors", "model"]
 code does) or ``model`` (the mean/std of the model's own timm configuration)."""
 
 Baseline = Literal["random", "centroid", "kmeans", "neighbors"]
-"""Real-image baselines (:mod:`fastsfm.baselines.sets`): random reals, the reals nearest the class
+"""Real-image baselines (:mod:`fastsfm.evaluate.baselines`): random reals, the reals nearest the class
 centroid (the authors'), the reals nearest k-means centres (its extension beyond IPC 1), and the
 reals nearest each synthetic image (a memorisation check)."""
 
@@ -263,7 +263,8 @@ class BackboneConfig:
 
     backbone: str | None = option(
         None,
-        "a paper alias (dinov2_vitb14, clip_vitb16, eva02_vitb14, mocov3_vitb16, ...; see fastsfm.backbones.ALIASES), "
+        "a paper alias (dinov2_vitb14, clip_vitb16, eva02_vitb14, mocov3_vitb16, ...; "
+        "see fastsfm.models.backbones.ALIASES), "
         "an author name (dinov2_vitb, ...) or any timm name (default: dinov2_vitb14; digits: digits_vit)",
     )
     weights: str | None = option(
@@ -303,7 +304,8 @@ class BackboneConfig:
             raise ValueError("weights and random_init exclude each other: give one")
 
     def pretrained(self) -> bool | str:
-        """What :func:`fastsfm.backbones.load_backbone` takes: the weights, False (random init) or True (caches)."""
+        """What :func:`fastsfm.models.backbones.load_backbone` takes: the weights, False (random init) or
+        True (caches)."""
         return False if self.random_init else (self.weights or True)
 
 

@@ -20,12 +20,12 @@ from safetensors import SafetensorError
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from .backbones import Backbone
 from .config import ClassifierConfig, Precision
+from .data.images import fingerprint, loader_kwargs
 from .distributed import control_group, gather_to_rank0, interleave_shards, rank_world, shard_dataset
-from .images import fingerprint, loader_kwargs
 from .io import atomic_save_safetensors, read_safetensors
-from .probe import fit_linear_classifier
+from .models.backbones import Backbone
+from .models.classifier import fit_linear_classifier
 from .progress import track
 
 __all__ = [
@@ -146,7 +146,7 @@ def stats_file(folder: str | Path, backbone: str) -> Path:
 def input_crops(backbones: Sequence[Backbone]) -> int | tuple[int, ...]:
     """The centre crops a statistics pass over ``backbones`` reads: their one input size, or a tuple
     of their distinct sizes in order (the data then gives a tuple of views per image,
-    :func:`fastsfm.images.view_transform`)."""
+    :func:`fastsfm.data.images.view_transform`)."""
     sizes = tuple(dict.fromkeys(b.input_size for b in backbones))
     return sizes[0] if len(sizes) == 1 else sizes
 
@@ -288,7 +288,7 @@ def dataset_stats_many(
     precision: Precision = "fp32",
     features_path: str | Path | Sequence[str | Path] | None = None,
 ) -> list[ClassStats]:
-    """:func:`compute_stats_many` of an :class:`fastsfm.images.ImageData`'s train split (its centre-crop
+    """:func:`compute_stats_many` of an :class:`fastsfm.data.images.ImageData`'s train split (its centre-crop
     view: load the data with ``crop=input_crops(backbones)``), identified by name and file
     fingerprint; under ``torch.distributed`` each rank reads its shard of the images."""
     loader = DataLoader(

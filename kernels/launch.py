@@ -48,7 +48,7 @@ class Launcher:
     order), skipping the binder.  The key must hold everything Triton specialises on that can
     vary between calls -- the device, tensor dtypes, whether a pointer is 16-byte aligned,
     integer arguments (their value decides ``== 1`` and divisibility by 16) -- the callers pass
-    them (:func:`fastsfm.kernels.class_sums` and friends).  Under the interpreter, while Dynamo
+    them (:func:`fastsfm.kernels.sfm.sums.class_sums` and friends).  Under the interpreter, while Dynamo
     traces (``torch.compile`` captures the plain JIT launch), and on Triton versions whose
     compiled kernels lack the launcher fields, every call goes through the JIT.
     """

@@ -10,9 +10,9 @@ import torch
 from PIL import Image
 from torch.utils.data import TensorDataset
 
-from fastsfm.backbones import load_backbone
-from fastsfm.benchmark import loss_problem as make_problem  # noqa: F401 - re-exported for the tests
+from fastsfm.bench.benchmark import loss_problem as make_problem  # noqa: F401 - re-exported for the tests
 from fastsfm.config import ClassifierConfig
+from fastsfm.models.backbones import load_backbone
 from fastsfm.stats import compute_stats
 
 TOY_CLASSIFIER = ClassifierConfig(classifier_epochs=5, classifier_lr=1e-2)
@@ -110,7 +110,7 @@ class Recorder:
 
 def grown_set(seed=1, classes=3, ipc=4, size=16):
     """A synthetic set with three pyramid levels (grown at steps 2 and 3 with extent 1)."""
-    from fastsfm.synset import SyntheticSet
+    from fastsfm.distill.synset import SyntheticSet
 
     synset = SyntheticSet(classes, ipc, size, extent=1, seed=seed)
     for step in range(1, 4):

@@ -20,13 +20,13 @@ from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
 from fastsfm import SFMLoss
-from fastsfm.backbones import load_backbone
-from fastsfm.distill import DistillConfig, distill
+from fastsfm.distill.loop import DistillConfig, distill
+from fastsfm.distill.objectives import SFMObjective
+from fastsfm.distill.synset import SyntheticSet
 from fastsfm.distributed import init_from_env, interleave_shards, shard_classes, shard_dataset, shutdown
-from fastsfm.ensemble import BackboneEnsemble
-from fastsfm.objectives import SFMObjective
+from fastsfm.models.backbones import load_backbone
+from fastsfm.models.ensemble import BackboneEnsemble
 from fastsfm.stats import ClassStats, compute_stats, compute_stats_many
-from fastsfm.synset import SyntheticSet
 
 CFG = DistillConfig(ipc=2, steps=5, lr=0.05, resolution=16, pyramid_extent=2, checkpoint_every=2, views=2)
 
@@ -188,7 +188,7 @@ _TORCHRUN_RANK = """
 import os, sys
 from fastsfm.distributed import init_from_env, run_on_all, shutdown
 init_from_env()
-from fastsfm.backbones import load_backbone  # timm, imported after the group exists (as the CLI does)
+from fastsfm.models.backbones import load_backbone  # timm, imported after the group exists (as the CLI does)
 load_backbone("vit_tiny_patch16_224", pretrained=False, image_size=16)
 run_on_all(lambda: None)
 shutdown()

@@ -5,7 +5,13 @@ import os
 import pytest
 import torch
 
-from fastsfm.io import atomic_save_safetensors, atomic_write_json, concat_safetensors, read_json, read_safetensors
+from fastsfm.io import (
+    atomic_save_safetensors,
+    atomic_write_json,
+    concat_safetensors,
+    read_json,
+    read_safetensors,
+)
 
 
 def test_a_failed_write_leaves_the_previous_file_and_no_temporary(tmp_path):

@@ -1,6 +1,7 @@
-"""The package's shape, read from its source (ast): no import cycles, lower layers import nothing above
-them, ``__all__`` lists what other modules import, library modules log instead of printing, and no
-comment points outside the repository."""
+"""The package's shape, read from its source (ast): wings by concern on floors (a wing imports only its
+own modules and wings below it, lazy imports included), no import cycles, only the loss's autograd ops
+import the kernels, ``__all__`` lists what other modules import, library modules log instead of
+printing, and no comment points outside the repository."""
 
 import ast
 import importlib
@@ -8,27 +9,33 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "fastsfm"
-LOWER = {
-    "fastsfm.config",
-    "fastsfm.rng",
-    "fastsfm.io",
-    "fastsfm.reference",
-    "fastsfm.pinned",
-    "fastsfm.weights",
-    "fastsfm.images",
-    "fastsfm.progress",
-    "fastsfm.precision",
-    "fastsfm.metrics",
-    "fastsfm.distributed",
-    "fastsfm.signals",
-    "fastsfm.kernels",
-    "fastsfm.kernels.sums",
-    "fastsfm.kernels.epilogue",
-    "fastsfm.kernels.backward",
-    "fastsfm.kernels.launch",
+FOUNDATIONS = {"config", "io", "rng", "progress", "distributed", "signals"}
+"""The small modules at the top of ``fastsfm/``: they import only one another."""
+FLOORS = {
+    "foundations": 1,
+    "kernels": 2,
+    "loss": 3,
+    "data": 3,
+    "models": 4,
+    "stats": 5,
+    "distill": 6,
+    "evaluate": 6,
+    "bench": 7.1,
+    "reproduce": 7.2,
+    "cli": 7.3,
 }
-"""The bottom layers: they may import one another, nothing else of fastsfm."""
-FRONT_ENDS = {"fastsfm.cli", "fastsfm.demo", "fastsfm.pretrain", "fastsfm.progress", "fastsfm.benchmark"}
+"""The floor of each wing (README's Architecture): a wing imports only wings on lower floors.
+Floor 7 is ordered: the bench helpers, then the grid (whose projection times steps with them),
+then the command line (which runs the grid and the demo)."""
+KERNEL_IMPORTERS = {"fastsfm.loss.ops", "fastsfm.bench.kernel_report"}
+"""The loss's autograd ops launch the kernels; the kernel report intercepts their launchers."""
+FRONT_ENDS = {
+    "fastsfm.cli.commands",
+    "fastsfm.cli.demo",
+    "fastsfm.models.pretrain",
+    "fastsfm.progress",
+    "fastsfm.bench.benchmark",
+}
 """Modules that talk to a user (they may print): the command line, the demo, the pretraining script,
 progress lines on a stream, the table printer of ``benches/``."""
 
@@ -38,8 +45,9 @@ def _modules() -> dict[str, Path]:
     for path in PACKAGE.rglob("*.py"):
         parts = list(path.relative_to(REPO).with_suffix("").parts)
         found[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
-    for path in (REPO / "kernels").glob("*.py"):  # installed as fastsfm.kernels
-        found["fastsfm.kernels" if path.stem == "__init__" else f"fastsfm.kernels.{path.stem}"] = path
+    for path in (REPO / "kernels").rglob("*.py"):  # installed as fastsfm.kernels
+        parts = ["fastsfm", *path.relative_to(REPO).with_suffix("").parts]
+        found[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
     return found
 
 
@@ -48,7 +56,11 @@ MODULES = _modules()
 
 def _imports(name: str, path: Path) -> list[tuple[str, str | None]]:
     """``(module, imported name)`` of every fastsfm import in a module, at any depth (lazy imports too)."""
-    tree = ast.parse(path.read_text())
+    return _imports_of(name, path, path.read_text())
+
+
+def _imports_of(name: str, path: Path, source: str) -> list[tuple[str, str | None]]:
+    tree = ast.parse(source)
     base = name.split(".") if path.stem == "__init__" else name.split(".")[:-1]
     found = []
     for node in ast.walk(tree):
@@ -94,9 +106,45 @@ def test_no_import_cycles():
     assert _cycle() is None, " -> ".join(_cycle())
 
 
-def test_lower_layers_import_nothing_above_them():
-    upward = {(m, dep) for m in LOWER for dep in GRAPH[m] if dep not in LOWER}
+def wing(module: str) -> str:
+    """The wing of a module name: ``fastsfm.loss.ops`` -> ``loss``; a foundation -> ``foundations``."""
+    parts = module.split(".")
+    if module == "fastsfm":
+        return "face"
+    return "foundations" if parts[1] in FOUNDATIONS else parts[1]
+
+
+def test_every_module_is_in_a_wing_or_a_foundation():
+    loose = [name for name in MODULES if name != "fastsfm" and wing(name) not in FLOORS]
+    assert not loose, f"modules outside the wings {sorted(FLOORS)}: {loose}"
+    flat = sorted(p.stem for p in PACKAGE.glob("*.py") if p.stem != "__init__")
+    assert set(flat) == FOUNDATIONS | {"stats"}
+    for name, path in MODULES.items():
+        if path.name == "__init__.py" and name.count(".") == 1:
+            assert ast.get_docstring(ast.parse(path.read_text())), f"{name} says what the wing does"
+
+
+def test_wings_import_only_their_own_floor_or_below():
+    upward = sorted(
+        f"{name} ({wing(name)}) imports {dep} ({wing(dep)})"
+        for name in MODULES
+        if name != "fastsfm"
+        for dep in GRAPH[name] - {"fastsfm"}  # the package face: only its __version__ is read below it
+        if wing(dep) != wing(name) and FLOORS[wing(dep)] >= FLOORS[wing(name)]
+    )
     assert not upward
+
+
+def test_only_the_autograd_ops_import_the_kernels():
+    importers = {n for n in MODULES if wing(n) != "kernels" and any(wing(d) == "kernels" for d in GRAPH[n])}
+    assert importers <= KERNEL_IMPORTERS and "fastsfm.loss.ops" in importers
+
+
+def test_the_floor_check_sees_an_upward_import():
+    """The checks above read real imports: a lazy import of a higher wing is found."""
+    tree = "def f():\n    from ..distill.loop import distill\n"
+    found = [m for m, _ in _imports_of("fastsfm.data.images", PACKAGE / "data" / "images.py", tree)]
+    assert found == ["fastsfm.distill.loop"] and FLOORS[wing(found[0])] > FLOORS["data"]
 
 
 def test_all_lists_what_other_modules_import():
@@ -110,6 +158,8 @@ def test_all_lists_what_other_modules_import():
                 missing.append(f"{name} imports {module}.{imported}")
     assert not missing
     for module in MODULES:
+        if module.endswith("__main__"):  # importing it runs the command line
+            continue
         loaded = importlib.import_module(module)
         assert all(hasattr(loaded, n) for n in getattr(loaded, "__all__", [])), module
 
@@ -126,7 +176,8 @@ def test_library_modules_log_instead_of_printing():
 
 
 def test_sources_point_to_papers_and_repositories_not_to_local_folders():
-    files = [*MODULES.values(), *REPO.glob("benches/*.py"), *REPO.glob("tests/*.py"), *PACKAGE.rglob("resources/*.*")]
+    tests = REPO.glob("tests/**/*.py")
+    files = [*MODULES.values(), *REPO.glob("benches/*.py"), *tests, *PACKAGE.rglob("resources/*.*")]
     outside = "shared" + "/"  # a folder beside the repository, which users do not have
     assert not [str(p) for p in files if outside in p.read_text()]
     assert not [str(p) for p in [*MODULES.values(), *REPO.glob("benches/*.py")] if "sys.path" in p.read_text()]

@@ -5,7 +5,7 @@ import numpy as np
 import torch
 
 from fastsfm import rng
-from fastsfm.synset import SyntheticSet
+from fastsfm.distill.synset import SyntheticSet
 
 C, IPC = 1000, 50
 

@@ -7,14 +7,14 @@ from pathlib import Path
 
 import torch
 
-from ..backbones import Backbone, from_config
-from ..baselines.sets import Selection, select
+from ..data.images import ImageData, labels_of
+from ..data.setfile import load_images
 from ..distributed import rank_world
-from ..evaluate import Evaluator, FeatureCache, ImageSet, compare
-from ..images import ImageData, labels_of
+from ..evaluate.baselines import Selection, select
+from ..evaluate.evaluator import Evaluator, FeatureCache, ImageSet, compare
 from ..io import atomic_write_json, read_safetensors
+from ..models.backbones import Backbone, from_config
 from ..stats import ClassStats, dataset_stats_many
-from ..synset import load_images
 from .config import GridConfig, input_size, members
 from .plan import DISTILLED, Cell, backbone_folder, canonical
 
@@ -62,7 +62,7 @@ class Run:
     def features(self, dataset: str, backbone: str) -> torch.Tensor:
         """The backbone's features of the train split's statistics view: those the statistics cell
         wrote (no image is decoded again), else encoded now (grids started before that file existed)."""
-        from ..backbones import encode
+        from ..models.backbones import encode
 
         key = (dataset, backbone)
         if key not in self.train_features:
@@ -110,7 +110,7 @@ def run_stats(run: Run, cell: Cell) -> None:
 
 
 def run_distill(run: Run, cell: Cell) -> None:
-    from ..distill import distill
+    from ..distill.loop import distill
 
     folder = cell.path.parent
     names = members(cell.backbone)

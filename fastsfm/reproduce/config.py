@@ -8,7 +8,6 @@ from pathlib import Path
 
 import torch
 
-from ..backbones import resolve_name
 from ..config import (
     METHOD_VIEWS,
     BackboneConfig,
@@ -18,8 +17,9 @@ from ..config import (
     GridMethod,
     choices,
 )
-from ..datasets import DatasetSpec
+from ..data.datasets import DatasetSpec
 from ..distributed import WAIT_HOURS
+from ..models.backbones import resolve_name
 
 try:
     import tomllib
@@ -61,7 +61,7 @@ class GridConfig:
     """One grid; every field has a TOML key of the same name (sections: distill, eval, classifier,
     backbone -- the configs themselves, :mod:`fastsfm.config`, validated as they are everywhere).
 
-    ``datasets``: entries in the command line's ``--data`` grammar (:class:`fastsfm.datasets.DatasetSpec`):
+    ``datasets``: entries in the command line's ``--data`` grammar (:class:`fastsfm.data.datasets.DatasetSpec`):
     ImageNet subset names (``imagenet-100``, ...), ``torchvision:<Class>`` -- on ``root``, unless
     the entry names its own (``imagenet-100:/data/imagenet``) --, ``folder:<dir>`` (``dir/train``
     and ``dir/val`` ImageFolders) or ``digits``.
@@ -73,7 +73,7 @@ class GridConfig:
     synthetic side, ``real_precision`` of statistics and test features, ``random_init``); the
     ``weights`` table gives local weights per backbone.  ``ensembles``: lists of backbones (each
     list at least two of ``backbones``) for which SFM distils one set against all of them at once
-    (:mod:`fastsfm.ensemble`); such a cell is named by its members joined with ``+``, reuses the
+    (:mod:`fastsfm.models.ensemble`); such a cell is named by its members joined with ``+``, reuses the
     members' statistics, and is evaluated (with the first member's real classifier for inheritance)
     on ``eval_backbones`` (``"same"``: its members).  ``wait_hours``: how long ranks wait for
     rank 0's work under torchrun (:mod:`fastsfm.distributed`).
@@ -113,7 +113,7 @@ class GridConfig:
         return list(self.backbones) if self.eval_backbones == "all" else list(self.eval_backbones)
 
     def dataset(self, entry: str) -> DatasetSpec:
-        """A ``datasets`` entry in the command line's grammar (:class:`fastsfm.datasets.DatasetSpec`),
+        """A ``datasets`` entry in the command line's grammar (:class:`fastsfm.data.datasets.DatasetSpec`),
         ``root`` where the entry names none."""
         return DatasetSpec.parse(entry, root=self.root)
 
@@ -200,7 +200,7 @@ def input_size(grid: GridConfig) -> int:
 
 def validate_grid(grid: GridConfig) -> None:
     """Every check that needs no heavy work, so a bad config fails before anything runs."""
-    from ..imagenet import SUBSETS, check_imagenet_root
+    from ..data.imagenet import SUBSETS, check_imagenet_root
 
     allowed = choices(GridMethod)
     bad = [m for m in grid.methods if m not in allowed]
@@ -218,7 +218,7 @@ def validate_grid(grid: GridConfig) -> None:
     unknown = [b for b in named if not _backbone_known(b)]
     if unknown:
         raise ValueError(
-            f"unknown backbones {unknown}: use a fastsfm alias (fastsfm.backbones.ALIASES), an author "
+            f"unknown backbones {unknown}: use a fastsfm alias (fastsfm.models.backbones.ALIASES), an author "
             "name or a timm model name"
         )
     for ensemble in grid.ensembles:

@@ -28,7 +28,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..backbones import resolve_name
+from ..models.backbones import resolve_name
 from .config import ENSEMBLE_SEP, GridConfig, members
 
 __all__ = ["Cell", "plan_grid", "dataset_folder", "backbone_folder", "canonical", "DISTILLED"]

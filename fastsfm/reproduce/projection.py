@@ -2,7 +2,7 @@
 
 Measured on the device the grid would run on, with random weights (time does not depend on them):
 a distillation step of every distillation cell (an ensemble's: every member on the same crops)
-(:func:`fastsfm.timing.distill_setup`, all pyramid levels), the forward throughput of every backbone, and the
+(:func:`fastsfm.bench.timing.distill_setup`, all pyramid levels), the forward throughput of every backbone, and the
 **decode throughput of the real files** (the dataset's own transform: JPEG decode, resize, crop, per loader worker).
 Passes over real images -- statistics (one pass per dataset for every backbone), baselines that encode the train
 split, test features -- are projected from the smaller of decode (workers x images/s per worker) and encode
@@ -16,10 +16,10 @@ import time
 
 import torch
 
-from ..backbones import Backbone, from_config
-from ..ensemble import BackboneEnsemble, members_of
-from ..images import default_workers
-from ..timing import distill_setup, synchronize, time_steps
+from ..bench.timing import distill_setup, synchronize, time_steps
+from ..data.images import default_workers
+from ..models.backbones import Backbone, from_config
+from ..models.ensemble import BackboneEnsemble, members_of
 from .cells import Run, pending_stats
 from .config import GridConfig, members
 from .plan import Cell

@@ -4,7 +4,8 @@
 training sets, columns: backbones, mean ± std over seeds, the LGM paper's published number in
 parentheses where a cell matches) and the cross-backbone matrix of each distilled method
 (distillation backbone x evaluation backbone; SFM's also has a row per ensemble, ``a+b``).  Rows of scores are
-summarised with :func:`fastsfm.evaluate.summarise`, cells written with :func:`fastsfm.evaluate.mean_std`.
+summarised with :func:`fastsfm.evaluate.evaluator.summarise`, cells written with
+:func:`fastsfm.evaluate.evaluator.mean_std`.
 """
 
 from __future__ import annotations
@@ -15,9 +16,9 @@ import json
 import statistics
 from pathlib import Path
 
-from ..backbones import resolve_name
-from ..evaluate import Score, mean_std, summarise
+from ..evaluate.evaluator import Score, mean_std, summarise
 from ..io import atomic_write_json, atomic_write_text
+from ..models.backbones import resolve_name
 from .config import ENSEMBLE_SEP, GridConfig
 from .plan import DISTILLED, backbone_folder, canonical, dataset_folder
 

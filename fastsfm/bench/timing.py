@@ -1,0 +1,181 @@
+"""The timed distillation step: what the demo, the grid's projection and ``benches/`` measure.
+
+:func:`distill_setup` builds a step as after the pyramid's last growth (random statistics and
+images: time and memory do not depend on the values); :func:`run_step`, :func:`step_seconds`
+and :func:`time_steps` time it; :func:`step_peak_bytes` measures its peak memory (CUDA's
+allocator, or the CPU profiler's allocation events).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterator
+
+import torch
+
+__all__ = [
+    "distill_setup",
+    "run_step",
+    "time_steps",
+    "step_seconds",
+    "step_peak_bytes",
+    "peak_extra_bytes",
+    "profiler",
+    "synchronize",
+]
+
+
+def peak_extra_bytes(fn: Callable[[], object], device: torch.device) -> int | None:
+    """Peak CUDA memory ``fn`` allocates beyond what was live before it (None on CPU)."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - before
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Send file descriptor 2 to /dev/null for the block (output written by C++ code, not Python's)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(os.devnull, "w") as null:
+        os.dup2(null.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+@contextlib.contextmanager
+def profiler(device: torch.device, **kwargs: object) -> Iterator[torch.profiler.profile]:
+    """``torch.profiler.profile`` of CPU activity (and CUDA's on a GPU). On CPU the profiler's C++ side
+    prints start/stop lines and a failed CUDA probe to file descriptor 2 on every use; they are
+    dropped there so that a benchmark's log stays readable."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with _quiet_stderr() if device.type == "cpu" else contextlib.nullcontext():
+        with torch.profiler.profile(activities=activities, **kwargs) as prof:
+            yield prof
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the work queued on ``device`` (nothing is queued on a CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def step_peak_bytes(fn: Callable[[], object], device: torch.device) -> int:
+    """Peak memory ``fn`` allocates beyond what was live before it: CUDA's allocator statistics, or on
+    CPU the profiler's memory events (each operation's own allocations and frees, in order) -- the
+    tensors of the step, not the process's resident set."""
+    if device.type == "cuda":
+        return peak_extra_bytes(fn, device)
+    with profiler(device, profile_memory=True) as prof:
+        fn()
+    deltas = sorted((e.time_range.start, e.self_cpu_memory_usage) for e in prof.events() if e.self_cpu_memory_usage)
+    current = peak = 0
+    for _, delta in deltas:
+        current += delta
+        peak = max(peak, current)
+    return peak
+
+
+class _Cycled(torch.utils.data.Dataset):
+    """``base`` seen as ``length`` items (item i is ``base[i % len(base)]``): enough distinct indices
+    for one real batch of LGM without holding that many random images."""
+
+    def __init__(self, base, length: int):
+        self.base, self.length = base, length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, i: int):
+        return self.base[i % len(self.base)]
+
+
+def distill_setup(
+    backbone,
+    config,
+    classes: int,
+    device: torch.device,
+    real_per_class: int = 2,
+    seed: int = 0,
+):
+    """What one timed distillation step needs: random statistics of ``backbone`` (of each member of a
+    :class:`fastsfm.models.ensemble.BackboneEnsemble`) for ``classes`` classes, random real images at
+    ``config.resolution``
+    (``real_per_class`` each, cycled to as many indices as one LGM real batch needs), a synthetic set with every
+    pyramid level (as after its last growth), its optimiser and the objective of
+    ``config.method`` -- ``(synset, optim, objective)``.  Time and memory do not depend on the values."""
+    from torch.utils.data import TensorDataset
+
+    from ..distill.objectives import build_objective
+    from ..distill.optim import ChunkAdam
+    from ..distill.synset import SyntheticSet
+    from ..models.ensemble import members_of
+    from ..stats import ClassStats
+
+    res = config.resolution
+    gen = torch.Generator().manual_seed(seed)
+    stats = [
+        ClassStats(
+            torch.randn(classes, member.feature_dim, generator=gen),
+            torch.full((classes,), real_per_class),
+            torch.zeros(classes, member.feature_dim),
+            torch.zeros(classes),
+            [str(i) for i in range(classes)],
+            {"backbone": member.identity},
+        ).to(device)
+        for member in members_of(backbone)
+    ]
+    real = TensorDataset(
+        torch.rand(classes * real_per_class, 3, res, res, generator=gen),
+        torch.arange(classes).repeat_interleave(real_per_class),
+    )
+    batch = config.ipc * config.effective_views * classes  # LGM's real batch: at least that many indices
+    real = _Cycled(real, max(len(real), batch))
+    storage = "cpu" if config.offload else device
+    synset = SyntheticSet(classes, config.ipc, res, extent=1, storage=storage, offload=config.offload, seed=seed)
+    step = 0
+    while len(synset.levels) < len(synset.sizes):
+        step += 1
+        synset.grow(step, device)
+    optim = ChunkAdam(synset, config.lr, check_finite=backbone.autocast_dtype() == torch.float16)
+    return synset, optim, build_objective(config, backbone, stats, device, real=real)
+
+
+def run_step(objective, synset, optim, step: int) -> float:
+    """One step as the distillation loop runs it: queue it, read the loss back, finish the optimiser step."""
+    loss = float(objective.step(synset, optim, step))
+    optim.finish_step()
+    return loss
+
+
+def time_steps(objective, synset, optim, steps: int, device: torch.device) -> float:
+    """Seconds per step over ``steps`` steps, after one warm-up step (which also sizes the chunks):
+    the mean of :func:`step_seconds`."""
+    return statistics.fmean(step_seconds(objective, synset, optim, steps, device))
+
+
+def step_seconds(objective, synset, optim, steps: int, device: torch.device) -> list[float]:
+    """Seconds of each of ``steps`` steps timed one by one (each reads its loss back), after one
+    warm-up step: the samples whose median and spread a noisy host reports honestly."""
+    run_step(objective, synset, optim, 0)
+    synchronize(device)
+    times = []
+    for step in range(1, steps + 1):
+        start = time.perf_counter()
+        run_step(objective, synset, optim, step)
+        times.append(time.perf_counter() - start)
+    return times

@@ -1,0 +1,209 @@
+"""The exact two-pass step every distillation objective runs, and the protocol the loop calls.
+
+:class:`fastsfm.distill.objectives.sfm.SFMObjective` (the paper's step: render the synthetic images,
+augment them once -- ``views`` times with ``views > 1`` --, encode them with the frozen backbone,
+match the flows of their class means to the real ones) and its peer
+:class:`fastsfm.distill.objectives.lgm.LGMObjective` (the LGM baseline) are :class:`TwoPassStep`
+subclasses; :func:`fastsfm.distill.objectives.build_objective` picks one from the config.
+
+**Exact chunked steps.**  Both losses depend on the synthetic features only through a sum of
+per-row contributions (SFM: the (C, D) class sums; LGM: the linear head's cross-entropy
+gradient, a sum over rows), so a set too large for one forward+backward is processed in two
+passes of chunks:
+
+1. every chunk is rendered, augmented and encoded *without* an autograd graph and only its
+   contribution is accumulated; the loss and ``G``, its gradient with respect to the
+   accumulated statistic, follow (an all-reduce first under ``torch.distributed``);
+2. every chunk is rendered and augmented again with the *same* draws (they are functions of
+   (seed, step, view, image), :mod:`fastsfm.rng`), encoded with a graph, ``G`` is
+   back-propagated into its images through the chunk's contribution, and the chunk's
+   parameters are stepped (:class:`fastsfm.distill.optim.ChunkAdam`).
+
+The gradient is the unchunked one; peak memory is one chunk's.  When one chunk holds the
+whole set, pass 1 keeps its graph and pass 2 only back-propagates (no recomputation).
+
+**Chunk size** (``chunk_size=None``): on CUDA, from the peak memory of a probe forward+backward
+at two sizes -- the slope is the memory per image, the intercept the fixed cost (bf16 weight
+copies saved for backward, workspaces) -- against 85 % of the free memory, after reserving
+what the final pyramid's per-image state will still need (:func:`plan_chunk`); measured again
+after every pyramid growth.  A set that fits runs as one chunk.  On CPU the set is one chunk.
+
+**Host synchronisation.**  A step queues its work and returns the loss as a device tensor:
+keys, label plans, image ids and constants are built once on the device, so on CUDA nothing in
+render/augment/encode/loss/backward/optimiser waits for the GPU (tested under
+``torch.cuda.set_sync_debug_mode("error")``).  The loop reads the loss back (the one
+synchronisation of a step) before it counts the step done.
+
+**Precision.**  The backbone runs under the config's autocast (:mod:`fastsfm.models.precision`); in a
+bf16 step every other float32 matrix product (the render, the crop, LGM's head) runs in TF32,
+forward and backward (:func:`fastsfm.models.precision.tf32_matmuls`).
+
+Profiler ranges (``fastsfm.render``, ``.augment``, ``.backbone``, ``.loss``, ``.backward``,
+``.optimizer``) let ``benches/bench_distill.py --profile`` say where a step's time goes.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.profiler import record_function
+
+from ... import rng
+from ...config import DistillConfig
+from ...data.augment import BatchAugment
+from ...models.backbones import Backbone
+from ...models.precision import loss_scale, tf32_matmuls
+from ..optim import ChunkAdam
+from ..synset import SyntheticSet
+
+__all__ = ["DistillStep", "TwoPassStep", "plan_chunk", "PROBE_SIZES", "MEMORY_FRACTION"]
+
+PROBE_SIZES = (2, 6)
+"""Images of the two probe forward+backward passes that size the chunks."""
+MEMORY_FRACTION = 0.85
+"""Share of the free device memory a chunk may plan for."""
+
+
+class DistillStep(Protocol):
+    """What :func:`fastsfm.distill.loop.distill` runs each step."""
+
+    def step(self, synset: SyntheticSet, optim: ChunkAdam, step: int | Tensor) -> Tensor:
+        """Queue step ``step`` of ``synset`` (every chunk stepped by ``optim``); return the loss, a 0-dim
+        tensor not yet read back (the loop reads it, then calls ``optim.finish_step()``).  ``step`` may be
+        a 0-dim int64 device tensor (a CUDA graph's step number): the same draws as from the int."""
+
+
+def plan_chunk(
+    peaks: dict[int, float], free: float, reserve_total: float, reserve_per_image: float, images: int
+) -> int:
+    """Images per chunk from probe peaks: ``peaks`` maps probe sizes to the peak bytes each allocated.
+
+    ``slope = (p_b - p_a) / (b - a)`` is the memory per image and ``p_a - a * slope`` the fixed
+    cost; the chunk fills :data:`MEMORY_FRACTION` of ``free`` after ``reserve_total`` (state the
+    set will still allocate on the device) with ``slope + reserve_per_image`` per image.  At least
+    1, at most ``images`` (a set that fits runs as one chunk).
+    """
+    (a, pa), (b, pb) = sorted(peaks.items())[:1] + sorted(peaks.items())[-1:]
+    slope = max((pb - pa) / (b - a), 1.0) if b > a else max(pa / a, 1.0)
+    fixed = max(pa - a * slope, 0.0)
+    budget = MEMORY_FRACTION * free - reserve_total - fixed
+    return int(max(1, min(images, budget // (slope + reserve_per_image))))
+
+
+class TwoPassStep:
+    """The exact two-pass chunked step shared by SFM and LGM (module docstring).
+
+    Subclasses say what a chunk contributes and how the loss and its gradient follow:
+    :meth:`begin` (per-step preparation), :meth:`accumulate` (pass 1, no graph),
+    :meth:`finish` (the loss and ``G``), :meth:`backward` (pass 2, back-propagate ``G``).
+    """
+
+    def __init__(self, backbone: Backbone, config: DistillConfig, device: torch.device, group=None):
+        self.backbone, self.device, self.group = backbone, torch.device(device), group
+        self.augment = BatchAugment(backbone.input_size, noise_std=config.noise_std, noise_mean=config.noise_mean)
+        self.views, self.seed, self.chunk_size = config.effective_views, config.seed, config.chunk_size
+        self.measured_levels = 0 if config.chunk_size is None else None  # None: fixed by the user
+        self.dtype = backbone.autocast_dtype()
+        self.scale = loss_scale(self.dtype)
+        self.upstream = torch.full((1,), self.scale, device=self.device)
+
+    def features(
+        self, synset: SyntheticSet, start: int, stop: int, step: int | Tensor, grad: bool
+    ) -> tuple[Tensor, list[Tensor]]:
+        """Features (views * n, D) of images ``start:stop`` (view-major) and their level tensors on the device."""
+        with record_function("fastsfm.render"):
+            params = synset.chunk(start, stop, self.device, requires_grad=grad)
+        with torch.set_grad_enabled(grad):
+            with record_function("fastsfm.render"):
+                images = synset.render_levels(params)
+                if self.views > 1:  # one view (the paper's SFM) needs no copy
+                    images = images.repeat(self.views, 1, 1, 1)
+            with record_function("fastsfm.augment"):
+                ids = synset.on_device("image_ids", self.device)[start:stop]
+                crops = self.augment(images, rng.augment_keys(self.seed, step, self.views, ids))
+            with record_function("fastsfm.backbone"):
+                return self.backbone(crops), params
+
+    def rows(self, synset: SyntheticSet, start: int, stop: int) -> object:
+        """What :meth:`accumulate` and :meth:`backward` know of a chunk's feature rows: their labels
+        (views * n,), view-major, on the device."""
+        return synset.on_device("labels", self.device)[start:stop].repeat(self.views)
+
+    def _probe_peak(self, synset: SyntheticSet, size: int) -> float:
+        torch.cuda.synchronize(self.device)
+        base = torch.cuda.memory_allocated(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        feats, params = self.features(synset, 0, size, 0, grad=True)
+        feats.float().sum().backward()
+        del feats, params
+        torch.cuda.synchronize(self.device)
+        return float(torch.cuda.max_memory_allocated(self.device) - base)
+
+    def measure_chunk(self, synset: SyntheticSet) -> int:
+        """Images per chunk (:func:`plan_chunk`) from two probes at the current pyramid.
+
+        Reserved: per image, the final pyramid's levels on the device during a chunk's
+        optimiser step (the chunk's copies and gradient when offloaded, plus Adam's two moments
+        and its temporaries); in total, what the resident set's levels and moments still grow by.
+        The probes' draws are keyed like any step's, so no random stream is consumed.
+        """
+        sizes = sorted({min(s, synset.num_images) for s in PROBE_SIZES})
+        peaks = {s: self._probe_peak(synset, s) for s in sizes}
+        per_image, final = synset.bytes_per_image(), synset.bytes_per_image(final=True)
+        resident = not synset.offload and synset.storage.type == "cuda"
+        reserve_total = 3 * (final - per_image) * synset.num_images if resident else 0.0
+        free, _ = torch.cuda.mem_get_info(self.device)
+        free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
+        return plan_chunk(peaks, free, reserve_total, 4 * final, synset.num_images)
+
+    def chunks(self, synset: SyntheticSet) -> list[tuple[int, int]]:
+        if self.measured_levels is not None and self.measured_levels != len(synset.levels):
+            on_cuda = self.device.type == "cuda"
+            self.chunk_size = self.measure_chunk(synset) if on_cuda else synset.num_images
+            self.measured_levels = len(synset.levels)
+        n = synset.num_images
+        return [(a, min(a + self.chunk_size, n)) for a in range(0, n, self.chunk_size)]
+
+    def begin(self, synset: SyntheticSet, step: int | Tensor) -> None:
+        """Per-step preparation before pass 1 (nothing by default)."""
+
+    def accumulate(self, feats: Tensor, rows: object, total: Tensor | None) -> Tensor:
+        """``total`` plus the contribution of a chunk's features (no graph); a new tensor when ``total`` is None."""
+        raise NotImplementedError
+
+    def finish(self, total: Tensor) -> tuple[Tensor, object]:
+        """``(loss (0-dim), G)`` from the statistic accumulated over every chunk (and rank)."""
+        raise NotImplementedError
+
+    def backward(self, feats: Tensor, rows: object, grad: object) -> None:
+        """Back-propagate ``G`` (times :attr:`scale`) into a chunk's images through its features."""
+        raise NotImplementedError
+
+    def step(self, synset: SyntheticSet, optim: ChunkAdam, step: int | Tensor) -> Tensor:
+        with tf32_matmuls(self.dtype):  # render, crop (and LGM's head): TF32 in a bf16 step
+            return self._two_passes(synset, optim, step)
+
+    def _two_passes(self, synset: SyntheticSet, optim: ChunkAdam, step: int | Tensor) -> Tensor:
+        bounds = self.chunks(synset)
+        single = len(bounds) == 1
+        self.begin(synset, step)
+        total, kept = None, None
+        for start, stop in bounds:  # pass 1: the accumulated statistic
+            feats, params = self.features(synset, start, stop, step, grad=single)
+            with record_function("fastsfm.loss"):
+                total = self.accumulate(feats.detach(), self.rows(synset, start, stop), total)
+            kept = (feats, params) if single else None
+        with record_function("fastsfm.loss"):
+            if self.group is not None:
+                dist.all_reduce(total, group=self.group)
+            loss, grad = self.finish(total)
+        for start, stop in bounds:  # pass 2: gradients, chunk by chunk
+            feats, params = kept if single else self.features(synset, start, stop, step, grad=True)
+            with record_function("fastsfm.backward"):
+                self.backward(feats, self.rows(synset, start, stop), grad)
+            with record_function("fastsfm.optimizer"):
+                optim.step_chunk(start, stop, params, grad_scale=1.0 / self.scale)
+        return loss

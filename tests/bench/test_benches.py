@@ -1,0 +1,145 @@
+"""The benchmark scripts and the GPU acceptance run work end to end on tiny CPU shapes (numbers are
+not checked, only that they are produced): a benchmark that is never run rots."""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from helpers import BENCHES, bench
+
+
+def test_bench_loss_runs_on_cpu(tmp_path):
+    rows = bench("bench_loss").main(
+        ["--device", "cpu", "--shapes", "5:2:3:16,3:1:1:8", "--no-compile", "--out", str(tmp_path / "loss.csv")]
+    )
+    assert {r["method"] for r in rows} == {"torch (eager)", "reference (eager)"}
+    assert all(r["fwd+bwd ms"] > 0 and r["GB/s"] > 0 for r in rows) and rows[0]["N"] == 30
+    assert (tmp_path / "loss.csv").read_text().startswith("C,IPC,views,N,D")
+
+
+def test_bench_distill_runs_on_cpu_and_records_failures(tmp_path):
+    base = {"backbone": "vit_tiny_patch16_224", "image_size": 16, "resolution": 16, "classes": 3, "ipc": 2}
+    runs = [
+        {**base, "method": "sfm"},
+        {**base, "method": "lgm", "views": 2},
+        {**base, "method": "sfm", "chunk": 4, "offload": True},
+        {**base, "method": "sfm", "backbone": "no_such_model"},
+        {**base, "method": "sfm", "backbone": ["vit_tiny_patch16_224", "test_vit"]},  # SFM against K = 2 backbones
+    ]
+    args = ["--device", "cpu", "--runs", json.dumps(runs), "--steps", "1", "--profile", "--growth", "3:2:16"]
+    module = bench("bench_distill")
+    rows = module.main([*args, "--no-isolate", "--out", str(tmp_path / "d.csv")])
+    assert [r["method"] for r in rows] == ["sfm", "lgm", "sfm", "sfm", "sfm", "offload growth"] and rows[2][
+        "chunk"
+    ] == 4
+    assert all(r["step ms"] > 0 and r["peak MiB"] > 0 and r["5001 steps h"] > 0 for r in rows[:3])
+    assert rows[1]["time LGM/SFM"] > 0 and abs(sum(v for k, v in rows[0].items() if k.startswith("% ")) - 100) < 1e-6
+    assert "error" in rows[3] and "no_such_model" in rows[3]["error"]  # a failed configuration is a row
+    assert rows[4]["K"] == 2 and rows[4]["time /K=1"] > 0 and rows[4]["memory /K=1"] > 0 and rows[0]["K"] == 1
+    assert (tmp_path / "d.png").exists() and len(json.loads((tmp_path / "d.json").read_text())) == 6
+    isolated = module.measure_isolated(
+        runs[0],
+        argparse.Namespace(device="cpu", isolate=True, steps=1, profile=False, precision="auto", peak_tflops=989.0),
+    )
+    assert isolated["step ms"] > 0 and isolated["peak MiB"] > 0  # its own process: its own peak RSS
+
+
+@pytest.mark.slow
+def test_gpu_check_smoke_runs_every_section(tmp_path):
+    module = bench("gpu_check")
+    report = module.main(["--smoke", "--out", str(tmp_path)])
+    sections = {s["section"]: s["status"] for s in report.sections}
+    assert list(sections) == [name for name, _ in module.SECTIONS] and set(sections.values()) == {"done"}, sections
+    assert json.loads((tmp_path / "profile_loss.json").read_text())[0]["host us"] > 0
+    assert not [c for c in report.checks if c["passed"] is False]
+    payload = json.loads((tmp_path / "report.json").read_text())
+    assert payload["environment"]["device"] == "cpu (smoke)" and (tmp_path / "report.md").exists()
+
+
+@pytest.mark.slow
+def test_profile_loss_host_part_runs_without_a_gpu(tmp_path):
+    """``profile_loss.py --host``: the host cost of one fused forward+backward with launches stubbed,
+    three launches per call, beside the empty autograd.Function floor (numbers are not judged here)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = BENCHES / "profile_loss.py"
+    out = tmp_path / "host.json"
+    cmd = [sys.executable, str(script), "--host", "--smoke", "--out", str(out)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    host = json.loads(out.read_text())["host"]
+    if "skipped" in host:
+        pytest.skip(host["skipped"])
+    assert host["launches per call"] == 3 and host["host us"] > 0 and host["empty autograd.Function us"] > 0
+
+
+@pytest.mark.slow
+def test_gpu_session_rehearses_on_cpu_and_leaves_what_the_device_tool_returns(tmp_path):
+    """``benches/gpu_session.sh`` (the first call of a GPU loan) with ``FASTSFM_SMOKE=1``: every part
+    exits 0 inside the session's deadline, ``profile_step.py`` reports the step, its stages and the
+    alternatives (only the shape of the report is checked; the numbers are a GPU's to give), and the
+    folder holds at most 8 files no more than 2 folders down -- what the device tool brings back."""
+    env = {**os.environ, "FASTSFM_SMOKE": "1", "PYTHON": sys.executable}
+    done = subprocess.run(
+        ["bash", str(BENCHES / "gpu_session.sh"), str(tmp_path)], env=env, capture_output=True, text=True, timeout=600
+    )
+    log = (tmp_path / "session.log").read_text()
+    assert done.returncode == 0 and "session done" in log, done.stdout + done.stderr
+    parts = [line for line in log.splitlines() if ": exit " in line]
+    assert len(parts) == 3 and all(line.split(": exit ")[1].startswith("0 ") for line in parts), parts
+    result = json.loads((tmp_path / "profile_step.json").read_text())
+    saved = result["saved for backward"]
+    assert saved["saved MiB per image"] > 0 and saved["saved GiB at C = 4"] > 0
+    step = result["steps"][0]
+    assert step["C"] == 4 and step["step ms"] > 0
+    assert [s["stage"] for s in step["stages"]][:3] == ["render", "augment", "backbone"]
+    names = [r["what"] for r in result["alternatives"]]
+    for name in ("render: F.interpolate", "crop: grid_sample", "render: one matrix product, TF32", "SDPA MATH 257"):
+        assert any(n.startswith(name) for n in names), (name, names)
+    assert json.loads((tmp_path / "distill" / "report.json").read_text())["checks"]
+    files = [f for f in tmp_path.rglob("*") if f.is_file()]
+    assert len(files) <= 8 and all(len(f.relative_to(tmp_path).parts) <= 3 for f in files), files
+
+
+def test_profile_step_reads_the_budgets_from_kernel_names_and_times():
+    """Kernel names of cuBLAS, CUTLASS, inductor, flash, memory-efficient and cuDNN attention fall in their
+    class (attention before matrix products: efficient attention's kernels are CUTLASS's), and the
+    budgets follow from the device times: rate = FLOPs / time, bytes = time x bandwidth."""
+    from types import SimpleNamespace
+
+    from fastsfm.bench.benchmark import BackboneFlops
+
+    module = bench("profile_step")
+    names = {
+        "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x256x64": "matrix products",
+        "nvjet_tst_128x256_64x4_1x2_h_bz_coopA_NNT": "matrix products",
+        "ampere_bf16_s16816gemm_bf16_128x128_ldg8_f2f_tn": "matrix products",
+        "triton_tem_fused_mm_0": "matrix products",
+        "void pytorch_flash::flash_bwd_dq_dk_dv_loop_seqk_parallel_kernel<...>": "attention",
+        "fmha_cutlassB_bf16_aligned_64x64_k64_sm80": "attention",
+        "cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3": "attention",
+        "void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<float>>": module.OTHER,
+        "triton_poi_fused_add_mul_native_layer_norm_0": module.OTHER,
+        "_class_sums_kernel": module.OTHER,
+    }
+    for name, kind in names.items():
+        assert module.kernel_class(name) == kind, name
+    events = [SimpleNamespace(key=name, self_device_time_total=1000.0) for name in names]  # 1 ms each
+    flops = BackboneFlops(forward=3e9, backward=6e9, attention=1e9)
+    stages = [{"stage": "render", "ms": 1.0}, {"stage": "backbone", "ms": 50.0}, {"stage": "loss", "ms": 0.5}]
+    rows = {r["budget"]: r["measured"] for r in module.budgets(events, flops, 100, stages, 4.0, 20.0, 80.0)}
+    assert rows["matrix products, device ms"] == 4.0 and rows["attention, device ms"] == 3.0
+    assert rows["backbone matrix products, TFLOP/s"] == pytest.approx(8e9 * 100 / 4e-3 / 1e12)
+    assert rows["elementwise and other, MB per image at the copy bandwidth"] == pytest.approx(3e-3 * 4e12 / 100 / 1e6)
+    assert rows["render + augment + loss alone, ms"] == 1.5 and rows["host enqueue / step time"] == 0.25
+
+
+def test_demo_variants_held_out_runs_every_pairing(tmp_path):
+    """The multi-backbone experiment: each shipped backbone held out, its two others alone and together."""
+    args = ["--held-out", "--seeds", "1", "--steps", "2", "--eval-epochs", "1", "--out", str(tmp_path / "v")]
+    rows = bench("demo_variants").main(args)
+    assert len(rows) == 3 * 5 and {r["held out"] for r in rows} == {"digits_vit", "digits_vit8", "digits_resnet"}
+    assert {r["set"] for r in rows if r["held out"] == "digits_resnet"} >= {"digits_vit + digits_vit8", "digits_vit"}
+    assert all(r["probe"] and r["inherit"] for r in rows) and (tmp_path / "held_out.md").exists()
