@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -69,10 +70,12 @@ class LabelPlan:
     Triton path (``kernel`` is None on the torch path): ``perm`` (N,) int32 the rows in class
     order (stable), ``sorted`` (N,) int32 their classes, ``offsets32`` the boundaries as int32,
     ``items`` (P, 5) int32 the work of each program (:func:`fastsfm.kernels.sfm.sums.segment_items`),
-    ``tiles`` the tile shape, ``slots`` the heavy-class slices, ``carry`` (max(slots, 1), W)
-    float32 rows for their partial sums and ``counter`` their int32 arrival counters (zero
-    between calls).  Kept with the plan, so a loss call allocates neither.  Depends on the labels
-    only, so :class:`fastsfm.SFMLoss` builds it once per labels tensor.
+    ``tiles`` the tile shape, ``slots`` the heavy-class slices, and per launch stream
+    (:meth:`_KernelPlan.scratch`) ``carry`` (max(slots, 1), W) float32 rows for their partial
+    sums and ``counter`` their int32 arrival counters (zero between calls).  Kept with the plan,
+    so a loss call allocates neither; one pair per stream, so one plan's losses launched on two
+    streams at once cannot mix their slices.  Depends on the labels only, so
+    :class:`fastsfm.SFMLoss` builds it once per labels tensor.
     """
 
     labels: Tensor
@@ -93,8 +96,24 @@ class _KernelPlan:
     items: Tensor
     tiles: object
     slots: int
-    carry: Tensor
-    counter: Tensor
+    width: int
+    dim: int
+    streams: dict = field(default_factory=dict, compare=False, repr=False)  # stream key -> (carry, counter)
+
+    def scratch(self, device: torch.device, stream: tuple | None = None) -> tuple[Tensor, Tensor]:
+        """``(carry, counter)`` of the current stream of ``device`` (made on its first use there);
+        ``stream``: that stream's :func:`_stream_key` when the caller has it."""
+        rows = max(self.slots, 1)
+        # one counter per (heavy class, column block) of the narrowest column block a launch may use
+        return _per_stream(
+            self.streams,
+            device,
+            stream,
+            lambda: (
+                torch.empty(rows, self.width, device=device),
+                torch.zeros(rows * -(-self.dim // 16), dtype=torch.int32, device=device),
+            ),
+        )
 
 
 _KERNELS = []
@@ -143,9 +162,8 @@ def label_plan(
         items=torch.tensor(items, dtype=torch.int32, device=labels.device).reshape(-1, k.ITEM_FIELDS),
         tiles=tiles,
         slots=slots,
-        carry=torch.empty(max(slots, 1), sums_width(dim), device=labels.device),
-        # one counter per (heavy class, column block) of the narrowest column block a launch may use
-        counter=torch.zeros(max(slots, 1) * -(-dim // 16), dtype=torch.int32, device=labels.device),
+        width=sums_width(dim),
+        dim=dim,
     )
     return LabelPlan(labels, offsets, contiguous, kernel)
 
@@ -165,23 +183,46 @@ def _on_device(t: Tensor):
     return contextlib.nullcontext()
 
 
+def _stream_key(device: torch.device) -> tuple:
+    """The launch stream of ``device``: the current CUDA stream's handle (what Triton launches on),
+    the device itself elsewhere."""
+    if device.type == "cuda":
+        return device.index, torch._C._cuda_getCurrentRawStream(device.index)
+    return device.type, device.index
+
+
+def _per_stream(cache: dict, device: torch.device, stream: tuple | None, make):
+    """``cache``'s scratch for the current stream of ``device`` (its :func:`_stream_key`
+    ``stream``, looked up when None), made by ``make()`` on a miss.
+
+    Launches on one stream run one after another, so scratch that must be zero between launches
+    (arrival counters) is safe per stream, where it would race across streams.  Scratch first
+    needed while a CUDA graph is being captured is not kept: its zero fill only runs when the
+    graph replays, so an eager launch on the capture stream must not find it (the graph's pool
+    keeps its memory).  A graph warmed up on its capture stream
+    (:class:`fastsfm.distill.objectives.GraphedStep`) uses that stream's scratch: launch no loss
+    on the capture stream while the graph replays elsewhere."""
+    key = _stream_key(device) if stream is None else stream
+    found = cache.get(key)
+    if found is None:
+        found = make()
+        if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+            cache[key] = found
+    return found
+
+
 _COUNTERS: dict[tuple, Tensor] = {}
+"""The epilogue's int32 arrival counter per launch stream (:func:`_stream_key`), zero between launches."""
 
 
-def _epilogue_counter(device: torch.device) -> Tensor:
-    """The epilogue's int32 arrival counter on ``device`` (zero between launches; made once).
-
-    Shared by the epilogues of one device: two losses whose epilogues run concurrently on
-    different streams of one device would race on it (run them on one stream)."""
-    key = (device.type, device.index)
-    counter = _COUNTERS.get(key)
-    if counter is None:
-        counter = _COUNTERS[key] = torch.zeros(1, dtype=torch.int32, device=device)
-    return counter
+def _epilogue_counter(device: torch.device, stream: tuple | None = None) -> Tensor:
+    """The epilogue's arrival counter for the current stream of ``device`` (:func:`_per_stream`)."""
+    return _per_stream(_COUNTERS, device, stream, lambda: torch.zeros(1, dtype=torch.int32, device=device))
 
 
-def _sums_into(out: Tensor, features: Tensor, plan: LabelPlan, accumulate: bool) -> None:
+def _sums_into(out: Tensor, features: Tensor, plan: LabelPlan, accumulate: bool, stream: tuple | None = None) -> None:
     kp = plan.kernel
+    carry, counter = kp.scratch(features.device, stream)
     _kernels().class_sums(
         features,
         kp.perm,
@@ -189,8 +230,8 @@ def _sums_into(out: Tensor, features: Tensor, plan: LabelPlan, accumulate: bool)
         kp.offsets32,
         kp.items,
         out,
-        kp.carry,
-        kp.counter,
+        carry,
+        counter,
         kp.tiles,
         contiguous=plan.contiguous,
         accumulate=accumulate,
@@ -219,11 +260,10 @@ def class_sums(features: Tensor, plan: LabelPlan, num_classes: int, backend: str
     return out
 
 
-@dataclass(frozen=True)
-class TritonGrad:
+class TritonGrad(NamedTuple):
     """What the Triton backward needs to rebuild ``G/n``: the (reduced) sums buffer (C, W), the
     epilogue's workspace (from element ``work_at`` of ``work``), the float32 constants and the
-    loss options."""
+    loss options.  A tuple: made once per forward, at tuple cost."""
 
     sums: Tensor
     work: Tensor
@@ -234,15 +274,23 @@ class TritonGrad:
 
 
 def _epilogue_into(
-    sums: Tensor, work: Tensor, work_at: int, consts: FlowConstants, objective: str, alpha: float, divisor: float
+    sums: Tensor,
+    work: Tensor,
+    work_at: int,
+    consts: FlowConstants,
+    objective: str,
+    alpha: float,
+    divisor: float,
+    stream: tuple | None = None,
 ) -> TritonGrad:
-    """Launch the epilogue (workspace from element ``work_at`` of ``work``; the loss in ``work``'s last element)."""
+    """Launch the epilogue (workspace from element ``work_at`` of ``work``; the loss in ``work``'s
+    last element; ``stream`` the current stream's :func:`_stream_key` when the caller has it)."""
     c = consts.to(torch.float32)
     _kernels().flow_epilogue(
         sums,
         work,
         work_at,
-        _epilogue_counter(sums.device),
+        _epilogue_counter(sums.device, stream),
         c.flow,
         c.flow_sum,
         c.flow_sq,
@@ -317,7 +365,7 @@ def _fused_rows(c: int, d: int, w: int) -> int:
 
 class _FusedSFM(torch.autograd.Function):
     """The Triton path: sums (+ all-reduce) and the epilogue in the forward, one allocation (the
-    sums, then the epilogue's workspace; the carry rows live in the plan); the backward rebuilds
+    sums, then the epilogue's workspace; the carry rows live in the plan, per stream); the backward rebuilds
     ``G/n`` per row, one allocation (``dL/dz``)."""
 
     @staticmethod
@@ -335,14 +383,16 @@ class _FusedSFM(torch.autograd.Function):
         c, d = consts.num_classes, consts.dim
         w = sums_width(d)
         rows = _fused_rows(c, d, w)
-        buf = torch.empty(rows, w, device=features.device, dtype=torch.float32)  # sums, then the workspace
+        device = features.device
+        buf = torch.empty(rows, w, device=device, dtype=torch.float32)  # sums, then the workspace
         with _on_device(features):
-            _sums_into(buf, features, plan, False)
+            stream = _stream_key(device)
+            _sums_into(buf, features, plan, False, stream)
             if group is not None:
                 all_reduce(buf[:c], group)
             if validate:
                 check_class_sums(buf[:c], d)
-            ctx.grad = _epilogue_into(buf, buf, c * w, consts, objective, alpha, divisor)
+            ctx.grad = _epilogue_into(buf, buf, c * w, consts, objective, alpha, divisor, stream)
         ctx.plan, ctx.dtype = plan, features.dtype
         return buf[-1, -1]
 

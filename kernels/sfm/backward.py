@@ -5,11 +5,13 @@ See :mod:`fastsfm.kernels`; this module holds step 3.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
-from ..launch import Launcher, _aligned, _cdiv
+from ..launch import Launcher, LaunchSpec, _aligned, _cdiv
 from .epilogue import OBJECTIVES
 from .sums import Tiles, _item_rows, _sorted_rows
 
@@ -110,6 +112,22 @@ def _backward_kernel(
 _backward_launcher = Launcher(_backward_kernel)
 
 
+@functools.lru_cache(maxsize=256)
+def _backward_spec(
+    d: int, num_items: int, tiles: Tiles, objective: str, contiguous: bool, elem: int
+) -> LaunchSpec:
+    """The launch of :func:`backward_rows` writing ``elem``-byte gradients of ``d`` columns."""
+    block_d = min(tiles.block_d, BACKWARD_COLUMNS)
+    constexprs = {
+        "OBJECTIVE": OBJECTIVES[objective],
+        "CONTIGUOUS": contiguous,
+        "GROUP": tiles.group,
+        "BLOCK_R": tiles.block_r,
+        "BLOCK_D": block_d,
+    }
+    return LaunchSpec((_cdiv(d, block_d), num_items), constexprs, 8 if elem == 4 else 4)
+
+
 def backward_rows(
     sums: torch.Tensor,
     work: torch.Tensor,
@@ -137,20 +155,9 @@ def backward_rows(
     c, d = flow.shape
     w = sums.shape[-1]
     dz = torch.empty(n, d, device=sums.device, dtype=dtype)
-    block_d = min(tiles.block_d, BACKWARD_COLUMNS)
-    grid = (_cdiv(d, block_d), items.shape[0])
+    spec = _backward_spec(d, items.shape[0], tiles, objective, contiguous, dz.element_size())
     args = (sums, flow, centers, nontarget, shift, work, perm, sorted_labels, offsets, items, grad_out, dz)
     args += (c, d, w, work_at, inv_k)
-    constexprs = {
-        "OBJECTIVE": OBJECTIVES[objective],
-        "CONTIGUOUS": contiguous,
-        "GROUP": tiles.group,
-        "BLOCK_R": tiles.block_r,
-        "BLOCK_D": block_d,
-    }
-    warps = 8 if dz.element_size() == 4 else 4
-    key = (
-        (sums.device.index, dtype, _aligned(perm), _aligned(grad_out), grid) + args[12:16] + tuple(constexprs.values())
-    )
-    _backward_launcher(key, grid, args, constexprs, warps)
+    key = (spec, sums.device.index, dtype, _aligned(perm), _aligned(grad_out), c, w, work_at)  # d: in spec
+    _backward_launcher(key, spec, args)
     return dz

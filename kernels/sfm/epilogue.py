@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..launch import _INTERPRETER, Launcher, _cdiv, _next_pow2
+from ..launch import _INTERPRETER, Launcher, LaunchSpec, _cdiv, _next_pow2
 
 __all__ = ["flow_epilogue", "epilogue_blocks", "workspace_size", "OBJECTIVES", "MIN_PROGRAMS"]
 
@@ -192,6 +192,20 @@ def workspace_size(c: int, d: int, w: int) -> int:
 _epilogue_launcher = Launcher(_epilogue_kernel)
 
 
+@functools.lru_cache(maxsize=256)
+def _epilogue_spec(c: int, d: int, objective: str) -> LaunchSpec:
+    """The launch of :func:`flow_epilogue` for C x D constants (``grid``: column blocks, class blocks)."""
+    block_c, block_d = epilogue_blocks(c, d)
+    rb, cb = _cdiv(c, block_c), _cdiv(d, block_d)
+    constexprs = {
+        "OBJECTIVE": OBJECTIVES[objective],
+        "BLOCK_C": block_c,
+        "BLOCK_D": block_d,
+        "BLOCK_P": min(1024, _next_pow2(rb * cb)),
+    }
+    return LaunchSpec((cb, rb), constexprs)
+
+
 def flow_epilogue(
     sums: torch.Tensor,
     work: torch.Tensor,
@@ -220,17 +234,8 @@ def flow_epilogue(
     """
     c, d = flow.shape
     w = sums.shape[-1]
-    block_c, block_d = epilogue_blocks(c, d)
-    rb, cb = _cdiv(c, block_c), _cdiv(d, block_d)
-    grid = (cb, rb)
+    spec = _epilogue_spec(c, d, objective)
     loss_at = work.numel() - 1
-    args = (sums, flow, flow_sum, flow_sq, centers, nontarget, shift, work, counter, c, d, w, rb, work_at, loss_at)
-    args += (inv_k, alpha, eps)
-    constexprs = {
-        "OBJECTIVE": OBJECTIVES[objective],
-        "BLOCK_C": block_c,
-        "BLOCK_D": block_d,
-        "BLOCK_P": min(1024, _next_pow2(rb * cb)),
-    }
-    key = (sums.device.index, grid, c, d, w, work_at, loss_at) + tuple(constexprs.values())
-    _epilogue_launcher(key, grid, args, constexprs)
+    args = (sums, flow, flow_sum, flow_sq, centers, nontarget, shift, work, counter, c, d, w, spec.grid[1], work_at)
+    args += (loss_at, inv_k, alpha, eps)
+    _epilogue_launcher((spec, sums.device.index, w, work_at, loss_at), spec, args)  # c, d: in spec

@@ -7,13 +7,13 @@ backward shares).
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
-from ..launch import _INTERPRETER, Launcher, _aligned, _cdiv, _next_pow2
+from ..launch import _INTERPRETER, Launcher, LaunchSpec, _aligned, _cdiv, _next_pow2
 
 __all__ = ["class_sums", "segment_items", "Tiles", "tiles_for", "ITEM_FIELDS", "GROUP_BELOW"]
 
@@ -142,10 +142,10 @@ def _class_sums_kernel(
             tl.atomic_xchg(COUNTER + slot * NUM_CB + j, 0)
 
 
-@dataclass(frozen=True)
-class Tiles:
+class Tiles(NamedTuple):
     """Tile shape of the segmented reduction and the backward, from a fixed table (no run-time
-    autotuning: a timing-dependent choice would change the float sums between runs).
+    autotuning: a timing-dependent choice would change the float sums between runs).  A tuple, so
+    the launchers' cached specs hash it at C speed.
 
     ``group``: classes per item (1, or 16 for the one-hot product); ``block_r`` x ``block_d``:
     the row tile; ``stages``: software-pipeline depth of the row loop; ``rows``: target rows per
@@ -210,6 +210,28 @@ def segment_items(counts: list[int] | None, n: int, c: int, d: int) -> tuple[lis
 _sums_launcher = Launcher(_class_sums_kernel)
 
 
+@functools.lru_cache(maxsize=256)
+def _sums_spec(
+    elem: int, d: int, stride_c: int, num_items: int, tiles: Tiles, contiguous: bool, accumulate: bool
+) -> LaunchSpec:
+    """The launch of :func:`class_sums` for features of ``elem``-byte elements, ``d`` columns of
+    stride ``stride_c``, over ``num_items`` items (``grid[0]``: the column blocks)."""
+    block_d = tiles.block_d
+    if elem == 4 and (d % 16 or stride_c != 1):  # float32 rows without 16-byte vectors:
+        block_d = min(block_d, 64)  # one address per element; narrower tiles keep them in registers
+    constexprs = {
+        "CONTIGUOUS": contiguous,
+        "ACCUMULATE": accumulate,
+        "GROUP": tiles.group,
+        "BLOCK_R": tiles.block_r,
+        "BLOCK_D": block_d,
+        "STAGES": tiles.stages,
+        "UPCAST": _INTERPRETER,
+    }
+    warps = 8 if elem == 4 else 4  # float32 tiles: half the registers per thread
+    return LaunchSpec((_cdiv(d, block_d), num_items), constexprs, warps)
+
+
 def class_sums(
     z: torch.Tensor,
     perm: torch.Tensor,
@@ -236,21 +258,8 @@ def class_sums(
     """
     d = z.shape[1]
     w = out.shape[1]
-    block_d = tiles.block_d
-    if z.element_size() == 4 and (d % 16 or z.stride(1) != 1):  # float32 rows without 16-byte vectors:
-        block_d = min(block_d, 64)  # one address per element; narrower tiles keep them in registers
-    num_cb = _cdiv(d, block_d)
-    grid = (num_cb, items.shape[0])
-    args = (z, perm, sorted_labels, offsets, items, out, carry, counter, d, w, num_cb, z.stride(0), z.stride(1))
-    constexprs = {
-        "CONTIGUOUS": contiguous,
-        "ACCUMULATE": accumulate,
-        "GROUP": tiles.group,
-        "BLOCK_R": tiles.block_r,
-        "BLOCK_D": block_d,
-        "STAGES": tiles.stages,
-        "UPCAST": _INTERPRETER,
-    }
-    warps = 8 if z.element_size() == 4 else 4  # float32 tiles: half the registers per thread
-    key = (z.device.index, z.dtype, _aligned(z), _aligned(perm), grid) + args[8:] + tuple(constexprs.values())
-    _sums_launcher(key, grid, args, constexprs, warps)
+    stride_r, stride_c = z.stride()
+    spec = _sums_spec(z.element_size(), d, stride_c, items.shape[0], tiles, contiguous, accumulate)
+    args = (z, perm, sorted_labels, offsets, items, out, carry, counter, d, w, spec.grid[0], stride_r, stride_c)
+    key = (spec, z.device.index, z.dtype, _aligned(z), _aligned(perm), w, stride_r)  # d, stride_c: in spec
+    _sums_launcher(key, spec, args)

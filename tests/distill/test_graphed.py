@@ -1,6 +1,8 @@
 """The CUDA-graph step (``cuda_graph``): its device-side step number gives the eager step's draws (CPU),
-it refuses what it cannot replay, and on a GPU a graphed distillation equals the eager one."""
+it refuses what it cannot replay, its stream and in-step bookkeeping (CPU, CUDA stubbed), and on a GPU
+a graphed distillation equals the eager one."""
 
+import contextlib
 from dataclasses import replace
 
 import pytest
@@ -11,6 +13,7 @@ from fastsfm import rng
 from fastsfm.config import DistillConfig
 from fastsfm.distill.loop import distill
 from fastsfm.distill.objectives import GraphedStep, SFMObjective, build_objective
+from fastsfm.distill.optim import ChunkAdam
 
 CFG = DistillConfig(ipc=2, steps=7, lr=0.05, resolution=16, pyramid_extent=2, checkpoint_every=7)
 
@@ -53,6 +56,86 @@ def test_cuda_graph_option_refuses_what_it_cannot_replay_and_runs_eagerly_on_cpu
         assert torch.equal(a, b)
     resumed = distill(bb, stats, CFG, tmp_path / "graphed", resume=True, progress=False)  # an execution choice
     assert len(resumed.levels) == len(eager.levels)
+
+
+class _FakeCuda:
+    """torch.cuda's stream and graph calls as GraphedStep makes them, recorded (a capture runs the step
+    eagerly, a replay runs nothing)."""
+
+    def __init__(self, optim):
+        self.optim, self.made, self.warmups, self.captures, self.replays = optim, [], [], [], []
+        self.current = None
+
+    def stream_class(self, device=None):
+        fake = self
+
+        class Stream:
+            def __init__(self, *_):
+                fake.made.append(self)
+
+            def wait_stream(self, other):
+                pass
+
+        return Stream
+
+    @contextlib.contextmanager
+    def stream(self, s):
+        self.current = s
+        yield
+        self.current = None
+
+    @contextlib.contextmanager
+    def graph(self, graph, stream=None):
+        self.captures.append(stream)
+        yield
+
+    def graph_class(self):
+        fake = self
+
+        class CUDAGraph:
+            def replay(self):
+                fake.replays.append(fake.optim.in_step)
+
+        return CUDAGraph
+
+
+def test_graphed_step_makes_one_side_stream_per_graph_and_replays_in_step(setup, monkeypatch):
+    """Two warm-ups then a capture on the same side stream, one stream per graph key (a growth makes a
+    new one), and the optimiser is in-step while a replay runs (a Ctrl-C then writes no checkpoint one
+    step off) until the loop's finish_step."""
+    bb, stats = setup
+    synset = grown_set(classes=stats.num_classes, ipc=2)
+    optim = ChunkAdam(synset, lr=0.01)
+    fake = _FakeCuda(optim)
+    stream_cls = fake.stream_class()
+    monkeypatch.setattr(torch.cuda, "Stream", stream_cls)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: stream_cls())
+    monkeypatch.setattr(torch.cuda, "stream", fake.stream)
+    monkeypatch.setattr(torch.cuda, "graph", fake.graph)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", fake.graph_class())
+    objective = GraphedStep(SFMObjective(bb, stats, replace(CFG, resolution=16), torch.device("cpu")))
+    monkeypatch.setattr(objective, "_graphable", lambda synset, optim: True)
+    inner_step = objective.inner.step
+
+    def recorded(synset, optim, number):
+        fake.warmups.append(fake.current)
+        return inner_step(synset, optim, number)
+
+    monkeypatch.setattr(objective.inner, "step", recorded)
+    side_streams = []
+    for step in range(8):
+        if step == 5:
+            synset.grow(step)  # a new level count: a new graph key
+            optim.reset()
+        made = len(fake.made)
+        objective.step(synset, optim, step)
+        side_streams += fake.made[made:][:1] if step in (0, 5) else []
+        optim.finish_step()
+        assert not optim.in_step
+    assert objective.captures == 2 and fake.replays == [True] * 4  # steps 2-4 and 7; in-step at each replay
+    # the current-stream calls make throwaway fakes; the side streams are the ones used by warm-up and capture
+    assert fake.warmups[:2] == [side_streams[0]] * 2 and fake.warmups[3:5] == [side_streams[1]] * 2
+    assert fake.captures == side_streams
 
 
 @pytest.mark.gpu

@@ -143,7 +143,7 @@ def test_class_sums_items_slices_and_accumulate(n, c, d, heavy, balance, order, 
     want, counts = _sums_want(z, y, c)
     torch.testing.assert_close(buf[:, :d].double(), want, rtol=1e-6, atol=1e-5)
     assert buf[:, d].tolist() == counts
-    assert plan.kernel.counter.eq(0).all()  # the slices' arrival counters reset themselves
+    assert plan.kernel.scratch(z.device)[1].eq(0).all()  # the slices' arrival counters reset themselves
     part = ops.label_plan(y[:40], c, False, dim=d)
     ops.class_sums(z[:40], part, c, "triton", out=buf)  # accumulate a second chunk
     want.index_add_(0, y[:40], z[:40].double())
@@ -282,11 +282,11 @@ def test_one_forward_backward_is_three_launches_on_the_tensors_device(monkeypatc
     launches = []
     original = launch.Launcher.__call__
 
-    def record(self, key, grid, args, constexprs, num_warps=4):
+    def record(self, key, spec, args):
         devices = {a.device for a in args if isinstance(a, torch.Tensor)}
         current = torch.cuda.current_device() if device.type == "cuda" else None
         launches.append((self.kernel.fn.__name__, devices, current))
-        return original(self, key, grid, args, constexprs, num_warps)
+        return original(self, key, spec, args)
 
     monkeypatch.setattr(launch.Launcher, "__call__", record)
     z, y, mu = make_problem(40, 5, 24, device=device)
@@ -321,3 +321,59 @@ def test_kernels_launch_on_their_tensors_device_not_the_current_one():
     torch.cuda.synchronize(1)
     assert x.grad.device == torch.device("cuda:1")
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_each_stream_has_its_own_arrival_counters_and_carry_rows(monkeypatch, device):
+    """One plan's losses launched on two streams get their own epilogue counter, slice counters and
+    carry rows (they would race on shared ones), and a stream reuses its own across calls (no
+    allocation per call).  Streams are stood in for by the key the ops read the current stream with."""
+    stream = ["a"]
+    monkeypatch.setattr(ops, "_stream_key", lambda dev: (dev.type, stream[0]))
+    monkeypatch.setattr(ops, "_COUNTERS", {})
+    scratch = []  # (stream, sums carry, sums counter, epilogue counter) per forward
+    original = launch.Launcher.__call__
+
+    def record(self, key, spec, args):
+        name = self.kernel.fn.__name__
+        if name == "_class_sums_kernel":
+            scratch.append([stream[0], args[6].data_ptr(), args[7].data_ptr()])
+        elif name == "_epilogue_kernel":
+            scratch[-1].append(args[8].data_ptr())
+        return original(self, key, spec, args)
+
+    monkeypatch.setattr(launch.Launcher, "__call__", record)
+    z, y, mu = make_problem(300, 3, 24, device=device, order="shuffled", seed=4)
+    y[:250] = 1  # one heavy class: sliced, so the sums use carry rows and slice counters
+    module = SFMLoss(mu, backend="triton").to(device)
+    want = sfm_reference(z.double(), y, mu)
+    for name in ("a", "b", "a", "b"):
+        stream[0] = name
+        torch.testing.assert_close(module(z.float(), y).double(), want, rtol=1e-5, atol=1e-6)
+    assert module._plan.kernel.slots > 0
+    a1, b1, a2, b2 = scratch
+    assert a1 == a2 and b1 == b2  # kept per stream
+    assert all(x != y for x, y in zip(a1[1:], b1[1:], strict=True))  # nothing shared across streams
+
+
+@pytest.mark.gpu
+def test_two_streams_of_one_device_compute_their_losses_concurrently():
+    """Two losses of one module on two streams at once, many times over: each equals the reference
+    (with one shared counter, interleaved epilogues and slices would corrupt each other)."""
+    z, y, mu = make_problem(20_000, 50, 384, device="cuda", order="shuffled", seed=9)
+    y[:12_000] = 3  # a heavy, sliced class
+    module = SFMLoss(mu, backend="triton").cuda()
+    inputs = [z.float(), (z * 0.5).float()]
+    want = [sfm_reference(x.double(), y, mu) for x in inputs]
+    module(inputs[0], y)  # validation and the plan, once
+    streams = [torch.cuda.Stream(), torch.cuda.Stream()]
+    for s in streams:
+        s.wait_stream(torch.cuda.current_stream())
+    got = [[], []]
+    for _ in range(50):
+        for i, s in enumerate(streams):
+            with torch.cuda.stream(s):
+                got[i].append(module(inputs[i], y))
+    torch.cuda.synchronize()
+    for i in range(2):
+        for loss in got[i]:
+            torch.testing.assert_close(loss.double(), want[i], rtol=1e-5, atol=1e-6)

@@ -34,10 +34,10 @@ launchers = LAUNCHERS
 
 
 def described(args):
-    # grid, stream, function, packed metadata and every kernel argument (tensors by dtype, shape,
-    # alignment); not the launch metadata, which Triton 3.8 builds for its empty hook chain and the
-    # cached path skips
-    kept = args[:6] + args[9:]
+    # what CudaLauncher passes its C launcher: grid, stream, function, launch flags, packed metadata,
+    # scratch, and every kernel argument (tensors by dtype, shape, alignment); not the launch
+    # metadata, which Triton 3.8 builds for its empty hook chain and the cached path skips
+    kept = args[:8] + args[11:15] + tuple(args[15])
     return [(a.dtype, tuple(a.shape), a.data_ptr() % 16) if isinstance(a, torch.Tensor) else a for a in kept]
 
 

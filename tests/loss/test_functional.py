@@ -173,7 +173,9 @@ def test_module_validates_once_per_labels_tensor(monkeypatch):
     z, y, mu = make_problem(30, 4, 6)
     module = SFMLoss(mu)
     first = module(z, y)
-    module(z * 2, y)
+    module(z * 2, y)  # the same labels, features of the same shape, dtype and device: no check at all
+    assert calls == {"sync": [True], "sums": 1}
+    module(z.double(), y)  # another dtype: the batch checks again, without a synchronisation
     assert calls == {"sync": [True, False], "sums": 1}
     y.add_(0)  # an in-place change of the labels invalidates the cached plan
     module(z, y)

@@ -13,8 +13,14 @@ before the capture.  A graph holds one shape of work, so it is keyed by the pyra
 and the chunk bounds and captured again when they change (a pyramid growth).  Each key first runs
 ``warmup`` eager steps on a side stream (CUDA graphs need cuBLAS, Triton and the allocator warmed
 up; these are real steps of the run), then captures a step and replays it (a capture records the
-work, it does not run it).  The loss is the graph's static output, read back once per step by the
-loop as in an eager step.
+work, it does not run it).  The side stream is made once per graph (a new stream per warm-up step
+would warm up, and keep per-stream kernel state for, a stream the capture never uses).  The loss
+is the graph's static output, read back once per step by the loop as in an eager step.
+
+A replay applies the step's Adam updates without the optimiser's Python running, so the optimiser
+is marked in-step before each replay: a Ctrl-C that lands while the replay runs then writes no
+checkpoint of step ``done`` holding step ``done + 1``'s images (the loop's rule, as for an eager
+step interrupted between chunks).
 
 Eager instead (the wrapper runs the wrapped step as it is): on a CPU, for offloaded sets (their
 chunks travel through page-locked buffers the host picks) and with fp16's skipped-chunk counter.
@@ -55,6 +61,7 @@ class GraphedStep:
         self._loss: Tensor | None = None
         self._warm = 0
         self._number: Tensor | None = None  # the step number on the device
+        self._side: torch.cuda.Stream | None = None  # the warm-up and capture stream of the current graph
         self._eager_reason: str | None = None
 
     def _graphable(self, synset: SyntheticSet, optim: ChunkAdam) -> bool:
@@ -80,9 +87,10 @@ class GraphedStep:
         key = (len(synset.levels), tuple(self.inner.chunks(synset)))
         if key != self._key:  # a new shape of work: warm up, then capture again
             self._key, self._graph, self._loss, self._warm = key, None, None, 0
+            self._side = torch.cuda.Stream(device)
         if self._graph is None and self._warm < self.warmup:
             self._warm += 1
-            side = torch.cuda.Stream(device)
+            side = self._side
             side.wait_stream(torch.cuda.current_stream(device))
             with torch.cuda.stream(side):
                 loss = self.inner.step(synset, optim, self._number)
@@ -90,8 +98,9 @@ class GraphedStep:
             return loss
         if self._graph is None:
             self._graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self._graph):
+            with torch.cuda.graph(self._graph, stream=self._side):
                 self._loss = self.inner.step(synset, optim, self._number)
             self.captures += 1
+        optim.in_step = True  # the replay steps Adam without step_chunk; the loop's finish_step clears it
         self._graph.replay()
         return self._loss
