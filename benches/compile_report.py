@@ -7,8 +7,9 @@ architecture, compiled here without a GPU (:mod:`fastsfm.bench.kernel_report`).
 Prints a summary per (kernel, architecture) -- the largest register count, spill and shared
 memory over all its specialisations, and the global accesses and bytes kept in flight per SM
 (software-pipelined loads) of the hot path (one loss
-forward+backward at C = 1000, N = 10,000, D = 768, bfloat16, shuffled labels) -- then the
-programs of each launch of that forward+backward.  The
+forward+backward at C = 1000, N = 10,000, D = 768, shuffled labels, for bfloat16 features and
+for the float32 ones a distillation step passes) -- then the programs of each launch of those
+forward+backward passes.  The
 full table (one row per launch and architecture) goes to ``--csv`` and ``--json``.  Needs a
 process without ``TRITON_INTERPRET=1``; prints why and exits 0 where the installed Triton
 cannot compile for NVIDIA GPUs.
@@ -24,7 +25,8 @@ from pathlib import Path
 
 def summarise(rows: list[dict], hot: str) -> list[dict]:
     """One row per (kernel, arch): the worst registers, spills and shared memory over all its
-    specialisations, and the global accesses of its launch in the scenario ``hot`` (16-byte ones in parentheses)."""
+    specialisations, and the global accesses of its launch in each scenario starting with ``hot``
+    (16-byte ones in parentheses; one column per dtype, the scenario's last word)."""
     out: dict[tuple[str, str], dict] = {}
     for r in rows:
         s = out.setdefault(
@@ -36,9 +38,10 @@ def summarise(rows: list[dict], hot: str) -> list[dict]:
         s["spill B"] = max(s["spill B"], r["spill_stores"] + r["spill_loads"])
         s["max smem B"] = max(s.get("max smem B", 0), r["shared_bytes"])
         if r["scenario"].startswith(hot):
-            s["hot-path loads (16 B)"] = f"{r['global_loads']} ({r['wide_loads']})"
-            s["hot-path stores (16 B)"] = f"{r['global_stores']} ({r['wide_stores']})"
-            s["hot-path KB in flight / SM"] = f"{r['in_flight_kb_sm']:.0f}"
+            dtype = r["scenario"].split()[-1]
+            s[f"{dtype} loads (16 B)"] = f"{r['global_loads']} ({r['wide_loads']})"
+            s[f"{dtype} stores (16 B)"] = f"{r['global_stores']} ({r['wide_stores']})"
+            s[f"{dtype} KB in flight / SM"] = f"{r['in_flight_kb_sm']:.0f}"
     return list(out.values())
 
 
@@ -64,8 +67,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print(f"# compile_report: {environment(torch.device('cpu'))}, targets {[f'sm_{a}' for a in args.arch]}")
     print_table(summarise(rows, kernel_report.LOSS_SCENARIO))
     loss = [r for r in rows if r["scenario"].startswith(kernel_report.LOSS_SCENARIO)]
-    print(f"\nlaunches of one {loss[0]['scenario'] if loss else kernel_report.LOSS_SCENARIO}:")
-    print_table(loss, ["kernel", "arch", "programs", "registers", "global_loads", "wide_loads", "in_flight_kb_sm"])
+    print(f"\nlaunches of one {kernel_report.LOSS_SCENARIO}:")
+    columns = ["scenario", "kernel", "arch", "programs", "registers", "global_loads", "wide_loads", "in_flight_kb_sm"]
+    print_table(loss, columns)
     write_csv(rows, args.csv)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(rows, indent=1))

@@ -177,7 +177,8 @@ def scenarios(classes: int = 1000, ipc: int = 10) -> Iterator[tuple[str, Callabl
     -- class sums, epilogue and backward rows for fp32/bf16/fp16 features, class-contiguous and
     permuted rows, accumulate on and off, grouped classes (IPC ``ipc``), one class per item (IPC
     100) and sliced heavy classes, both objectives, feature widths divisible by 16 or not --, then
-    one whole loss forward+backward (:data:`LOSS_SCENARIO`, bfloat16, D = 768).
+    one whole loss forward+backward (:data:`LOSS_SCENARIO`, D = 768) for bfloat16 features and for
+    float32 ones (what the distillation step feeds the loss: the backbone's output cast up).
 
     Tensors live on the CPU: only their dtypes, strides, alignment and sizes reach the compiler.
     """
@@ -214,10 +215,11 @@ def scenarios(classes: int = 1000, ipc: int = 10) -> Iterator[tuple[str, Callabl
                 f"epilogue D={d} {objective}",
                 partial(ops.epilogue, buf, consts, objective, 0.5, classes - 1.0, "triton"),
             )
-    yield (
-        f"{LOSS_SCENARIO} C={classes} N={classes * ipc} D=768 bfloat16",
-        partial(loss_step, classes, ipc, 768, torch.bfloat16),
-    )
+    for dtype in (torch.bfloat16, torch.float32):
+        yield (
+            f"{LOSS_SCENARIO} C={classes} N={classes * ipc} D=768 {str(dtype).replace('torch.', '')}",
+            partial(loss_step, classes, ipc, 768, dtype),
+        )
 
 
 def _specialise(launch: Launch, target) -> tuple[object, dict, dict, dict, str]:

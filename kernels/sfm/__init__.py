@@ -14,9 +14,10 @@ one forward+backward is **three launches**:
    fastest, so resident programs read whole rows -- sums item ``i`` over column block ``j`` in
    one software-pipelined row loop (``tl.range(..., num_stages)``: cp.async copies keep several
    row tiles in flight whatever ptxas does with registers).  With ``GROUP > 1`` a tile's rows
-   are added to their classes by a one-hot matrix product on the tensor cores (exact: the
-   one-hot operand is 0/1 and accumulation is float32; float32 features use the 3xTF32 split);
-   with ``GROUP == 1`` (many rows per class) by plain float32 adds.  Slices of a heavy class
+   are added to their classes by a one-hot matrix product on the tensor cores (for 16-bit
+   features each product is exact -- the one-hot operand is 0/1 -- and accumulation is float32,
+   as plain adds; float32 features use the 3xTF32 split, which drops the low-by-low term: about
+   2^-22 relative per element, where float32 adds are exact to 2^-24); with ``GROUP == 1`` (many rows per class) by plain float32 adds.  Slices of a heavy class
    write partial sums to a carry buffer; the last slice to finish (an integer arrival counter)
    adds them in slice order and resets the counter.  No float atomics: every sum has a fixed
    order, so results are bitwise reproducible.  ``ACCUMULATE`` adds to the buffer (chunked
@@ -26,6 +27,10 @@ one forward+backward is **three launches**:
    takes an integer ticket; the last tile reduces all partials in a fixed order, writes the
    loss and the per-column vector ``V`` and two scalars from which the backward rebuilds
    ``G/n`` (``G = dL/dt``), and resets the counter (graph-safe: the counter is zero between calls).
+   Its divisions compile to ``div.full.f32`` and its square roots to ``sqrt.approx.f32`` (a few
+   ulp each, not IEEE-rounded).  Bounds, for float32 features against the float64 reference:
+   loss within 1e-5 relative and gradient within 1e-4 of its largest entry (asserted across
+   shapes, orders and counts); measured 3.1e-6 relative L2 on the gradient at N = 50,000 (H200).
 3. :func:`backward_rows` -- ``dL/dz_i = g * (G/n)[y_i]`` in the features' dtype, over the same
    items as the sums: a ``GROUP == 1`` program computes its class's ``G/n`` row once and writes
    it to all the class's rows; a ``GROUP > 1`` program gathers each row's class row (few rows

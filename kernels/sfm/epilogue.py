@@ -18,6 +18,9 @@ __all__ = ["flow_epilogue", "epilogue_blocks", "workspace_size", "OBJECTIVES", "
 OBJECTIVES = {"flow": 0, "decouple": 1}
 MIN_PROGRAMS = 264
 """Programs a launch aims for at least: two per SM of an H100 (132 SMs)."""
+_TAIL_ELEMENTS = 32 if _INTERPRETER else 4096
+"""Elements of the last program's (class blocks, columns) tile of column sums: 32 registers per
+thread (the interpreter's 2 x 16, so that test shapes loop over several class blocks)."""
 _COEFS = tl.constexpr(16)
 """Workspace room for the scalars the backward reads (alpha1, alpha2): 16 floats keep what follows 64-byte aligned."""
 
@@ -60,8 +63,15 @@ def _epilogue_kernel(
     BLOCK_C: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_P: tl.constexpr,
+    BLOCK_RB: tl.constexpr,
 ):
-    """Program (j, rb): partials of tile (class block rb, column block j); the last program the rest."""
+    """Program (j, rb): partials of tile (class block rb, column block j); the last program the rest.
+
+    The last program's tail is vectorised: the tile partials are summed ``BLOCK_P`` at a time and
+    the class blocks' column sums as (``BLOCK_RB``, ``BLOCK_D``) tiles, so its chain of dependent
+    loads is ceil(tiles / BLOCK_P) + ceil(D / BLOCK_D) * ceil(class blocks / BLOCK_RB) long
+    (C = 1000, D = 768: 1 + 12; C = 21,843: 5 + 72), not one load per class block and column block.
+    Each reduction is a fixed tree (deterministic, as the rest)."""
     j = tl.program_id(0)
     rb = tl.program_id(1)
     num_cb = tl.num_programs(0)
@@ -112,12 +122,15 @@ def _epilogue_kernel(
         su = tl.zeros((BLOCK_D,), dtype=tl.float32)
         a_s = tl.zeros((BLOCK_D,), dtype=tl.float32)
         ss = tl.zeros((BLOCK_D,), dtype=tl.float32)
-        for d0 in range(0, D, BLOCK_D):  # U = sum of the class blocks' column sums, in block order
+        for d0 in range(0, D, BLOCK_D):  # U = the sum of the class blocks' column sums, BLOCK_RB at a time
             dc = d0 + tl.arange(0, BLOCK_D)
             dm = dc < D
-            tot = tl.zeros((BLOCK_D,), dtype=tl.float32)
-            for r in range(0, NUM_RB):
-                tot += tl.load(pcol + r * W + dc, mask=dm, other=0.0, cache_modifier=".cg")
+            tot = tl.zeros((BLOCK_RB, BLOCK_D), dtype=tl.float32)
+            for r0 in range(0, NUM_RB, BLOCK_RB):
+                r = r0 + tl.arange(0, BLOCK_RB)
+                ptrs = pcol + r[:, None] * W + dc[None, :]
+                tot += tl.load(ptrs, mask=(r < NUM_RB)[:, None] & dm[None, :], other=0.0, cache_modifier=".cg")
+            tot = tl.sum(tot, axis=0)
             tl.store(u_vec + dc, tot, mask=dm)
             sv = tl.load(SHIFT + dc, mask=dm, other=0.0)
             av = tl.load(FLOW_SUM + dc, mask=dm, other=0.0)
@@ -202,6 +215,7 @@ def _epilogue_spec(c: int, d: int, objective: str) -> LaunchSpec:
         "BLOCK_C": block_c,
         "BLOCK_D": block_d,
         "BLOCK_P": min(1024, _next_pow2(rb * cb)),
+        "BLOCK_RB": min(_TAIL_ELEMENTS // block_d, _next_pow2(rb)),
     }
     return LaunchSpec((cb, rb), constexprs)
 
