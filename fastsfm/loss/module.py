@@ -138,8 +138,9 @@ class SFMLoss(nn.Module):
 
         A call with the previous call's labels (same object, unmodified) and features of the same
         shape, dtype and device (and the same ``backend`` setting) goes straight to the loss with
-        the previous call's backend, plan and constants: every check of a call depends only on those (the host-synchronising ones
-        ran on the first call, ``validate="once"``), so a training loop pays them once."""
+        the previous call's backend, plan and constants: every check of a call depends only on
+        those (the host-synchronising ones ran on the first call, ``validate="once"``), so a
+        training loop pays them once."""
         hot = self._hot
         if (
             hot is not None

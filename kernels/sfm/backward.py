@@ -113,9 +113,7 @@ _backward_launcher = Launcher(_backward_kernel)
 
 
 @functools.lru_cache(maxsize=256)
-def _backward_spec(
-    d: int, num_items: int, tiles: Tiles, objective: str, contiguous: bool, elem: int
-) -> LaunchSpec:
+def _backward_spec(d: int, num_items: int, tiles: Tiles, objective: str, contiguous: bool, elem: int) -> LaunchSpec:
     """The launch of :func:`backward_rows` writing ``elem``-byte gradients of ``d`` columns."""
     block_d = min(tiles.block_d, BACKWARD_COLUMNS)
     constexprs = {
