@@ -17,7 +17,7 @@ one forward+backward is **three launches**:
    are added to their classes by a one-hot matrix product on the tensor cores (for 16-bit
    features each product is exact -- the one-hot operand is 0/1 -- and accumulation is float32,
    as plain adds; float32 features use the 3xTF32 split, which drops the low-by-low term: about
-   2^-22 relative per element, where float32 adds are exact to 2^-24); with ``GROUP == 1``
+   2^-22 relative per element, beside the 2^-24 rounding of each float32 add); with ``GROUP == 1``
    (many rows per class) by plain float32 adds.  Slices of a heavy class
    write partial sums to a carry buffer; the last slice to finish (an integer arrival counter)
    adds them in slice order and resets the counter.  No float atomics: every sum has a fixed
