@@ -12,6 +12,7 @@ At C = 1000 and C = 100, IPC 1, DINOv2-B/14 (random weights: time does not depen
    same step replayed as a CUDA graph (``--cuda-graph``; the median includes its warm-up and
    capture steps), the host's enqueue time of one step, and the share of the tensor cores' dense bf16 peak
    (``--peak-tflops``, 989 for an H100) at the step's FLOPs (forward + input-gradient backward);
+   the graph and its memory pool are freed before the next section (:func:`graphed_step_ms`);
 2. **stages alone** at n = C images, forward + backward each: render, augment, backbone, loss
    (device-synchronised wall time; the rest of a step is Adam and the host);
 3. **the top 25 kernels** of one step by device time (the backward's kernels included: they are
@@ -23,7 +24,8 @@ At C = 1000 and C = 100, IPC 1, DINOv2-B/14 (random weights: time does not depen
    separable crop; the render's and the crop's products in IEEE float32 vs TF32 (a bf16 step's);
    the backbone with its weights pre-cast once vs cast by autocast at every forward, and eager
    vs ``torch.compile`` (compile time reported; ``--compile``); each SDPA backend
-   at 257 (CLS + 256 patches) and 256 tokens.
+   at 257 (CLS + 256 patches) and 256 tokens; the real side's float32 backbone forward (the
+   statistics pass) in IEEE float32 vs TF32.
 
 Prints the environment line and the tables; ``--out`` writes everything as JSON.  Never touches
 tracked files.
@@ -32,6 +34,7 @@ tracked files.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 import time
@@ -114,6 +117,27 @@ def _fwd_bwd_ms(fn, inputs: list[torch.Tensor], device: torch.device) -> float:
     return time_ms(run, device)
 
 
+def free_device(device: torch.device) -> None:
+    """Return what the last section left to the caching allocator (between sections: a section's
+    graph pool or chunk buffers must not crowd the next one out of memory)."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+
+
+def graphed_step_ms(objective, synset, optim, steps: int, device: torch.device) -> float:
+    """Median milliseconds of the step replayed as a CUDA graph (``--cuda-graph``; warm-up and
+    capture steps included in the samples), the graph released and its pool freed before returning."""
+    wrapped = GraphedStep(objective)
+    try:
+        return 1e3 * statistics.median(step_seconds(wrapped, synset, optim, WARMUP_STEPS + 1 + steps, device))
+    finally:
+        wrapped.release()
+        del wrapped
+        free_device(device)
+
+
 def step_section(
     backbone,
     flops: BackboneFlops,
@@ -138,10 +162,7 @@ def step_section(
     events = kernel_events(prof)
     top = sorted(events, key=lambda e: -e.self_device_time_total)[:25]
     tflops = (flops.forward + flops.backward) * classes / seconds / 1e12
-    graphed = None
-    if device.type == "cuda":  # the same step replayed as a CUDA graph (--cuda-graph)
-        wrapped = GraphedStep(objective)
-        graphed = 1e3 * statistics.median(step_seconds(wrapped, synset, optim, WARMUP_STEPS + 1 + steps, device))
+    graphed = graphed_step_ms(objective, synset, optim, steps, device) if device.type == "cuda" else None
     stages = stage_section(objective, synset, classes, device)
     return {
         "C": classes,
@@ -266,7 +287,18 @@ def alternatives(objective, synset, n: int, device: torch.device, compile_backbo
         _fwd_bwd_ms(compiled, [crops[:2]], device)
         rows.append({"what": "backbone torch.compile", "ms": _fwd_bwd_ms(compiled, [crops], device)})
         rows[-1]["compile s"] = time.perf_counter() - began
-    return rows + attention_backends(device)
+    return rows + real_side(backbone, crops.detach(), device) + attention_backends(device)
+
+
+def real_side(backbone, crops: torch.Tensor, device: torch.device) -> list[dict]:
+    """The statistics pass's forward (the backbone in fp32, as the real side runs it, no autograd) on
+    ``crops``, in IEEE float32 and in TF32: whether TF32 should be the real side's default."""
+    rows = []
+    for dtype, name in ((None, "IEEE float32"), (torch.bfloat16, "TF32")):
+        with torch.no_grad(), backbone.using_precision("fp32"), tf32_matmuls(dtype):
+            ms = time_ms(lambda: backbone(crops), device)
+        rows.append({"what": f"real side: fp32 backbone forward, {name}", "ms": ms})
+    return rows
 
 
 def attention_backends(device: torch.device) -> list[dict]:
@@ -330,6 +362,7 @@ def main(argv: list[str] | None = None) -> dict:
     flops, copy_tbs = backbone_flops(backbone, device), limits.get("copy TB/s (measured)")
     for classes in args.classes:
         row = step_section(backbone, flops, classes, resolution, device, args.steps, args.peak_tflops, copy_tbs)
+        free_device(device)
         result["steps"].append(row)
         save()
         print_table([{k: v for k, v in row.items() if k not in ("top kernels", "stages", "budgets")}])

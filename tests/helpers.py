@@ -1,6 +1,7 @@
 """Fixtures shared by the tests: loss problems, a random-init ViT at 16 px, toy images, an ImageNet-layout folder,
 the benchmark scripts as modules."""
 
+import contextlib
 import importlib.util
 import sys
 from pathlib import Path
@@ -116,3 +117,51 @@ def grown_set(seed=1, classes=3, ipc=4, size=16):
     for step in range(1, 4):
         synset.grow(step)
     return synset
+
+
+class FakeCuda:
+    """torch.cuda's stream and graph calls as GraphedStep makes them, recorded (a capture runs the step
+    eagerly, a replay runs nothing; ``optim.in_step`` is kept at each replay); installed with
+    ``monkeypatch`` for the test."""
+
+    def __init__(self, optim, monkeypatch):
+        self.optim, self.made, self.warmups, self.captures, self.replays = optim, [], [], [], []
+        self.current = None
+        stream_cls = self.stream_class()
+        monkeypatch.setattr(torch.cuda, "Stream", stream_cls)
+        monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: stream_cls())
+        monkeypatch.setattr(torch.cuda, "stream", self.stream)
+        monkeypatch.setattr(torch.cuda, "graph", self.graph)
+        monkeypatch.setattr(torch.cuda, "CUDAGraph", self.graph_class())
+
+    def stream_class(self, device=None):
+        fake = self
+
+        class Stream:
+            def __init__(self, *_):
+                fake.made.append(self)
+
+            def wait_stream(self, other):
+                pass
+
+        return Stream
+
+    @contextlib.contextmanager
+    def stream(self, s):
+        self.current = s
+        yield
+        self.current = None
+
+    @contextlib.contextmanager
+    def graph(self, graph, stream=None):
+        self.captures.append(stream)
+        yield
+
+    def graph_class(self):
+        fake = self
+
+        class CUDAGraph:
+            def replay(self):
+                fake.replays.append(fake.optim.in_step)
+
+        return CUDAGraph

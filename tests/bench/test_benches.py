@@ -2,13 +2,20 @@
 not checked, only that they are produced): a benchmark that is never run rots."""
 
 import argparse
+import gc
 import json
 import os
 import subprocess
 import sys
+import weakref
 
 import pytest
-from helpers import BENCHES, bench
+import torch
+from helpers import BENCHES, FakeCuda, bench, tiny_backbone
+
+from fastsfm.bench.timing import distill_setup
+from fastsfm.config import DistillConfig
+from fastsfm.distill.objectives.graphed import GraphedStep
 
 
 def test_bench_loss_runs_on_cpu(tmp_path):
@@ -143,3 +150,30 @@ def test_demo_variants_held_out_runs_every_pairing(tmp_path):
     assert len(rows) == 3 * 5 and {r["held out"] for r in rows} == {"digits_vit", "digits_vit8", "digits_resnet"}
     assert {r["set"] for r in rows if r["held out"] == "digits_resnet"} >= {"digits_vit + digits_vit8", "digits_vit"}
     assert all(r["probe"] and r["inherit"] for r in rows) and (tmp_path / "held_out.md").exists()
+
+
+def test_profile_step_frees_the_graph_before_the_next_section(monkeypatch):
+    """``graphed_step_ms`` (the step as a CUDA graph, CUDA stubbed): its steps warm up, capture and
+    replay, and when it returns nothing holds the graph (whose pool would crowd out the next section)."""
+    module = bench("profile_step")
+    cpu = torch.device("cpu")
+    synset, optim, objective = distill_setup(tiny_backbone(), DistillConfig(ipc=1, resolution=16), 3, cpu)
+    fake = FakeCuda(optim, monkeypatch)
+    graphs = []
+    made = fake.graph_class()
+
+    class Tracked(made):
+        def __init__(self):
+            graphs.append(weakref.ref(self))
+
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", Tracked)
+    monkeypatch.setattr(GraphedStep, "_graphable", lambda self, synset, optim: True)
+    freed = []  # whether the graph was gone when the device memory was handed back
+
+    def free_device(device):
+        gc.collect()
+        freed.append(graphs[0]() is None)
+
+    monkeypatch.setattr(module, "free_device", free_device)
+    assert module.graphed_step_ms(objective, synset, optim, 2, cpu) > 0
+    assert len(graphs) == 1 and freed == [True] and fake.replays

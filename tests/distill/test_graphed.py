@@ -2,12 +2,13 @@
 it refuses what it cannot replay, its stream and in-step bookkeeping (CPU, CUDA stubbed), and on a GPU
 a graphed distillation equals the eager one."""
 
-import contextlib
+import gc
+import weakref
 from dataclasses import replace
 
 import pytest
 import torch
-from helpers import Recorder, grown_set, tiny_backbone, toy_data, toy_stats
+from helpers import FakeCuda, Recorder, grown_set, tiny_backbone, toy_data, toy_stats
 
 from fastsfm import rng
 from fastsfm.config import DistillConfig
@@ -58,47 +59,6 @@ def test_cuda_graph_option_refuses_what_it_cannot_replay_and_runs_eagerly_on_cpu
     assert len(resumed.levels) == len(eager.levels)
 
 
-class _FakeCuda:
-    """torch.cuda's stream and graph calls as GraphedStep makes them, recorded (a capture runs the step
-    eagerly, a replay runs nothing)."""
-
-    def __init__(self, optim):
-        self.optim, self.made, self.warmups, self.captures, self.replays = optim, [], [], [], []
-        self.current = None
-
-    def stream_class(self, device=None):
-        fake = self
-
-        class Stream:
-            def __init__(self, *_):
-                fake.made.append(self)
-
-            def wait_stream(self, other):
-                pass
-
-        return Stream
-
-    @contextlib.contextmanager
-    def stream(self, s):
-        self.current = s
-        yield
-        self.current = None
-
-    @contextlib.contextmanager
-    def graph(self, graph, stream=None):
-        self.captures.append(stream)
-        yield
-
-    def graph_class(self):
-        fake = self
-
-        class CUDAGraph:
-            def replay(self):
-                fake.replays.append(fake.optim.in_step)
-
-        return CUDAGraph
-
-
 def test_graphed_step_makes_one_side_stream_per_graph_and_replays_in_step(setup, monkeypatch):
     """Two warm-ups then a capture on the same side stream, one stream per graph key (a growth makes a
     new one), and the optimiser is in-step while a replay runs (a Ctrl-C then writes no checkpoint one
@@ -106,13 +66,7 @@ def test_graphed_step_makes_one_side_stream_per_graph_and_replays_in_step(setup,
     bb, stats = setup
     synset = grown_set(classes=stats.num_classes, ipc=2)
     optim = ChunkAdam(synset, lr=0.01)
-    fake = _FakeCuda(optim)
-    stream_cls = fake.stream_class()
-    monkeypatch.setattr(torch.cuda, "Stream", stream_cls)
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: stream_cls())
-    monkeypatch.setattr(torch.cuda, "stream", fake.stream)
-    monkeypatch.setattr(torch.cuda, "graph", fake.graph)
-    monkeypatch.setattr(torch.cuda, "CUDAGraph", fake.graph_class())
+    fake = FakeCuda(optim, monkeypatch)
     objective = GraphedStep(SFMObjective(bb, stats, replace(CFG, resolution=16), torch.device("cpu")))
     monkeypatch.setattr(objective, "_graphable", lambda synset, optim: True)
     inner_step = objective.inner.step
@@ -136,6 +90,10 @@ def test_graphed_step_makes_one_side_stream_per_graph_and_replays_in_step(setup,
     # the current-stream calls make throwaway fakes; the side streams are the ones used by warm-up and capture
     assert fake.warmups[:2] == [side_streams[0]] * 2 and fake.warmups[3:5] == [side_streams[1]] * 2
     assert fake.captures == side_streams
+    graph = weakref.ref(objective._graph)
+    objective.release()  # what a benchmark does between sections: nothing keeps the graph (its pool)
+    gc.collect()
+    assert graph() is None and objective._loss is None and objective._side is None
 
 
 @pytest.mark.gpu

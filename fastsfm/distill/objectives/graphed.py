@@ -64,6 +64,13 @@ class GraphedStep:
         self._side: torch.cuda.Stream | None = None  # the warm-up and capture stream of the current graph
         self._eager_reason: str | None = None
 
+    def release(self) -> None:
+        """Drop the captured graph, its static loss and its side stream: the graph's private memory
+        pool goes back to the caching allocator once nothing else holds it (a benchmark frees it
+        before its next section; a run keeps its graph).  The next step warms up and captures again."""
+        self._key = self._graph = self._loss = self._side = None
+        self._warm = 0
+
     def _graphable(self, synset: SyntheticSet, optim: ChunkAdam) -> bool:
         reason = None
         if self.inner.device.type != "cuda":
