@@ -1,57 +1,87 @@
 #!/usr/bin/env bash
-# The first call of a GPU loan: what issue 21 needs measured, in order, in at most 9 minutes on one
-# H100/H200 -- inside one call of the device tool (10 minutes at most), with a 15-minute loan's start
-# and a short second call still to spare.
+# A GPU loan's two calls (issue 34): 12 minutes of lent time, ordered by value, every part's JSON
+# written as it finishes, each part under its own limit so a call returns before the device tool's.
 #
-#   bash benches/gpu_session.sh "$OUT"                   # on the lent machine ($OUT: what comes back)
-#   FASTSFM_SMOKE=1 bash benches/gpu_session.sh DIR      # the same sequence, tiny, on CPU (in the tests)
+#   bash benches/gpu_session.sh "$OUT" 1     # first call: at most 540 s
+#   bash benches/gpu_session.sh "$OUT" 2     # second call (a fresh machine: it installs again): at most 200 s
+#   FASTSFM_SMOKE=1 bash benches/gpu_session.sh DIR 1    # the same sequence, tiny, on CPU (in the tests)
 #
-# Each part runs under its own time limit, so the call returns before the tool's limit and its files
-# come back even when a part hangs or runs long:
-#   1. install this checkout without dependencies (the machine's torch, Triton and timm);
-#   2. the environment and every CUDA-only test (gpu_check.py --only "pytest -m gpu"): the CUDA-graph
-#      step, fused Adam and the three-launch loss have not run on a GPU since they changed;     <= 150 s
-#   3. profile_step.py --compile: where a step's time goes (stages, top kernels, IEEE vs TF32,
-#      eager vs compiled backbone, CUDA-graph step, SDPA backends), which picks the defaults;   <= 240 s
-#   4. gpu_check.py's distillation benchmark: SFM vs LGM at C = 100, SFM at C = 1000 IPC 1 and 10
-#      (the issue's targets), each row printed as it finishes;                            the rest
-# DIR gets session.log (everything printed), check/ and distill/ (gpu_check reports) and
-# profile_step.json: eight files at most, as the device tool returns.
+# Call 1:  install this checkout without dependencies (the machine's torch, Triton and timm); a
+#          failed install stops the session (the rest would measure the old code);
+#   (a) profile_loss.py: the loss's kernels and the whole loss graph-replayed at N = 1k/10k/50k
+#       beside the HBM floor, then the class sums' bandwidth per IPC, order and dtype -> loss.json;
+#   (b) profile_step.py --compile: the step at C = 1000 and 100, eager and as a CUDA graph, its
+#       stages and top kernels, the backbone eager vs torch.compile, the SDPA backends, TF32 vs
+#       IEEE on the real side and in the render/crop -> profile_step.json (which picks the defaults).
+# Call 2:  install; (c) SFM vs LGM at C = 100 (gpu_check "sfm vs lgm") -> sfm_vs_lgm/;
+#   (d) benches/bench_gca.py when it exists -> gca.json;
+#   then every CUDA-only test, each under a time limit, results written as they finish -> tests/.
+# DIR gets session<call>.log and the parts' files: at most eight files, as the device tool returns.
 set -uo pipefail
-out=${1:?usage: gpu_session.sh OUT_DIR}
+out=${1:?usage: gpu_session.sh OUT_DIR [1|2]}
+call=${2:-1}
 py=${PYTHON:-python3}
-deadline=${FASTSFM_SESSION_SECONDS:-540}
 smoke=() compile=(--compile)
 [[ -n "${FASTSFM_SMOKE:-}" ]] && smoke=(--smoke) compile=()  # no compiler run on the CPU rehearsal
+skip_install=${FASTSFM_SKIP_INSTALL:-${FASTSFM_SMOKE:+1}}  # the CPU rehearsal runs the installed checkout
+case $call in
+    1) deadline=${FASTSFM_SESSION_SECONDS:-540} ;;
+    2) deadline=${FASTSFM_SESSION_SECONDS:-200} ;;
+    *) echo "gpu_session.sh: the call is 1 or 2, got '$call'" >&2; exit 2 ;;
+esac
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
 
-part() {  # part NAME SECONDS COMMAND...: run COMMAND for at most SECONDS (and never past the deadline)
+part() {  # part NAME SECONDS COMMAND...: run COMMAND for at most SECONDS (never past the deadline); its exit
     local name=$1 limit=$2
     shift 2
     local left=$((deadline - SECONDS))
     ((limit > left)) && limit=$left
     if ((limit <= 0)); then
-        echo "== $name: skipped, the session's ${deadline} s are spent"
-        return
+        echo "== $name: skipped, the call's ${deadline} s are spent"
+        return 0
     fi
     echo "== $name (at ${SECONDS} s, at most ${limit} s)"
     timeout -k 10 "$limit" "$@"
-    echo "== $name: exit $? after ${SECONDS} s"
+    local code=$?
+    echo "== $name: exit $code after ${SECONDS} s"
+    return $code
+}
+
+install() {
+    [[ -n "$skip_install" && "$skip_install" != 0 ]] && return 0
+    if ! part install 90 "$py" -m pip install -q --no-deps --no-build-isolation -e .; then
+        echo "== install failed: the session stops here (every later part would measure the code installed before)"
+        return 1
+    fi
+}
+
+first() {
+    install || return 1
+    part "loss (a)" 150 "$py" benches/profile_loss.py "${smoke[@]}" --out "$out/loss.json"
+    part "step profile (b)" "$deadline" "$py" benches/profile_step.py "${smoke[@]}" "${compile[@]}" \
+        --out "$out/profile_step.json"
+}
+
+second() {
+    install || return 1
+    part "sfm vs lgm (c)" 90 "$py" benches/gpu_check.py "${smoke[@]}" --only "sfm vs lgm" \
+        --budget 80 --out "$out/sfm_vs_lgm"
+    if [[ -f benches/bench_gca.py ]]; then
+        part "gca (d)" 30 "$py" benches/bench_gca.py "${smoke[@]}" --out "$out/gca.json"
+    fi
+    part "gpu tests" "$deadline" "$py" benches/gpu_check.py "${smoke[@]}" --only "pytest -m gpu" \
+        --budget $((deadline - SECONDS - 15)) --out "$out/tests"
 }
 
 session() {
-    if [[ -z "${FASTSFM_SMOKE:-}" ]]; then
-        part install 120 "$py" -m pip install -q --no-deps --no-build-isolation -e .
-    fi
-    part "gpu tests" 150 "$py" benches/gpu_check.py "${smoke[@]}" --only "pytest -m gpu" --out "$out/check"
-    part "step profile" 240 "$py" benches/profile_step.py "${smoke[@]}" "${compile[@]}" \
-        --out "$out/profile_step.json"
-    part "distillation benchmark" "$deadline" "$py" benches/gpu_check.py "${smoke[@]}" \
-        --only "distill benchmark" --budget $((deadline - SECONDS)) --out "$out/distill"
-    echo "== session done after ${SECONDS} s"
+    if [[ $call == 1 ]]; then first; else second; fi
+    local code=$?
+    echo "== call $call done after ${SECONDS} s (exit $code)"
+    return $code
 }
 
-session 2>&1 | tee "$out/session.log"
+session 2>&1 | tee "$out/session$call.log"
+exit "${PIPESTATUS[0]}"

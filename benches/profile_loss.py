@@ -16,13 +16,14 @@ Three parts (each prints a table; ``--out`` writes everything as JSON):
 * **device** (CUDA): ``torch.profiler`` over ``--steps`` steps, every kernel's mean device time per
   step, their sum, and that sum as a multiple of a device-to-device copy of the same bytes;
   ``cProfile`` of the host over the same steps.
-* **check** (CUDA, unless ``--no-check``; about 2 minutes on an H100): copy and read-only
-  ceilings at N = 50,000; the class sums at IPC 1/10/50, sorted and shuffled labels, bf16 and
-  fp32, as microseconds per launch from a CUDA graph of back-to-back launches over feature
-  buffers larger than L2, with TB/s and the error against float64; the whole loss
+* **check** (CUDA, unless ``--no-check``; about 2 minutes on an H100), in order of value, ``--out``
+  rewritten after every row: copy and read-only ceilings at N = 50,000; the whole loss
   (forward+backward) as a CUDA-graph replay at N = 1,000 / 10,000 / 50,000, beside its kernels'
-  sum (the launch gaps); host time per forward+backward split into Python (the cached launches'
-  driver calls made no-ops) and the driver calls.
+  sum (the launch gaps), and host time per forward+backward split into Python (the cached
+  launches' driver calls made no-ops) and the driver calls; the class sums at IPC 1/10/50,
+  sorted and shuffled labels, bf16 and fp32, as microseconds per launch from a CUDA graph of
+  back-to-back launches over feature buffers larger than L2, with TB/s and the error against
+  float64.
 
 ``--smoke`` runs tiny sizes on CPU in Triton's interpreter (device part) and the host part, so
 only the shape of the report means anything.  Prints the environment line; writes nothing
@@ -33,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import cProfile
-import json
 import os
 import pstats
 import statistics
@@ -226,10 +226,11 @@ def _graph_us(fn, reps: int) -> float:
     return 1e3 * began.elapsed_time(ended) / (5 * reps)
 
 
-def loss_check(device: torch.device, c: int = 1000, d: int = 768) -> dict:
-    """The loss GPU check (module docstring): ceilings, class sums per IPC/order/dtype, the graphed loss."""
+def loss_check(device: torch.device, c: int = 1000, d: int = 768, save=lambda out: None) -> dict:
+    """The loss GPU check (module docstring): ceilings, the graphed loss, class sums per IPC/order/dtype;
+    ``save(out)`` after each row, so a run cut short by its time limit keeps what it measured."""
     l2 = torch.cuda.get_device_properties(device).L2_cache_size
-    out: dict = {"ceilings": [], "class sums": [], "loss": []}
+    out: dict = {"ceilings": [], "loss": [], "class sums": []}
     big = torch.empty(50_000, d, device=device, dtype=torch.bfloat16).normal_()
     dst = torch.empty_like(big)
     nbytes = big.numel() * big.element_size()
@@ -239,6 +240,28 @@ def loss_check(device: torch.device, c: int = 1000, d: int = 768) -> dict:
         {"what": "copy (read+write)", "us": copy_us, "TB/s": 2 * nbytes / copy_us / 1e6},
         {"what": "read (sum)", "us": read_us, "TB/s": nbytes / read_us / 1e6},
     ]
+    save(out)
+    for n in (1_000, 10_000, 50_000):
+        feats, labels, centers = loss_problem(n, c, d, torch.bfloat16, device, order="shuffled")
+        x = feats.requires_grad_()
+        module = SFMLoss(centers, backend="triton")
+        module(x, labels).backward()
+
+        def step(x=x, module=module, labels=labels) -> None:
+            x.grad = None
+            module(x, labels).backward()
+
+        graphed = _graph_us(step, 10)
+        with profiler(device) as prof:
+            for _ in range(10):
+                step()
+            synchronize(device)
+        kernels = sum(e.self_device_time_total for e in kernel_events(prof)) / 10
+        floor_us = 2 * n * d * 2 / 3.35e6  # one read + one write of N x D bf16 at an H100's 3.35 TB/s
+        out["loss"].append({"N": n, "graph us": graphed, "kernels us": kernels, "HBM floor us": floor_us})
+        if n == 10_000:
+            out["host"] = [_host_split(step)]
+        save(out)
     for ipc in (1, 10, 50):
         n = c * ipc
         for dtype in (torch.bfloat16, torch.float32):
@@ -260,26 +283,7 @@ def loss_check(device: torch.device, c: int = 1000, d: int = 768) -> dict:
                 size = n * d * feats.element_size()
                 row = {"IPC": ipc, "dtype": str(dtype)[6:], "order": order, "us": us, "TB/s": size / us / 1e6}
                 out["class sums"].append(row | {"rel. error": err})
-    for n in (1_000, 10_000, 50_000):
-        feats, labels, centers = loss_problem(n, c, d, torch.bfloat16, device, order="shuffled")
-        x = feats.requires_grad_()
-        module = SFMLoss(centers, backend="triton")
-        module(x, labels).backward()
-
-        def step(x=x, module=module, labels=labels) -> None:
-            x.grad = None
-            module(x, labels).backward()
-
-        graphed = _graph_us(step, 10)
-        with profiler(device) as prof:
-            for _ in range(10):
-                step()
-            synchronize(device)
-        kernels = sum(e.self_device_time_total for e in kernel_events(prof)) / 10
-        floor_us = 2 * n * d * 2 / 3.35e6  # one read + one write of N x D bf16 at an H100's 3.35 TB/s
-        out["loss"].append({"N": n, "graph us": graphed, "kernels us": kernels, "HBM floor us": floor_us})
-        if n == 10_000:
-            out["host"] = [_host_split(step)]
+                save(out)
     return out
 
 
@@ -289,7 +293,7 @@ def _host_split(step) -> dict:
     from fastsfm.kernels.launch import LAUNCHERS
 
     total = _per_call_us(step, 300, 5)
-    compiled = [kernel for launcher in LAUNCHERS for kernel, _ in launcher.cache.values()]
+    compiled = [kernel for launcher in LAUNCHERS for kernel in launcher.cache.values()]
     saved = [kernel._run for kernel in compiled]
     for kernel in compiled:
         kernel._run = lambda *args: None
@@ -334,8 +338,13 @@ def main(argv: list[str] | None = None) -> dict:
         args.classes, args.ipc, args.dim, args.steps = 5, 2, 24, 2
     result["device"] = profile_loss(args.classes, args.ipc, args.dim, getattr(torch, args.dtype), device, args.steps)
     _print(result["device"])
+    _write(result, args.out)
     if device.type == "cuda" and not args.no_check:
-        result["check"] = loss_check(device, args.classes, args.dim)
+
+        def save(check: dict) -> None:
+            _write({**result, "check": check}, args.out)
+
+        result["check"] = loss_check(device, args.classes, args.dim, save)
         for name, rows in result["check"].items():
             print(f"\n{name}:")
             print_table(rows)
@@ -345,8 +354,10 @@ def main(argv: list[str] | None = None) -> dict:
 
 def _write(result: dict, path: Path | None) -> None:
     if path is not None:
+        from fastsfm.io import atomic_write_json
+
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=1))
+        atomic_write_json(path, result)
 
 
 if __name__ == "__main__":

@@ -84,30 +84,69 @@ def test_profile_loss_host_part_runs_without_a_gpu(tmp_path):
 
 @pytest.mark.slow
 def test_gpu_session_rehearses_on_cpu_and_leaves_what_the_device_tool_returns(tmp_path):
-    """``benches/gpu_session.sh`` (the first call of a GPU loan) with ``FASTSFM_SMOKE=1``: every part
-    exits 0 inside the session's deadline, ``profile_step.py`` reports the step, its stages and the
-    alternatives (only the shape of the report is checked; the numbers are a GPU's to give), and the
-    folder holds at most 8 files no more than 2 folders down -- what the device tool brings back."""
+    """``benches/gpu_session.sh`` (a GPU loan's two calls) with ``FASTSFM_SMOKE=1``: every part exits 0
+    inside its call's deadline, ``profile_loss.py`` and ``profile_step.py`` report (only the shape of
+    the reports is checked; the numbers are a GPU's to give), the CUDA-only tests run under their
+    limits, and each call's folder holds at most 8 files no more than 2 folders down -- what the
+    device tool brings back."""
     env = {**os.environ, "FASTSFM_SMOKE": "1", "PYTHON": sys.executable}
-    done = subprocess.run(
-        ["bash", str(BENCHES / "gpu_session.sh"), str(tmp_path)], env=env, capture_output=True, text=True, timeout=600
-    )
-    log = (tmp_path / "session.log").read_text()
-    assert done.returncode == 0 and "session done" in log, done.stdout + done.stderr
-    parts = [line for line in log.splitlines() if ": exit " in line]
-    assert len(parts) == 3 and all(line.split(": exit ")[1].startswith("0 ") for line in parts), parts
-    result = json.loads((tmp_path / "profile_step.json").read_text())
+    for call, parts in (("1", 2), ("2", 2)):
+        folder = tmp_path / call
+        done = subprocess.run(
+            ["bash", str(BENCHES / "gpu_session.sh"), str(folder), call],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        log = (folder / f"session{call}.log").read_text()
+        assert done.returncode == 0 and f"call {call} done" in log, done.stdout + done.stderr
+        exits = [line for line in log.splitlines() if ": exit " in line]
+        assert len(exits) == parts and all(line.split(": exit ")[1].startswith("0 ") for line in exits), exits
+        files = [f for f in folder.rglob("*") if f.is_file()]
+        assert len(files) <= 8 and all(len(f.relative_to(folder).parts) <= 3 for f in files), files
+    assert json.loads((tmp_path / "1" / "loss.json").read_text())["device"]
+    result = json.loads((tmp_path / "1" / "profile_step.json").read_text())
     saved = result["saved for backward"]
     assert saved["saved MiB per image"] > 0 and saved["saved GiB at C = 4"] > 0
     step = result["steps"][0]
     assert step["C"] == 4 and step["step ms"] > 0
     assert [s["stage"] for s in step["stages"]][:3] == ["render", "augment", "backbone"]
     names = [r["what"] for r in result["alternatives"]]
-    for name in ("render: F.interpolate", "crop: grid_sample", "render: one matrix product, TF32", "SDPA MATH 257"):
+    for name in (
+        "render: F.interpolate",
+        "crop: grid_sample",
+        "render: one matrix product, TF32",
+        "real side: fp32 backbone forward, TF32",
+        "SDPA MATH 257",
+    ):
         assert any(n.startswith(name) for n in names), (name, names)
-    assert json.loads((tmp_path / "distill" / "report.json").read_text())["checks"]
-    files = [f for f in tmp_path.rglob("*") if f.is_file()]
-    assert len(files) <= 8 and all(len(f.relative_to(tmp_path).parts) <= 3 for f in files), files
+    rows = json.loads((tmp_path / "2" / "sfm_vs_lgm" / "sfm_vs_lgm.json").read_text())
+    assert [r["method"] for r in rows] == ["sfm", "lgm"] and rows[1]["time LGM/SFM"] > 0
+    tests = json.loads((tmp_path / "2" / "tests" / "report.json").read_text())["checks"]
+    assert tests[0]["check"] == "collected and skipped (smoke)" and tests[0]["passed"]
+    assert (tmp_path / "2" / "tests" / "gpu_tests.jsonl").read_text().count('"skipped"') > 10
+
+
+def test_gpu_session_stops_when_the_install_fails(tmp_path):
+    """A failed editable install ends the call with a clear line and a non-zero exit: no part measures
+    the code that was installed before."""
+    fake = tmp_path / "python"
+    fake.write_text(f'#!/bin/sh\n[ "$1" = "-m" ] && [ "$2" = "pip" ] && exit 3\nexec {sys.executable} "$@"\n')
+    fake.chmod(0o755)
+    env = {**os.environ, "FASTSFM_SMOKE": "1", "FASTSFM_SKIP_INSTALL": "0", "PYTHON": str(fake)}
+    for call in ("1", "2"):
+        done = subprocess.run(
+            ["bash", str(BENCHES / "gpu_session.sh"), str(tmp_path / call), call],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        log = (tmp_path / call / f"session{call}.log").read_text()
+        assert done.returncode == 1, log
+        assert "== install: exit 3" in log and "install failed: the session stops here" in log
+        assert "(a)" not in log and "(c)" not in log and "gpu tests" not in log
 
 
 def test_profile_step_reads_the_budgets_from_kernel_names_and_times():
