@@ -118,7 +118,7 @@ def test_every_module_is_in_a_wing_or_a_foundation():
     loose = [name for name in MODULES if name != "fastsfm" and wing(name) not in FLOORS]
     assert not loose, f"modules outside the wings {sorted(FLOORS)}: {loose}"
     flat = sorted(p.stem for p in PACKAGE.glob("*.py") if p.stem != "__init__")
-    assert set(flat) == FOUNDATIONS | {"stats"}
+    assert set(flat) == FOUNDATIONS
     for name, path in MODULES.items():
         if path.name == "__init__.py" and name.count(".") == 1:
             assert ast.get_docstring(ast.parse(path.read_text())), f"{name} says what the wing does"

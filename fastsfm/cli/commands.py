@@ -41,6 +41,7 @@ from .flags import (
     data_from_args,
     dataset_defaults_of,
     integer,
+    number,
     resolution_of,
 )
 
@@ -60,6 +61,7 @@ def _join_torchrun(args: argparse.Namespace) -> int:
 def cmd_stats(args: argparse.Namespace) -> None:
     from ..models.backbones import from_config
     from ..stats import dataset_stats_many, input_crops, stats_file
+    from ..stats.resume import checkpoint_folder
 
     classifier = config_from_args(ClassifierConfig, args, dataset_defaults_of(args))
     options = backbone_configs_of(args)
@@ -72,7 +74,17 @@ def cmd_stats(args: argparse.Namespace) -> None:
     backbones = [from_config(o, args.device) for o in options]
     data = data_from_args(args, input_crops(backbones))
     all_stats = dataset_stats_many(
-        backbones, data, classifier, args.device, args.batch_size, args.workers, precision=options[0].real_precision
+        backbones,
+        data,
+        classifier,
+        args.device,
+        args.batch_size,
+        args.workers,
+        precision=options[0].real_precision,
+        checkpoint_folder=checkpoint_folder(args.out),
+        checkpoint_minutes=args.checkpoint_minutes,
+        resume=args.resume,
+        skip_bad=args.skip_bad_images,
     )
     if rank != 0:
         return
@@ -214,6 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Statistical flow matching dataset distillation for frozen pre-trained vision backbones.",
     )
     parser.add_argument("--version", action="version", version=f"fastsfm {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error, not its one line")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser(
@@ -229,6 +242,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--batch-size", type=integer(1), default=128, help="images per batch of the statistics pass")
     p.add_argument("--workers", type=integer(0), default=None, help=WORKERS_HELP)
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the pass from its checkpoint (OUT.partial, or OUT/.partial for a folder); needs the same "
+        "world size and batch size",
+    )
+    p.add_argument(
+        "--checkpoint-minutes",
+        type=number(0.0),
+        default=10.0,
+        help="minutes between checkpoints of the pass's running sums (also written on SIGTERM/SIGUSR1/Ctrl-C)",
+    )
+    p.add_argument(
+        "--skip-bad-images",
+        action="store_true",
+        help="leave undecodable images out (listed in the statistics' metadata and the log) instead of stopping",
+    )
     add_config_flags(p, ClassifierConfig, "real-data classifier (ClassifierConfig)")
     p.set_defaults(func=cmd_stats)
 
@@ -322,13 +352,32 @@ def _show_library_logs() -> None:
         logger.propagate = False
 
 
+EXPECTED = (ValueError, OSError, torch.OutOfMemoryError)
+"""Failures a user meets -- bad input, damaged or missing files (weights included), I/O errors, an
+out-of-memory device -- that the command line reports in one line with exit 2 (``--debug``: the
+traceback); anything else is a bug and keeps its traceback."""
+
+
+def one_line(err: BaseException) -> str:
+    """The message of ``err`` in one line: a loader worker's re-raised error (which carries the
+    worker's traceback) gives its original last line; out of memory gives the flags that lower it."""
+    text = str(err).strip() or type(err).__name__
+    if "Original Traceback" in text:  # torch.utils.data's ExceptionWrapper: "Module.Error: message" last
+        text = text.splitlines()[-1].split(": ", 1)[-1]
+    if isinstance(err, torch.OutOfMemoryError):
+        return f"out of memory ({text.splitlines()[0]}); lower --batch-size or --chunk-size, or use --offload"
+    return text.splitlines()[0] if len(text.splitlines()) == 1 else " ".join(line.strip() for line in text.splitlines())
+
+
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     _show_library_logs()
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as err:
-        print(f"fastsfm {args.command}: error: {err}", file=sys.stderr)
+    except EXPECTED as err:
+        if args.debug:
+            raise
+        print(f"fastsfm {args.command}: error: {one_line(err)}", file=sys.stderr)
         raise SystemExit(2) from err
     finally:
         shutdown()  # leave torchrun's process groups while Python is whole (fastsfm.distributed)

@@ -31,6 +31,7 @@ __all__ = [
     "resolution_of",
     "data_from_args",
     "WORKERS_HELP",
+    "number",
 ]
 
 WORKERS_HELP = "image-decoding worker processes (default: this process's CPUs shared among the node's processes)"
@@ -38,14 +39,22 @@ WORKERS_HELP = "image-decoding worker processes (default: this process's CPUs sh
 
 def integer(low: int):
     """An argparse type: an integer >= ``low`` (else a one-line error naming the flag and the range)."""
+    return _at_least(int, "an integer", low)
 
-    def parse(text: str) -> int:
+
+def number(low: float):
+    """An argparse type: a finite number >= ``low`` (else a one-line error naming the flag and the range)."""
+    return _at_least(float, "a number", low)
+
+
+def _at_least(kind: type, what: str, low):
+    def parse(text: str):
         try:
-            value = int(text)
+            value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {value}")
+            raise argparse.ArgumentTypeError(f"must be {what} >= {low}, got {text!r}") from None
+        if not value >= low or value == float("inf"):  # NaN fails the first test
+            raise argparse.ArgumentTypeError(f"must be {what} >= {low}, got {value}")
         return value
 
     return parse

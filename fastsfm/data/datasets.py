@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset, TensorDataset
 
 from .imagenet import SUBSETS, imagenet_subset
-from .images import CropViews, ImageData, center_crop, labels_of, view_transform, with_transform
+from .images import CropViews, ImageData, center_crop, labels_of, read_image, view_transform, with_transform
 
 __all__ = [
     "DatasetSpec",
@@ -107,10 +107,10 @@ def image_folder(
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"image folder {root} does not exist (expected root/<class>/<image> files)")
-    train = datasets.ImageFolder(str(root), transform=view_transform(resolution, resolution))
+    train = datasets.ImageFolder(str(root), transform=view_transform(resolution, resolution), loader=read_image)
     test = None
     if test_root is not None:
-        test = datasets.ImageFolder(str(test_root), transform=view_transform(resolution, crop))
+        test = datasets.ImageFolder(str(test_root), transform=view_transform(resolution, crop), loader=read_image)
         if test.classes != train.classes:
             raise ValueError(f"test classes {test.classes[:5]}... differ from train classes {train.classes[:5]}...")
     return ImageData(

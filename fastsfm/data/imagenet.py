@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torchvision.datasets import ImageFolder
 
-from .images import ImageData, view_transform, with_transform
+from .images import ImageData, read_image, view_transform, with_transform
 
 __all__ = ["SUBSETS", "imagenet_subset", "subset_wnids", "check_imagenet_root"]
 
@@ -76,7 +76,7 @@ class _ClassFolders(ImageFolder):
 
     def __init__(self, root: Path, wnids: list[str], transform):
         self._wnids = wnids
-        super().__init__(str(root), transform=transform)
+        super().__init__(str(root), transform=transform, loader=read_image)
 
     def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
         return list(self._wnids), {w: i for i, w in enumerate(self._wnids)}

@@ -27,9 +27,13 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset, TensorDataset
+from torch.utils.data import Dataset, TensorDataset, default_collate
 
 __all__ = [
+    "BadImageError",
+    "read_image",
+    "Checked",
+    "collate_checked",
     "ImageData",
     "image_set_folder",
     "center_crop",
@@ -43,6 +47,53 @@ __all__ = [
     "loader_kwargs",
     "shm_items",
 ]
+
+
+class BadImageError(ValueError):
+    """An image file that cannot be decoded: its path and the decoder's reason, in one line."""
+
+
+def read_image(path: str) -> object:
+    """The RGB PIL image of a file, decoded in full now (a truncated file fails here, not later in a
+    transform); :class:`BadImageError` naming the file when it cannot be decoded.  CMYK, greyscale,
+    palette and PNG-named-JPEG files decode (PIL reads the content, not the name)."""
+    from PIL import Image
+
+    try:
+        with open(path, "rb") as f:
+            image = Image.open(f)
+            image.load()
+            return image.convert("RGB")
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:  # PIL's decode failures
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise BadImageError(f"cannot decode image {path}: {reason}") from None
+
+
+class Checked(Dataset):
+    """``dataset`` whose undecodable items come back as ``(None, label, message)`` instead of raising
+    in a loader worker (whose re-raised error carries a traceback): :func:`collate_checked` sets them
+    apart, so a statistics pass can stop with one line naming the file, or skip and record it."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        try:
+            return self.dataset[i]
+        except BadImageError as err:
+            return None, -1, str(err)
+
+
+def collate_checked(items: list) -> tuple[object, Tensor | None, list[str]]:
+    """``(images, labels, bad)`` of a batch of :class:`Checked` items: the decodable ones collated
+    (None and None when there are none), the messages of the others."""
+    good = [item for item in items if item[0] is not None]
+    bad = [item[2] for item in items if item[0] is None]
+    images, labels = default_collate(good) if good else (None, None)
+    return images, labels, bad
 
 
 @dataclass
@@ -134,7 +185,7 @@ def image_set_folder(root: str | Path, class_names: list[str], resolution: int) 
             f"({class_names[:3]}...), found {folders[:5] if not unknown else unknown[:5]}"
         )
     try:
-        dataset = datasets.ImageFolder(str(root), transform=view_transform(resolution, resolution))
+        dataset = datasets.ImageFolder(str(root), transform=view_transform(resolution, resolution), loader=read_image)
     except FileNotFoundError as err:  # torchvision: a class folder without images
         raise ValueError(f"{root}: {err}") from err
     index = {name: class_names.index(name) for name in dataset.classes}

@@ -403,7 +403,7 @@ def test_digits_without_flags_run_what_the_demo_runs(tmp_path, capsys):
 
 BAD_NUMBERS = {
     "stats": {"--image-size": "0", "--resolution": "0", "--batch-size": "0", "--workers": "-1"}
-    | {"--classifier-epochs": "0", "--classifier-lr": "0", "--classifier-batch": "0"},
+    | {"--classifier-epochs": "0", "--classifier-lr": "0", "--classifier-batch": "0", "--checkpoint-minutes": "-1"},
     "distill": {"--image-size": "0", "--ipc": "0", "--steps": "0", "--lr": "0", "--resolution": "0"}
     | {"--pyramid-start": "0", "--pyramid-extent": "0", "--views": "0", "--alpha": "1.01"}
     | {"--nontarget-divisor": "0.99", "--noise-std": "-0.01", "--noise-mean": "nan", "--chunk-size": "0"}
