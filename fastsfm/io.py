@@ -23,6 +23,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 __all__ = [
+    "check_free_space",
     "atomic_save_safetensors",
     "read_safetensors",
     "atomic_write",
@@ -92,6 +93,21 @@ def read_json(path: str | Path, what: str) -> object:
         return json.loads(Path(path).read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ValueError(f"{path} is not a readable {what} (JSON): {err}") from err
+
+
+def check_free_space(path: str | Path, nbytes: int) -> None:
+    """Refuse (``OSError``, one line) to write ``nbytes`` at ``path`` when its file system has less
+    free space (plus 1 % and 64 MiB of margin): an atomic write needs the new file's room while
+    the old one is kept, and a full disk mid-write would only fail later."""
+    folder = Path(path).parent
+    folder.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(folder).free
+    need = int(nbytes * 1.01) + 64 * 2**20
+    if free < need:
+        raise OSError(
+            f"not enough free space to write {path}: needs {need / 2**30:.2f} GiB, {free / 2**30:.2f} GiB free on "
+            f"{folder}; free some or point --out elsewhere (the last checkpoint is kept)"
+        )
 
 
 def atomic_save_safetensors(tensors: dict[str, Tensor], path: str | Path, metadata: dict[str, str]) -> None:

@@ -40,13 +40,18 @@ class StopSignals:
             signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def requested(self, group=None) -> bool:
+        return self.agree(group)[0]
+
+    def agree(self, group=None, due: bool = False) -> tuple[bool, bool]:
+        """``(a stop was requested, ``due`` holds)`` on any rank of ``group``: one all-reduce for both
+        when there are several ranks (so they stop, or checkpoint by time, at the same step)."""
         if group is None:
-            return self.signum != 0
+            return self.signum != 0, due
         device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else None
-        flag = torch.tensor([self.signum], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
-        self.signum = int(flag)
-        return self.signum != 0
+        flags = torch.tensor([self.signum, int(due)], device=device)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group)
+        self.signum = int(flags[0])
+        return self.signum != 0, bool(flags[1])
 
     @property
     def code(self) -> int:

@@ -46,7 +46,7 @@ from ..data.images import labels_of, stack_images
 from ..data.reals import random_reals
 from ..data.setfile import load_images, save_grid, save_images
 from ..distributed import barrier, rank_world, shard_classes
-from ..io import concat_safetensors
+from ..io import check_free_space, concat_safetensors
 from ..models.backbones import Backbone
 from ..models.ensemble import BackboneEnsemble, members_of
 from ..progress import Progress
@@ -112,7 +112,9 @@ def _build_synset(
 
 
 def _save(ckpt: Path, synset: SyntheticSet, optim: ChunkAdam, step: int, identity: dict[str, str]) -> None:
-    save_checkpoint(ckpt, {**synset.state(), **optim.state()}, step, optim.steps, identity)
+    tensors = {**synset.state(), **optim.state()}
+    check_free_space(ckpt, sum(t.numel() * t.element_size() for t in tensors.values()))
+    save_checkpoint(ckpt, tensors, step, optim.steps, identity)
 
 
 def _read_back(loss, skipped) -> tuple[float, int]:
@@ -142,6 +144,7 @@ def _optimise(
     backbone = getattr(objective, "backbone", None)
     compiled = backbone is not None and any(getattr(m, "compiled", False) for m in members_of(backbone))
     done = saved = start
+    saved_at = time.monotonic()
     try:
         with StopSignals() as stop:
             for step in range(start, config.steps):
@@ -166,10 +169,11 @@ def _optimise(
                 extra = {"skipped_chunks": skipped} if optim.check_finite else {}
                 metrics.log(step=step, loss=loss, levels=len(synset.levels), step_s=seconds, peak_mib=peak, **extra)
                 bar.update(loss=loss, levels=len(synset.levels))
-                halt = stop.requested(group)
-                if halt or done % config.checkpoint_every == 0 or done == config.steps:
+                due = time.monotonic() - saved_at >= 60 * config.checkpoint_minutes
+                halt, due = stop.agree(group, due)
+                if halt or due or done % config.checkpoint_every == 0 or done == config.steps:
                     _save(ckpt, synset, optim, done, identity)
-                    saved = done
+                    saved, saved_at = done, time.monotonic()
                 if halt:
                     log.warning(
                         "stopped by signal %d after step %d: checkpoint written to %s; continue with --resume",

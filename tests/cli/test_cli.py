@@ -407,7 +407,8 @@ BAD_NUMBERS = {
     "distill": {"--image-size": "0", "--ipc": "0", "--steps": "0", "--lr": "0", "--resolution": "0"}
     | {"--pyramid-start": "0", "--pyramid-extent": "0", "--views": "0", "--alpha": "1.01"}
     | {"--nontarget-divisor": "0.99", "--noise-std": "-0.01", "--noise-mean": "nan", "--chunk-size": "0"}
-    | {"--workers": "-1", "--seed": "-1", "--checkpoint-every": "0", "--backbone-weights": "-1"},
+    | {"--workers": "-1", "--seed": "-1", "--checkpoint-every": "0", "--backbone-weights": "-1"}
+    | {"--checkpoint-minutes": "-0.5"},
     "eval": {"--image-size": "0", "--resolution": "0", "--ipc": "0", "--workers": "-1", "--epochs": "0"}
     | {"--seeds": "0", "--batch": "0", "--probe-lr": "0", "--inherit-lr": "0", "--temperature": "0"}
     | {"--kd-weight": "1.01", "--checkpoint-every": "0"},

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 from dataclasses import replace
 
@@ -189,3 +190,28 @@ def _run_ids(stats):
         "stats_dataset": stats.meta.get("dataset", ""),
         "world_size": "1",
     }
+
+
+def test_checkpoints_by_time_as_well_as_steps_and_a_full_disk_is_refused(setup, tmp_path, monkeypatch):
+    """``checkpoint_minutes``: a checkpoint as soon as that much time passed since the last, whatever
+    ``checkpoint_every`` says (an execution choice: a resume ignores it); a checkpoint that the disk
+    cannot hold is refused before writing, with the room it needs, and the last one is kept."""
+    from fastsfm.distill import loop
+
+    bb, stats = setup
+    steps = []
+    save = loop.save_checkpoint
+    monkeypatch.setattr(loop, "save_checkpoint", lambda p, t, step, *a: steps.append(step) or save(p, t, step, *a))
+    distill(bb, stats, replace(CFG, checkpoint_every=100, checkpoint_minutes=0.0), tmp_path / "t", progress=False)
+    assert steps == [1, 2, 3, 4, 5, 6]  # every step is 0 minutes after the last save
+    steps.clear()
+    distill(bb, stats, replace(CFG, checkpoint_every=100), tmp_path / "s", progress=False)
+    assert steps == [6]  # 30 minutes never pass: only the last step
+    kept = (tmp_path / "t" / "checkpoint.safetensors").read_bytes()
+    usage = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(path)._replace(free=10 * 2**20))
+    with pytest.raises(OSError, match=r"not enough free space to write .*checkpoint.safetensors: needs 0\.\d+ GiB"):
+        distill(bb, stats, replace(CFG, steps=8), tmp_path / "t", resume=True, progress=False)
+    assert (tmp_path / "t" / "checkpoint.safetensors").read_bytes() == kept
+    with pytest.raises(ValueError, match="checkpoint_minutes"):
+        DistillConfig(checkpoint_minutes=-1)
