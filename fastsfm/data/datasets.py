@@ -8,6 +8,10 @@ synthetic resolution, train and test views centre-cropped to the backbone's inpu
   (``imagenet-100:/data/imagenet``; :mod:`fastsfm.data.imagenet`);
 * ``torchvision:<Class>:<root>`` -- a ``torchvision.datasets`` class on a local root, never
   downloading (``torchvision:CIFAR10:/data/cifar``);
+* ``hf:<path>`` -- a Hugging Face ``datasets`` copy on disk (``save_to_disk`` folder or parquet
+  files; :mod:`fastsfm.data.formats`);
+* ``wds:<shard pattern>`` -- webdataset tar shards (``wds:/data/in1k/train-{000000..000146}.tar``),
+  the test split's pattern as ``--test-data wds:...``;
 * anything else -- an ImageFolder root (``root/<class>/<image>``), with the test split's root.
 
 This module sits above :mod:`fastsfm.data.images` and :mod:`fastsfm.data.imagenet` (which it combines): the one
@@ -23,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, TensorDataset
 
+from .formats import hf_dataset, tar_shards
 from .imagenet import SUBSETS, imagenet_subset
 from .images import CropViews, ImageData, center_crop, labels_of, read_image, view_transform, with_transform
 
@@ -162,6 +167,8 @@ class DatasetSpec:
     * ``<imagenet subset>[:<root>]`` (``imagenet-100:/data/imagenet``; :mod:`fastsfm.data.imagenet`);
     * ``torchvision:<Class>[:<root>]`` (``torchvision:CIFAR10:/data/cifar``), never downloading;
     * ``folder:<dir>``: ImageFolders ``dir/train`` and ``dir/val``;
+    * ``hf:<path>``: a Hugging Face ``datasets`` copy on disk;
+    * ``wds:<pattern>``: webdataset shards, ``test_root`` (``wds:<pattern>`` too) the test split's;
     * anything else: an ImageFolder root, with ``test_root`` the test split's (``--test-data``).
 
     A root left out of the text is ``root`` (a grid's ``root``; a subset or torchvision dataset
@@ -180,6 +187,10 @@ class DatasetSpec:
         if text.startswith("folder:"):
             folder = Path(text.split(":", 1)[1])
             return cls("folder", text, str(folder / "train"), str(folder / "val"))
+        if text.startswith(("hf:", "wds:")):
+            kind, _, given = text.partition(":")
+            test = test_root.partition(":")[2] if test_root and test_root.startswith("wds:") else test_root
+            return cls(kind, text, given, test)
         if text.startswith("torchvision:"):
             _, name, given = (text.split(":", 2) + [""])[:3]
             return cls("torchvision", name, cls._root(text, given or root))
@@ -205,6 +216,10 @@ class DatasetSpec:
             return torchvision_dataset(self.name, self.root, resolution, crop)
         if self.kind == "imagenet":
             return imagenet_subset(self.root, self.name, resolution, crop)
+        if self.kind == "hf":
+            return hf_dataset(self.root, resolution, crop)
+        if self.kind == "wds":
+            return tar_shards(self.root, resolution, crop, self.test_root)
         return image_folder(self.root, resolution, crop, self.test_root)
 
 

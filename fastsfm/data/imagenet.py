@@ -10,7 +10,10 @@ and ``imagenet-a`` ... ``imagenet-e``.
 Layout: ``ROOT/train/<wnid>/*`` and ``ROOT/val/<wnid>/*`` -- torchvision's ``ImageNet``
 layout once its archives are extracted (its ``meta.bin``, when present, supplies the class
 names) or plain class-id folders (names then come from timm's ImageNet synset table).
-Only the subset's folders are scanned.
+Only the subset's folders are scanned.  The validation split may also be the flat ILSVRC folder
+(``ROOT/val/ILSVRC2012_val_*.JPEG``, the Kaggle and image-net.org download) with its
+``LOC_val_solution.csv`` in ``ROOT`` or up to three folders above (the Kaggle copy's
+``ILSVRC/Data/CLS-LOC`` root keeps it three folders up).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from pathlib import Path
 import torch
 from torchvision.datasets import ImageFolder
 
-from .images import ImageData, read_image, view_transform, with_transform
+from .images import ImageData, IndexedImages, read_image, view_transform, with_transform
 
 __all__ = ["SUBSETS", "imagenet_subset", "subset_wnids", "check_imagenet_root"]
 
@@ -82,12 +85,50 @@ class _ClassFolders(ImageFolder):
         return list(self._wnids), {w: i for i, w in enumerate(self._wnids)}
 
 
+VAL_SOLUTION = "LOC_val_solution.csv"
+"""The ILSVRC validation labels of the Kaggle / image-net.org layout (``ImageId,PredictionString``,
+the string's first word the wnid), beside the flat ``val/`` folder or up to three folders above."""
+
+
+def _val_solution(root: Path) -> Path | None:
+    """The :data:`VAL_SOLUTION` file of a root whose ``val/`` is flat (no wnid folders), if any."""
+    val = root / "val"
+    if not val.is_dir() or any(p.is_dir() for p in val.iterdir()):
+        return None
+    return next((d / VAL_SOLUTION for d in [root, *list(root.parents)[:3]] if (d / VAL_SOLUTION).is_file()), None)
+
+
+def _flat_val(root: Path, wnids: list[str], solution: Path, transform) -> IndexedImages:
+    """The flat ILSVRC ``val/`` images of ``wnids`` (labels 0..K-1 in that order) from ``solution``."""
+    import csv
+
+    index = {w: i for i, w in enumerate(wnids)}
+    samples = []
+    with open(solution, newline="") as f:
+        for row in csv.DictReader(f):
+            wnid = row["PredictionString"].split()[0]
+            if wnid in index:
+                samples.append((root / "val" / f"{row['ImageId']}.JPEG", index[wnid]))
+    samples.sort()
+    missing = [str(p) for p, _ in samples if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} images named in {solution} are missing, e.g. {missing[0]}")
+    paths = [p for p, _ in samples]
+
+    def read(i: int):
+        return paths[i].read_bytes(), str(paths[i])
+
+    content = ";".join(f"{p.name}:{y}" for p, y in samples)
+    return IndexedImages(read, [y for _, y in samples], wnids, f"ilsvrc-val:{content}", transform)
+
+
 def check_imagenet_root(root: str | Path, subset: str) -> list[str]:
     """Raise a clear error unless ``root`` holds train/ and val/ folders of every class of
-    ``subset``; return the subset's wnids.  Cheap: looks at folder names only."""
+    ``subset`` (or a flat val/ with its :data:`VAL_SOLUTION`); return the subset's wnids.  Cheap:
+    looks at folder names only."""
     wnids = subset_wnids(subset)
     root = Path(root)
-    for split in ("train", "val"):
+    for split in ("train", "val") if _val_solution(root) is None else ("train",):
         folder = root / split
         if not folder.is_dir():
             raise FileNotFoundError(
@@ -108,7 +149,11 @@ def imagenet_subset(root: str | Path, subset: str, resolution: int, crop: int | 
     wnids = check_imagenet_root(root, subset)
     root = Path(root)
     train = _ClassFolders(root / "train", wnids, view_transform(resolution, resolution))
-    test = _ClassFolders(root / "val", wnids, view_transform(resolution, crop))
+    solution = _val_solution(root)
+    if solution is None:
+        test = _ClassFolders(root / "val", wnids, view_transform(resolution, crop))
+    else:  # the flat ILSVRC validation folder
+        test = _flat_val(root, wnids, solution, view_transform(resolution, crop))
     return ImageData(
         train, with_transform(train, view_transform(resolution, crop)), test, _class_names(root, wnids), subset
     )

@@ -32,6 +32,8 @@ from torch.utils.data import Dataset, TensorDataset, default_collate
 __all__ = [
     "BadImageError",
     "read_image",
+    "decode_image",
+    "IndexedImages",
     "Checked",
     "collate_checked",
     "ImageData",
@@ -57,16 +59,44 @@ def read_image(path: str) -> object:
     """The RGB PIL image of a file, decoded in full now (a truncated file fails here, not later in a
     transform); :class:`BadImageError` naming the file when it cannot be decoded.  CMYK, greyscale,
     palette and PNG-named-JPEG files decode (PIL reads the content, not the name)."""
+    with open(path, "rb") as f:
+        return decode_image(f, path)
+
+
+def decode_image(source, name: str) -> object:
+    """The RGB PIL image of an open binary file or ``bytes`` (``name`` says where it came from in the
+    :class:`BadImageError` of a file that cannot be decoded)."""
+    import io
+
     from PIL import Image
 
     try:
-        with open(path, "rb") as f:
-            image = Image.open(f)
-            image.load()
-            return image.convert("RGB")
+        image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+        image.load()
+        return image.convert("RGB")
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:  # PIL's decode failures
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise BadImageError(f"cannot decode image {path}: {reason}") from None
+        raise BadImageError(f"cannot decode image {name}: {reason}") from None
+
+
+class IndexedImages(Dataset):
+    """Images read by index from some store (Hugging Face ``datasets``, tar shards, a flat folder):
+    ``read(i)`` gives the encoded bytes of image ``i`` (or an open file) and its name, ``targets``
+    the labels (read without any image), ``classes`` the class names, ``content_id`` what
+    :func:`fingerprint` hashes.  Behaves as an ImageFolder for the rest of the package
+    (:func:`with_transform`, :func:`labels_of`)."""
+
+    def __init__(self, read, targets: list[int], classes: list[str], content_id: str, transform=None):
+        self.read, self.targets, self.classes = read, list(targets), list(classes)
+        self.content_id, self.transform = content_id, transform
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i: int):
+        data, name = self.read(i)
+        image = decode_image(data, name)
+        return (self.transform(image) if self.transform else image), self.targets[i]
 
 
 class Checked(Dataset):
@@ -245,6 +275,8 @@ def fingerprint(dataset: Dataset) -> str:
     if isinstance(dataset, TensorDataset):
         for t in dataset.tensors:
             h.update(t.contiguous().numpy().tobytes())
+    elif hasattr(dataset, "content_id"):
+        h.update(dataset.content_id.encode())
     elif hasattr(dataset, "samples"):
         for path, label in dataset.samples:
             h.update(f"{Path(path).relative_to(dataset.root)}:{label};".encode())
