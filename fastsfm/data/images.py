@@ -33,6 +33,9 @@ __all__ = [
     "BadImageError",
     "read_image",
     "decode_image",
+    "to_float",
+    "uint8_views",
+    "check_shared_memory",
     "IndexedImages",
     "Checked",
     "collate_checked",
@@ -148,19 +151,56 @@ def center_crop(images: Tensor, size: int) -> Tensor:
     return images[..., top : top + size, left : left + size].contiguous()
 
 
-def view_transform(resolution: int, crop: int | tuple[int, ...]):
-    """Resize the shorter side to ``resolution``, centre-crop ``crop``, float RGB in [0, 1].
+def view_transform(resolution: int, crop: int | tuple[int, ...], uint8: bool = False):
+    """Resize the shorter side to ``resolution``, centre-crop ``crop``, float RGB in [0, 1] (``uint8``:
+    the same pixels before that conversion, which :func:`to_float` makes later, bit for bit).
 
     A tuple of crops gives a tuple of views, one centre crop per size, of one decoded and resized
     image: the statistics of several backbones with different input sizes in one pass
     (:func:`fastsfm.stats.dataset_stats_many`), each view equal to the one-crop transform's."""
     from torchvision.transforms import v2
 
+    scale = [] if uint8 else [v2.ToDtype(torch.float32, scale=True)]
     if isinstance(crop, tuple):
-        steps = [v2.ToDtype(torch.float32, scale=True), v2.Lambda(_to_rgb), v2.Lambda(functools.partial(_crops, crop))]
+        steps = [*scale, v2.Lambda(_to_rgb), v2.Lambda(functools.partial(_crops, crop))]
     else:
-        steps = [v2.CenterCrop(crop), v2.ToDtype(torch.float32, scale=True), v2.Lambda(_to_rgb)]
-    return v2.Compose([v2.ToImage(), v2.Resize(resolution, antialias=True), *steps])
+        steps = [v2.CenterCrop(crop), *scale, v2.Lambda(_to_rgb)]
+    transform = v2.Compose([v2.ToImage(), v2.Resize(resolution, antialias=True), *steps])
+    transform.fastsfm_view = (resolution, crop)  # what uint8_views rebuilds it from
+    return transform
+
+
+def to_float(images: Tensor) -> Tensor:
+    """uint8 images as float32 in [0, 1] exactly as the float view makes them (torchvision's
+    ``ToDtype(scale=True)``: a multiplication by 1/255); float images unchanged."""
+    return images.to(torch.float32).mul_(1.0 / 255) if images.dtype == torch.uint8 else images
+
+
+def uint8_views(dataset: Dataset) -> Dataset:
+    """``dataset`` with its :func:`view_transform` giving uint8 pixels (a quarter of the bytes a
+    loader worker hands over through shared memory; :func:`to_float` on the device after the copy),
+    or ``dataset`` itself when its images are not decoded by a view transform (tensors in memory)."""
+    view = getattr(getattr(dataset, "transform", None), "fastsfm_view", None)
+    return dataset if view is None else with_transform(dataset, view_transform(*view, uint8=True))
+
+
+def check_shared_memory(batch_bytes: int, workers: int, prefetch: int = 2) -> None:
+    """Switch the loader workers to file-system sharing (with a warning) when the batches they keep
+    in flight do not fit in half of ``/dev/shm`` -- a container's default 64 MB would otherwise kill
+    them with a bus error mid-pass."""
+    if workers > 0 and shm_items(batch_bytes, workers, prefetch) < 1:
+        import logging
+
+        import torch.multiprocessing as mp
+
+        logging.getLogger(__name__).warning(
+            "/dev/shm cannot hold %d workers x %d batches of %.0f MB: loader workers share batches through "
+            "files instead (slower; give the container --shm-size)",
+            workers,
+            prefetch,
+            batch_bytes / 2**20,
+        )
+        mp.set_sharing_strategy("file_system")
 
 
 def _crops(sizes: tuple[int, ...], image: Tensor) -> tuple[Tensor, ...]:

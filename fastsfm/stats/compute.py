@@ -29,7 +29,16 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Subset
 
 from ..config import ClassifierConfig, Precision
-from ..data.images import BadImageError, Checked, collate_checked, fingerprint, loader_kwargs
+from ..data.images import (
+    BadImageError,
+    Checked,
+    check_shared_memory,
+    collate_checked,
+    fingerprint,
+    loader_kwargs,
+    to_float,
+    uint8_views,
+)
 from ..distributed import control_group, gather_to_rank0, interleave_shards, rank_world, shard_dataset
 from ..io import atomic_save_safetensors
 from ..models.backbones import Backbone
@@ -55,7 +64,7 @@ def input_crops(backbones: Sequence[Backbone]) -> int | tuple[int, ...]:
 def _on_device(images: Tensor | Sequence[Tensor], crops: int | tuple[int, ...], device) -> dict[int, Tensor]:
     """A batch's views on ``device`` by crop size, each copied once (every backbone of that size reads it)."""
     sizes, views = ((crops,), (images,)) if isinstance(crops, int) else (crops, images)
-    return {size: view.to(device, non_blocking=True) for size, view in zip(sizes, views, strict=True)}
+    return {size: to_float(view.to(device, non_blocking=True)) for size, view in zip(sizes, views, strict=True)}
 
 
 def compute_stats(backbone: Backbone, *args, **kwargs) -> ClassStats:
@@ -252,7 +261,7 @@ def dataset_stats_many(
     undecodable images out and list them (else the first stops the pass, named)."""
     dataset_id = f"{data.name}:{fingerprint(data.train)}"
     rank, world = rank_world()
-    shard = shard_dataset(Checked(data.train_eval), rank, world)
+    shard = shard_dataset(Checked(uint8_views(data.train_eval)), rank, world)  # uint8 through the workers
     checkpoint, state = None, None
     if checkpoint_folder is not None:
         identity = {
@@ -273,7 +282,11 @@ def dataset_stats_many(
             state, _ = checkpoint.load(device)
             log.info("resuming the statistics pass at batch %d (%s)", state.batches, checkpoint.root)
             shard = Subset(shard, range(min(state.batches * batch_size, len(shard)), len(shard)))
-    loader = DataLoader(shard, batch_size=batch_size, collate_fn=collate_checked, **loader_kwargs(device, workers))
+    options = loader_kwargs(device, workers)
+    crops = input_crops(backbones)
+    pixels = sum(size * size for size in (crops if isinstance(crops, tuple) else (crops,)))
+    check_shared_memory(batch_size * 3 * pixels, options["num_workers"])  # the uint8 bytes of a batch
+    loader = DataLoader(shard, batch_size=batch_size, collate_fn=collate_checked, **options)
     stats = compute_stats_many(
         backbones,
         loader,

@@ -216,3 +216,9 @@ def test_profile_step_frees_the_graph_before_the_next_section(monkeypatch):
     monkeypatch.setattr(module, "free_device", free_device)
     assert module.graphed_step_ms(objective, synset, optim, 2, cpu) > 0
     assert len(graphs) == 1 and freed == [True] and fake.replays
+
+
+def test_bench_decode_smoke_reports_every_cpu_decoder():
+    rows = bench("bench_decode").main(["--smoke", "--workers", "1"])
+    assert [r["decoder"] for r in rows][:3] == ["PIL, 1 core", "torchvision decode_jpeg, 1 core", "PIL, 1 processes"]
+    assert all(r["images/s"] > 0 and r["ImageNet-1k pass h"] > 0 for r in rows)

@@ -110,3 +110,32 @@ def test_the_command_line_names_a_bad_file_in_one_line_and_debug_keeps_the_trace
     assert skipped.returncode == 0 and "1 undecodable images left out" in skipped.stderr
     debug = subprocess.run([cmd[0], *cmd[1:3], "--debug", *cmd[3:]], capture_output=True, text=True, timeout=300)
     assert debug.returncode != 0 and "Traceback" in debug.stderr
+
+
+def test_loader_workers_hand_over_uint8_and_the_statistics_equal_the_float_path(folder, monkeypatch):
+    """The pass's workers return uint8 pixels (a quarter of the shared-memory bytes), made float on
+    the device exactly as the float view makes them: the statistics equal a pass over float batches.
+    A /dev/shm too small for the batches in flight switches the workers to file-system sharing."""
+    import torch.multiprocessing as mp
+    from torch.utils.data import DataLoader
+
+    from fastsfm.data import images
+    from fastsfm.stats import compute_stats
+
+    bb = tiny_backbone()
+    data = image_folder(folder, 16, 16)
+    item = images.uint8_views(data.train_eval)[0][0]
+    assert item.dtype == torch.uint8 and torch.equal(images.to_float(item), data.train_eval[0][0])
+    floats = DataLoader(data.train_eval, batch_size=4)
+    want = compute_stats(bb, floats, data.class_names, "x", TOY_CLASSIFIER, progress=False)
+    got = _pass(bb, folder)
+    _equal(got, want)
+    tensors = torch.utils.data.TensorDataset(torch.zeros(1))
+    assert images.uint8_views(tensors) is tensors  # images held as tensors: unchanged
+    before = mp.get_sharing_strategy()
+    monkeypatch.setattr(images, "shm_items", lambda *a, **k: 0)
+    try:
+        images.check_shared_memory(10**9, workers=2)
+        assert mp.get_sharing_strategy() == "file_system"
+    finally:
+        mp.set_sharing_strategy(before)
