@@ -3,6 +3,7 @@
 (In production the processes come from ``torchrun``; the code paths are the same.)
 """
 
+import logging
 import os
 import socket
 import subprocess
@@ -126,6 +127,8 @@ def _distill_job(rank, world, tmp):
     direct = distill(bb, stats, CFG, tmp / "direct", progress=False)
     distill(bb, stats, replace(CFG, steps=3), tmp / "resumed", progress=False)
     resumed = distill(bb, stats, CFG, tmp / "resumed", resume=True, progress=False)
+    distill(bb, stats, replace(CFG, steps=3), tmp / "two_then_one", progress=False)  # resumed by 1 process
+    distill(bb, stats, CFG, tmp / "one_then_two", resume=True, progress=False)  # 1 process wrote step 3
     assert direct.labels.tolist() == [[0, 0, 1, 1], [2, 2]][rank]
     for a, b in zip(direct.levels, resumed.levels, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
@@ -263,18 +266,34 @@ def test_two_rank_objective_equals_single_process(tmp_path):
     _spawn("_objective_job", tmp_path)
 
 
-def test_distributed_distill_equals_single_process_resumes_and_merges(tmp_path):
+def test_distributed_distill_equals_single_process_resumes_and_merges(tmp_path, caplog):
     bb = tiny_backbone()
     toy_stats(bb, toy_data()).save(tmp_path / "stats.safetensors")
+    stats = ClassStats.load(tmp_path / "stats.safetensors")
+    distill(bb, stats, replace(CFG, steps=3), tmp_path / "one_then_two", progress=False)
     _spawn("_distill_job", tmp_path)
     merged = load_file(str(tmp_path / "direct" / "synset.safetensors"))
     assert merged["labels"].tolist() == [0, 0, 1, 1, 2, 2] and merged["images"].shape == (6, 3, 16, 16)
-    stats = ClassStats.load(tmp_path / "stats.safetensors")
     single = distill(bb, stats, CFG, tmp_path / "single", progress=False)
     torch.testing.assert_close(merged["images"], single.render(), rtol=0, atol=1e-5)
     assert {p.name for p in (tmp_path / "direct").glob("checkpoint*")} == {
         "checkpoint.rank0of2.safetensors",
         "checkpoint.rank1of2.safetensors",
     }
-    with pytest.raises(FileNotFoundError, match="resume with the world size that wrote them"):
+    # a resume on another world size: the checkpoints' rows resharded to the ranks' classes
+    for name in ("one_then_two", "two_then_one"):
+        if name == "two_then_one":
+            with caplog.at_level(logging.INFO, logger="fastsfm.distill.loop"):
+                distill(bb, stats, CFG, tmp_path / name, resume=True, progress=False)
+            assert "resuming from 2 checkpoints of another world size, resharded to 1 ranks" in caplog.text
+        images = load_file(str(tmp_path / name / "synset.safetensors"))["images"]
+        torch.testing.assert_close(images, single.render(), rtol=0, atol=1e-5)
+    assert [p.name for p in (tmp_path / "two_then_one").glob("checkpoint*")] == ["checkpoint.safetensors"]
+    assert {p.name for p in (tmp_path / "one_then_two").glob("checkpoint*")} == {
+        "checkpoint.rank0of2.safetensors",
+        "checkpoint.rank1of2.safetensors",
+    }
+    (tmp_path / "partial").mkdir()
+    (tmp_path / "direct" / "checkpoint.rank1of2.safetensors").rename(tmp_path / "partial" / "x")
+    with pytest.raises(FileNotFoundError, match="an incomplete set of another world size"):
         distill(bb, stats, CFG, tmp_path / "direct", resume=True, progress=False)

@@ -8,16 +8,17 @@ file is written to a temporary name and renamed: a crash never leaves half a fil
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
 from ..io import atomic_save_safetensors, read_safetensors
 
-__all__ = ["save_checkpoint", "load_checkpoint", "CheckpointError"]
+__all__ = ["save_checkpoint", "load_checkpoint", "load_resharded", "CheckpointError"]
 
 
 class CheckpointError(ValueError):
@@ -37,6 +38,12 @@ def save_checkpoint(
     atomic_save_safetensors(tensors, path, meta)
 
 
+def _check_identity(path: Path, saved: dict, identity: dict[str, str]) -> None:
+    diff = {k: (saved.get(k), v) for k, v in identity.items() if saved.get(k) != v}
+    if diff:
+        raise CheckpointError(f"checkpoint {path} belongs to another run; differing settings (checkpoint, now): {diff}")
+
+
 def load_checkpoint(path: str | Path, identity: dict[str, str]) -> dict:
     """Read a checkpoint; raise :class:`CheckpointError` if it is unreadable or of another run.
 
@@ -52,11 +59,48 @@ def load_checkpoint(path: str | Path, identity: dict[str, str]) -> dict:
             f"checkpoint {path} is corrupt or not a fastsfm checkpoint ({err}); "
             "delete it to start over, or point --out elsewhere"
         ) from err
-    diff = {k: (saved_identity.get(k), v) for k, v in identity.items() if saved_identity.get(k) != v}
-    if diff:
-        raise CheckpointError(f"checkpoint {path} belongs to another run; differing settings (checkpoint, now): {diff}")
+    _check_identity(path, saved_identity, identity)
     torch.set_rng_state(tensors.pop("rng.cpu"))
     cuda = [tensors.pop(k) for k in sorted(k for k in list(tensors) if k.startswith("rng.cuda"))]
     if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(cuda)
     return {"step": step, "optimizer_steps": optimizer_steps, "tensors": tensors}
+
+
+def load_resharded(paths: list[Path], identity: dict[str, str], classes: range, num_classes: int, ipc: int) -> dict:
+    """The checkpoint of the images of ``classes`` from the per-rank checkpoints ``paths`` (rank
+    order) that another world size wrote: each rank held a contiguous block of classes
+    (:func:`fastsfm.distributed.shard_classes`) and its images, ``ipc`` per class, in class order,
+    so the rows of ``classes`` are read from the files that hold them -- only those rows (a
+    safetensors slice), never a whole file.  Every file must belong to this run and be at the same
+    step.  Returns what :func:`load_checkpoint` returns (the RNG states are not restored: the
+    run's draws are keyed by seed, step and image, :mod:`fastsfm.rng`)."""
+    from ..distributed import shard_classes
+
+    metas, parts = [], {}
+    with contextlib.ExitStack() as stack:
+        try:
+            handles = [stack.enter_context(safe_open(str(p), "pt")) for p in paths]
+            metas = [h.metadata() or {} for h in handles]
+            steps = {(int(m["step"]), int(m["optimizer_steps"])) for m in metas}
+            for path, meta in zip(paths, metas, strict=True):
+                _check_identity(path, json.loads(meta["identity"]), identity)
+        except (SafetensorError, OSError, KeyError, ValueError) as err:
+            if isinstance(err, CheckpointError):
+                raise
+            raise CheckpointError(
+                f"checkpoints {paths[0].parent} are corrupt or not fastsfm checkpoints ({err})"
+            ) from err
+        if len(steps) != 1:
+            raise CheckpointError(f"the checkpoints in {paths[0].parent} are of different steps: {sorted(steps)}")
+        keys = [k for k in handles[0].keys() if not k.startswith("rng.")]
+        for r, handle in enumerate(handles):
+            held = shard_classes(num_classes, r, len(paths))
+            lo, hi = max(held.start, classes.start), min(held.stop, classes.stop)
+            if lo >= hi:
+                continue
+            rows = slice((lo - held.start) * ipc, (hi - held.start) * ipc)
+            for key in keys:
+                parts.setdefault(key, []).append(handle.get_slice(key)[rows])
+    ((step, optimizer_steps),) = steps
+    return {"step": step, "optimizer_steps": optimizer_steps, "tensors": {k: torch.cat(v) for k, v in parts.items()}}

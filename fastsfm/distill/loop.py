@@ -22,7 +22,9 @@ optimiser marked in-step, and no checkpoint is written for a step whose results 
 Under ``torch.distributed`` each rank owns a contiguous block of classes -- their images
 and optimiser state -- and the SFM objective all-reduces class sums and counts every step,
 so the ranks optimise the one global objective and produce exactly the single-process
-images.  Resuming needs the same world size.  For the exported set every rank writes its
+images.  A resume on another world size reads each rank's classes' rows from the checkpoints the
+old ranks wrote (:func:`fastsfm.distill.checkpoint.load_resharded`: slices, never whole files) and
+deletes them once its own are written.  For the exported set every rank writes its
 shard (``synset.rank{r}of{w}.safetensors``) and rank 0 streams them into ``synset.safetensors``
 (:func:`fastsfm.io.concat_safetensors`): no rank holds more than its own shard.
 """
@@ -32,6 +34,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -52,7 +55,7 @@ from ..models.ensemble import BackboneEnsemble, members_of
 from ..progress import Progress
 from ..signals import StopSignals
 from ..stats import ClassStats
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint, load_resharded, save_checkpoint
 from .metrics import MetricsLog, plot_loss
 from .objectives import DistillStep, build_objective
 from .optim import ChunkAdam
@@ -67,16 +70,41 @@ def _checkpoint_path(out: Path, rank: int, world: int) -> Path:
     return out / ("checkpoint.safetensors" if world == 1 else f"checkpoint.rank{rank}of{world}.safetensors")
 
 
-def _open_run(out: Path, ckpt: Path, identity: dict[str, str], resume: bool) -> dict | None:
-    """Check the run folder against ``resume``; load the checkpoint if resuming (None otherwise)."""
+def _other_world(out: Path, world: int) -> list[Path]:
+    """The complete set of per-rank checkpoints another world size wrote in ``out`` (rank order), if any."""
+    sizes = {1} if (out / "checkpoint.safetensors").exists() else set()
+    sizes |= {int(m[1]) for p in out.glob("checkpoint.rank*of*.safetensors") if (m := re.search(r"of(\d+)\.", p.name))}
+    complete = [
+        [_checkpoint_path(out, r, w) for r in range(w)]
+        for w in sorted(sizes - {world})
+        if all(_checkpoint_path(out, r, w).exists() for r in range(w))
+    ]
+    if len(complete) > 1:
+        raise FileExistsError(f"{out} holds checkpoints of several world sizes: keep one set")
+    return complete[0] if complete else []
+
+
+def _open_run(
+    out: Path, ckpt: Path, identity: dict[str, str], resume: bool, classes: range, num_classes: int, ipc: int
+) -> tuple[dict | None, list[Path]]:
+    """Check the run folder against ``resume``; load the checkpoint if resuming (None otherwise),
+    resharded from the checkpoints of another world size when this one wrote none; and those files."""
+    world = int(identity["world_size"])
     if ckpt.exists() and not resume:
         raise FileExistsError(f"{ckpt} exists: pass resume=True (--resume) to continue it, or choose another output")
-    if resume and not ckpt.exists():
-        others = sorted(p.name for p in out.glob("checkpoint*.safetensors"))
-        hint = f"; found {others}: resume with the world size that wrote them" if others else ""
-        raise FileNotFoundError(f"nothing to resume: {ckpt} does not exist{hint}")
     out.mkdir(parents=True, exist_ok=True)
-    return load_checkpoint(ckpt, identity) if resume else None
+    if not resume:
+        return None, []
+    if ckpt.exists():
+        return load_checkpoint(ckpt, {k: v for k, v in identity.items() if k != "world_size"}), []
+    others = _other_world(out, world)
+    if not others:
+        found = sorted(p.name for p in out.glob("checkpoint*.safetensors"))
+        hint = f"; found {found}, an incomplete set of another world size" if found else ""
+        raise FileNotFoundError(f"nothing to resume: {ckpt} does not exist{hint}")
+    log.info("resuming from %d checkpoints of another world size, resharded to %d ranks", len(others), world)
+    identity = {k: v for k, v in identity.items() if k != "world_size"}
+    return load_resharded(others, identity, classes, num_classes, ipc), others
 
 
 def _initial_images(config: DistillConfig, real: Dataset | None, num_classes: int, classes: range):
@@ -301,8 +329,8 @@ def distill(
     backbone, stats = backbone.to(device), [s.to(device) for s in stats]
     if objective is None:  # before the run folder: a setting no objective takes writes nothing
         objective = build_objective(config, backbone, stats, device, real=real, group=group)
-    state = _open_run(out, ckpt, identity, resume)
     classes = shard_classes(stats[0].num_classes, rank, world)
+    state, stale = _open_run(out, ckpt, identity, resume, classes, stats[0].num_classes, config.ipc)
     synset = _build_synset(config, real, stats[0].num_classes, classes, device)
     optim = ChunkAdam(synset, config.lr, check_finite=backbone.autocast_dtype() == torch.float16)
     start = 0
@@ -313,4 +341,9 @@ def distill(
     metrics = MetricsLog(out / "metrics.jsonl", start, enabled=rank == 0)
     _optimise(synset, optim, objective, config, start, ckpt, identity, metrics, device, group, progress and rank == 0)
     _export(synset, stats[0], config, backbone, out, device, rank, world)
+    if stale:  # the other world size's checkpoints: superseded by this run's own
+        barrier()
+        if rank == 0:
+            for path in stale:
+                path.unlink(missing_ok=True)
     return synset
