@@ -366,7 +366,7 @@ def one_line(err: BaseException) -> str:
         text = text.splitlines()[-1].split(": ", 1)[-1]
     if isinstance(err, torch.OutOfMemoryError):
         return f"out of memory ({text.splitlines()[0]}); lower --batch-size or --chunk-size, or use --offload"
-    return text.splitlines()[0] if len(text.splitlines()) == 1 else " ".join(line.strip() for line in text.splitlines())
+    return " ".join(line.strip() for line in text.splitlines())
 
 
 def main(argv: list[str] | None = None) -> None:

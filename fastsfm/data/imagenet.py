@@ -90,10 +90,11 @@ VAL_SOLUTION = "LOC_val_solution.csv"
 the string's first word the wnid), beside the flat ``val/`` folder or up to three folders above."""
 
 
-def _val_solution(root: Path) -> Path | None:
-    """The :data:`VAL_SOLUTION` file of a root whose ``val/`` is flat (no wnid folders), if any."""
+def _val_solution(root: Path, wnids: list[str]) -> Path | None:
+    """The :data:`VAL_SOLUTION` file of a root whose ``val/`` is flat (none of ``wnids``' folders), if
+    any.  Looks up the class folders by name (a tree stops at its first), never the 50,000 files."""
     val = root / "val"
-    if not val.is_dir() or any(p.is_dir() for p in val.iterdir()):
+    if not val.is_dir() or any((val / w).is_dir() for w in wnids):
         return None
     return next((d / VAL_SOLUTION for d in [root, *list(root.parents)[:3]] if (d / VAL_SOLUTION).is_file()), None)
 
@@ -128,7 +129,7 @@ def check_imagenet_root(root: str | Path, subset: str) -> list[str]:
     looks at folder names only."""
     wnids = subset_wnids(subset)
     root = Path(root)
-    for split in ("train", "val") if _val_solution(root) is None else ("train",):
+    for split in ("train", "val") if _val_solution(root, wnids) is None else ("train",):
         folder = root / split
         if not folder.is_dir():
             raise FileNotFoundError(
@@ -149,7 +150,7 @@ def imagenet_subset(root: str | Path, subset: str, resolution: int, crop: int | 
     wnids = check_imagenet_root(root, subset)
     root = Path(root)
     train = _ClassFolders(root / "train", wnids, view_transform(resolution, resolution))
-    solution = _val_solution(root)
+    solution = _val_solution(root, wnids)
     if solution is None:
         test = _ClassFolders(root / "val", wnids, view_transform(resolution, crop))
     else:  # the flat ILSVRC validation folder

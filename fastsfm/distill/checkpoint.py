@@ -77,20 +77,19 @@ def load_resharded(paths: list[Path], identity: dict[str, str], classes: range, 
     run's draws are keyed by seed, step and image, :mod:`fastsfm.rng`)."""
     from ..distributed import shard_classes
 
-    metas, parts = [], {}
+    parts = {}
     with contextlib.ExitStack() as stack:
         try:
             handles = [stack.enter_context(safe_open(str(p), "pt")) for p in paths]
             metas = [h.metadata() or {} for h in handles]
             steps = {(int(m["step"]), int(m["optimizer_steps"])) for m in metas}
-            for path, meta in zip(paths, metas, strict=True):
-                _check_identity(path, json.loads(meta["identity"]), identity)
+            saved = [json.loads(m["identity"]) for m in metas]
         except (SafetensorError, OSError, KeyError, ValueError) as err:
-            if isinstance(err, CheckpointError):
-                raise
             raise CheckpointError(
                 f"checkpoints {paths[0].parent} are corrupt or not fastsfm checkpoints ({err})"
             ) from err
+        for path, their in zip(paths, saved, strict=True):
+            _check_identity(path, their, identity)
         if len(steps) != 1:
             raise CheckpointError(f"the checkpoints in {paths[0].parent} are of different steps: {sorted(steps)}")
         keys = [k for k in handles[0].keys() if not k.startswith("rng.")]

@@ -90,21 +90,21 @@ def _open_run(
     """Check the run folder against ``resume``; load the checkpoint if resuming (None otherwise),
     resharded from the checkpoints of another world size when this one wrote none; and those files."""
     world = int(identity["world_size"])
+    kept = {k: v for k, v in identity.items() if k != "world_size"}  # a checkpoint of any world size resumes
     if ckpt.exists() and not resume:
         raise FileExistsError(f"{ckpt} exists: pass resume=True (--resume) to continue it, or choose another output")
     out.mkdir(parents=True, exist_ok=True)
     if not resume:
         return None, []
     if ckpt.exists():
-        return load_checkpoint(ckpt, {k: v for k, v in identity.items() if k != "world_size"}), []
+        return load_checkpoint(ckpt, kept), []
     others = _other_world(out, world)
     if not others:
         found = sorted(p.name for p in out.glob("checkpoint*.safetensors"))
         hint = f"; found {found}, an incomplete set of another world size" if found else ""
         raise FileNotFoundError(f"nothing to resume: {ckpt} does not exist{hint}")
     log.info("resuming from %d checkpoints of another world size, resharded to %d ranks", len(others), world)
-    identity = {k: v for k, v in identity.items() if k != "world_size"}
-    return load_resharded(others, identity, classes, num_classes, ipc), others
+    return load_resharded(others, kept, classes, num_classes, ipc), others
 
 
 def _initial_images(config: DistillConfig, real: Dataset | None, num_classes: int, classes: range):

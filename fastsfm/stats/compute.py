@@ -139,7 +139,7 @@ def compute_stats_many(
                     )
                     raise SystemExit(stop.code)
     if checkpoint is not None:
-        checkpoint.save(state, complete=True)  # the encodings are safe before the classifier fit
+        checkpoint.save(state)  # the encodings are safe before the classifier fit
     return _finish(backbones, state, class_names, dataset_id, classifier, device, progress, precision, paths, group)
 
 
@@ -279,7 +279,7 @@ def dataset_stats_many(
                 "or delete the folder to start over"
             )
         if checkpoint.exists():
-            state, _ = checkpoint.load(device)
+            state = checkpoint.load(device)
             log.info("resuming the statistics pass at batch %d (%s)", state.batches, checkpoint.root)
             shard = Subset(shard, range(min(state.batches * batch_size, len(shard)), len(shard)))
     options = loader_kwargs(device, workers)

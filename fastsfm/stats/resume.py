@@ -78,7 +78,7 @@ class PassCheckpoint:
     def due(self) -> bool:
         return time.monotonic() - self._saved_at >= 60 * self.minutes
 
-    def save(self, state: PassState, complete: bool = False) -> None:
+    def save(self, state: PassState) -> None:
         """Write the batches cached since the last save as a new feature shard, then the state."""
         self.folder.mkdir(parents=True, exist_ok=True)
         if len(state.labels) > self._kept:  # entries of the lists not yet in a shard
@@ -92,13 +92,12 @@ class PassCheckpoint:
             "batches": str(state.batches),
             "shards": str(self._shards),
             "bad": json.dumps(state.bad),
-            "complete": str(complete),
         }
         atomic_save_safetensors(tensors, self.folder / "state.safetensors", meta)
         self._saved_at = time.monotonic()
 
     def load(self, device) -> tuple[PassState, bool]:
-        """``(state, complete)`` of the checkpoint; a clear error when it is damaged or of another pass."""
+        """The checkpoint's state; a clear error when it is damaged or of another pass."""
         path = self.folder / "state.safetensors"
         try:
             tensors, meta = read_safetensors(path)
@@ -126,7 +125,7 @@ class PassCheckpoint:
             batches,
         )
         self._shards, self._kept = shards, shards  # one list entry per shard
-        return state, meta["complete"] == "True"
+        return state
 
     def remove(self) -> None:
         """Delete this rank's checkpoint (the folder too once no rank's is left)."""
