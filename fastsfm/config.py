@@ -28,6 +28,10 @@ __all__ = [
     "EvalMode",
     "Baseline",
     "GridMethod",
+    "GCAKind",
+    "Pairing",
+    "PretrainLoss",
+    "GCAOptions",
     "DistillConfig",
     "BackboneConfig",
     "ClassifierConfig",
@@ -86,6 +90,18 @@ reals nearest each synthetic image (a memorisation check)."""
 
 GridMethod = Literal["sfm", "lgm", "random", "centroid", "kmeans", "neighbors"]
 """Rows of the reproduction grid: the two distillation methods and the real baselines."""
+
+GCAKind = Literal["ince", "rince", "uot"]
+"""The generalized contrastive alignment losses (arXiv 2502.20141, ``nerdslab/gca``): ``ince`` (balanced
+Sinkhorn plan, cross-entropy on the positives), ``rince`` (its robust form ``INCE^q / q``), ``uot``
+(KL-relaxed unbalanced plan with the authors' extra positive terms)."""
+
+Pairing = Literal["interleaved", "blocks"]
+"""Where the two views of a sample sit among the 2n rows: ``interleaved`` (rows 2i and 2i + 1, the
+authors' CIFAR code) or ``blocks`` (rows i and i + n, their ImageNet code)."""
+
+PretrainLoss = Literal["nt-xent", "gca-ince", "gca-rince", "gca-uot"]
+"""The contrastive loss of the demo backbones' self-supervised pre-training."""
 
 EvalMode = Literal["probe", "inherit", "kd", "inherit_ce"]
 """Evaluation of a small training set (the authors' ``eval_mode`` normal / CI / KD): a fresh linear
@@ -154,6 +170,35 @@ def check_loss_options(objective: str, alpha: object, nontarget_divisor: object)
             f"nontarget_divisor must be a number >= 1, or None for C - 1 (the released script uses C*IPC - 1), "
             f"got {nontarget_divisor!r}"
         )
+
+
+@dataclass(frozen=True)
+class GCAOptions:
+    """The options of a generalized contrastive alignment loss (:func:`fastsfm.gca_loss`), validated on
+    construction.  Defaults: the authors' CIFAR-10 configuration (``config/simclr_cifar10.yaml``)."""
+
+    kind: GCAKind = "ince"
+    epsilon: float = 0.5
+    iterations: int = 10
+    lam: float = 0.01
+    q: float = 0.98
+    relax: tuple[float, float] = (0.2, 0.2)
+    r1: float = 1.0
+    r2: float = 0.02
+    pairing: Pairing = "interleaved"
+
+    def __post_init__(self) -> None:
+        _check_literals(self)
+        if isinstance(self.iterations, bool) or not isinstance(self.iterations, int) or self.iterations < 1:
+            raise ValueError(f"iterations must be an integer >= 1, got {self.iterations!r}")
+        require(self, above={"epsilon": 0.0, "lam": 0.0, "q": 0.0}, at_least={"r1": 0.0, "r2": 0.0})
+        relax = self.relax
+        if not isinstance(relax, (tuple, list)) or len(relax) != 2:
+            raise ValueError(f"relax must be two numbers (rho1, rho2), got {relax!r}")
+        for value in relax:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise ValueError(f"relax must be two finite numbers > 0, got {relax!r}")
+        object.__setattr__(self, "relax", (float(relax[0]), float(relax[1])))
 
 
 def option(default, help: str, **extra):
