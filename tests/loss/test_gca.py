@@ -15,7 +15,9 @@ from fastsfm.loss.gca_torch import gca_loss_torch
 KINDS = ("ince", "rince", "uot")
 
 
-def _gca_restated(z, kind, eps=0.5, iters=10, lam=0.01, q=0.98, relax=(0.2, 0.2), r1=1.0, r2=0.02, pairing="interleaved"):
+def _gca_restated(
+    z, kind, eps=0.5, iters=10, lam=0.01, q=0.98, relax=(0.2, 0.2), r1=1.0, r2=0.02, pairing="interleaved"
+):
     """The definition in the multiplicative domain, as the paper and ``gca_loss_cifar.py`` state it:
     dense K, scalings u and v, plan P, positives by an explicit list."""
     m = z.shape[0]
