@@ -31,6 +31,7 @@ import os
 import re
 import subprocess
 import tempfile
+from unittest import mock
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
 from functools import partial
@@ -47,6 +48,8 @@ __all__ = [
     "compile_launch",
     "report",
     "LOSS_SCENARIO",
+    "GCA_SCENARIO",
+    "gca_step",
     "TARGETS",
     "programs_per_sm",
 ]
@@ -119,6 +122,7 @@ def unavailable() -> str | None:
 
 
 def _kernel_objects() -> dict[str, object]:
+    from fastsfm.kernels import gca, sfm  # noqa: F401  (every family's launchers registered)
     from fastsfm.kernels.launch import LAUNCHERS
 
     return {launcher.kernel.fn.__name__: launcher.kernel for launcher in LAUNCHERS}
@@ -178,7 +182,9 @@ def scenarios(classes: int = 1000, ipc: int = 10) -> Iterator[tuple[str, Callabl
     permuted rows, accumulate on and off, grouped classes (IPC ``ipc``), one class per item (IPC
     100) and sliced heavy classes, both objectives, feature widths divisible by 16 or not --, then
     one whole loss forward+backward (:data:`LOSS_SCENARIO`, D = 768) for bfloat16 features and for
-    float32 ones (what the distillation step feeds the loss: the backbone's output cast up).
+    float32 ones (what the distillation step feeds the loss: the backbone's output cast up), then
+    the fused GCA loss's forward+backward (:data:`GCA_SCENARIO`) at 16,384 rows for float32,
+    bfloat16 and float16 rows of widths 128, 200 and 256.
 
     Tensors live on the CPU: only their dtypes, strides, alignment and sizes reach the compiler.
     """
@@ -220,6 +226,22 @@ def scenarios(classes: int = 1000, ipc: int = 10) -> Iterator[tuple[str, Callabl
             f"{LOSS_SCENARIO} C={classes} N={classes * ipc} D=768 {str(dtype).replace('torch.', '')}",
             partial(loss_step, classes, ipc, 768, dtype),
         )
+    for d, dtype in ((128, torch.float32), (128, torch.bfloat16), (200, torch.bfloat16), (256, torch.float16)):
+        name = f"{GCA_SCENARIO} rows=16384 D={d} {str(dtype).replace('torch.', '')}"
+        yield name, partial(gca_step, 16384, d, dtype)
+
+
+GCA_SCENARIO = "gca fwd+bwd"
+
+
+def gca_step(rows: int, d: int, dtype: torch.dtype) -> None:
+    """One forward+backward of the fused GCA loss (``uot``, one iteration: every kernel once or more)."""
+    from fastsfm.config import GCAOptions
+    from fastsfm.loss.gca_ops import gca_fused
+
+    z = torch.randn(rows, d).to(dtype).requires_grad_(True)
+    with mock.patch.object(torch, "empty", torch.zeros):  # intercepted launches write nothing: the glue
+        gca_fused(z, GCAOptions(kind="uot", iterations=1)).backward()  # between passes reads zeros
 
 
 def _specialise(launch: Launch, target) -> tuple[object, dict, dict, dict, str]:

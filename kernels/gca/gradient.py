@@ -22,12 +22,15 @@ import triton
 import triton.language as tl
 
 from ..launch import Launcher, LaunchSpec, _cdiv, _next_pow2, interpreter_active
-from .passes import CLAMP, _similarity_tile, pass_tiles
+from .passes import _CLAMP, _similarity_tile, pass_tiles
 
 __all__ = ["gradient_pass", "RANK_BLOCK", "GRAD_COLUMNS"]
 
 RANK_BLOCK = 16
 """The rank factors are padded to a multiple of this (the smallest ``tl.dot`` width)."""
+GRAD_ROWS = 32
+"""Row block of the gradient pass (its accumulator is BLOCK_M x BLOCK_D float32: 32 rows keep it in
+registers without spills on sm_80 and sm_90)."""
 GRAD_COLUMNS = 128
 """Widest column block of ``dX`` one program accumulates (wider features: more programs, ``S`` recomputed)."""
 
@@ -71,8 +74,8 @@ def _gradient_kernel(
             t += tl.dot(am, tl.trans(bn), input_precision="ieee")
             t += tl.dot(bm, tl.trans(an), input_precision="ieee")
         rho_n = tl.load(RHO + rows_n, mask=nmask, other=0.0)
-        keep = nmask[None, :] & (rows_n[None, :] != rows_m[:, None]) & (s >= CLAMP)
-        lk = (tl.maximum(s, CLAMP) - 1.0) * inv_eps
+        keep = nmask[None, :] & (rows_n[None, :] != rows_m[:, None]) & (s >= _CLAMP)
+        lk = (tl.maximum(s, _CLAMP) - 1.0) * inv_eps
         g = tl.where(keep, tl.exp(lk + rho_m[:, None] + rho_n[None, :]) * t * inv_eps, 0.0)
         xn = tl.load(X + rows_n[:, None] * dim + cols[None, :], mask=nmask[:, None] & dmask[None, :], other=0.0)
         if UPCAST or IEEE:
@@ -88,10 +91,12 @@ _gradient_launcher = Launcher(_gradient_kernel)
 @functools.lru_cache(maxsize=64)
 def _gradient_spec(rows: int, dim: int, tiles: tuple, ieee: bool, upcast: bool) -> LaunchSpec:
     block_m, block_n, block_k, warps = tiles
+    block_m = min(block_m, GRAD_ROWS)
+    block_n = min(block_n, 32) if ieee else block_n  # float32 FMA products: half the column tile
     block_d = min(GRAD_COLUMNS, max(16, _next_pow2(dim)))
     constexprs = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "BLOCK_D": block_d}
     constexprs.update(IEEE=ieee, UPCAST=upcast)
-    return LaunchSpec((_cdiv(rows, block_m), _cdiv(dim, block_d)), constexprs, warps if block_d <= 64 else 8)
+    return LaunchSpec((_cdiv(rows, block_m), _cdiv(dim, block_d)), constexprs, warps)
 
 
 def gradient_pass(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, rho: torch.Tensor, inv_eps: float) -> torch.Tensor:

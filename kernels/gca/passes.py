@@ -21,6 +21,7 @@ __all__ = ["lse_pass", "adjoint_pass", "pass_tiles", "CLAMP"]
 
 CLAMP = 1e-7
 """Similarities are clamped below at this before ``C = 1 - S`` (the authors' value)."""
+_CLAMP = tl.constexpr(CLAMP)  # the kernels' copy (jitted code reads only constexpr globals)
 
 
 @triton.jit
@@ -70,7 +71,7 @@ def _lse_kernel(
         rows_n = start + tl.arange(0, BLOCK_N)
         nmask = rows_n < rows
         s = _similarity_tile(X, rows_m, rows_n, mmask, nmask, dim, BLOCK_M, BLOCK_N, BLOCK_K, IEEE, UPCAST)
-        cost = 1.0 - tl.maximum(s, CLAMP)
+        cost = 1.0 - tl.maximum(s, _CLAMP)
         if WITH_MAX:
             shown = tl.where(nmask[None, :], cost, float("-inf"))
             tile_best = tl.max(shown, axis=1)
@@ -116,7 +117,7 @@ def _adjoint_kernel(
         rows_n = start + tl.arange(0, BLOCK_N)  # the summed index i
         nmask = rows_n < rows
         s = _similarity_tile(X, rows_m, rows_n, mmask, nmask, dim, BLOCK_M, BLOCK_N, BLOCK_K, IEEE, UPCAST)
-        cost = 1.0 - tl.maximum(s, CLAMP)
+        cost = 1.0 - tl.maximum(s, _CLAMP)
         r = tl.load(R + rows_n, mask=nmask, other=0.0)
         cv = tl.load(CV + rows_n, mask=nmask, other=0.0)
         keep = nmask[None, :] & (rows_n[None, :] != rows_m[:, None])
@@ -128,11 +129,13 @@ def _adjoint_kernel(
 @functools.lru_cache(maxsize=32)
 def pass_tiles(elem: int, dim: int) -> tuple[int, int, int, int]:
     """The tiles of every GCA pass for ``elem``-byte rows of ``dim`` features: (64, 64) row x column
-    tiles (32 x 32 under the interpreter), BLOCK_K 32 (float32) or 64 (16-bit), 4 warps."""
+    tiles (32 x 32 under the interpreter), BLOCK_K 32 (float32) or 64 (16-bit), 8 warps (with 4, the
+    float32 passes need 255 registers and spill on sm_80; with 8, at most 181, no spills: the
+    compile report).  The gradient pass narrows the rows (:data:`~.gradient.GRAD_ROWS`)."""
     if interpreter_active():
         return (32, 32, 32, 4)
     block_k = min(32 if elem == 4 else 64, max(16, 1 << max(dim - 1, 0).bit_length()))
-    return (64, 64, block_k, 4)
+    return (64, 64, block_k, 8)
 
 
 @functools.lru_cache(maxsize=64)
