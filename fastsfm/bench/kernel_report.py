@@ -31,10 +31,10 @@ import os
 import re
 import subprocess
 import tempfile
-from unittest import mock
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
 from functools import partial
+from unittest import mock
 
 import torch
 
