@@ -14,15 +14,15 @@
 #       stages and top kernels, the backbone eager vs torch.compile, the SDPA backends, TF32 vs
 #       IEEE on the real side and in the render/crop -> profile_step.json (which picks the defaults).
 # Call 2:  install; (c) SFM vs LGM at C = 100 (gpu_check "sfm vs lgm") -> sfm_vs_lgm/;
-#   (d) benches/bench_gca.py when it exists -> gca.json;
+#   (d) benches/bench_gca.py (fused vs dense GCA, rows 4096 and 16384, D 128) -> gca.json;
 #   then every CUDA-only test, each under a time limit, results written as they finish -> tests/.
 # DIR gets session<call>.log and the parts' files: at most eight files, as the device tool returns.
 set -uo pipefail
 out=${1:?usage: gpu_session.sh OUT_DIR [1|2]}
 call=${2:-1}
 py=${PYTHON:-python3}
-smoke=() compile=(--compile)
-[[ -n "${FASTSFM_SMOKE:-}" ]] && smoke=(--smoke) compile=()  # no compiler run on the CPU rehearsal
+smoke=() compile=(--compile) gca=(--rows 4096,16384 --dims 128 --compile-max-rows 4096)
+[[ -n "${FASTSFM_SMOKE:-}" ]] && smoke=(--smoke) compile=() gca=()  # no compiler run on the CPU rehearsal
 skip_install=${FASTSFM_SKIP_INSTALL:-${FASTSFM_SMOKE:+1}}  # the CPU rehearsal runs the installed checkout
 case $call in
     1) deadline=${FASTSFM_SESSION_SECONDS:-540} ;;
@@ -69,9 +69,7 @@ second() {
     install || return 1
     part "sfm vs lgm (c)" 90 "$py" benches/gpu_check.py "${smoke[@]}" --only "sfm vs lgm" \
         --budget 80 --out "$out/sfm_vs_lgm"
-    if [[ -f benches/bench_gca.py ]]; then
-        part "gca (d)" 30 "$py" benches/bench_gca.py "${smoke[@]}" --out "$out/gca.json"
-    fi
+    part "gca (d)" 45 "$py" benches/bench_gca.py "${smoke[@]}" "${gca[@]}" --out "$out/gca.json"
     part "gpu tests" "$deadline" "$py" benches/gpu_check.py "${smoke[@]}" --only "pytest -m gpu" \
         --budget $((deadline - SECONDS - 15)) --out "$out/tests"
 }

@@ -85,12 +85,12 @@ def test_profile_loss_host_part_runs_without_a_gpu(tmp_path):
 @pytest.mark.slow
 def test_gpu_session_rehearses_on_cpu_and_leaves_what_the_device_tool_returns(tmp_path):
     """``benches/gpu_session.sh`` (a GPU loan's two calls) with ``FASTSFM_SMOKE=1``: every part exits 0
-    inside its call's deadline, ``profile_loss.py`` and ``profile_step.py`` report (only the shape of
+    inside its call's deadline, ``profile_loss.py``, ``profile_step.py`` and ``bench_gca.py`` report (only the shape of
     the reports is checked; the numbers are a GPU's to give), the CUDA-only tests run under their
     limits, and each call's folder holds at most 8 files no more than 2 folders down -- what the
     device tool brings back."""
     env = {**os.environ, "FASTSFM_SMOKE": "1", "PYTHON": sys.executable}
-    for call, parts in (("1", 2), ("2", 2)):
+    for call, parts in (("1", 2), ("2", 3)):
         folder = tmp_path / call
         done = subprocess.run(
             ["bash", str(BENCHES / "gpu_session.sh"), str(folder), call],
@@ -106,6 +106,7 @@ def test_gpu_session_rehearses_on_cpu_and_leaves_what_the_device_tool_returns(tm
         files = [f for f in folder.rglob("*") if f.is_file()]
         assert len(files) <= 8 and all(len(f.relative_to(folder).parts) <= 3 for f in files), files
     assert json.loads((tmp_path / "1" / "loss.json").read_text())["device"]
+    assert {r["method"] for r in json.loads((tmp_path / "2" / "gca.json").read_text())["rows"]} >= {"dense (eager)"}
     result = json.loads((tmp_path / "1" / "profile_step.json").read_text())
     saved = result["saved for backward"]
     assert saved["saved MiB per image"] > 0 and saved["saved GiB at C = 4"] > 0
@@ -222,3 +223,22 @@ def test_bench_decode_smoke_reports_every_cpu_decoder():
     rows = bench("bench_decode").main(["--smoke", "--workers", "1"])
     assert [r["decoder"] for r in rows][:3] == ["PIL, 1 core", "torchvision decode_jpeg, 1 core", "PIL, 1 processes"]
     assert all(r["images/s"] > 0 and r["ImageNet-1k pass h"] > 0 for r in rows)
+
+
+def test_bench_gca_runs_on_cpu_and_its_baseline_is_the_loss(tmp_path):
+    """The smoke run produces fused and dense rows; the dense baseline computes the same loss as
+    fastsfm's PyTorch path for every kind (else the comparison would time something else)."""
+    from fastsfm.config import GCAOptions
+    from fastsfm.loss.gca_torch import gca_loss_torch
+
+    module = bench("bench_gca")
+    rows = module.main(["--device", "cpu", "--smoke", "--dtypes", "float32", "--out", str(tmp_path / "gca.json")])
+    assert {r["method"] for r in rows} == {"fused (triton)", "dense (eager)"}
+    assert all(r["fwd+bwd ms"] > 0 for r in rows)
+    assert json.loads((tmp_path / "gca.json").read_text())["rows"] == json.loads(json.dumps(rows, default=str))
+    z = torch.randn(20, 6, generator=torch.Generator().manual_seed(0))
+    for kind in ("ince", "rince", "uot"):
+        options = GCAOptions(kind=kind)
+        want = gca_loss_torch(z.double(), options)
+        assert abs(float(module.dense_formulation(z, options)) - float(want)) < 1e-5 * abs(float(want)), kind
+    assert module.fused_flops(16384, 128, 10) == 2.0 * 16384**2 * (128 * 43 + 2 * 32)
