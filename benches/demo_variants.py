@@ -6,13 +6,18 @@ distillation backbone (same) and on the cross backbone (cross) in probe and inhe
 the random and centroid real images of the same backbones:
 
 * ``grey-pretrained backbones``: the earlier shipped weights, SimCLR without colour augmentation
-  (``--grey-weights DIR``, made by ``python -m fastsfm.models.pretrain --no-colour --out DIR``);
+  (``--grey-weights DIR``, made by ``fastsfm pretrain --no-colour --out DIR``);
 * ``colour-pretrained backbones``: the shipped weights (SimCLR with colour augmentation);
 * ``grey parameterisation``: one channel replicated to RGB (``channels="grey"``);
 * ``4 views``: four augmented copies per step;
 * ``1500 steps at lr 2e-3``: the authors' learning rate and pyramid extent (200), three times the steps;
 * ``64 px``: synthetic images stored at 64 px (the backbones see 32 px crops);
 * ``8x8 patches``: ``digits_vit8`` as the distillation backbone.
+
+``--pretrain-losses`` runs the contrastive-loss experiment instead: both demo backbones pre-trained
+(``fastsfm pretrain``, ``--pretrain-epochs`` epochs, seed 0) with each loss of
+:data:`fastsfm.config.PretrainLoss` -- SimCLR's NT-Xent and the three GCA losses -- then the demo's
+SFM (``--seeds`` seeds) on each pair; rows as above plus each backbone's linear probe on all reals.
 
 ``--held-out`` runs the multi-backbone experiment instead: for each of the three shipped backbones
 (``digits_vit``, ``digits_vit8``, ``digits_resnet``) held out, SFM distils the digits with each of the
@@ -22,8 +27,9 @@ random reals and the centroid reals of the first backbone, with ``--seeds`` seed
 
     python benches/demo_variants.py --grey-weights /tmp/grey --seeds 2      # about 15 minutes on 2 CPU cores
     python benches/demo_variants.py --held-out --seeds 2                    # about 10 minutes
+    python benches/demo_variants.py --pretrain-losses --seeds 2             # about 40 minutes
 
-Writes ``benches/out/demo_variants.md`` and ``.json`` (``held_out.md``/``.json``); never touches tracked files.
+Writes ``benches/out/demo_variants.md`` and ``.json`` (``held_out``, ``pretrain_losses``); never touches tracked files.
 """
 
 from __future__ import annotations
@@ -39,12 +45,13 @@ from torch.utils.data import DataLoader
 
 from fastsfm.bench.benchmark import markdown_table
 from fastsfm.cli.demo import DEMO_BACKBONES, DEMO_CLASSIFIER, DEMO_DISTILL, DEMO_EVAL, DemoConfig, run_demo
-from fastsfm.config import BackboneConfig
+from fastsfm.config import BackboneConfig, PretrainLoss, SimCLRConfig, choices
 from fastsfm.data.datasets import digits
 from fastsfm.distill.loop import distill
 from fastsfm.evaluate.baselines import baseline_sources
 from fastsfm.evaluate.evaluator import Evaluator, FeatureCache, ImageSet, compare, mean_std, summarise
 from fastsfm.models.backbones import encode, from_config
+from fastsfm.models.pretrain import pretrain_and_save
 from fastsfm.stats import compute_stats_many
 
 VARIANTS = {
@@ -134,6 +141,45 @@ def held_out(seeds: int, eval_epochs: int, out: Path, steps: int = DEMO_DISTILL.
     return rows
 
 
+def _pretrained(loss: str, epochs: int, folder: Path) -> dict[str, tuple[str, float]]:
+    """``{backbone: (weight file, all-reals probe %)}`` of the demo backbones pre-trained with ``loss``
+    (files already in ``folder`` are reused: a killed run resumes)."""
+    from safetensors import safe_open
+
+    config = SimCLRConfig(loss=loss, epochs=epochs, colour_start=epochs // 6, colour_ramp=epochs // 3)
+    missing = [n for n in DEMO_BACKBONES if not (folder / f"{n}.safetensors").exists()]
+    if missing:
+        pretrain_and_save(missing, config, folder)
+    out = {}
+    for name in DEMO_BACKBONES:
+        path = folder / f"{name}.safetensors"
+        with safe_open(str(path), "pt") as f:
+            out[name] = (str(path), float(f.metadata()["linear_probe_test_accuracy"]))
+    return out
+
+
+def pretrain_losses(seeds: int, eval_epochs: int, out: Path, epochs: int) -> list[dict]:
+    """Rows of the contrastive-loss experiment (module docstring)."""
+    table = []
+    for loss in choices(PretrainLoss):
+        pretrained = _pretrained(loss, epochs, out / "pretrained" / loss)
+        config = replace(DemoConfig(out=str(out / f"demo-{loss}"), seeds=seeds), eval_epochs=eval_epochs)
+        weights = {name: path for name, (path, _) in pretrained.items()}
+        result = run_demo(config, weights=weights, methods=("sfm",), progress=False)
+        rows = table_rows(f"pre-trained with {loss}, {epochs} epochs", result["rows"], DEMO_BACKBONES)
+        rows[0]["all-reals probe (same / cross)"] = " / ".join(f"{pretrained[n][1]:.1f}" for n in DEMO_BACKBONES)
+        table += rows
+        print(markdown_table(table[-3:]), flush=True)
+    return table
+
+
+def _write(table: list[dict], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.with_suffix(".md").write_text(markdown_table(table) + "\n")
+    path.with_suffix(".json").write_text(json.dumps(table, indent=1))
+    print(f"\n{markdown_table(table)}\nwrote {path.with_suffix('.md')}")
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--grey-weights", type=Path, default=None, help="folder of the grey-pretrained weights")
@@ -142,16 +188,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--only", nargs="*", default=None, help="variant names to run (default: all)")
     parser.add_argument("--held-out", action="store_true", help="the multi-backbone held-out experiment instead")
     parser.add_argument("--steps", type=int, default=DEMO_DISTILL.steps, help="--held-out: distillation steps")
+    parser.add_argument("--pretrain-losses", action="store_true", help="the contrastive-loss experiment instead")
+    parser.add_argument("--pretrain-epochs", type=int, default=60, help="--pretrain-losses: pretraining epochs")
     parser.add_argument("--out", type=Path, default=Path("benches/out/demo_variants"))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     if args.held_out:
         table = held_out(args.seeds, args.eval_epochs, args.out, args.steps)
-        path = args.out.with_name("held_out")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.with_suffix(".md").write_text(markdown_table(table) + "\n")
-        path.with_suffix(".json").write_text(json.dumps(table, indent=1))
-        print(f"\n{markdown_table(table)}\nwrote {path.with_suffix('.md')}")
+        _write(table, args.out.with_name("held_out"))
+        return table
+    if args.pretrain_losses:
+        table = pretrain_losses(args.seeds, args.eval_epochs, args.out, args.pretrain_epochs)
+        _write(table, args.out.with_name("pretrain_losses"))
         return table
     variants = dict(VARIANTS)
     if args.grey_weights:
@@ -176,9 +224,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         table += table_rows(name, result["rows"], backbones)
         print(markdown_table(table[-3:]), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out.with_suffix(".md")).write_text(markdown_table(table) + "\n")
-    (args.out.with_suffix(".json")).write_text(json.dumps(table, indent=1))
-    print(f"\n{markdown_table(table)}\nwrote {args.out.with_suffix('.md')}")
+    _write(table, args.out)
     return table
 
 

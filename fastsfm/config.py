@@ -32,6 +32,7 @@ __all__ = [
     "Pairing",
     "PretrainLoss",
     "GCAOptions",
+    "SimCLRConfig",
     "DistillConfig",
     "BackboneConfig",
     "ClassifierConfig",
@@ -204,6 +205,32 @@ class GCAOptions:
 def option(default, help: str, **extra):
     """A configuration field with its help text (the command line's flags are generated from them)."""
     return field(default=default, metadata={"help": help, **extra})
+
+
+@dataclass
+class SimCLRConfig:
+    """Settings of one self-supervised pretraining run of the demo backbones (:mod:`fastsfm.models.pretrain`;
+    recorded in each weight file; ``fastsfm pretrain``'s flags)."""
+
+    epochs: int = option(150, "passes over the digits train split")
+    batch: int = option(256, "images per batch (2x rows of projections: two views each)")
+    lr: float = option(2e-3, "AdamW learning rate (cosine schedule)")
+    weight_decay: float = option(0.05, "AdamW weight decay")
+    loss: PretrainLoss = option(
+        "nt-xent", "contrastive loss: SimCLR's NT-Xent, or a GCA loss (fastsfm.gca_loss, the authors' CIFAR-10 options)"
+    )
+    temperature: float = option(0.2, "NT-Xent temperature")
+    epsilon: float = option(0.5, "GCA entropic regularisation (the authors' 0.5)")
+    projection: int = option(64, "width of the MLP projection head's output")
+    colour: bool = option(True, "colour augmentation (ramped in after --colour-start epochs of grey views)")
+    colour_start: int = option(20, "epochs of grey views before colour ramps in")
+    colour_ramp: int = option(40, "epochs over which colour ramps to full strength")
+    seed: int = option(0, "seed of the initialisation, the batches and the views")
+
+    def __post_init__(self) -> None:
+        _check_literals(self)
+        require(self, at_least={"epochs": 1, "batch": 2, "projection": 1, "colour_start": 0, "colour_ramp": 0})
+        require(self, above={"lr": 0.0, "temperature": 0.0, "epsilon": 0.0}, at_least={"weight_decay": 0.0})
 
 
 @dataclass

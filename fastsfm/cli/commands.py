@@ -1,4 +1,4 @@
-"""``fastsfm`` command line: stats, distill, eval, export, reproduce, demo.
+"""``fastsfm`` command line: stats, distill, eval, export, reproduce, pretrain, demo.
 
     fastsfm demo                                   # offline CPU demo on the embedded digits
     fastsfm stats   --data DIR --backbone dinov2_vitb14 --out stats.safetensors
@@ -9,6 +9,7 @@
     fastsfm eval    --synset runs/x/synset.safetensors --stats stats.safetensors --data DIR --test-data DIR \\
                     --backbone dinov2_vitb14
     fastsfm export  runs/x --out runs/x/images       # <class>/<image>.png + synset.json
+    fastsfm pretrain --loss gca-uot --out DIR        # demo backbones pre-trained with a GCA loss
     torchrun --nproc_per_node=8 -m fastsfm.cli distill ...   # stats and distill shard over ranks
 
 The distillation flags are derived from :class:`fastsfm.config.DistillConfig` (names, types,
@@ -27,7 +28,7 @@ from pathlib import Path
 import torch
 
 from .. import __version__
-from ..config import Baseline, ClassifierConfig, DistillConfig, EvalConfig, choices
+from ..config import Baseline, ClassifierConfig, DistillConfig, EvalConfig, SimCLRConfig, choices
 from ..distributed import shutdown
 from .flags import (
     WORKERS_HELP,
@@ -197,6 +198,19 @@ def cmd_export(args: argparse.Namespace) -> None:
     print(f"wrote {out}: {len(files)} PNG images in {len({f.parent for f in files})} class folders, and {SET_JSON}")
 
 
+def cmd_pretrain(args: argparse.Namespace) -> None:
+    from ..models.pretrain import WEIGHTS, pretrain_and_save
+
+    config = config_from_args(SimCLRConfig, args)
+    names = args.names or ["digits_vit", "digits_resnet"]
+    out = Path(args.out) if args.out else WEIGHTS
+    for r in pretrain_and_save(names, config, out):
+        print(
+            f"{r['name']}: {config.loss} loss {r['first_loss']:.3f} -> {r['final_loss']:.3f}, linear probe "
+            f"{r['probe']:.1f} % (test, all train features), {r['seconds']:.0f} s -> {r['path']}"
+        )
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from .demo import DemoConfig, run_demo
 
@@ -327,6 +341,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="overrides the config's `device`")
     p.add_argument("--dry-run", action="store_true", help="print the plan with projected device hours; run nothing")
     p.set_defaults(func=cmd_reproduce)
+
+    p = sub.add_parser(
+        "pretrain", help="self-supervised pretraining of the demo backbones on the digits (NT-Xent or a GCA loss)"
+    )
+    p.add_argument(
+        "--names", nargs="+", choices=["digits_vit", "digits_vit8", "digits_resnet"], default=None,
+        help="demo backbones to pretrain (default: digits_vit digits_resnet)",
+    )  # fmt: skip
+    p.add_argument("--out", default=None, help="folder for <name>.safetensors (default: the package's shipped weights)")
+    add_config_flags(p, SimCLRConfig, "pretraining (SimCLRConfig)")
+    p.set_defaults(func=cmd_pretrain)
 
     p = sub.add_parser("demo", help="the whole pipeline offline on CPU on the embedded digits data, SFM beside LGM")
     from .demo import DemoConfig

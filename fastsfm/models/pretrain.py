@@ -8,8 +8,9 @@ demo may use offline, so fastsfm trains two tiny ones itself and ships them
 * ``digits_resnet``: timm's ``test_resnet`` (a 4-stage ResNet of widths 32-96) at 32 px.
 
 Objective: SimCLR (Chen et al. 2020) -- two augmented views of every image, an MLP
-projection head, the NT-Xent loss at temperature ``temperature`` -- on the digits *train*
-split only, labels unused.  Views: random-resized crops (area 0.35-1), no flips (digits are
+projection head, the NT-Xent loss at temperature ``temperature`` (or, with ``loss``, a
+generalized contrastive alignment loss, :func:`fastsfm.gca_loss` with the views as row blocks)
+-- on the digits *train* split only, labels unused.  Views: random-resized crops (area 0.35-1), no flips (digits are
 not mirror-symmetric), Gaussian noise (std 0.1, p 0.5), random contrast and brightness, and
 (``colour``, the default) random colour: per-channel gains in [0.3, 1.7] and offsets in
 [-0.25, 0.25], then grey again with probability 0.2, as SimCLR's colour distortion does for
@@ -24,15 +25,15 @@ after about ten epochs.
 AdamW with a cosine schedule.  Every setting, the seed and the final linear-probe accuracy
 (labels used only for this report) are written into each file's metadata.
 
-    python -m fastsfm.models.pretrain                    # rewrites fastsfm/weights/ (about 20 min on 2 CPU cores)
+    fastsfm pretrain                                     # rewrites fastsfm/weights/ (about 20 min on 2 CPU cores)
+    fastsfm pretrain --loss gca-uot --out DIR            # the same backbones pre-trained with a GCA loss
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -40,33 +41,26 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import rng
-from ..config import ClassifierConfig
+from ..config import ClassifierConfig, SimCLRConfig
 from ..data.augment import BatchAugment
 from ..data.datasets import digits
 from ..io import atomic_save_safetensors
+from ..loss.gca import gca_loss
 from ..progress import Progress
 from .backbones import ALIASES, encode, load_backbone
 from .classifier import fit_linear_classifier
 
-__all__ = ["SimCLRConfig", "pretrain", "nt_xent", "main"]
+__all__ = ["SimCLRConfig", "pretrain", "pretrain_and_save", "contrastive_loss", "nt_xent"]
 
 WEIGHTS = Path(__file__).resolve().parents[1] / "weights"
 
 
-@dataclass
-class SimCLRConfig:
-    """Settings of one pretraining run (recorded in the weight file)."""
-
-    epochs: int = 150
-    batch: int = 256
-    lr: float = 2e-3
-    weight_decay: float = 0.05
-    temperature: float = 0.2
-    projection: int = 64
-    colour: bool = True
-    colour_start: int = 20
-    colour_ramp: int = 40
-    seed: int = 0
+def contrastive_loss(z1: Tensor, z2: Tensor, config: SimCLRConfig) -> Tensor:
+    """``config.loss`` of two (B, P) batches of projections (row i of each: the same image)."""
+    if config.loss == "nt-xent":
+        return nt_xent(z1, z2, config.temperature)
+    kind = config.loss.removeprefix("gca-")
+    return gca_loss(torch.cat([z1, z2]), kind=kind, epsilon=config.epsilon, pairing="blocks")
 
 
 def nt_xent(z1: Tensor, z2: Tensor, temperature: float) -> Tensor:
@@ -122,7 +116,7 @@ def pretrain(name: str, config: SimCLRConfig, images: Tensor, progress: bool = T
             ramp = (epoch - config.colour_start) / max(1, config.colour_ramp)
             strength = min(1.0, max(0.0, ramp)) if config.colour else 0.0
             z = head(model(backbone.normalize(_views(x, augment, keys, strength))))
-            loss = nt_xent(z[: len(idx)], z[len(idx) :], config.temperature)
+            loss = contrastive_loss(z[: len(idx)], z[len(idx) :], config)
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -134,27 +128,26 @@ def pretrain(name: str, config: SimCLRConfig, images: Tensor, progress: bool = T
     return model.eval().requires_grad_(False), losses
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="SimCLR-pretrain the demo backbones on the digits train split")
-    parser.add_argument("--names", default="digits_vit,digits_resnet")
-    parser.add_argument("--out", type=Path, default=WEIGHTS)
-    parser.add_argument("--epochs", type=int, default=SimCLRConfig.epochs)
-    parser.add_argument("--no-colour", action="store_true", help="grey views only (the earlier weights)")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+def pretrain_and_save(names: list[str], config: SimCLRConfig, out: Path = WEIGHTS) -> list[dict]:
+    """Pretrain each demo backbone of ``names`` with ``config`` and write ``out/<name>.safetensors``
+    (atomically; the settings, the final loss and the linear-probe accuracy in its metadata).
+
+    Returns one record per backbone: name, path, first and final loss, probe accuracy (%, test split,
+    a linear classifier on all train features), seconds."""
     data = digits(32)
     images, labels = data.train.tensors
     test_x, test_y = data.test.tensors
-    config = SimCLRConfig(epochs=args.epochs, colour=not args.no_colour)
-    for name in args.names.split(","):
+    records = []
+    for name in names:
         began = time.perf_counter()
         model, losses = pretrain(name, config, images)
         backbone = load_backbone(name, pretrained=False)
         backbone.model.load_state_dict(model.state_dict())
         head = fit_linear_classifier(encode(backbone, images), labels, 10, ClassifierConfig(100, 1e-2, 256))
         probe = 100.0 * float((head(encode(backbone, test_x)).argmax(1) == test_y).float().mean())
+        method = "SimCLR (NT-Xent)" if config.loss == "nt-xent" else f"SimCLR views, {config.loss} (fastsfm.gca_loss)"
         meta = {
-            "method": "SimCLR (NT-Xent), labels unused",
+            "method": f"{method}, labels unused",
             "data": "sklearn digits train split, 32 px",
             "architecture": ALIASES[name].timm_name,
             "config": json.dumps(asdict(config)),
@@ -163,13 +156,11 @@ def main(argv: list[str] | None = None) -> None:
             "seconds": f"{time.perf_counter() - began:.0f}",
             "torch": torch.__version__,
         }
-        args.out.mkdir(parents=True, exist_ok=True)
-        atomic_save_safetensors(model.state_dict(), args.out / f"{name}.safetensors", meta)
-        print(
-            f"{name}: SimCLR loss {losses[0]:.3f} -> {losses[-1]:.3f}, linear probe {probe:.1f} % "
-            f"(test, all train features), {meta['seconds']} s"
+        out.mkdir(parents=True, exist_ok=True)
+        path = out / f"{name}.safetensors"
+        atomic_save_safetensors(model.state_dict(), path, meta)
+        records.append(
+            {"name": name, "path": str(path), "first_loss": losses[0], "final_loss": losses[-1], "probe": probe}
+            | {"seconds": float(meta["seconds"])}
         )
-
-
-if __name__ == "__main__":
-    main()
+    return records
