@@ -230,6 +230,7 @@ class SimCLRConfig:
     def __post_init__(self) -> None:
         _check_literals(self)
         require(self, at_least={"epochs": 1, "batch": 2, "projection": 1, "colour_start": 0, "colour_ramp": 0})
+        require(self, at_least={"seed": 0})
         require(self, above={"lr": 0.0, "temperature": 0.0, "epsilon": 0.0}, at_least={"weight_decay": 0.0})
 
 

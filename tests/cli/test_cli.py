@@ -214,13 +214,13 @@ def test_cli_leaves_process_groups_on_success_and_error(tmp_path, capsys):
         assert shutdown.call_count == 2 and (tmp_path / "s.safetensors").exists()
 
 
-@pytest.mark.parametrize("command", ["stats", "distill", "eval", "reproduce", "demo"])
+@pytest.mark.parametrize("command", ["stats", "distill", "eval", "reproduce", "pretrain", "demo"])
 def test_cli_help_lists_options(command, capsys):
     with pytest.raises(SystemExit) as exc:
         main([command, "--help"])
     assert exc.value.code == 0
     out = capsys.readouterr().out
-    assert "--out" in out and (command in ("demo", "reproduce") or "--backbone" in out)
+    assert "--out" in out and (command in ("demo", "reproduce", "pretrain") or "--backbone" in out)
 
 
 def test_distill_flags_are_derived_from_the_config(capsys):
@@ -413,6 +413,8 @@ BAD_NUMBERS = {
     | {"--seeds": "0", "--batch": "0", "--probe-lr": "0", "--inherit-lr": "0", "--temperature": "0"}
     | {"--kd-weight": "1.01", "--checkpoint-every": "0"},
     "demo": {"--seeds": "0", "--steps": "0", "--ipc": "0", "--eval-epochs": "0"},
+    "pretrain": {"--epochs": "0", "--batch": "1", "--lr": "0", "--weight-decay": "-1", "--temperature": "0"}
+    | {"--epsilon": "0", "--projection": "0", "--colour-start": "-1", "--colour-ramp": "-1", "--seed": "-1"},
 }
 """Every numeric option of every subcommand, just outside its range."""
 
@@ -439,6 +441,7 @@ def test_bad_input_sweep_every_numeric_option_just_outside_its_range(tmp_path, c
         "distill": ["--stats", str(tmp_path / "s.safetensors"), "--out", str(tmp_path / "run")],
         "eval": ["--data", "digits", "--stats", str(tmp_path / "s.safetensors"), "--out", str(tmp_path / "e")],
         "demo": ["--out", str(tmp_path / "demo")],
+        "pretrain": ["--out", str(tmp_path / "weights")],
     }
     for command, options in BAD_NUMBERS.items():
         for flag, value in options.items():

@@ -4,7 +4,10 @@ import torch
 from safetensors import safe_open
 
 from fastsfm.models.backbones import ALIASES, load_backbone
-from fastsfm.models.pretrain import WEIGHTS, SimCLRConfig, nt_xent, pretrain
+from fastsfm.cli.commands import main
+from fastsfm.config import GCAOptions
+from fastsfm.loss.gca_torch import gca_loss_torch
+from fastsfm.models.pretrain import WEIGHTS, SimCLRConfig, contrastive_loss, nt_xent, pretrain
 
 
 def test_nt_xent_matches_its_definition():
@@ -40,3 +43,25 @@ def test_shipped_weights_load_offline_and_record_their_training():
         assert meta["method"].startswith("SimCLR") and "labels unused" in meta["method"]
         assert float(meta["linear_probe_test_accuracy"]) > 85 and '"seed": 0' in meta["config"]
         assert meta["architecture"] == ALIASES[name].timm_name
+
+
+def test_contrastive_loss_picks_the_configured_loss_with_the_views_as_blocks():
+    gen = torch.Generator().manual_seed(1)
+    z1, z2 = torch.randn(6, 4, generator=gen), torch.randn(6, 4, generator=gen)
+    assert torch.equal(contrastive_loss(z1, z2, SimCLRConfig()), nt_xent(z1, z2, 0.2))
+    for kind in ("ince", "rince", "uot"):
+        got = contrastive_loss(z1, z2, SimCLRConfig(loss=f"gca-{kind}", epsilon=0.4))
+        want = gca_loss_torch(torch.cat([z1, z2]), GCAOptions(kind=kind, epsilon=0.4, pairing="blocks"))
+        assert torch.equal(got, want), kind
+
+
+def test_cli_pretrain_with_a_gca_loss_writes_weights_that_load(tmp_path, capsys):
+    main(["pretrain", "--names", "digits_resnet", "--loss", "gca-rince", "--epochs", "1", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "digits_resnet: gca-rince loss" in out and "linear probe" in out
+    path = tmp_path / "digits_resnet.safetensors"
+    with safe_open(str(path), "pt") as fh:
+        meta = fh.metadata()
+    assert "gca-rince" in meta["method"] and '"loss": "gca-rince"' in meta["config"]
+    backbone = load_backbone("digits_resnet", pretrained=str(path))
+    assert backbone(torch.rand(1, 3, 32, 32)).shape == (1, backbone.feature_dim)
