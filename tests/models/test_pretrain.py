@@ -3,10 +3,10 @@
 import torch
 from safetensors import safe_open
 
-from fastsfm.models.backbones import ALIASES, load_backbone
 from fastsfm.cli.commands import main
 from fastsfm.config import GCAOptions
 from fastsfm.loss.gca_torch import gca_loss_torch
+from fastsfm.models.backbones import ALIASES, load_backbone
 from fastsfm.models.pretrain import WEIGHTS, SimCLRConfig, contrastive_loss, nt_xent, pretrain
 
 
