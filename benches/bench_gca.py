@@ -9,7 +9,8 @@ Per shape (rows = 2n projections of width D), in one run and on the same inputs:
   under autograd, the plan P, cross-entropy of log P;
 * ``dense (compile)``: ``torch.compile`` of that function (up to ``--compile-max-rows``).
 
-Reported: median fwd+bwd time, extra peak memory (CUDA), the FLOPs the fused path spends
+Reported: median fwd+bwd time, extra peak memory (CUDA), what autograd keeps for the backward
+(any device), the FLOPs the fused path spends
 (2 rows^2 D per pass: 2T + 1 forward passes, 2T adjoint passes, one gradient pass of two
 products plus its rank-2P product) and its share of the device's peak (``--peak-tflops``, the
 H100 SXM's dense bf16 989 and fp32 67 by default), and the speed-up and memory ratio against
@@ -80,6 +81,19 @@ def fused_flops(rows: int, dim: int, iterations: int) -> float:
     return 2.0 * rows * rows * (dim * products + 2 * rank)
 
 
+def saved_bytes(fn, z: torch.Tensor) -> int:
+    """Bytes autograd keeps for the backward of ``fn(z)`` (distinct storages), on any device."""
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn(z)
+    return sum(storages.values())
+
+
 def bench_shape(rows: int, dim: int, dtype: torch.dtype, options: GCAOptions, device, args) -> list[dict]:
     gen = torch.Generator().manual_seed(rows + dim)
     z = torch.randn(rows, dim, generator=gen).to(device, dtype).requires_grad_(True)
@@ -111,6 +125,7 @@ def bench_shape(rows: int, dim: int, dtype: torch.dtype, options: GCAOptions, de
             continue
         row = {"rows": rows, "D": dim, "dtype": short, "kind": options.kind, "method": name, "fwd+bwd ms": ms}
         row["extra MiB"] = None if extra is None else extra / 2**20
+        row["saved MiB"] = saved_bytes(fn, z) / 2**20
         if name.startswith("fused"):
             row["TFLOP/s"] = flops / ms / 1e9
             if device.type == "cuda":

@@ -7,7 +7,7 @@
   class-token-only last block, DINOv2's per-forward position interpolation;
 * :mod:`.ensemble` -- several backbones as one;
 * :mod:`.classifier` -- the linear classifier fit on cached features;
-* :mod:`.pretrain` -- SSL pre-training of the shipped demo backbones (``python -m fastsfm.models.pretrain``).
+* :mod:`.pretrain` -- SSL pre-training of the shipped demo backbones (``fastsfm pretrain``; NT-Xent or a GCA loss).
 
 Imports: the foundations, :mod:`fastsfm.data`.
 """

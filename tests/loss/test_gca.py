@@ -222,3 +222,37 @@ def test_gca_public_api_dispatch_and_module():
 def test_gca_bad_inputs_give_one_line_errors(z, kwargs, error, match):
     with pytest.raises(error, match=match):
         fastsfm.gca_loss(z, **kwargs)
+
+
+@pytest.mark.parametrize("iters", [1, 4])
+def test_gca_fused_launch_counts(iters):
+    """A forward is 2T + 1 log-sum-exp passes (the first finds the maximum), a backward 2T adjoint
+    passes and one gradient pass: nothing else touches the rows^2 tiles."""
+    from unittest import mock
+
+    from fastsfm.kernels import gca as k
+
+    z = _embeddings(20, 6, 0.0, torch.float32).requires_grad_(True)
+    with (
+        mock.patch.object(k, "lse_pass", wraps=k.lse_pass) as lse,
+        mock.patch.object(k, "adjoint_pass", wraps=k.adjoint_pass) as adjoint,
+        mock.patch.object(k, "gradient_pass", wraps=k.gradient_pass) as gradient,
+    ):
+        loss = gca_fused(z, GCAOptions(kind="uot", iterations=iters))
+        assert (lse.call_count, adjoint.call_count, gradient.call_count) == (2 * iters + 1, 0, 0)
+        loss.backward()
+    assert (adjoint.call_count, gradient.call_count) == (2 * iters, 1)
+    assert [c.kwargs.get("with_max", False) for c in lse.call_args_list] == [True] + [False] * (2 * iters)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gca_fused_on_cuda_equals_torch_path(dtype):
+    """On a GPU, at a size where the tiles, the online log-sum-exp and the rank blocks all loop."""
+    z = _embeddings(2050, 128, 0.0, dtype, seed=11)
+    opts = GCAOptions(kind="uot", iterations=10)
+    want, want_grad = _value_and_grad(lambda t: gca_loss_torch(t, opts), z.double().cuda())
+    got, got_grad = _value_and_grad(lambda t: fastsfm.gca_loss(t, kind="uot"), z.cuda())
+    rtol, gtol = TOL[dtype]
+    assert abs(float(got) - float(want)) <= rtol * abs(float(want))
+    assert float((got_grad.double() - want_grad).abs().max()) <= gtol * float(want_grad.abs().max())
