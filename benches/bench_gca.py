@@ -12,8 +12,8 @@ Per shape (rows = 2n projections of width D), in one run and on the same inputs:
 Reported: median fwd+bwd time, extra peak memory (CUDA), what autograd keeps for the backward
 (any device), the FLOPs the fused path spends
 (2 rows^2 D per pass: 2T + 1 forward passes, 2T adjoint passes, one gradient pass of two
-products plus its rank-2P product) and its share of the device's peak (``--peak-tflops``, the
-H100 SXM's dense bf16 989 and fp32 67 by default), and the speed-up and memory ratio against
+products plus its rank-2P product) and its share of the device's peak (the H100 SXM's
+dense bf16 989, TF32 494 and fp32 67 TFLOP/s), and the speed-up and memory ratio against
 ``dense (eager)``.  Rows are written to ``--out`` (JSON or CSV by suffix) after every shape.
 
     python benches/bench_gca.py                              # CUDA: rows 1024..16384, D 128/256
@@ -38,7 +38,7 @@ from fastsfm.loss.ops import interpreter_active
 
 GPU_ROWS, GPU_DIMS = (1024, 4096, 8192, 16384), (128, 256)
 SMOKE_ROWS, SMOKE_DIMS = (16, 34), (8,)
-PEAK_TFLOPS = {"bfloat16": 989.0, "float16": 989.0, "float32": 67.0}
+PEAK_TFLOPS = {"bfloat16": 989.0, "float16": 989.0, "float32": 67.0, "tf32": 494.0}
 
 
 def dense_formulation(z: torch.Tensor, o: GCAOptions) -> torch.Tensor:
@@ -129,7 +129,8 @@ def bench_shape(rows: int, dim: int, dtype: torch.dtype, options: GCAOptions, de
         if name.startswith("fused"):
             row["TFLOP/s"] = flops / ms / 1e9
             if device.type == "cuda":
-                row["% of peak"] = 100.0 * flops / (PEAK_TFLOPS[short] * 1e9) / ms
+                peak = PEAK_TFLOPS["tf32" if options.tf32 and short == "float32" else short]
+                row["% of peak"] = 100.0 * flops / (peak * 1e9) / ms
         out.append(row)
     eager = next((r for r in out if r["method"] == "dense (eager)" and r["fwd+bwd ms"] != "OOM"), None)
     for row in out:
@@ -158,6 +159,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--dtypes", default=None, help="comma list (default: bfloat16,float32)")
     parser.add_argument("--kind", choices=choices(GCAKind), default="ince")
     parser.add_argument("--iterations", type=int, default=10)
+    parser.add_argument("--tf32", action="store_true", help="float32 rows: TF32 products on the fused path")
     parser.add_argument("--no-compile", dest="compile", action="store_false", help="skip torch.compile")
     parser.add_argument("--compile-max-rows", type=int, default=8192, help="largest rows compiled (slow to compile)")
     parser.add_argument("--reps", type=int, default=5)
@@ -170,7 +172,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         args.compile, args.reps = False, 1
     rows_list = args.rows or ",".join(map(str, SMOKE_ROWS if args.smoke else GPU_ROWS))
     dims = args.dims or ",".join(map(str, SMOKE_DIMS if args.smoke else GPU_DIMS))
-    options = GCAOptions(kind=args.kind, iterations=args.iterations)
+    options = GCAOptions(kind=args.kind, iterations=args.iterations, tf32=args.tf32)
     header = environment(device)
     print(f"# bench_gca: {header}; kind {args.kind}, {args.iterations} iterations, eps {options.epsilon}")
     rows = []

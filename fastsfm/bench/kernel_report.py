@@ -226,22 +226,25 @@ def scenarios(classes: int = 1000, ipc: int = 10) -> Iterator[tuple[str, Callabl
             f"{LOSS_SCENARIO} C={classes} N={classes * ipc} D=768 {str(dtype).replace('torch.', '')}",
             partial(loss_step, classes, ipc, 768, dtype),
         )
-    for d, dtype in ((128, torch.float32), (128, torch.bfloat16), (200, torch.bfloat16), (256, torch.float16)):
-        name = f"{GCA_SCENARIO} rows=16384 D={d} {str(dtype).replace('torch.', '')}"
-        yield name, partial(gca_step, 16384, d, dtype)
+    for d, dtype, tf32 in ((128, torch.float32, False), (128, torch.float32, True), (128, torch.bfloat16, False)) + (
+        (200, torch.bfloat16, False),
+        (256, torch.float16, False),
+    ):
+        name = f"{GCA_SCENARIO} rows=16384 D={d}{' tf32' if tf32 else ''} {str(dtype).replace('torch.', '')}"
+        yield name, partial(gca_step, 16384, d, dtype, tf32)
 
 
 GCA_SCENARIO = "gca fwd+bwd"
 
 
-def gca_step(rows: int, d: int, dtype: torch.dtype) -> None:
+def gca_step(rows: int, d: int, dtype: torch.dtype, tf32: bool = False) -> None:
     """One forward+backward of the fused GCA loss (``uot``, one iteration: every kernel once or more)."""
     from fastsfm.config import GCAOptions
     from fastsfm.loss.gca_ops import gca_fused
 
     z = torch.randn(rows, d).to(dtype).requires_grad_(True)
     with mock.patch.object(torch, "empty", torch.zeros):  # intercepted launches write nothing: the glue
-        gca_fused(z, GCAOptions(kind="uot", iterations=1)).backward()  # between passes reads zeros
+        gca_fused(z, GCAOptions(kind="uot", iterations=1, tf32=tf32)).backward()  # between passes reads zeros
 
 
 def _specialise(launch: Launch, target) -> tuple[object, dict, dict, dict, str]:

@@ -71,7 +71,7 @@ class _Sinkhorn(torch.autograd.Function):
         h = torch.full((rows,), start_potential(options.kind, rows), dtype=torch.float32, device=x.device)
         inputs, outputs = [], []
         for p in range(passes):
-            off = first if p == 0 else k.lse_pass(xk, h, inv)[0]
+            off = first if p == 0 else k.lse_pass(xk, h, inv, tf32=options.tf32)[0]
             r = torch.logaddexp(off, h + diag)
             inputs.append(h)
             outputs.append(r)
@@ -100,7 +100,7 @@ class _Sinkhorn(torch.autograd.Function):
             ddiag = ddiag + on_diag
             if p == 0:  # the starting potential is a constant
                 break
-            hbar = k.adjoint_pass(xk, h, r, ybar.contiguous(), inv) + on_diag
+            hbar = k.adjoint_pass(xk, h, r, ybar.contiguous(), inv, tf32=options.tf32) + on_diag
             if given.get(p) is not None:
                 hbar = hbar + given[p]
             ybar = _step_vjp(options, outputs[p - 1], hbar, second=(p - 1) % 2 == 1)
@@ -111,7 +111,7 @@ class _Sinkhorn(torch.autograd.Function):
         b = torch.zeros_like(a)
         a[:, :passes] = (torch.stack(ybars) * torch.exp(log_a - rho)).T
         b[:, :passes] = torch.exp(log_b - rho).T
-        dx = k.gradient_pass(xk, a, b, rho.contiguous(), inv)
+        dx = k.gradient_pass(xk, a, b, rho.contiguous(), inv, tf32=options.tf32)
         return dx, ddiag, None, None, None
 
 
@@ -123,7 +123,7 @@ def gca_fused(z: Tensor, options: GCAOptions) -> Tensor:
     x = F.normalize(z.float(), dim=1)
     xk = (x if z.dtype == torch.float32 else x.to(z.dtype)).detach().contiguous()
     start = torch.full((rows,), start_potential(options.kind, rows), dtype=torch.float32, device=z.device)
-    first, rowmax, argcol = k.lse_pass(xk, start, inv, with_max=True)
+    first, rowmax, argcol = k.lse_pass(xk, start, inv, with_max=True, tf32=options.tf32)
     i = rowmax.argmax()
     j = argcol[i].long()
     top = 1.0 - (x[i] * x[j]).sum().clamp(min=CLAMP)  # the maximum cost, differentiable

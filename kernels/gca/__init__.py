@@ -17,8 +17,9 @@ pass and keep nothing of size rows^2: memory is O(rows * dim) plus a few vectors
 
 Each launch's cost is one ``2 * rows^2 * dim`` FLOP similarity product (the gradient pass two)
 plus ``rows^2`` exponentials; a forward is ``2 T + 1`` passes, a backward ``2 T`` adjoint passes
-and one gradient pass (``T`` iterations).  Float32 rows use IEEE float32 products; 16-bit rows
-use the tensor cores with float32 accumulation.  No float atomics: every sum has a fixed order.
+and one gradient pass (``T`` iterations).  Float32 rows use IEEE float32 products (or, with
+``tf32``, TF32 tensor-core ones); 16-bit rows use the tensor cores with float32 accumulation.
+No float atomics: every sum has a fixed order.
 
 No imports of the rest of fastsfm.
 """

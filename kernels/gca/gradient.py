@@ -99,13 +99,15 @@ def _gradient_spec(rows: int, dim: int, tiles: tuple, ieee: bool, upcast: bool) 
     return LaunchSpec((_cdiv(rows, block_m), _cdiv(dim, block_d)), constexprs, warps)
 
 
-def gradient_pass(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, rho: torch.Tensor, inv_eps: float) -> torch.Tensor:
+def gradient_pass(
+    x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, rho: torch.Tensor, inv_eps: float, tf32: bool = False
+) -> torch.Tensor:
     """``dX`` (rows, dim) float32 of the normalised rows ``x`` (rows, dim), contiguous, from the rank
     factors ``a``, ``b`` (rows, rank) float32 (rank a multiple of :data:`RANK_BLOCK`) and the row
-    shifts ``rho`` (rows,) float32 (module docstring)."""
+    shifts ``rho`` (rows,) float32 (module docstring); ``tf32`` as :func:`~.passes.lse_pass`."""
     rows, dim = x.shape
     tiles = pass_tiles(x.element_size(), dim)
-    ieee, upcast = x.dtype == torch.float32, interpreter_active() and x.element_size() == 2
+    ieee, upcast = x.dtype == torch.float32 and not tf32, interpreter_active() and x.element_size() == 2
     out = torch.empty(rows, dim, device=x.device, dtype=torch.float32)
     spec = _gradient_spec(rows, dim, tiles, ieee, upcast)
     rank = a.shape[1]

@@ -152,19 +152,21 @@ _lse_launcher = Launcher(_lse_kernel)
 _adjoint_launcher = Launcher(_adjoint_kernel)
 
 
-def _common(x: torch.Tensor) -> tuple[tuple, bool, bool]:
+def _common(x: torch.Tensor, tf32: bool) -> tuple[tuple, bool, bool]:
+    """The tiles, whether the products are IEEE float32 (float32 rows without ``tf32``), whether to upcast."""
     tiles = pass_tiles(x.element_size(), x.shape[1])
-    return tiles, x.dtype == torch.float32, interpreter_active() and x.element_size() == 2
+    return tiles, x.dtype == torch.float32 and not tf32, interpreter_active() and x.element_size() == 2
 
 
 def lse_pass(
-    x: torch.Tensor, h: torch.Tensor, inv_eps: float, with_max: bool = False
+    x: torch.Tensor, h: torch.Tensor, inv_eps: float, with_max: bool = False, tf32: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Off-diagonal row log-sums ``log sum_{j != i} exp(h_j - C_ij / eps)`` (rows,) float32 of the
     normalised rows ``x`` (rows, dim), contiguous, and the potential ``h`` (rows,) float32; with
-    ``with_max`` also each row's largest cost (diagonal included) and its first column (int32)."""
+    ``with_max`` also each row's largest cost (diagonal included) and its first column (int32); ``tf32``:
+    float32 rows' products on the tensor cores (TF32) instead of IEEE float32."""
     rows, dim = x.shape
-    tiles, ieee, upcast = _common(x)
+    tiles, ieee, upcast = _common(x, tf32)
     out = torch.empty(rows, device=x.device, dtype=torch.float32)
     rowmax = torch.empty_like(out) if with_max else out
     argcol = torch.empty(rows, device=x.device, dtype=torch.int32) if with_max else out
@@ -174,11 +176,13 @@ def lse_pass(
     return out, (rowmax if with_max else None), (argcol if with_max else None)
 
 
-def adjoint_pass(x: torch.Tensor, h: torch.Tensor, r: torch.Tensor, cv: torch.Tensor, inv_eps: float) -> torch.Tensor:
+def adjoint_pass(
+    x: torch.Tensor, h: torch.Tensor, r: torch.Tensor, cv: torch.Tensor, inv_eps: float, tf32: bool = False
+) -> torch.Tensor:
     """``out_j = sum_{i != j} cv_i exp(h_j - C_ij / eps - r_i)`` (rows,) float32: the adjoint, with
     respect to the input ``h``, of a pass whose full output is ``r``, given the output's adjoint ``cv``."""
     rows, dim = x.shape
-    tiles, ieee, upcast = _common(x)
+    tiles, ieee, upcast = _common(x, tf32)
     out = torch.empty(rows, device=x.device, dtype=torch.float32)
     spec = _pass_spec(rows, tiles, ieee, upcast, None)
     key = (spec, x.device.index, x.dtype, rows, dim)

@@ -2,6 +2,7 @@
 the fused Triton path against the PyTorch path (values, gradients), the kernels one by one, the
 memory the fused path keeps, and the boundary checks."""
 
+import contextlib
 import math
 
 import pytest
@@ -98,7 +99,7 @@ def test_gca_options_change_the_loss(kind):
     for name, value in changes.items():
         opts = GCAOptions(**{**base.__dict__, name: value})
         got = float(gca_loss_torch(z, opts))
-        fields = {k: v for k, v in opts.__dict__.items() if k != "kind"}
+        fields = {k: v for k, v in opts.__dict__.items() if k not in ("kind", "tf32")}
         fields = {"eps" if k == "epsilon" else "iters" if k == "iterations" else k: v for k, v in fields.items()}
         assert got == pytest.approx(float(_gca_restated(z, kind, **fields)), rel=1e-10), name
         assert abs(got - ref) > 1e-8, name
@@ -256,3 +257,30 @@ def test_gca_fused_on_cuda_equals_torch_path(dtype):
     rtol, gtol = TOL[dtype]
     assert abs(float(got) - float(want)) <= rtol * abs(float(want))
     assert float((got_grad.double() - want_grad).abs().max()) <= gtol * float(want_grad.abs().max())
+
+
+def test_gca_tf32_option_reaches_every_kernel():
+    """``tf32=True`` launches every float32 pass without IEEE products (TF32 on a GPU; the interpreter
+    computes float32 either way, so the values still equal the PyTorch path's)."""
+    from unittest import mock
+
+    from fastsfm.kernels.gca import gradient, passes
+
+    z = _embeddings(20, 6, 0.0, torch.float32).requires_grad_(True)
+    launchers = [(passes, "_lse_launcher"), (passes, "_adjoint_launcher"), (gradient, "_gradient_launcher")]
+    seen = []
+    with contextlib.ExitStack() as stack:
+        for module, name in launchers:
+            real = getattr(module, name)
+            stack.enter_context(
+                mock.patch.object(
+                    module, name, lambda key, spec, args, real=real: (seen.append(spec), real(key, spec, args))
+                )
+            )
+        loss = fastsfm.gca_loss(z, kind="ince", iterations=2, tf32=True, backend="triton")
+        loss.backward()
+    assert len(seen) == 5 + 4 + 1 and all(spec.constexprs["IEEE"] is False for spec in seen)
+    want = gca_loss_torch(z.detach().double(), GCAOptions(iterations=2))
+    assert abs(float(loss.detach()) - float(want)) < 1e-5 * float(want)
+    with pytest.raises(ValueError, match="tf32 must be True or False"):
+        GCAOptions(tf32="yes")
