@@ -229,7 +229,7 @@ def cmd_reproduce(args: argparse.Namespace) -> None:
         grid.device = str(device)
     if args.device is not None:
         grid.device = args.device
-    outcome = run_grid(grid, dry_run=args.dry_run)
+    outcome = run_grid(grid, dry_run=args.dry_run, rerun_stale=args.rerun_stale)
     if outcome.report is not None:
         print(outcome.report)
 
@@ -340,6 +340,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="output folder (overrides the config's `out`)")
     p.add_argument("--device", default=None, help="overrides the config's `device`")
     p.add_argument("--dry-run", action="store_true", help="print the plan with projected device hours; run nothing")
+    p.add_argument(
+        "--rerun-stale",
+        action="store_true",
+        help="discard and rerun done cells whose recorded settings differ from the grid file's (default: refuse)",
+    )
     p.set_defaults(func=cmd_reproduce)
 
     p = sub.add_parser(

@@ -16,7 +16,9 @@ eval        (dataset, backbone or ensemble, IPC, set)    ``ipc<k>/<set>/eval.jso
                                                          partial results of an unfinished cell)
 =========== ============================================ ==========================================
 
-Each cell is done when its output exists, so an interrupted grid resumes where it stopped.  The
+Each cell is done when its output exists, so an interrupted grid resumes where it stopped; a done
+cell is reused only while the settings it recorded beside its output still hold
+(:mod:`fastsfm.reproduce.settings`).  The
 first statistics cell of a dataset computes the statistics of every backbone still without them in
 one pass over the images (:func:`fastsfm.stats.dataset_stats_many`), so the others are then done.
 An ensemble (``a+b``, :attr:`GridConfig.ensembles`) has only SFM's distill and eval cells, in

@@ -1,4 +1,9 @@
-"""Running a grid: validate, plan, run every cell not yet done (or project it), write the tables.
+"""Running a grid: validate, plan, check the done cells' settings, run every cell not yet done (or
+project it), write the tables.
+
+A done cell whose recorded settings differ from the grid's (:mod:`fastsfm.reproduce.settings`) stops
+the grid before any work, naming the cell and the settings, unless ``rerun_stale`` discards it
+(and every cell that read it: their settings differ too) to run again.
 
 Under ``torchrun``, statistics and SFM distillations shard over the ranks; rank 0 runs LGM cells,
 baselines, evaluations and the tables while the other ranks wait on the gloo control group
@@ -19,6 +24,7 @@ from .cells import ALL_RANKS, RUNNERS, Run
 from .config import GridConfig, validate_grid
 from .plan import Cell, plan_grid
 from .projection import projection
+from .settings import discard, record, settings_path, stale_cells
 from .tables import write_tables
 
 __all__ = ["run_grid", "GridOutcome"]
@@ -39,12 +45,33 @@ class GridOutcome:
     report: str | None
 
 
-def run_grid(grid: GridConfig, dry_run: bool = False, progress: bool = True) -> GridOutcome:
-    """Validate, log the plan, then run every cell not yet done (or, ``dry_run``, project its
-    device hours instead); finally write the tables."""
+def _check_stale(grid: GridConfig, cells: list[Cell], rerun_stale: bool) -> None:
+    """Refuse (``ValueError``) done cells made with other settings, or (``rerun_stale``) discard them."""
+    stale, unrecorded = stale_cells(grid, cells)
+    if unrecorded:
+        log.warning(
+            "%d done cells have no recorded settings (made before fastsfm recorded them): kept", len(unrecorded)
+        )
+    if not stale:
+        return
+    if not rerun_stale:
+        first, diff = stale[0]
+        more = f" (and {len(stale) - 1} more cells)" if len(stale) > 1 else ""
+        raise ValueError(
+            f"grid cell '{first.label()}' was made with other settings: {'; '.join(diff[:4])}{more}; restore them, "
+            "or pass --rerun-stale to discard and rerun the stale cells"
+        )
+    log.warning("rerunning %d stale cells: %s", len(stale), ", ".join(c.label() for c, _ in stale))
+    run_on_rank0(lambda: [discard(grid, c) for c, _ in stale])
+
+
+def run_grid(grid: GridConfig, dry_run: bool = False, progress: bool = True, rerun_stale: bool = False) -> GridOutcome:
+    """Validate, log the plan, check the done cells' settings, then run every cell not yet done (or,
+    ``dry_run``, project its device hours instead); finally write the tables."""
     validate_grid(grid)
     cells = plan_grid(grid)
     run = Run(grid, progress)
+    _check_stale(grid, cells, rerun_stale and not dry_run)
     if dry_run:
         return GridOutcome(cells, run_on_rank0(lambda: projection(run, cells)[0]))
     todo = [c for c in cells if not c.done()]
@@ -58,6 +85,10 @@ def run_grid(grid: GridConfig, dry_run: bool = False, progress: bool = True) -> 
             log.info("[%s] %s", time.strftime("%H:%M:%S"), cell.label())
         work = lambda cell=cell: RUNNERS[cell.kind](run, cell)  # noqa: E731
         run_on_all(work) if _everyone(cell) else run_on_rank0(work)
+        if run.rank == 0:  # this cell, and the statistics cells its pass completed
+            for finished in todo:
+                if finished.done() and not settings_path(finished).exists():
+                    record(grid, finished)
 
     def tables() -> str:
         written = [write_tables(grid, dataset, ipc) for dataset in grid.datasets for ipc in grid.ipc]

@@ -72,6 +72,37 @@ def test_grid_runs_end_to_end_writes_the_tables_and_resumes(tmp_path, monkeypatc
     calls.clear()
     run_grid(grid, progress=False)
     assert calls == []  # everything done: nothing runs
+    _stale_cells_are_refused_or_rerun(grid, cells, calls)
+
+
+def _stale_cells_are_refused_or_rerun(grid, cells, calls):
+    """Every finished cell records its settings; a grid whose settings changed refuses to reuse the
+    cells they determine (naming the cell and the setting), keeps those they do not, and with
+    ``rerun_stale`` reruns exactly the stale ones."""
+    import dataclasses
+
+    from fastsfm.reproduce.settings import settings_path, stale_cells
+
+    assert all(settings_path(c).exists() for c in cells)
+    faster = dataclasses.replace(grid, distill=dataclasses.replace(grid.distill, lr=0.5))
+    stale, unrecorded = stale_cells(faster, cells)  # a distillation setting: its sets and their evaluations
+    assert (
+        unrecorded == []
+        and sorted((c.kind, c.name) for c, _ in stale) == [("distill", "sfm")] * 2 + [("eval", "sfm")] * 2
+    )
+    assert all(diff == ["distill.lr: 0.002 -> 0.5"] for _, diff in stale)
+    neutral = dataclasses.replace(grid, distill=dataclasses.replace(grid.distill, chunk_size=3, checkpoint_every=5))
+    run_grid(neutral, progress=False)  # chunking and checkpoint cadence do not change a result
+    assert calls == []
+    changed = dataclasses.replace(grid, eval=dataclasses.replace(grid.eval, epochs=3))
+    with pytest.raises(ValueError, match=r"grid cell 'eval imagenette .* eval\.epochs: 2 -> 3.*--rerun-stale"):
+        run_grid(changed, progress=False)
+    assert calls == []
+    run_grid(changed, progress=False, rerun_stale=True)
+    assert sorted(calls) == sorted(("eval", c.backbone, c.name) for c in cells if c.kind == "eval")
+    calls.clear()
+    run_grid(changed, progress=False)
+    assert calls == []
 
 
 def test_dry_run_reports_the_plan_with_projected_hours(tmp_path):
