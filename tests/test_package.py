@@ -27,17 +27,16 @@ FLOORS = {
 """The floor of each wing (README's Architecture): a wing imports only wings on lower floors.
 Floor 7 is ordered: the bench helpers, then the grid (whose projection times steps with them),
 then the command line (which runs the grid and the demo)."""
-KERNEL_IMPORTERS = {"fastsfm.loss.ops", "fastsfm.bench.kernel_report"}
-"""The loss's autograd ops launch the kernels; the kernel report intercepts their launchers."""
+KERNEL_IMPORTERS = {"fastsfm.loss.ops", "fastsfm.loss.gca_ops", "fastsfm.bench.kernel_report"}
+"""The losses' autograd ops launch the kernels; the kernel report intercepts their launchers."""
 FRONT_ENDS = {
     "fastsfm.cli.commands",
     "fastsfm.cli.demo",
-    "fastsfm.models.pretrain",
     "fastsfm.progress",
     "fastsfm.bench.benchmark",
 }
-"""Modules that talk to a user (they may print): the command line, the demo, the pretraining script,
-progress lines on a stream, the table printer of ``benches/``."""
+"""Modules that talk to a user (they may print): the command line, the demo, progress lines on a
+stream, the table printer of ``benches/``."""
 
 
 def _modules() -> dict[str, Path]:

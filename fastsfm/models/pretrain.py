@@ -50,7 +50,7 @@ from ..progress import Progress
 from .backbones import ALIASES, encode, load_backbone
 from .classifier import fit_linear_classifier
 
-__all__ = ["SimCLRConfig", "pretrain", "pretrain_and_save", "contrastive_loss", "nt_xent"]
+__all__ = ["SimCLRConfig", "WEIGHTS", "pretrain", "pretrain_and_save", "contrastive_loss", "nt_xent"]
 
 WEIGHTS = Path(__file__).resolve().parents[1] / "weights"
 

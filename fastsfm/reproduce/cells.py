@@ -18,7 +18,7 @@ from ..stats import ClassStats, dataset_stats_many
 from .config import GridConfig, input_size, members
 from .plan import DISTILLED, Cell, backbone_folder, canonical
 
-__all__ = ["Run", "RUNNERS", "ALL_RANKS", "stats_path", "pending_stats"]
+__all__ = ["Run", "RUNNERS", "ALL_RANKS", "FEATURES", "stats_path", "pending_stats"]
 
 FEATURES = "train_features.safetensors"
 
