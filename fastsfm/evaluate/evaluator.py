@@ -177,9 +177,11 @@ class Evaluator:
 
     def key(self, image_set: ImageSet, seed: int) -> str:
         """What identifies one evaluation of ``image_set`` for a journal: the set, the seed, the backbones,
-        the statistics and the settings."""
+        the statistics and the settings that change its scores -- not the number of seeds (seed ``k``'s
+        result is the same among 3 or 5) nor the checkpoint cadence, so changing either redoes nothing."""
+        settings = {k: v for k, v in asdict(self.config).items() if k not in KEY_NEUTRAL}
         parts = [image_set.name, seed, self.distill.identity, [b.identity for b in self.evals]]
-        parts += [self.stats.meta.get("dataset", ""), asdict(self.config)]
+        parts += [self.stats.meta.get("dataset", ""), settings]
         return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
     def evaluate(self, image_set: ImageSet, seed: int, checkpoint: HeadCheckpoint | None = None) -> list[Score]:
@@ -255,6 +257,10 @@ def load_image_set(path: str | Path, stats: ClassStats, resolution: int) -> Imag
 
 SetSource = ImageSet | Callable[[int], ImageSet]
 """An image set, or a function of the seed returning one (random real images differ per seed)."""
+
+
+KEY_NEUTRAL = ("seeds", "checkpoint_every")
+"""Fields of :class:`fastsfm.config.EvalConfig` left out of a journal key (:meth:`Evaluator.key`)."""
 
 
 class EvalJournal:

@@ -161,3 +161,26 @@ def test_single_seed_cells_show_the_mean_alone():
     two = one + [Score("A", "probe", "vit", 1, 50.0, None)]
     assert "| A | 48.1 |" in format_markdown(summarise(one))
     assert "| A | 49.1 ± 0.9 |" in format_markdown(summarise(two))
+
+
+def test_journal_key_holds_only_what_changes_a_result(setup, tmp_path):
+    """More seeds or another checkpoint cadence reuse every finished evaluation of a journal; other
+    epochs, modes, sets or seeds do not."""
+    bb, data, stats = setup
+    cache = FeatureCache(toy_data(seed=1))
+    x, y = data.tensors
+    a = ImageSet("a", x[::3], y[::3])
+    key = Evaluator(bb, stats, cache, CFG).key(a, 0)
+    for same in (replace(CFG, seeds=5), replace(CFG, checkpoint_every=7)):
+        assert Evaluator(bb, stats, cache, same).key(a, 0) == key
+    for other in (replace(CFG, epochs=4), replace(CFG, mode=("probe",)), replace(CFG, probe_lr=0.5)):
+        assert Evaluator(bb, stats, cache, other).key(a, 0) != key
+    assert Evaluator(bb, stats, cache, CFG).key(a, 1) != key
+    assert Evaluator(bb, stats, cache, CFG).key(ImageSet("b", x[::3], y[::3]), 0) != key
+    first = compare(Evaluator(bb, stats, cache, CFG), [a], 1, full_data=False, journal=tmp_path / "j")
+    evaluated = []
+    more = Evaluator(bb, stats, cache, replace(CFG, seeds=2, checkpoint_every=1))
+    real = more.evaluate
+    more.evaluate = lambda s, seed, c=None: evaluated.append(seed) or real(s, seed, c)
+    again = compare(more, [a], 2, full_data=False, journal=tmp_path / "j")
+    assert evaluated == [1] and again[: len(first)] == first  # seed 0 from the journal
