@@ -25,6 +25,8 @@ formulation.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -46,6 +48,11 @@ def _kernels():
     return _KERNELS[0]
 
 
+def _on_device(t: Tensor):
+    """The device guard of ``t``'s CUDA device (Triton launches on the current device)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
 def _step_vjp(options: GCAOptions, r: Tensor, grad: Tensor, second: bool) -> Tensor:
     """The adjoint of :func:`~fastsfm.loss.gca_torch.marginal_step` at row log-sums ``r``."""
     if options.kind != "uot":
@@ -64,6 +71,11 @@ class _Sinkhorn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, diag: Tensor, xk: Tensor, first: Tensor, options: GCAOptions):
+        with _on_device(x):
+            return _Sinkhorn._forward(ctx, x, diag, xk, first, options)
+
+    @staticmethod
+    def _forward(ctx, x: Tensor, diag: Tensor, xk: Tensor, first: Tensor, options: GCAOptions):
         k = _kernels()
         rows = x.shape[0]
         inv = 1.0 / options.epsilon
@@ -83,9 +95,13 @@ class _Sinkhorn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, df: Tensor | None, dg: Tensor | None, dr: Tensor | None):
-        k = _kernels()
-        options = ctx.options
         x, xk, diag, inputs, outputs = ctx.saved_tensors
+        with _on_device(x):
+            return _Sinkhorn._backward(ctx.options, x, xk, diag, inputs, outputs, df, dg, dr)
+
+    @staticmethod
+    def _backward(options, x, xk, diag, inputs, outputs, df, dg, dr):
+        k = _kernels()
         passes, rows = inputs.shape
         inv = 1.0 / options.epsilon
         zero = torch.zeros(rows, dtype=torch.float32, device=x.device)
@@ -117,6 +133,11 @@ class _Sinkhorn(torch.autograd.Function):
 
 def gca_fused(z: Tensor, options: GCAOptions) -> Tensor:
     """The GCA loss of ``z`` (2n, D) float32|bfloat16|float16 on the Triton kernels (0-dim float32)."""
+    with _on_device(z):
+        return _fused(z, options)
+
+
+def _fused(z: Tensor, options: GCAOptions) -> Tensor:
     k = _kernels()
     rows = z.shape[0]
     inv = 1.0 / options.epsilon
