@@ -22,6 +22,12 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(autouse=True)
+def _feature_cache(tmp_path, monkeypatch):
+    """``fastsfm eval``'s default feature cache in the test's own folder, never in the home directory."""
+    monkeypatch.setenv("FASTSFM_FEATURE_CACHE", str(tmp_path / "feature-cache"))
+
+
 @pytest.fixture
 def device() -> torch.device:
     """The device the Triton kernels run on: CUDA when present, else CPU (interpreter)."""

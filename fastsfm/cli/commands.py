@@ -123,6 +123,15 @@ def cmd_distill(args: argparse.Namespace) -> None:
         print(f"wrote {Path(args.out) / 'synset.safetensors'}, synset.png, loss.png and metrics.jsonl")
 
 
+def _feature_folder(args: argparse.Namespace) -> Path | None:
+    """``--feature-cache`` (``none``: no disk cache), else the default folder."""
+    from ..evaluate.feature_store import default_folder
+
+    if args.feature_cache is None:
+        return default_folder()
+    return None if args.feature_cache == "none" else Path(args.feature_cache)
+
+
 def _image_sets(
     args: argparse.Namespace, seeds: int, real_precision: str, data, stats, distill_bb, resolution: int
 ) -> list:
@@ -130,6 +139,7 @@ def _image_sets(
     (:mod:`fastsfm.evaluate.baselines`; neighbors: of each --synset)."""
     from ..evaluate.baselines import baseline_sources
     from ..evaluate.evaluator import load_image_set
+    from ..evaluate.feature_store import stored_features
     from ..models.backbones import encode
 
     synthetic = [load_image_set(path, stats, resolution) for path in args.synset]
@@ -137,8 +147,13 @@ def _image_sets(
     baselines = [b for b in args.baselines if b != "full"]
 
     def features():
-        with distill_bb.using_precision(real_precision):
-            return encode(distill_bb, data.train_eval, device=args.device, workers=args.workers, progress=True)
+        def run():
+            with distill_bb.using_precision(real_precision):
+                return encode(distill_bb, data.train_eval, device=args.device, workers=args.workers, progress=True)
+
+        return stored_features(
+            _feature_folder(args), data.train_eval, "train", distill_bb, resolution, real_precision, run
+        )
 
     sets = synthetic + baseline_sources(
         data, baselines, ipc, seeds, features, stats.means, synthetic, distill_bb, args.device
@@ -172,7 +187,10 @@ def cmd_eval(args: argparse.Namespace) -> None:
         raise ValueError("--test-data is needed (the real test split)")
     stats.check_compatible(distill_bb, num_classes=data.num_classes)
     sets = _image_sets(args, config.seeds, options.real_precision, data, stats, distill_bb, resolution_of(args))
-    cache = FeatureCache(data.test, args.device, args.workers, options.real_precision)
+    cache = FeatureCache(
+        data.test, args.device, args.workers, options.real_precision, disk=_feature_folder(args),
+        resolution=resolution_of(args), progress=True,
+    )  # fmt: skip
     evaluator = Evaluator(distill_bb, stats, cache, config, [eval_bb], args.device)
     journal = Path(args.out) / "journal" if args.out else None  # a rerun of the command resumes
     scores = compare(evaluator, sets, config.seeds, full_data="full" in args.baselines, journal=journal)
@@ -322,6 +340,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--ipc", type=integer(1), default=None, help="IPC of the baselines (default: the first --synset's, else 1)"
     )
     p.add_argument("--workers", type=integer(0), default=None, help=WORKERS_HELP)
+    p.add_argument(
+        "--feature-cache",
+        default=None,
+        help="folder where the encoded train/test features are kept and reused by later calls, keyed by split "
+        "content, backbone, resolution and precision ('none': off; default: $FASTSFM_FEATURE_CACHE or "
+        "~/.cache/fastsfm/features)",
+    )
     p.add_argument("--out", default=None, help="folder for results.json and results.md")
     add_config_flags(p, EvalConfig, "evaluation (EvalConfig)")
     p.set_defaults(func=cmd_eval)

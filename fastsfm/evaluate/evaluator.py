@@ -34,6 +34,7 @@ from ..models.backbones import Backbone, encode
 from ..models.classifier import new_head
 from ..signals import StopSignals
 from ..stats import ClassStats
+from .feature_store import stored_features
 from .inherit import InheritedClassifier, kd_loss
 from .probe import Head, HeadCheckpoint, topk_accuracy, train_heads
 
@@ -78,18 +79,28 @@ class Score:
 class FeatureCache:
     """Test-split features per backbone identity (encoded once, shared by evaluators; ``workers``
     decode images in parallel), under ``precision`` (fp32 by default: the authors compute test
-    features without autocast)."""
+    features without autocast); with ``disk`` (a folder) also kept on disk for later calls
+    (:func:`fastsfm.evaluate.feature_store.stored_features`; ``resolution`` is part of their key)."""
 
     test: Dataset
     device: str | torch.device = "cpu"
     workers: int | None = None
     precision: Precision = "fp32"
     features: dict[str, Tensor] = field(default_factory=dict)
+    disk: Path | None = None
+    resolution: int | None = None
+    progress: bool = False
 
     def __call__(self, backbone: Backbone) -> Tensor:
         if backbone.identity not in self.features:
-            with backbone.using_precision(self.precision):
-                self.features[backbone.identity] = encode(backbone, self.test, device=self.device, workers=self.workers)
+
+            def run() -> Tensor:
+                with backbone.using_precision(self.precision):
+                    return encode(backbone, self.test, device=self.device, workers=self.workers, progress=self.progress)
+
+            self.features[backbone.identity] = stored_features(
+                self.disk, self.test, "test", backbone, self.resolution, self.precision, run
+            )
         return self.features[backbone.identity]
 
     @property

@@ -113,6 +113,17 @@ def test_cli_stats_distill_eval_on_an_imageclass_folders(tmp_path, capsys):
     assert (tmp_path / "eval" / "journal" / "scores.jsonl").exists()  # finished evaluations, as they ended
     assert "probe (vit_tiny_patch16_224) | inherit (vit_tiny_patch16_224) | kd (vit_tiny_patch16_224)" in out
     assert (tmp_path / "eval" / "results.json").exists() and (tmp_path / "eval" / "results.md").exists()
+    stored = sorted(p.name.split("-")[1] for p in (tmp_path / "feature-cache").glob("*.safetensors"))
+    assert stored == ["test", "train"]  # the test and train splits' features (one backbone identity here)
+    again = ["--baselines", "centroid", "--mode", "probe", "--epochs", "1", "--seeds", "1", "--resolution", "16"]
+    main(
+        ["eval", "--data", str(train), "--test-data", str(test), "--stats", str(tmp_path / "s.safetensors")]
+        + again
+        + bb
+    )
+    err = capsys.readouterr().err
+    assert "train features of" in err and "test features of" in err and err.count(": reused ") == 2
+    assert len(list((tmp_path / "feature-cache").glob("*.safetensors"))) == 2  # nothing encoded again
     with pytest.raises(SystemExit) as exc:
         main(["distill", "--stats", str(tmp_path / "s.safetensors"), "--out", str(run), "--steps", "3", *bb])
     assert exc.value.code == 2 and "--resume" in capsys.readouterr().err
