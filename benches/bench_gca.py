@@ -24,7 +24,6 @@ dense bf16 989, TF32 494 and fp32 67 TFLOP/s), and the speed-up and memory ratio
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
@@ -34,6 +33,7 @@ from fastsfm import gca_loss
 from fastsfm.bench.benchmark import environment, print_table, time_ms, write_csv
 from fastsfm.bench.timing import peak_extra_bytes
 from fastsfm.config import GCAKind, GCAOptions, choices
+from fastsfm.io import atomic_write_json
 from fastsfm.loss.ops import interpreter_active
 
 GPU_ROWS, GPU_DIMS = (1024, 4096, 8192, 16384), (128, 256)
@@ -144,9 +144,7 @@ def bench_shape(rows: int, dim: int, dtype: torch.dtype, options: GCAOptions, de
 def _write(rows: list[dict], path: Path, header: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix == ".json":
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps({"environment": header, "rows": rows}, indent=1, default=str))
-        tmp.replace(path)
+        atomic_write_json(path, {"environment": header, "rows": rows})
     else:
         write_csv(rows, path)
 

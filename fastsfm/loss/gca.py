@@ -17,13 +17,11 @@ import torch
 from torch import Tensor, nn
 
 from ..config import Backend, GCAKind, GCAOptions, Pairing, choices
-from .functional import _describe, resolve_backend
+from .functional import _FLOAT_DTYPES, _describe, resolve_backend
 from .gca_ops import gca_fused
 from .gca_torch import gca_loss_torch
 
 __all__ = ["gca_loss", "GCALoss", "check_embeddings"]
-
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def check_embeddings(z: object) -> Tensor:

@@ -25,7 +25,7 @@ formulation.
 
 from __future__ import annotations
 
-import contextlib
+import math
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +33,7 @@ from torch import Tensor
 
 from ..config import GCAOptions
 from .gca_torch import CLAMP, UOT_DELTA, loss_from_potentials, marginal_step, partners, positive_logits, start_potential
+from .ops import _on_device
 
 __all__ = ["gca_fused"]
 
@@ -48,18 +49,13 @@ def _kernels():
     return _KERNELS[0]
 
 
-def _on_device(t: Tensor):
-    """The device guard of ``t``'s CUDA device (Triton launches on the current device)."""
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
 def _step_vjp(options: GCAOptions, r: Tensor, grad: Tensor, second: bool) -> Tensor:
     """The adjoint of :func:`~fastsfm.loss.gca_torch.marginal_step` at row log-sums ``r``."""
     if options.kind != "uot":
         return -grad
     rho = options.relax[1 if second else 0]
     exponent = rho / (rho + options.epsilon)
-    return -exponent * grad * torch.sigmoid(r - torch.log(torch.tensor(UOT_DELTA, dtype=r.dtype)))
+    return -exponent * grad * torch.sigmoid(r - math.log(UOT_DELTA))
 
 
 class _Sinkhorn(torch.autograd.Function):
@@ -90,21 +86,21 @@ class _Sinkhorn(torch.autograd.Function):
             if p < passes - 1:
                 h = marginal_step(options, rows, r, second=p % 2 == 1)
         ctx.options = options
-        ctx.save_for_backward(x, xk, diag, torch.stack(inputs), torch.stack(outputs))
+        ctx.save_for_backward(xk, diag, torch.stack(inputs), torch.stack(outputs))  # x itself is not read
         return inputs[-2], inputs[-1], outputs[-1]
 
     @staticmethod
     def backward(ctx, df: Tensor | None, dg: Tensor | None, dr: Tensor | None):
-        x, xk, diag, inputs, outputs = ctx.saved_tensors
-        with _on_device(x):
-            return _Sinkhorn._backward(ctx.options, x, xk, diag, inputs, outputs, df, dg, dr)
+        xk, diag, inputs, outputs = ctx.saved_tensors
+        with _on_device(xk):
+            return _Sinkhorn._backward(ctx.options, xk, diag, inputs, outputs, df, dg, dr)
 
     @staticmethod
-    def _backward(options, x, xk, diag, inputs, outputs, df, dg, dr):
+    def _backward(options, xk, diag, inputs, outputs, df, dg, dr):
         k = _kernels()
         passes, rows = inputs.shape
         inv = 1.0 / options.epsilon
-        zero = torch.zeros(rows, dtype=torch.float32, device=x.device)
+        zero = torch.zeros(rows, dtype=torch.float32, device=xk.device)
         given = {passes - 2: df, passes - 1: dg}  # the outputs f = h_{P-2}, g = h_{P-1}
         ybar = dr if dr is not None else zero
         ybars = [None] * passes
@@ -123,7 +119,7 @@ class _Sinkhorn(torch.autograd.Function):
         log_a, log_b = -outputs, inputs  # (P, rows) logs of the factors' magnitudes
         rho = torch.maximum(log_a.amax(0), log_b.amax(0))
         width = -(-passes // k.RANK_BLOCK) * k.RANK_BLOCK
-        a = torch.zeros(rows, width, dtype=torch.float32, device=x.device)
+        a = torch.zeros(rows, width, dtype=torch.float32, device=xk.device)
         b = torch.zeros_like(a)
         a[:, :passes] = (torch.stack(ybars) * torch.exp(log_a - rho)).T
         b[:, :passes] = torch.exp(log_b - rho).T

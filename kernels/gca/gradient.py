@@ -21,8 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..launch import Launcher, LaunchSpec, _cdiv, _next_pow2, interpreter_active
-from .passes import _CLAMP, _similarity_tile, pass_tiles
+from ..launch import Launcher, LaunchSpec, _cdiv, _next_pow2
+from .passes import _CLAMP, _common, _similarity_tile
 
 __all__ = ["gradient_pass", "RANK_BLOCK", "GRAD_COLUMNS"]
 
@@ -106,8 +106,7 @@ def gradient_pass(
     factors ``a``, ``b`` (rows, rank) float32 (rank a multiple of :data:`RANK_BLOCK`) and the row
     shifts ``rho`` (rows,) float32 (module docstring); ``tf32`` as :func:`~.passes.lse_pass`."""
     rows, dim = x.shape
-    tiles = pass_tiles(x.element_size(), dim)
-    ieee, upcast = x.dtype == torch.float32 and not tf32, interpreter_active() and x.element_size() == 2
+    tiles, ieee, upcast = _common(x, tf32)
     out = torch.empty(rows, dim, device=x.device, dtype=torch.float32)
     spec = _gradient_spec(rows, dim, tiles, ieee, upcast)
     rank = a.shape[1]
