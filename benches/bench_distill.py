@@ -132,7 +132,7 @@ def _step_flops(objective, synset, flops: BackboneFlops) -> float:
 
 
 def _pinned_ratio(synset, optim) -> float | None:
-    held = sum(t.numel() * 4 for t in [*synset.levels, *optim.exp_avg, *optim.exp_avg_sq])
+    held = sum(t.numel() * 4 for t in synset.levels) + optim.nbytes()
     stats = pinned.stats()
     return stats["peak"] / held if stats["peak"] else None
 
@@ -192,7 +192,7 @@ def growth_row(classes: int, ipc: int, resolution: int) -> dict:
             optim.reset()
         ratio = _pinned_ratio(synset, optim)
         worst = max(worst, ratio or 0.0)
-    held = sum(t.numel() * 4 for t in [*synset.levels, *optim.exp_avg, *optim.exp_avg_sq])
+    held = sum(t.numel() * 4 for t in synset.levels) + optim.nbytes()
     return {
         "backbone": "-",
         "classes": classes,

@@ -28,6 +28,7 @@ __all__ = [
     "EvalMode",
     "Baseline",
     "GridMethod",
+    "OptimizerState",
     "GCAKind",
     "Pairing",
     "PretrainLoss",
@@ -91,6 +92,11 @@ reals nearest each synthetic image (a memorisation check)."""
 
 GridMethod = Literal["sfm", "lgm", "random", "centroid", "kmeans", "neighbors"]
 """Rows of the reproduction grid: the two distillation methods and the real baselines."""
+
+OptimizerState = Literal["fp32", "bf16", "8bit"]
+"""How the synthetic set's two Adam moments are stored between steps (the update itself is float32):
+``fp32`` (exact Adam, default), ``bf16`` (rounded to nearest), ``8bit`` (blockwise dynamic 8-bit codes with a
+float32 scale per block of an image's level, Dettmers et al. 2021, torchao's quantiser)."""
 
 GCAKind = Literal["ince", "rince", "uot"]
 """The generalized contrastive alignment losses (arXiv 2502.20141, ``nerdslab/gca``): ``ince`` (balanced
@@ -278,6 +284,11 @@ class DistillConfig:
     noise_mean: float = option(0.5, "augmentation noise mean (0.5: LGM's code when SFM forked it; 0.0: LGM's current)")
     chunk_size: int | None = option(None, "images per chunk of the exact two-pass step (default: from free memory)")
     offload: bool = option(False, "keep the synthetic set and its Adam state in page-locked host memory")
+    optimizer_state: OptimizerState = option(
+        "fp32",
+        "storage of the two Adam moments between steps: fp32 (12 bytes/parameter with the image), bf16 (8), "
+        "8bit (~6.1; blockwise, torchao's quantiser); the update is float32 in every mode",
+    )
     cuda_graph: bool = option(
         False,
         "SFM on CUDA: replay each step as a CUDA graph (captured per pyramid level count after 2 eager steps), "
@@ -336,8 +347,9 @@ class DistillConfig:
         change results), plus the version of the random draws (:data:`DRAWS_VERSION`)."""
         free = ("steps", "checkpoint_every", "checkpoint_minutes", "chunk_size", "offload", "workers", "views")
         kept = {k: json.dumps(v) for k, v in asdict(self).items() if k not in (*free, "cuda_graph")}
-        if self.backbone_weights is None:  # one backbone, or the mean: runs of earlier versions resume
-            del kept["backbone_weights"]
+        for name, default in (("backbone_weights", None), ("optimizer_state", "fp32")):
+            if getattr(self, name) == default:  # the default of a later option: runs of earlier versions resume
+                del kept[name]
         return {**kept, "views": str(self.effective_views), "draws": DRAWS_VERSION}
 
 

@@ -151,7 +151,12 @@ def distill_setup(
     while len(synset.levels) < len(synset.sizes):
         step += 1
         synset.grow(step, device)
-    optim = ChunkAdam(synset, config.lr, check_finite=backbone.autocast_dtype() == torch.float16)
+    optim = ChunkAdam(
+        synset,
+        config.lr,
+        check_finite=backbone.autocast_dtype() == torch.float16,
+        optimizer_state=config.optimizer_state,
+    )
     return synset, optim, build_objective(config, backbone, stats, device, real=real)
 
 

@@ -38,8 +38,15 @@ def save_checkpoint(
     atomic_save_safetensors(tensors, path, meta)
 
 
+RESUMABLE = ("world_size",)
+"""Identity entries a checkpoint may differ in and still resume (it is resharded)."""
+
+
 def _check_identity(path: Path, saved: dict, identity: dict[str, str]) -> None:
-    diff = {k: (saved.get(k), v) for k, v in identity.items() if saved.get(k) != v}
+    """Refuse a checkpoint whose identity differs from ``identity`` in any entry either holds (but
+    :data:`RESUMABLE`): an option left at its default is absent from both, so older runs resume."""
+    keys = sorted((set(identity) | set(saved)) - set(RESUMABLE))
+    diff = {k: (saved.get(k), identity.get(k)) for k in keys if saved.get(k) != identity.get(k)}
     if diff:
         raise CheckpointError(f"checkpoint {path} belongs to another run; differing settings (checkpoint, now): {diff}")
 

@@ -332,7 +332,12 @@ def distill(
     classes = shard_classes(stats[0].num_classes, rank, world)
     state, stale = _open_run(out, ckpt, identity, resume, classes, stats[0].num_classes, config.ipc)
     synset = _build_synset(config, real, stats[0].num_classes, classes, device)
-    optim = ChunkAdam(synset, config.lr, check_finite=backbone.autocast_dtype() == torch.float16)
+    optim = ChunkAdam(
+        synset,
+        config.lr,
+        check_finite=backbone.autocast_dtype() == torch.float16,
+        optimizer_state=config.optimizer_state,
+    )
     start = 0
     if state is not None:
         synset.load_state(state["tensors"])

@@ -10,8 +10,10 @@ chunk's tensors are views of the stored ones and the step happens in place.  Eit
 same code runs, so offloaded and resident runs give the same images.
 
 The moments live beside the levels (same storage, exact-size page-locked host memory when
-offloaded); a new pyramid level zeroes them in place and adds moments for the new level
-only, as LGM re-creates its optimiser at each level.
+offloaded) in the run's ``optimizer_state`` (:mod:`fastsfm.distill.moments`: float32, bfloat16 or
+blockwise 8-bit codes; the update is float32 in every mode, on moments loaded for the chunk and
+stored back after it); a new pyramid level zeroes them in place and adds moments for the new
+level only, as LGM re-creates its optimiser at each level.
 
 **Non-finite gradients** (``check_finite``, the fp16 policy): each chunk's gradients are
 unscaled and checked on the device (``torch._amp_foreach_non_finite_check_and_unscale_``, no
@@ -26,6 +28,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..config import OptimizerState
+from .moments import Moment
 from .synset import SyntheticSet
 
 __all__ = ["ChunkAdam"]
@@ -48,24 +52,25 @@ class ChunkAdam:
         eps: float = 1e-8,
         check_finite: bool = False,
         fused: bool | None = None,
+        optimizer_state: OptimizerState = "fp32",
     ):
         self.synset, self.lr, self.betas, self.eps, self.check_finite = synset, lr, betas, eps, check_finite
-        self.fused = fused
+        self.fused, self.mode = fused, optimizer_state
         self._device_steps: Tensor | None = None  # the fused path's step count, on the device
         self.in_step = False
         self.skipped: Tensor | None = None  # chunks skipped for non-finite gradients (device counter)
-        self.exp_avg: list[Tensor] = []
-        self.exp_avg_sq: list[Tensor] = []
+        self.exp_avg: list[Moment] = []
+        self.exp_avg_sq: list[Moment] = []
         self.reset()
 
     def reset(self) -> None:
         """Zero moments and step count for every level (at start and whenever a level is added):
         existing moments are zeroed in place, only the new levels' are allocated."""
-        for moments in (self.exp_avg, self.exp_avg_sq):
+        for moments, signed in ((self.exp_avg, True), (self.exp_avg_sq, False)):
             for m in moments:
                 m.zero_()
             for level in self.synset.levels[len(moments) :]:
-                moments.append(self.synset.empty(tuple(level.shape)).zero_())
+                moments.append(Moment(tuple(level.shape), self.mode, signed, self.synset.empty))
         self.steps, self._device_steps = 0, None
 
     def _unscale(self, params: list[Tensor], grad_scale: float) -> Tensor | None:
@@ -93,17 +98,16 @@ class ChunkAdam:
         opt = torch.optim.Adam(
             params, lr=self.lr, betas=self.betas, eps=self.eps, fused=fused or None, capturable=capturing
         )
-        moments = []
+        states = []
         for i, p in enumerate(params):
-            avg, sq = (m[start:stop] for m in (self.exp_avg[i], self.exp_avg_sq[i]))
             state = {
                 "step": self._step_count(device) if fused else torch.tensor(float(self.steps)),
-                "exp_avg": avg.to(device, non_blocking=True),
-                "exp_avg_sq": sq.to(device, non_blocking=True),
+                "exp_avg": self.exp_avg[i].load(start, stop, device),
+                "exp_avg_sq": self.exp_avg_sq[i].load(start, stop, device),
             }
             opt.state[p] = state
-            moments.append((avg, sq, state))
-        touched = [t for p, (_, _, s) in zip(params, moments, strict=True) for t in (p, s["exp_avg"], s["exp_avg_sq"])]
+            states.append(state)
+        touched = [t for p, s in zip(params, states, strict=True) for t in (p, s["exp_avg"], s["exp_avg_sq"])]
         before = [t.detach().clone() for t in touched] if found is not None else None
         opt.step()
         if found is not None:
@@ -111,10 +115,13 @@ class ChunkAdam:
             for old, new in zip(before, touched, strict=True):
                 new.data.copy_(torch.where(skip, old, new.detach()))
             self.skipped = found if self.skipped is None else self.skipped + found
-        for level, p, (avg, sq, state) in zip(self.synset.levels, params, moments, strict=True):
-            for stored, new in ((level[start:stop], p), (avg, state["exp_avg"]), (sq, state["exp_avg_sq"])):
-                if stored.data_ptr() != new.data_ptr():  # offloaded: copy the chunk back to host memory
-                    stored.copy_(new.detach(), non_blocking=True)
+        offloaded = self.synset.offload
+        for i, (level, p, state) in enumerate(zip(self.synset.levels, params, states, strict=True)):
+            stored = level[start:stop]
+            if stored.data_ptr() != p.data_ptr():  # offloaded: copy the chunk back to host memory
+                stored.copy_(p.detach(), non_blocking=True)
+            self.exp_avg[i].save(start, stop, state["exp_avg"], offloaded)
+            self.exp_avg_sq[i].save(start, stop, state["exp_avg_sq"], offloaded)
 
     def _step_count(self, device: torch.device) -> Tensor:
         """A copy of the step count on ``device`` (Adam increments the copy it is given)."""
@@ -130,15 +137,23 @@ class ChunkAdam:
         self.in_step = False
 
     def state(self) -> dict[str, Tensor]:
-        """Moments for checkpoints (``adam.exp_avg.i``, ``adam.exp_avg_sq.i``); the step count is
-        :attr:`steps`."""
-        out = {f"adam.exp_avg.{i}": t for i, t in enumerate(self.exp_avg)}
-        out.update({f"adam.exp_avg_sq.{i}": t for i, t in enumerate(self.exp_avg_sq)})
+        """Moments for checkpoints (``adam.exp_avg.i``, ``adam.exp_avg_sq.i``; 8bit levels: their
+        ``.codes`` and ``.scale``); the step count is :attr:`steps`."""
+        out = {}
+        for name, moments in (("exp_avg", self.exp_avg), ("exp_avg_sq", self.exp_avg_sq)):
+            for i, m in enumerate(moments):
+                out.update(m.tensors(f"adam.{name}.{i}"))
         return out
 
+    def nbytes(self) -> int:
+        """Bytes the moments hold now (codes and scales included)."""
+        return sum(t.numel() * t.element_size() for t in self.state().values())
+
     def load_state(self, tensors: dict[str, Tensor], steps: int) -> None:
-        store = self.synset.store
-        count = len(self.synset.levels)
-        self.exp_avg = [store(tensors[f"adam.exp_avg.{i}"]) for i in range(count)]
-        self.exp_avg_sq = [store(tensors[f"adam.exp_avg_sq.{i}"]) for i in range(count)]
+        """Restore :meth:`state` (one moment per level of the restored set) and the step count."""
+        self.exp_avg, self.exp_avg_sq = [], []
+        self.reset()
+        for name, moments in (("exp_avg", self.exp_avg), ("exp_avg_sq", self.exp_avg_sq)):
+            for i, m in enumerate(moments):
+                m.load_tensors(tensors, f"adam.{name}.{i}", self.synset.store)
         self.steps, self._device_steps = steps, None

@@ -131,16 +131,16 @@ class SyntheticSet:
         sizes = self.sizes if final else [level.shape[-1] for level in self.levels]
         return 4 * self.channels * sum(s * s for s in sizes)
 
-    def empty(self, shape: tuple[int, ...]) -> Tensor:
-        """An uninitialised float32 tensor on the storage device (exact-size page-locked host
-        memory when offloaded, :mod:`fastsfm.distill.pinned`)."""
+    def empty(self, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> Tensor:
+        """An uninitialised tensor on the storage device (exact-size page-locked host memory when
+        offloaded, :mod:`fastsfm.distill.pinned`)."""
         if self.offload and self.storage.type == "cpu":
-            return pinned.empty(shape)
-        return torch.empty(shape, device=self.storage)
+            return pinned.empty(shape, dtype)
+        return torch.empty(shape, dtype=dtype, device=self.storage)
 
     def store(self, t: Tensor) -> Tensor:
-        """A float32 copy of ``t`` on the storage device (see :meth:`empty`)."""
-        out = self.empty(tuple(t.shape))
+        """A copy of ``t`` (its dtype) on the storage device (see :meth:`empty`)."""
+        out = self.empty(tuple(t.shape), t.dtype)
         out.copy_(t)
         return out
 
@@ -252,4 +252,4 @@ class SyntheticSet:
                     f"checkpoint level {i} has shape {tuple(tensors[f'level_{i}'].shape)}, "
                     f"this synthetic set expects {expected}"
                 )
-        self.levels = [self.store(tensors[f"level_{i}"]) for i in range(count)]
+        self.levels = [self.store(tensors[f"level_{i}"].float()) for i in range(count)]

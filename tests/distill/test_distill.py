@@ -84,6 +84,21 @@ def test_resume_after_ctrl_c_equals_uninterrupted(setup, tmp_path):
     assert steps == list(range(6))  # every step once, though step 3 ran before the interrupt too
 
 
+@pytest.mark.parametrize("mode", ["bf16", "8bit"])
+def test_compact_optimizer_state_resumes_exactly_and_is_part_of_the_identity(setup, tmp_path, mode):
+    """A run with compact Adam moments resumes bit for bit from a Ctrl-C; a checkpoint of one mode does not
+    resume another."""
+    bb, stats = setup
+    config = replace(CFG, resolution=32, optimizer_state=mode)  # 32 px: the finest levels are quantised
+    full = distill(bb, stats, config, tmp_path / "full", progress=False)
+    inner = SFMObjective(bb, stats, config, torch.device("cpu"))
+    with pytest.raises(KeyboardInterrupt):
+        distill(bb, stats, config, tmp_path / "cut", objective=_Interrupt(inner, 4), progress=False)
+    _assert_same(full, distill(bb, stats, config, tmp_path / "cut", resume=True, progress=False))
+    with pytest.raises(CheckpointError, match="optimizer_state"):
+        distill(bb, stats, replace(config, optimizer_state="fp32", steps=8), tmp_path / "cut", resume=True)
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1, signal.SIGINT])
 def test_signal_checkpoints_the_step_and_exits_with_its_status(setup, tmp_path, signum):
     bb, stats = setup
@@ -178,14 +193,15 @@ class _Interrupting:
 def test_interrupt_between_the_chunks_and_the_loss_readback_resumes_exactly(setup, tmp_path):
     bb, stats = setup
     full = _full_and_interrupted(setup, tmp_path, _LossNeverReadBack)
-    saved = load_checkpoint(tmp_path / "cut" / "checkpoint.safetensors", DistillConfig.identity(CFG) | _run_ids(stats))
+    saved = load_checkpoint(tmp_path / "cut" / "checkpoint.safetensors", DistillConfig.identity(CFG) | _run_ids(bb, stats))
     assert saved["step"] == 3  # the last regular checkpoint; step 4 ran but was never counted
     resumed = distill(bb, stats, CFG, tmp_path / "cut", resume=True, progress=False)
     _assert_same(full, resumed)
 
 
-def _run_ids(stats):
+def _run_ids(bb, stats):
     return {
+        "precision": json.dumps(bb.precision),
         "stats_backbone": stats.meta.get("backbone", ""),
         "stats_dataset": stats.meta.get("dataset", ""),
         "world_size": "1",

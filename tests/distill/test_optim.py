@@ -35,9 +35,9 @@ def test_chunked_adam_equals_torch_adam_on_whole_tensors(offload, fused):
         torch.testing.assert_close(a.detach(), b, rtol=1e-6, atol=1e-7)
     restored = ChunkAdam(synset, lr=0.05)
     restored.load_state(ours.state(), ours.steps)
-    assert restored.steps == 3 and torch.equal(restored.exp_avg_sq[1], ours.exp_avg_sq[1])
+    assert restored.steps == 3 and torch.equal(restored.exp_avg_sq[1].values, ours.exp_avg_sq[1].values)
     ours.reset()
-    assert ours.steps == 0 and not any(m.any() for m in ours.exp_avg)
+    assert ours.steps == 0 and not any(m.values.any() for m in ours.exp_avg)
 
 
 def test_non_finite_gradients_skip_their_chunk_only():
@@ -57,7 +57,7 @@ def test_non_finite_gradients_skip_their_chunk_only():
     assert optim.skipped.item() == 1
     for now, was in zip(synset.levels, before, strict=True):
         assert torch.equal(now[:3], was[:3]) and not torch.equal(now[3:], was[3:])
-    assert all(m[:3].eq(0).all() and m[3:].ne(0).any() for m in optim.exp_avg_sq)
+    assert all(m.values[:3].eq(0).all() and m.values[3:].ne(0).any() for m in optim.exp_avg_sq)
     reference = ChunkAdam(SyntheticSet(2, 3, 8, extent=1), lr=0.05)  # the healthy chunk steps as unchecked Adam
     reference.synset.grow(2)
     reference.reset()
@@ -74,11 +74,11 @@ def test_reset_zeroes_moments_in_place_and_adds_the_new_levels():
     params = synset.chunk(0, 4, "cpu", requires_grad=True)
     _loss(params).backward()
     optim.step_chunk(0, 4, params)
-    first = optim.exp_avg[0]
+    first = optim.exp_avg[0].values
     synset.grow(2)
     optim.reset()
-    assert optim.exp_avg[0] is first and not first.any() and len(optim.exp_avg) == 2
-    assert optim.exp_avg[1].shape == synset.levels[1].shape
+    assert optim.exp_avg[0].values is first and not first.any() and len(optim.exp_avg) == 2
+    assert optim.exp_avg[1].values.shape == synset.levels[1].shape
 
 
 def test_offloaded_state_allocates_exactly_what_it_holds(monkeypatch):
@@ -101,6 +101,6 @@ def test_offloaded_state_allocates_exactly_what_it_holds(monkeypatch):
     for step in range(1, 2 * len(synset.sizes)):
         if synset.grow(step):
             optim.reset()
-        held = sum(t.numel() * 4 for t in [*synset.levels, *optim.exp_avg, *optim.exp_avg_sq])
+        held = sum(t.numel() * 4 for t in synset.levels) + optim.nbytes()
         assert sum(asked) == held
     assert len(synset.levels) == len(synset.sizes) and sum(asked) == 3 * 15 * synset.bytes_per_image(final=True)
