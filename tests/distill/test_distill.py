@@ -193,7 +193,8 @@ class _Interrupting:
 def test_interrupt_between_the_chunks_and_the_loss_readback_resumes_exactly(setup, tmp_path):
     bb, stats = setup
     full = _full_and_interrupted(setup, tmp_path, _LossNeverReadBack)
-    saved = load_checkpoint(tmp_path / "cut" / "checkpoint.safetensors", DistillConfig.identity(CFG) | _run_ids(bb, stats))
+    identity = DistillConfig.identity(CFG) | _run_ids(bb, stats)
+    saved = load_checkpoint(tmp_path / "cut" / "checkpoint.safetensors", identity)
     assert saved["step"] == 3  # the last regular checkpoint; step 4 ran but was never counted
     resumed = distill(bb, stats, CFG, tmp_path / "cut", resume=True, progress=False)
     _assert_same(full, resumed)

@@ -114,8 +114,6 @@ def test_compact_modes_track_fp32_adam_and_hold_fewer_bytes():
         compact = _run(mode, WHOLE)
         delta = [(a - b).norm() / b.norm() for a, b in zip(compact[0].levels, exact[0].levels, strict=True)]
         assert 0 < max(delta) < bound, (mode, delta)
-        expected = sum(
-            2 * level.numel() * bytes_per_value(mode, level[0].numel()) for level in compact[0].levels
-        )
+        expected = sum(2 * level.numel() * bytes_per_value(mode, level[0].numel()) for level in compact[0].levels)
         assert compact[1].nbytes() == expected
     assert exact[1].nbytes() == 2 * sum(level.numel() * 4 for level in exact[0].levels)
