@@ -264,6 +264,18 @@ def _export(
     plot_loss(out / "metrics.jsonl", out / "loss.png", title=title)
 
 
+def _plan(objective: DistillStep, synset: SyntheticSet, num_classes: int, rank: int) -> None:
+    """Plan the run (:mod:`fastsfm.distill.plan`; it sets the chunk size) and log it in one line, or
+    raise :class:`fastsfm.distill.plan.PlanError` naming what would fit.  Every rank plans for the
+    largest shard on identical devices, so the ranks agree.  A custom objective without ``plan`` runs unplanned."""
+    plan_of = getattr(objective, "plan", None)
+    if plan_of is None:
+        return
+    plan = plan_of(synset, num_classes).check()
+    if rank == 0:
+        log.info("%s", plan.message)
+
+
 def _matched(
     backbone: Backbone | BackboneEnsemble | Sequence[Backbone], stats: ClassStats | Sequence[ClassStats]
 ) -> tuple[Backbone | BackboneEnsemble, list[ClassStats]]:
@@ -330,8 +342,9 @@ def distill(
     if objective is None:  # before the run folder: a setting no objective takes writes nothing
         objective = build_objective(config, backbone, stats, device, real=real, group=group)
     classes = shard_classes(stats[0].num_classes, rank, world)
-    state, stale = _open_run(out, ckpt, identity, resume, classes, stats[0].num_classes, config.ipc)
     synset = _build_synset(config, real, stats[0].num_classes, classes, device)
+    _plan(objective, synset, stats[0].num_classes, rank)  # before the run folder: a run that cannot fit writes nothing
+    state, stale = _open_run(out, ckpt, identity, resume, classes, stats[0].num_classes, config.ipc)
     optim = ChunkAdam(
         synset,
         config.lr,

@@ -34,7 +34,7 @@ from .. import rng
 from ..config import Channels, Init, Param, choices
 from . import pinned
 
-__all__ = ["SyntheticSet", "COLOR_DECORRELATION", "upsample_matrix"]
+__all__ = ["SyntheticSet", "COLOR_DECORRELATION", "upsample_matrix", "level_sizes"]
 
 COLOR_DECORRELATION = torch.tensor([[0.26, 0.09, 0.02], [0.27, 0.00, -0.05], [0.27, -0.09, 0.03]])
 _NOISE_BATCH = 256  # images per batch when drawing a new level's noise (bounds temporary memory)
@@ -55,7 +55,9 @@ def upsample_matrix(size: int, resolution: int) -> Tensor:
     return out
 
 
-def _level_sizes(start: int, resolution: int) -> list[int]:
+def level_sizes(start: int, resolution: int) -> list[int]:
+    """Resolutions of a pyramid's levels: ``start``, doubling, then ``resolution`` (``start`` capped at it)."""
+    start = min(start, resolution)
     sizes = [start]
     while sizes[-1] * 2 < resolution:
         sizes.append(sizes[-1] * 2)
@@ -98,7 +100,7 @@ class SyntheticSet:
         n = num_classes * ipc
         self.num_classes, self.ipc, self.resolution, self.extent, self.seed = num_classes, ipc, resolution, extent, seed
         self.storage, self.offload = torch.device(storage), offload
-        self.sizes = [resolution] if param == "pixels" else _level_sizes(min(start_res, resolution), resolution)
+        self.sizes = [resolution] if param == "pixels" else level_sizes(start_res, resolution)
         classes = torch.arange(first_class, first_class + num_classes)
         self.labels = classes.repeat_interleave(ipc)
         self.image_ids = torch.arange(first_class * ipc, first_class * ipc + n)

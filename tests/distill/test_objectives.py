@@ -10,7 +10,7 @@ from helpers import Recorder, grown_set, tiny_backbone, toy_data, toy_stats
 from fastsfm import SFMLoss
 from fastsfm.config import DistillConfig
 from fastsfm.distill.loop import distill
-from fastsfm.distill.objectives import SFMObjective, build_objective, plan_chunk
+from fastsfm.distill.objectives import SFMObjective, build_objective
 from fastsfm.distill.optim import ChunkAdam
 from fastsfm.distill.synset import SyntheticSet
 
@@ -90,26 +90,6 @@ def test_build_objective_errors(setup):
         replace(CFG, method="kip")
 
 
-def test_chunk_plan_from_two_probe_sizes():
-    """Recorded numbers of a DINOv2-B/14 probe (bf16, 224 px): 2 images 760 MiB, 6 images 1,128 MiB --
-    92 MiB per image plus 576 MiB of fixed cost (weight copies saved for backward, workspaces)."""
-    mib = 2**20
-    peaks = {2: 760 * mib, 6: 1128 * mib}
-    per_image, fixed = 92 * mib, 576 * mib
-    free = 70_000 * mib
-    want = int((0.85 * free - fixed) // per_image)
-    assert plan_chunk(peaks, free, 0, 0, 10**6) == want
-    # a mean over the probe (peak / size) would charge the fixed cost to every image: chunks ~30 % too small
-    assert want > 1.3 * (0.85 * free // (1128 * mib / 6))
-    # reserved state: the resident set's future levels in total, the final pyramid's per image
-    assert plan_chunk(peaks, free, 10_000 * mib, 8 * mib, 10**6) == int(
-        (0.85 * free - 10_000 * mib - fixed) // (100 * mib)
-    )
-    assert plan_chunk(peaks, free, 0, 0, 300) == 300  # a set that fits runs as one chunk
-    assert plan_chunk(peaks, 100 * mib, 0, 0, 300) == 1  # never below one image
-    assert plan_chunk({1: 50 * mib}, free, 0, 0, 10**6) == int(0.85 * free // (50 * mib))  # a one-image set
-
-
 def test_steps_return_the_loss_on_the_device_without_finishing_the_optimiser(setup):
     bb, stats = setup
     synset = grown_set()
@@ -118,20 +98,17 @@ def test_steps_return_the_loss_on_the_device_without_finishing_the_optimiser(set
     assert isinstance(loss, torch.Tensor) and loss.shape == () and optim.in_step and optim.steps == 0
 
 
-def test_chunk_size_is_measured_again_after_each_growth(setup, monkeypatch):
+def test_chunks_follow_the_plan_or_the_config(setup):
+    """Unplanned: one chunk; ``chunk_size``: fixed; a plan sets the chunk unless the config fixed it."""
     bb, stats = setup
-    objective = SFMObjective(bb, stats, CFG, "cpu")
-    calls = []
-    monkeypatch.setattr(objective, "measure_chunk", lambda s: calls.append(len(s.levels)) or 5)
-    monkeypatch.setattr(objective, "device", torch.device("cuda"))  # only the branch; nothing runs there
     synset = SyntheticSet(3, 4, 16, extent=1)
-    assert objective.chunks(synset) == [(0, 5), (5, 10), (10, 12)] and calls == [1]
-    objective.chunks(synset)
-    synset.grow(2)
-    objective.chunks(synset)
-    assert calls == [1, 2]
+    objective = SFMObjective(bb, stats, CFG, "cpu")
+    assert objective.chunks(synset) == [(0, 12)]
+    objective.chunk_size = 5  # what a plan sets
+    assert objective.chunks(synset) == [(0, 5), (5, 10), (10, 12)]
     fixed = SFMObjective(bb, stats, replace(CFG, chunk_size=4), "cpu")
     assert fixed.chunks(synset) == [(0, 4), (4, 8), (8, 12)]
+    assert fixed.plan(synset, 3).feasible and fixed.chunk_size == 4
 
 
 @pytest.mark.gpu
@@ -160,7 +137,8 @@ def test_cuda_chunk_probe_runs_a_fitting_set_in_one_chunk(setup):
     bb, stats = setup
     synset = SyntheticSet(3, 4, 16, extent=1, storage="cuda")
     objective = SFMObjective(tiny_backbone().cuda(), stats.to("cuda"), CFG, "cuda")
-    assert objective.chunks(synset) == [(0, 12)] and objective.chunk_size == 12
+    plan = objective.plan(synset, 3)
+    assert plan.feasible and plan.passes == 1 and objective.chunks(synset) == [(0, 12)]
 
 
 @pytest.mark.gpu

@@ -21,7 +21,7 @@ from ...stats import ClassStats
 from .graphed import GraphedStep
 from .lgm import LGMObjective
 from .sfm import SFMObjective
-from .step import DistillStep, TwoPassStep, plan_chunk
+from .step import DistillStep, TwoPassStep
 
 __all__ = [
     "build_objective",
@@ -30,7 +30,6 @@ __all__ = [
     "SFMObjective",
     "LGMObjective",
     "GraphedStep",
-    "plan_chunk",
 ]
 
 

@@ -71,6 +71,10 @@ class GraphedStep:
         self._key = self._graph = self._loss = self._side = None
         self._warm = 0
 
+    def plan(self, synset: SyntheticSet, num_classes: int, machine=None):
+        """The wrapped step's plan (:meth:`TwoPassStep.plan`)."""
+        return self.inner.plan(synset, num_classes, machine)
+
     def _graphable(self, synset: SyntheticSet, optim: ChunkAdam) -> bool:
         reason = None
         if self.inner.device.type != "cuda":

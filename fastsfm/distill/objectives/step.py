@@ -22,11 +22,11 @@ passes of chunks:
 The gradient is the unchunked one; peak memory is one chunk's.  When one chunk holds the
 whole set, pass 1 keeps its graph and pass 2 only back-propagates (no recomputation).
 
-**Chunk size** (``chunk_size=None``): on CUDA, from the peak memory of a probe forward+backward
-at two sizes -- the slope is the memory per image, the intercept the fixed cost (bf16 weight
-copies saved for backward, workspaces) -- against 85 % of the free memory, after reserving
-what the final pyramid's per-image state will still need (:func:`plan_chunk`); measured again
-after every pyramid growth.  A set that fits runs as one chunk.  On CPU the set is one chunk.
+**Chunk size** (``chunk_size=None``): from the run's plan (:meth:`TwoPassStep.plan`,
+:mod:`fastsfm.distill.plan`): two probe forward+backward passes measure the memory per image and the
+fixed cost, and the largest chunk that fits beside the *final* pyramid's state is taken once,
+before step 1, for the whole run.  A set that fits runs as one chunk; without a plan (a step built
+outside :func:`fastsfm.distill.loop.distill`) the set is one chunk.
 
 **Host synchronisation.**  A step queues its work and returns the loss as a device tensor:
 keys, label plans, image ids and constants are built once on the device, so on CUDA nothing in
@@ -57,14 +57,10 @@ from ...data.augment import BatchAugment
 from ...models.backbones import Backbone
 from ...models.precision import loss_scale, tf32_matmuls
 from ..optim import ChunkAdam
+from ..plan import Machine, Plan, plan_run, probe_cost
 from ..synset import SyntheticSet
 
-__all__ = ["DistillStep", "TwoPassStep", "plan_chunk", "PROBE_SIZES", "MEMORY_FRACTION"]
-
-PROBE_SIZES = (2, 6)
-"""Images of the two probe forward+backward passes that size the chunks."""
-MEMORY_FRACTION = 0.85
-"""Share of the free device memory a chunk may plan for."""
+__all__ = ["DistillStep", "TwoPassStep"]
 
 
 class DistillStep(Protocol):
@@ -74,23 +70,6 @@ class DistillStep(Protocol):
         """Queue step ``step`` of ``synset`` (every chunk stepped by ``optim``); return the loss, a 0-dim
         tensor not yet read back (the loop reads it, then calls ``optim.finish_step()``).  ``step`` may be
         a 0-dim int64 device tensor (a CUDA graph's step number): the same draws as from the int."""
-
-
-def plan_chunk(
-    peaks: dict[int, float], free: float, reserve_total: float, reserve_per_image: float, images: int
-) -> int:
-    """Images per chunk from probe peaks: ``peaks`` maps probe sizes to the peak bytes each allocated.
-
-    ``slope = (p_b - p_a) / (b - a)`` is the memory per image and ``p_a - a * slope`` the fixed
-    cost; the chunk fills :data:`MEMORY_FRACTION` of ``free`` after ``reserve_total`` (state the
-    set will still allocate on the device) with ``slope + reserve_per_image`` per image.  At least
-    1, at most ``images`` (a set that fits runs as one chunk).
-    """
-    (a, pa), (b, pb) = sorted(peaks.items())[:1] + sorted(peaks.items())[-1:]
-    slope = max((pb - pa) / (b - a), 1.0) if b > a else max(pa / a, 1.0)
-    fixed = max(pa - a * slope, 0.0)
-    budget = MEMORY_FRACTION * free - reserve_total - fixed
-    return int(max(1, min(images, budget // (slope + reserve_per_image))))
 
 
 class TwoPassStep:
@@ -105,7 +84,7 @@ class TwoPassStep:
         self.backbone, self.device, self.group = backbone, torch.device(device), group
         self.augment = BatchAugment(backbone.input_size, noise_std=config.noise_std, noise_mean=config.noise_mean)
         self.views, self.seed, self.chunk_size = config.effective_views, config.seed, config.chunk_size
-        self.measured_levels = 0 if config.chunk_size is None else None  # None: fixed by the user
+        self.config = config
         self.dtype = backbone.autocast_dtype()
         self.scale = loss_scale(self.dtype)
         self.upstream = torch.full((1,), self.scale, device=self.device)
@@ -132,40 +111,22 @@ class TwoPassStep:
         (views * n,), view-major, on the device."""
         return synset.on_device("labels", self.device)[start:stop].repeat(self.views)
 
-    def _probe_peak(self, synset: SyntheticSet, size: int) -> float:
-        torch.cuda.synchronize(self.device)
-        base = torch.cuda.memory_allocated(self.device)
-        torch.cuda.reset_peak_memory_stats(self.device)
-        feats, params = self.features(synset, 0, size, 0, grad=True)
-        feats.float().sum().backward()
-        del feats, params
-        torch.cuda.synchronize(self.device)
-        return float(torch.cuda.max_memory_allocated(self.device) - base)
-
-    def measure_chunk(self, synset: SyntheticSet) -> int:
-        """Images per chunk (:func:`plan_chunk`) from two probes at the current pyramid.
-
-        Reserved: per image, the final pyramid's levels on the device during a chunk's
-        optimiser step (the chunk's copies and gradient when offloaded, plus Adam's two moments
-        and its temporaries); in total, what the resident set's levels and moments still grow by.
-        The probes' draws are keyed like any step's, so no random stream is consumed.
-        """
-        sizes = sorted({min(s, synset.num_images) for s in PROBE_SIZES})
-        peaks = {s: self._probe_peak(synset, s) for s in sizes}
-        per_image, final = synset.bytes_per_image(), synset.bytes_per_image(final=True)
-        resident = not synset.offload and synset.storage.type == "cuda"
-        reserve_total = 3 * (final - per_image) * synset.num_images if resident else 0.0
-        free, _ = torch.cuda.mem_get_info(self.device)
-        free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
-        return plan_chunk(peaks, free, reserve_total, 4 * final, synset.num_images)
+    def plan(self, synset: SyntheticSet, num_classes: int, machine: Machine | None = None) -> Plan:
+        """The run's :class:`fastsfm.distill.plan.Plan` for ``num_classes`` classes on ``machine``
+        (default: this one, with this step's ranks), from probes of ``synset``; a feasible plan sets the
+        chunk size unless the config fixed it."""
+        if machine is None:
+            ranks = dist.get_world_size(self.group) if self.group is not None else 1
+            machine = Machine.detect(self.device, ranks)
+        plan = plan_run(self.config, num_classes, probe_cost(self, synset), machine)
+        if plan.feasible and self.config.chunk_size is None:
+            self.chunk_size = plan.chunk
+        return plan
 
     def chunks(self, synset: SyntheticSet) -> list[tuple[int, int]]:
-        if self.measured_levels is not None and self.measured_levels != len(synset.levels):
-            on_cuda = self.device.type == "cuda"
-            self.chunk_size = self.measure_chunk(synset) if on_cuda else synset.num_images
-            self.measured_levels = len(synset.levels)
         n = synset.num_images
-        return [(a, min(a + self.chunk_size, n)) for a in range(0, n, self.chunk_size)]
+        size = self.chunk_size or n
+        return [(a, min(a + size, n)) for a in range(0, n, size)]
 
     def begin(self, synset: SyntheticSet, step: int | Tensor) -> None:
         """Per-step preparation before pass 1 (nothing by default)."""
