@@ -12,7 +12,9 @@ the random and centroid real images of the same backbones:
 * ``4 views``: four augmented copies per step;
 * ``1500 steps at lr 2e-3``: the authors' learning rate and pyramid extent (200), three times the steps;
 * ``64 px``: synthetic images stored at 64 px (the backbones see 32 px crops);
-* ``8x8 patches``: ``digits_vit8`` as the distillation backbone.
+* ``8x8 patches``: ``digits_vit8`` as the distillation backbone;
+* ``Adam moments in bf16`` / ``8bit``: the compact optimiser states (``optimizer_state``), against the
+  default's float32 moments.
 
 ``--pretrain-losses`` runs the contrastive-loss experiment instead: both demo backbones pre-trained
 (``fastsfm pretrain``, ``--pretrain-epochs`` epochs, seed 0) with each loss of
@@ -61,6 +63,8 @@ VARIANTS = {
     "1500 steps at lr 2e-3, pyramid every 200": {"distill": {"steps": 1500, "lr": 2e-3, "pyramid_extent": 200}},
     "64 px synthetic images": {"distill": {"resolution": 64}},
     "8x8 patches (digits_vit8)": {"backbones": ("digits_vit8", "digits_resnet")},
+    "Adam moments in bf16": {"distill": {"optimizer_state": "bf16"}},
+    "Adam moments in 8bit": {"distill": {"optimizer_state": "8bit"}},
 }
 
 

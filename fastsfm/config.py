@@ -35,6 +35,7 @@ __all__ = [
     "GCAOptions",
     "SimCLRConfig",
     "DistillConfig",
+    "MachineConfig",
     "BackboneConfig",
     "ClassifierConfig",
     "EvalConfig",
@@ -351,6 +352,28 @@ class DistillConfig:
             if getattr(self, name) == default:  # the default of a later option: runs of earlier versions resume
                 del kept[name]
         return {**kept, "views": str(self.effective_views), "draws": DRAWS_VERSION}
+
+
+@dataclass
+class MachineConfig:
+    """The machine a distillation is planned for (:mod:`fastsfm.distill.plan`, ``fastsfm distill --plan``):
+    figures left unset are this machine's (free GPU memory, available host memory, the torchrun world)."""
+
+    plan: bool = option(False, "print the run's plan (chunk, placement, GPU/host peaks) or its refusal, and exit")
+    classes: int | None = option(None, "--plan: classes of the run (default: the --stats file's)")
+    device_gib: float | None = option(None, "--plan: a rank's GPU memory in GiB (given: a CUDA run; default: free)")
+    host_gib: float | None = option(None, "--plan: a node's host memory in GiB (default: available here)")
+    ranks: int | None = option(None, "--plan: ranks of the run (default: this torchrun's world size)")
+    ranks_per_host: int | None = option(None, "--plan: ranks sharing a node's host memory (default: min(ranks, 8))")
+
+    def __post_init__(self) -> None:
+        require(
+            self,
+            at_least={"classes": 1, "ranks": 1, "ranks_per_host": 1},
+            above={"device_gib": 0.0, "host_gib": 0.0},
+        )
+        if self.ranks is not None and self.ranks_per_host is not None and self.ranks_per_host > self.ranks:
+            raise ValueError(f"ranks_per_host ({self.ranks_per_host}) cannot exceed ranks ({self.ranks})")
 
 
 @dataclass

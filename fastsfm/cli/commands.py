@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from .. import __version__
-from ..config import Baseline, ClassifierConfig, DistillConfig, EvalConfig, SimCLRConfig, choices
+from ..config import Baseline, ClassifierConfig, DistillConfig, EvalConfig, MachineConfig, SimCLRConfig, choices
 from ..distributed import shutdown
 from .flags import (
     WORKERS_HELP,
@@ -98,6 +98,35 @@ def cmd_stats(args: argparse.Namespace) -> None:
         )
 
 
+def _print_plan(args: argparse.Namespace, config: DistillConfig, machine_config: MachineConfig, options) -> None:
+    """``fastsfm distill --plan``: the plan (or the refusal, exit 2) on stdout, for this machine or the
+    one the flags describe; the backbones are built with random weights (memory does not depend on
+    them), probed on ``--device`` with the precision the planned device would run (bf16 for CUDA's auto)."""
+    import dataclasses
+    import os
+
+    from ..distill.loop import plan_distill
+    from ..distill.plan import machine_of
+    from ..models.backbones import from_config
+    from ..models.precision import autocast_dtype
+    from ..stats import ClassStats
+
+    classes = machine_config.classes or (ClassStats.load(args.stats[0]).num_classes if args.stats else None)
+    if classes is None:
+        raise ValueError("--plan needs --classes or --stats (the number of classes of the run)")
+    device = torch.device(args.device)
+    machine = machine_of(machine_config, device, int(os.environ.get("WORLD_SIZE", "1")))
+    backbones = []
+    for option in options:
+        dtype = autocast_dtype(option.precision, machine.device)
+        precision = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+        backbones.append(from_config(dataclasses.replace(option, random_init=True, precision=precision), device))
+    plan = plan_distill(backbones, config, classes, machine, device)
+    print(plan.message)
+    if not plan.feasible:
+        raise SystemExit(2)
+
+
 def cmd_distill(args: argparse.Namespace) -> None:
     from ..distill.loop import distill
     from ..models.backbones import from_config
@@ -105,6 +134,13 @@ def cmd_distill(args: argparse.Namespace) -> None:
 
     config = config_from_args(DistillConfig, args, dataset_defaults_of(args))
     options = backbone_configs_of(args)  # their precision is the distillation's
+    machine = config_from_args(MachineConfig, args)
+    if machine.plan:
+        return _print_plan(args, config, machine, options)
+    if not args.stats or args.out is None:
+        raise ValueError(
+            "--stats and --out are required (but with --plan): statistics of `fastsfm stats`, a run folder"
+        )
     if len(args.stats) != len(options):
         raise ValueError(f"{len(args.stats)} --stats files for {len(options)} backbones: give one per --backbone")
     rank = _join_torchrun(args)
@@ -301,14 +337,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_flags(p, required=False, resolution=False)
     p.add_argument(
         "--stats",
-        required=True,
         nargs="+",
+        default=[],
         help="statistics files from `fastsfm stats`, one per --backbone in the same order (SFM against several "
-        "backbones minimises the mean of their flow losses; --backbone-weights weighs them)",
+        "backbones minimises the mean of their flow losses; --backbone-weights weighs them); required but "
+        "with --plan --classes",
     )
-    p.add_argument("--out", required=True, help="run folder: checkpoint, metrics, synset.safetensors, PNGs")
+    p.add_argument("--out", default=None, help="run folder: checkpoint, metrics, synset.safetensors, PNGs")
     p.add_argument("--resume", action="store_true", help="continue from OUT's checkpoint")
     add_config_flags(p, DistillConfig, "distillation (DistillConfig)")
+    add_config_flags(p, MachineConfig, "planning (MachineConfig): the plan is logged before step 1 of every run")
     p.set_defaults(func=cmd_distill)
 
     p = sub.add_parser("eval", help="probe / classifier inheritance / KD on the real test split, with baselines")

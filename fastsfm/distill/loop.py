@@ -57,11 +57,12 @@ from ..signals import StopSignals
 from ..stats import ClassStats
 from .checkpoint import load_checkpoint, load_resharded, save_checkpoint
 from .metrics import MetricsLog, plot_loss
-from .objectives import DistillStep, build_objective
+from .objectives import DistillStep, TwoPassStep, build_objective
 from .optim import ChunkAdam
+from .plan import Machine, Plan
 from .synset import SyntheticSet
 
-__all__ = ["DistillConfig", "distill"]
+__all__ = ["DistillConfig", "distill", "plan_distill"]
 
 log = logging.getLogger(__name__)
 
@@ -365,3 +366,25 @@ def distill(
             for path in stale:
                 path.unlink(missing_ok=True)
     return synset
+
+
+def plan_distill(
+    backbone: Backbone | BackboneEnsemble | Sequence[Backbone],
+    config: DistillConfig,
+    num_classes: int,
+    machine: Machine,
+    device: str | torch.device = "cpu",
+) -> Plan:
+    """The :class:`fastsfm.distill.plan.Plan` of a run of ``config`` over ``num_classes`` classes on
+    ``machine``, probed on ``device`` with ``backbone`` (its weights do not matter): the largest
+    rank's shard is drawn at its first pyramid level (noise) for the probes; nothing else is allocated.
+    LGM's real batches (encoded without a graph) are not counted."""
+    if isinstance(backbone, Sequence):
+        backbone = backbone[0] if len(backbone) == 1 else BackboneEnsemble(list(backbone))
+    device = torch.device(device)
+    classes = shard_classes(num_classes, 0, machine.ranks)
+    synset = SyntheticSet(
+        len(classes), config.ipc, config.resolution, config.param, "noise", None, config.pyramid_start,
+        config.pyramid_extent, config.decorrelate, config.seed, channels=config.channels, storage=device,
+    )  # fmt: skip
+    return TwoPassStep(backbone.to(device), config, device).plan(synset, num_classes, machine)

@@ -31,20 +31,23 @@ fp32 state is 19.7 GB per rank, resident beside the chunks.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+import sys
 import shutil
 from dataclasses import dataclass
 
 import torch
 
-from ..config import DistillConfig, OptimizerState, choices
+from ..config import DistillConfig, MachineConfig, OptimizerState, choices
 from ..distributed import shard_classes
 from .moments import bytes_per_value
 from .synset import level_sizes
 
 __all__ = [
     "Machine",
+    "machine_of",
     "StepCost",
     "Plan",
     "PlanError",
@@ -104,6 +107,22 @@ class Machine:
     def describe(self) -> str:
         gpu = f"{self.device_bytes / GIB:.3g} GiB GPU" if self.device == "cuda" else "CPU"
         return f"{self.ranks} x {gpu}, {self.host_bytes / GIB:.3g} GiB host for {self.local_ranks} rank(s)"
+
+
+def machine_of(config: MachineConfig, device: torch.device, ranks: int = 1) -> Machine:
+    """The :class:`Machine` ``config`` describes: this one (``device``, ``ranks``) with its given figures
+    in place (a given ``device_gib`` plans a CUDA run)."""
+    here = Machine.detect(device, config.ranks or ranks)
+    given_ranks = config.ranks or here.ranks
+    local = config.ranks_per_host or (min(given_ranks, 8) if config.ranks else here.local_ranks)
+    return dataclasses.replace(
+        here,
+        device="cuda" if config.device_gib is not None else here.device,
+        device_bytes=config.device_gib * GIB if config.device_gib is not None else here.device_bytes,
+        host_bytes=config.host_gib * GIB if config.host_gib is not None else here.host_bytes,
+        ranks=given_ranks,
+        local_ranks=local,
+    )
 
 
 @dataclass(frozen=True)
@@ -167,6 +186,11 @@ def _chunk_bytes(config: DistillConfig, cost: StepCost) -> float:
     return config.effective_views * (cost.per_image + render) + 4 * levels + quantiser
 
 
+def _size(nbytes: float) -> str:
+    """``nbytes`` in GiB (one decimal), or MiB under one GiB."""
+    return f"{nbytes / GIB:.1f} GiB" if nbytes >= GIB else f"{nbytes / 2**20:.0f} MiB"
+
+
 def _fit(config: DistillConfig, num_classes: int, cost: StepCost, machine: Machine) -> Plan:
     """The plan of exactly these settings (no alternatives searched)."""
     images = len(shard_classes(num_classes, 0, machine.ranks)) * config.ipc  # rank 0 holds the largest shard
@@ -185,12 +209,12 @@ def _fit(config: DistillConfig, num_classes: int, cost: StepCost, machine: Machi
     device_peak = (state if placement != "host-pinned" else 0.0) + cost.fixed + chunk * per_image
     host_peak = pinned + HOST_WORKING + (device_peak if placement == "host" else 0.0)
     feasible = chunk >= 1 and pinned + HOST_WORKING <= host_budget
+    passes = "1 pass/step" if chunk >= images else "2 passes/step"
     shown = (
         f"plan: {placement}, optimizer_state {config.optimizer_state}, {images} images/rank x {machine.ranks} "
         f"rank(s), chunk {chunk} images/rank, {'GPU' if machine.device == 'cuda' else 'CPU'} peak "
-        f"{device_peak / GIB:.1f} GiB, host {host_peak / GIB:.1f} GiB ({pinned / GIB:.1f} GiB pinned), "
-        f"{1 if chunk >= images else 2} passes/step, state {state / GIB:.1f} GiB ({(levels + moments) / 1e6:.2f} "
-        f"MB/image); {cost.how}"
+        f"{_size(device_peak)}, host {_size(host_peak)} ({_size(pinned)} pinned), {passes}, state "
+        f"{_size(state)} ({(levels + moments) / 1e6:.2f} MB/image); {cost.how}"
     )
     return Plan(feasible, shown, images, chunk, placement, state, device_peak, host_peak, pinned)
 
@@ -208,7 +232,7 @@ def _alternatives(config: DistillConfig, num_classes: int, cost: StepCost, machi
                     [f"--optimizer-state {mode}"] * (mode != config.optimizer_state)
                     + ["--offload" if offload else "no --offload"] * (offload != config.offload)
                 )
-                found.append(f"{flags} ({plan.placement}, state {plan.state / GIB:.1f} GiB/rank)")
+                found.append(f"{flags} ({plan.placement}, state {_size(plan.state)}/rank)")
     for ranks in (2, 4, 8, 16, 32, 64, 128):
         if ranks > machine.ranks and ranks <= num_classes:
             more = dataclasses.replace(
@@ -239,7 +263,7 @@ def plan_run(config: DistillConfig, num_classes: int, cost: StepCost, machine: M
         )
         why = f"not even one image's step fits {where}"
     else:
-        why = f"{plan.pinned / GIB:.1f} GiB pinned exceed the host's share"
+        why = f"{_size(plan.pinned)} pinned exceed the host's share"
     options = _alternatives(config, num_classes, cost, machine)
     instead = "; would fit: " + "; ".join(options) if options else "; nothing nearby fits: use a larger machine"
     return dataclasses.replace(
@@ -247,7 +271,7 @@ def plan_run(config: DistillConfig, num_classes: int, cost: StepCost, machine: M
         message=(
             f"plan: refused: IPC {config.ipc} x {num_classes} classes at {config.resolution} px, optimizer_state "
             f"{config.optimizer_state}, {'offloaded' if config.offload else 'resident'}, on {machine.describe()}: "
-            f"the state is {plan.state / GIB:.1f} GiB per rank and {why}{instead}"
+            f"the state is {_size(plan.state)} per rank and {why}{instead}"
         ),
     )
 
@@ -264,6 +288,21 @@ def _peak(run, device: torch.device) -> float:
     return float(cpu_peak(run))
 
 
+@contextlib.contextmanager
+def _quiet_stderr():
+    """File descriptor 2 to /dev/null inside the block: the profiler's C++ side writes start/stop lines
+    (and, without a GPU, a device-count error) there at every probe."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def cpu_peak(run) -> int:
     """Peak bytes of CPU tensors allocated while ``run()`` runs, above what was allocated before: the
     largest running total (``Total Allocated``) of the profiler's allocation events."""
@@ -272,9 +311,9 @@ def cpu_peak(run) -> int:
 
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        run()
-    with tempfile.TemporaryDirectory() as folder:
+    with tempfile.TemporaryDirectory() as folder, _quiet_stderr():
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            run()
         trace = os.path.join(folder, "trace.json")
         prof.export_chrome_trace(trace)
         with open(trace) as fh:

@@ -465,3 +465,27 @@ def test_bad_input_sweep_every_numeric_option_just_outside_its_range(tmp_path, c
             assert list(tmp_path.iterdir()) == [], (command, flag)
     with pytest.raises(ValueError, match=r"alpha must be a number in \[0, 1\], got 7"):
         DistillConfig(alpha=7)
+
+
+def test_cli_distill_plan_prints_the_plan_or_refuses_with_exit_2(capsys):
+    """``--plan``: the plan on stdout and nothing run; for a machine that cannot hold the set, the refusal
+    (exit 2) names what would fit; the planned machine's figures are flags (MachineConfig)."""
+    plan = ["distill", "--plan", "--classes", "4", "--ipc", "3", "--resolution", "16", *BACKBONE]
+    main(plan)
+    out = capsys.readouterr().out
+    assert out.startswith("plan: host, optimizer_state fp32, 12 images/rank x 1 rank(s), chunk 12 images/rank")
+    main([*plan, "--device-gib", "1", "--host-gib", "64", "--optimizer-state", "8bit", "--offload"])
+    out = capsys.readouterr().out
+    assert out.startswith("plan: host-pinned, optimizer_state 8bit") and "an estimate for cuda" in out
+    with pytest.raises(SystemExit) as exc:
+        main([*plan, "--device-gib", "0.05", "--host-gib", "64", "--ipc", "3000", "--ranks", "2"])
+    out = capsys.readouterr().out
+    assert (
+        exc.value.code == 2 and out.startswith("plan: refused: IPC 3000 x 4 classes") and "would fit: --offload" in out
+    )
+    with pytest.raises(SystemExit) as exc:
+        main(["distill", "--plan", "--ipc", "3", *BACKBONE])
+    assert exc.value.code == 2 and "--plan needs --classes or --stats" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        main(["distill", "--ipc", "3", *BACKBONE])
+    assert exc.value.code == 2 and "--stats and --out are required" in capsys.readouterr().err

@@ -44,6 +44,7 @@ Profiler ranges (``fastsfm.render``, ``.augment``, ``.backbone``, ``.loss``, ``.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Protocol
 
 import torch
@@ -118,7 +119,10 @@ class TwoPassStep:
         if machine is None:
             ranks = dist.get_world_size(self.group) if self.group is not None else 1
             machine = Machine.detect(self.device, ranks)
-        plan = plan_run(self.config, num_classes, probe_cost(self, synset), machine)
+        cost = probe_cost(self, synset)
+        if machine.device != self.device.type:  # e.g. `fastsfm distill --plan --device-gib 80` on a CPU
+            cost = dataclasses.replace(cost, how=f"{cost.how}, an estimate for {machine.device}")
+        plan = plan_run(self.config, num_classes, cost, machine)
         if plan.feasible and self.config.chunk_size is None:
             self.chunk_size = plan.chunk
         return plan
