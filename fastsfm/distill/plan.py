@@ -34,8 +34,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-import sys
 import shutil
+import sys
 from dataclasses import dataclass
 
 import torch
