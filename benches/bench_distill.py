@@ -47,12 +47,13 @@ from fastsfm.bench.benchmark import (
     print_table,
     write_csv,
 )
-from fastsfm.bench.timing import distill_setup, profiler, run_step, synchronize, time_steps
+from fastsfm.bench.timing import distill_setup, run_step, synchronize, time_steps
 from fastsfm.config import DistillConfig, Precision, choices
 from fastsfm.distill import pinned
 from fastsfm.distill.optim import ChunkAdam
 from fastsfm.distill.synset import SyntheticSet
 from fastsfm.io import atomic_write_json
+from fastsfm.memory import profiler
 from fastsfm.models.backbones import load_backbone
 from fastsfm.models.ensemble import BackboneEnsemble
 

@@ -31,10 +31,10 @@ import torch.nn.functional as F
 
 from fastsfm import gca_loss
 from fastsfm.bench.benchmark import environment, print_table, time_ms, write_csv
-from fastsfm.bench.timing import peak_extra_bytes
 from fastsfm.config import GCAKind, GCAOptions, choices
 from fastsfm.io import atomic_write_json
 from fastsfm.loss.ops import interpreter_active
+from fastsfm.memory import peak_extra_bytes
 
 GPU_ROWS, GPU_DIMS = (1024, 4096, 8192, 16384), (128, 256)
 SMOKE_ROWS, SMOKE_DIMS = (16, 34), (8,)

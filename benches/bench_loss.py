@@ -30,8 +30,8 @@ import torch
 
 from fastsfm import SFMLoss
 from fastsfm.bench.benchmark import cuda_graph, environment, print_table, time_ms, write_csv
-from fastsfm.bench.timing import peak_extra_bytes
 from fastsfm.loss.reference import sfm_reference
+from fastsfm.memory import peak_extra_bytes
 
 GPU_SWEEP = list(itertools.product([1000], [1, 10, 50], [1, 4], [384, 768, 1024]))
 CPU_SWEEP = list(itertools.product([50], [1, 10], [1, 2], [64, 384]))

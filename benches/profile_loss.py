@@ -58,8 +58,9 @@ from fastsfm.bench.benchmark import (
     print_table,
     time_ms,
 )
-from fastsfm.bench.timing import profiler, synchronize
+from fastsfm.bench.timing import synchronize
 from fastsfm.loss import ops
+from fastsfm.memory import profiler
 
 
 def profile_loss(c: int, ipc: int, d: int, dtype: torch.dtype, device: torch.device, steps: int = 50) -> dict:

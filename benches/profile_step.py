@@ -53,9 +53,10 @@ from fastsfm.bench.benchmark import (
     print_table,
     time_ms,
 )
-from fastsfm.bench.timing import distill_setup, profiler, run_step, step_seconds, synchronize
+from fastsfm.bench.timing import distill_setup, run_step, step_seconds, synchronize
 from fastsfm.config import DistillConfig
 from fastsfm.distill.objectives.graphed import WARMUP_STEPS, GraphedStep
+from fastsfm.memory import profiler
 from fastsfm.models.backbones import load_backbone
 from fastsfm.models.precision import tf32_matmuls
 

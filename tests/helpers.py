@@ -100,7 +100,7 @@ class Recorder:
         self.grads = [torch.zeros_like(level) for level in synset.levels]
         self.chunks = []
 
-    def step_chunk(self, start, stop, params, grad_scale=1.0):
+    def step_chunk(self, start, stop, params, grad_scale=1.0, moments=None, streams=None):
         self.chunks.append((start, stop))
         for full, p in zip(self.grads, params, strict=True):
             full[start:stop] = p.grad * grad_scale

@@ -2,92 +2,23 @@
 
 :func:`distill_setup` builds a step as after the pyramid's last growth (random statistics and
 images: time and memory do not depend on the values); :func:`run_step`, :func:`step_seconds`
-and :func:`time_steps` time it; :func:`step_peak_bytes` measures its peak memory (CUDA's
-allocator, or the CPU profiler's allocation events).
+and :func:`time_steps` time it; :func:`fastsfm.memory.peak_bytes` measures its peak memory.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
 import statistics
-import sys
 import time
-from collections.abc import Callable, Iterator
 
 import torch
 
-__all__ = [
-    "distill_setup",
-    "run_step",
-    "time_steps",
-    "step_seconds",
-    "step_peak_bytes",
-    "peak_extra_bytes",
-    "profiler",
-    "synchronize",
-]
-
-
-def peak_extra_bytes(fn: Callable[[], object], device: torch.device) -> int | None:
-    """Peak CUDA memory ``fn`` allocates beyond what was live before it (None on CPU)."""
-    if device.type != "cuda":
-        return None
-    torch.cuda.synchronize(device)
-    before = torch.cuda.memory_allocated(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    fn()
-    torch.cuda.synchronize(device)
-    return torch.cuda.max_memory_allocated(device) - before
-
-
-@contextlib.contextmanager
-def _quiet_stderr():
-    """Send file descriptor 2 to /dev/null for the block (output written by C++ code, not Python's)."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with open(os.devnull, "w") as null:
-        os.dup2(null.fileno(), 2)
-        try:
-            yield
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-
-
-@contextlib.contextmanager
-def profiler(device: torch.device, **kwargs: object) -> Iterator[torch.profiler.profile]:
-    """``torch.profiler.profile`` of CPU activity (and CUDA's on a GPU). On CPU the profiler's C++ side
-    prints start/stop lines and a failed CUDA probe to file descriptor 2 on every use; they are
-    dropped there so that a benchmark's log stays readable."""
-    activities = [torch.profiler.ProfilerActivity.CPU]
-    if device.type == "cuda":
-        activities.append(torch.profiler.ProfilerActivity.CUDA)
-    with _quiet_stderr() if device.type == "cpu" else contextlib.nullcontext():
-        with torch.profiler.profile(activities=activities, **kwargs) as prof:
-            yield prof
+__all__ = ["distill_setup", "run_step", "time_steps", "step_seconds", "synchronize"]
 
 
 def synchronize(device: torch.device) -> None:
     """Wait for the work queued on ``device`` (nothing is queued on a CPU)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def step_peak_bytes(fn: Callable[[], object], device: torch.device) -> int:
-    """Peak memory ``fn`` allocates beyond what was live before it: CUDA's allocator statistics, or on
-    CPU the profiler's memory events (each operation's own allocations and frees, in order) -- the
-    tensors of the step, not the process's resident set."""
-    if device.type == "cuda":
-        return peak_extra_bytes(fn, device)
-    with profiler(device, profile_memory=True) as prof:
-        fn()
-    deltas = sorted((e.time_range.start, e.self_cpu_memory_usage) for e in prof.events() if e.self_cpu_memory_usage)
-    current = peak = 0
-    for _, delta in deltas:
-        current += delta
-        peak = max(peak, current)
-    return peak
 
 
 class _Cycled(torch.utils.data.Dataset):

@@ -29,7 +29,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..bench.benchmark import markdown_table
-from ..bench.timing import distill_setup, run_step, step_peak_bytes, step_seconds
+from ..bench.timing import distill_setup, run_step, step_seconds
 from ..config import (
     BackboneConfig,
     ClassifierConfig,
@@ -53,6 +53,7 @@ from ..evaluate.evaluator import (
     write_results,
 )
 from ..io import atomic_write_json
+from ..memory import peak_bytes
 from ..models.backbones import Backbone, encode, from_config
 from ..stats import compute_stats
 
@@ -111,7 +112,7 @@ def _efficiency(backbone: Backbone, config: DistillConfig, classes: int, device:
         method_config = replace(config, method=method)
         synset, optim, objective = distill_setup(backbone, method_config, classes, device)
         ms = [1e3 * t for t in step_seconds(objective, synset, optim, TIMED_STEPS, device)]
-        peak = step_peak_bytes(lambda o=objective, s=synset, a=optim: run_step(o, s, a, 99), device)
+        peak = peak_bytes(lambda o=objective, s=synset, a=optim: run_step(o, s, a, 99), device)
         rows.append(
             {
                 "method": method.upper(),

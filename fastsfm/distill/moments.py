@@ -97,43 +97,62 @@ class Moment:
             self.values = allocate(self.shape, torch.float32 if self.mode == "fp32" else torch.bfloat16).zero_()
 
     def zero_(self) -> None:
-        for t in self.tensors("").values():
+        for t in self.stored():
             t.zero_()
 
-    def load(self, start: int, stop: int, device: torch.device) -> Tensor:
-        """Images ``start:stop`` as a float32 tensor on ``device``: a view of the store for a resident
-        fp32 moment (the step updates it in place), a new tensor otherwise."""
+    def stored(self) -> list[Tensor]:
+        """The stored tensors, rows = images (fp32/bf16: the values; 8bit: codes and scales)."""
+        return [self.codes, self.scale] if self.mode == "8bit" else [self.values]
+
+    def fetch(self, start: int, stop: int, device: torch.device) -> list[Tensor]:
+        """The stored rows ``start:stop`` on ``device`` (views when they are there already)."""
+        return [t[start:stop].to(device, non_blocking=True) for t in self.stored()]
+
+    def decode(self, parts: list[Tensor]) -> Tensor:
+        """Float32 moments from :meth:`fetch`'s parts (the parts themselves for fp32: a resident
+        moment's views, which the step updates in place)."""
         if self.mode == "8bit":
             from torchao.optim.quant_utils import dequant_with_qmap
 
-            codes = self.codes[start:stop].to(device, non_blocking=True)
-            scale = self.scale[start:stop].to(device, non_blocking=True)
-            return dequant_with_qmap(codes, _qmap(self.signed, device), scale.reshape(-1))
-        part = self.values[start:stop]
-        if self.mode == "fp32" and part.device == device:
-            return part
-        return part.to(device, torch.float32, non_blocking=True, copy=True)
+            codes, scale = parts
+            return dequant_with_qmap(codes, _qmap(self.signed, codes.device), scale.reshape(-1))
+        return parts[0] if self.mode == "fp32" else parts[0].float()
 
-    def save(self, start: int, stop: int, value: Tensor, offloaded: bool) -> None:
-        """Store ``value`` (float32, as :meth:`load` gave it) for images ``start:stop``: quantised on
-        its device, then copied into the store (asynchronously when ``offloaded`` to page-locked memory)."""
+    def encode(self, value: Tensor) -> list[Tensor]:
+        """The stored form of float32 moments ``value`` (n, ...) on their device: bf16 rounded to nearest,
+        or torchao's blockwise codes and per-block scales (n, blocks)."""
         if self.mode == "8bit":
             from torchao.optim.quant_utils import quantize_8bit_with_qmap, scale_tensor
 
             scaled, scale = scale_tensor(value, self.block)
-            codes = quantize_8bit_with_qmap(scaled, _qmap(self.signed, value.device))
-            self.codes[start:stop].copy_(codes, non_blocking=offloaded)
-            self.scale[start:stop].copy_(scale.view(stop - start, -1), non_blocking=offloaded)
-            return
-        stored = self.values[start:stop]
-        if stored.data_ptr() != value.data_ptr() or offloaded:
-            stored.copy_(value, non_blocking=offloaded)
+            return [quantize_8bit_with_qmap(scaled, _qmap(self.signed, value.device)), scale.view(len(value), -1)]
+        return [value] if self.mode == "fp32" else [value.to(torch.bfloat16)]
+
+    def put(
+        self, start: int, stop: int, parts: list[Tensor], non_blocking: bool = False
+    ) -> list[tuple[Tensor, Tensor]]:
+        """Store :meth:`encode`'s parts as rows ``start:stop``; with ``non_blocking`` return the
+        (stored rows, part) pairs to copy instead (a download stream's work, :mod:`fastsfm.distill.streams`)."""
+        pairs = [(t[start:stop], part) for t, part in zip(self.stored(), parts, strict=True)]
+        pairs = [(dst, part) for dst, part in pairs if dst.data_ptr() != part.data_ptr()]
+        if non_blocking:
+            return pairs
+        for dst, part in pairs:
+            dst.copy_(part)
+        return []
+
+    def load(self, start: int, stop: int, device: torch.device) -> Tensor:
+        """Images ``start:stop`` as float32 on ``device`` (:meth:`fetch`, :meth:`decode`)."""
+        return self.decode(self.fetch(start, stop, device))
+
+    def save(self, start: int, stop: int, value: Tensor) -> None:
+        """Store float32 moments ``value`` of images ``start:stop`` (:meth:`encode`, :meth:`put`)."""
+        self.put(start, stop, self.encode(value))
 
     def tensors(self, key: str) -> dict[str, Tensor]:
         """The stored tensors under ``key`` (fp32/bf16: ``key``; 8bit: ``key.codes``, ``key.scale``)."""
-        if self.mode == "8bit":
-            return {f"{key}.codes": self.codes, f"{key}.scale": self.scale}
-        return {key: self.values}
+        names = [f"{key}.codes", f"{key}.scale"] if self.mode == "8bit" else [key]
+        return dict(zip(names, self.stored(), strict=True))
 
     def load_tensors(self, saved: dict[str, Tensor], key: str, store: Callable[[Tensor], Tensor]) -> None:
         """Restore what :meth:`tensors` gave under ``key`` (a checkpoint's), bit for bit, through ``store``."""

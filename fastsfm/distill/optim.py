@@ -30,6 +30,7 @@ from torch import Tensor
 
 from ..config import OptimizerState
 from .moments import Moment
+from .streams import ChunkStreams
 from .synset import SyntheticSet
 
 __all__ = ["ChunkAdam"]
@@ -86,10 +87,33 @@ class ChunkAdam:
         torch._amp_foreach_non_finite_check_and_unscale_(grads, found, torch.full((1,), grad_scale, device=device))
         return found
 
-    def step_chunk(self, start: int, stop: int, params: list[Tensor], grad_scale: float = 1.0) -> None:
+    def stored_rows(self, start: int, stop: int) -> list[Tensor]:
+        """The stored moment tensors' rows ``start:stop``, level by level (first moment's, then second's
+        parts): what :meth:`step_chunk` takes as ``moments`` once they are on the device."""
+        return [
+            t[start:stop]
+            for a, b in zip(self.exp_avg, self.exp_avg_sq, strict=True)
+            for m in (a, b)
+            for t in m.stored()
+        ]
+
+    def step_chunk(
+        self,
+        start: int,
+        stop: int,
+        params: list[Tensor],
+        grad_scale: float = 1.0,
+        moments: list[Tensor] | None = None,
+        streams: ChunkStreams | None = None,
+    ) -> None:
         """One Adam step of images ``start:stop``, whose levels ``params`` (from
         ``synset.chunk(start, stop, device, requires_grad=True)``) hold their gradients,
-        multiplied by ``grad_scale`` first (the inverse of a loss scale)."""
+        multiplied by ``grad_scale`` first (the inverse of a loss scale).
+
+        ``moments``: :meth:`stored_rows` already on the device (an offloaded set's upload stream
+        fetched them during the previous chunk); default: fetched now.  ``streams``: the updated
+        levels and moments of an offloaded set are written back on its download stream
+        (:mod:`fastsfm.distill.streams`); default: copied on the compute stream."""
         self.in_step = True
         device = params[0].device
         found = self._unscale(params, grad_scale)
@@ -98,13 +122,13 @@ class ChunkAdam:
         opt = torch.optim.Adam(
             params, lr=self.lr, betas=self.betas, eps=self.eps, fused=fused or None, capturable=capturing
         )
+        parts = iter(moments) if moments is not None else None
         states = []
         for i, p in enumerate(params):
-            state = {
-                "step": self._step_count(device) if fused else torch.tensor(float(self.steps)),
-                "exp_avg": self.exp_avg[i].load(start, stop, device),
-                "exp_avg_sq": self.exp_avg_sq[i].load(start, stop, device),
-            }
+            state = {"step": self._step_count(device) if fused else torch.tensor(float(self.steps))}
+            for name, m in (("exp_avg", self.exp_avg[i]), ("exp_avg_sq", self.exp_avg_sq[i])):
+                fetched = m.fetch(start, stop, device) if parts is None else [next(parts) for _ in m.stored()]
+                state[name] = m.decode(fetched)
             opt.state[p] = state
             states.append(state)
         touched = [t for p, s in zip(params, states, strict=True) for t in (p, s["exp_avg"], s["exp_avg_sq"])]
@@ -115,13 +139,24 @@ class ChunkAdam:
             for old, new in zip(before, touched, strict=True):
                 new.data.copy_(torch.where(skip, old, new.detach()))
             self.skipped = found if self.skipped is None else self.skipped + found
-        offloaded = self.synset.offload
+        self._write_back(start, stop, params, states, streams)
+
+    def _write_back(
+        self, start: int, stop: int, params: list[Tensor], states: list[dict], streams: ChunkStreams | None
+    ) -> None:
+        """Store the chunk's updated levels and moments where the set keeps them (nothing to copy for
+        the views of a resident set): on ``streams``' download stream, or now on the compute stream."""
+        pairs = []
         for i, (level, p, state) in enumerate(zip(self.synset.levels, params, states, strict=True)):
-            stored = level[start:stop]
-            if stored.data_ptr() != p.data_ptr():  # offloaded: copy the chunk back to host memory
-                stored.copy_(p.detach(), non_blocking=True)
-            self.exp_avg[i].save(start, stop, state["exp_avg"], offloaded)
-            self.exp_avg_sq[i].save(start, stop, state["exp_avg_sq"], offloaded)
+            if level[start:stop].data_ptr() != p.data_ptr():  # offloaded: back to host memory
+                pairs.append((level[start:stop], p.detach()))
+            for name, m in (("exp_avg", self.exp_avg[i]), ("exp_avg_sq", self.exp_avg_sq[i])):
+                pairs += m.put(start, stop, m.encode(state[name]), non_blocking=True)
+        if streams is not None:
+            streams.download(pairs, ("write-back", start))
+            return
+        for dst, src in pairs:
+            dst.copy_(src, non_blocking=self.synset.offload)
 
     def _step_count(self, device: torch.device) -> Tensor:
         """A copy of the step count on ``device`` (Adam increments the copy it is given)."""

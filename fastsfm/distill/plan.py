@@ -31,17 +31,16 @@ fp32 state is 19.7 GB per rank, resident beside the chunks.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 import shutil
-import sys
 from dataclasses import dataclass
 
 import torch
 
 from ..config import DistillConfig, MachineConfig, OptimizerState, choices
 from ..distributed import shard_classes
+from ..memory import peak_bytes
 from .moments import bytes_per_value
 from .synset import level_sizes
 
@@ -276,52 +275,6 @@ def plan_run(config: DistillConfig, num_classes: int, cost: StepCost, machine: M
     )
 
 
-def _peak(run, device: torch.device) -> float:
-    """Peak bytes allocated while ``run()`` runs, above what was allocated before."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        base = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        run()
-        torch.cuda.synchronize(device)
-        return float(torch.cuda.max_memory_allocated(device) - base)
-    return float(cpu_peak(run))
-
-
-@contextlib.contextmanager
-def _quiet_stderr():
-    """File descriptor 2 to /dev/null inside the block: the profiler's C++ side writes start/stop lines
-    (and, without a GPU, a device-count error) there at every probe."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    try:
-        with open(os.devnull, "w") as null:
-            os.dup2(null.fileno(), 2)
-            yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-
-
-def cpu_peak(run) -> int:
-    """Peak bytes of CPU tensors allocated while ``run()`` runs, above what was allocated before: the
-    largest running total (``Total Allocated``) of the profiler's allocation events."""
-    import json
-    import tempfile
-
-    from torch.profiler import ProfilerActivity, profile
-
-    with tempfile.TemporaryDirectory() as folder, _quiet_stderr():
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            run()
-        trace = os.path.join(folder, "trace.json")
-        prof.export_chrome_trace(trace)
-        with open(trace) as fh:
-            events = json.load(fh)["traceEvents"]
-    totals = [e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]"]
-    return max([0, *totals])
-
-
 def probe_cost(objective, synset) -> StepCost:
     """The :class:`StepCost` of ``objective``'s chunks (a :class:`fastsfm.distill.objectives.step.TwoPassStep`)
     from two probe forward+backward passes of ``synset``'s first images at its current pyramid.  The
@@ -333,7 +286,7 @@ def probe_cost(objective, synset) -> StepCost:
             feats, _ = objective.features(synset, 0, size, 0, grad=True)
             feats.float().sum().backward()
 
-        return _peak(run, device)
+        return float(peak_bytes(run, device))
 
     n = synset.num_images
     sizes = sorted({min(s, n) for s in PROBE_SIZES["cuda" if device.type == "cuda" else "cpu"]})

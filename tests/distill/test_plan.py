@@ -19,12 +19,12 @@ from fastsfm.distill.plan import (
     Machine,
     PlanError,
     StepCost,
-    cpu_peak,
     plan_run,
     probe_cost,
     state_bytes,
 )
 from fastsfm.distill.synset import SyntheticSet
+from fastsfm.memory import peak_bytes
 from fastsfm.models.backbones import load_backbone
 
 MIB = 2**20
@@ -100,7 +100,7 @@ def test_planned_peak_matches_the_measured_step_peak_on_cpu(vit32, mode, chunk):
     assert held == pytest.approx(plan.state)
     objective.step(synset, optim, 0)  # warm: caches of label plans and upsamplers
     optim.finish_step()
-    measured = held + cpu_peak(lambda: (objective.step(synset, optim, 1), optim.finish_step()))
+    measured = held + peak_bytes(lambda: (objective.step(synset, optim, 1), optim.finish_step()), torch.device("cpu"))
     assert measured == pytest.approx(plan.device_peak, rel=0.15), (measured / 2**20, plan.device_peak / 2**20)
 
 

@@ -59,6 +59,7 @@ from ...models.backbones import Backbone
 from ...models.precision import loss_scale, tf32_matmuls
 from ..optim import ChunkAdam
 from ..plan import Machine, Plan, plan_run, probe_cost
+from ..streams import ChunkStreams
 from ..synset import SyntheticSet
 
 __all__ = ["DistillStep", "TwoPassStep"]
@@ -91,11 +92,19 @@ class TwoPassStep:
         self.upstream = torch.full((1,), self.scale, device=self.device)
 
     def features(
-        self, synset: SyntheticSet, start: int, stop: int, step: int | Tensor, grad: bool
+        self,
+        synset: SyntheticSet,
+        start: int,
+        stop: int,
+        step: int | Tensor,
+        grad: bool,
+        params: list[Tensor] | None = None,
     ) -> tuple[Tensor, list[Tensor]]:
-        """Features (views * n, D) of images ``start:stop`` (view-major) and their level tensors on the device."""
-        with record_function("fastsfm.render"):
-            params = synset.chunk(start, stop, self.device, requires_grad=grad)
+        """Features (views * n, D) of images ``start:stop`` (view-major) and their level tensors on the
+        device (``params``: already there, e.g. uploaded by :class:`fastsfm.distill.streams.ChunkStreams`)."""
+        if params is None:
+            with record_function("fastsfm.render"):
+                params = synset.chunk(start, stop, self.device, requires_grad=grad)
         with torch.set_grad_enabled(grad):
             with record_function("fastsfm.render"):
                 images = synset.render_levels(params)
@@ -154,10 +163,14 @@ class TwoPassStep:
     def _two_passes(self, synset: SyntheticSet, optim: ChunkAdam, step: int | Tensor) -> Tensor:
         bounds = self.chunks(synset)
         single = len(bounds) == 1
+        streams = self._streams(synset)
+        items = [(1, b) for b in bounds] + ([] if single else [(2, b) for b in bounds])
+        chunks = self._chunk_inputs(synset, optim, items, streams, grad=single)
         self.begin(synset, step)
         total, kept = None, None
         for start, stop in bounds:  # pass 1: the accumulated statistic
-            feats, params = self.features(synset, start, stop, step, grad=single)
+            levels, _ = next(chunks)
+            feats, params = self.features(synset, start, stop, step, grad=single, params=levels)
             with record_function("fastsfm.loss"):
                 total = self.accumulate(feats.detach(), self.rows(synset, start, stop), total)
             kept = (feats, params) if single else None
@@ -166,9 +179,44 @@ class TwoPassStep:
                 dist.all_reduce(total, group=self.group)
             loss, grad = self.finish(total)
         for start, stop in bounds:  # pass 2: gradients, chunk by chunk
-            feats, params = kept if single else self.features(synset, start, stop, step, grad=True)
+            levels, moments = (kept[1], None) if single else next(chunks)
+            feats, params = kept if single else self.features(synset, start, stop, step, grad=True, params=levels)
             with record_function("fastsfm.backward"):
                 self.backward(feats, self.rows(synset, start, stop), grad)
             with record_function("fastsfm.optimizer"):
-                optim.step_chunk(start, stop, params, grad_scale=1.0 / self.scale)
+                optim.step_chunk(start, stop, params, 1.0 / self.scale, moments, streams)
+        if streams is not None:
+            streams.finish()
         return loss
+
+    def _streams(self, synset: SyntheticSet) -> ChunkStreams | None:
+        """The upload/download streams of an offloaded set (made once), None for a resident one."""
+        if not synset.offload:
+            return None
+        if getattr(self, "_chunk_streams", None) is None:
+            self._chunk_streams = ChunkStreams(self.device)
+        return self._chunk_streams
+
+    def _chunk_inputs(self, synset: SyntheticSet, optim: ChunkAdam, items: list, streams: ChunkStreams | None, grad):
+        """For each ``(pass, (start, stop))`` of ``items`` in order: the chunk's levels on the device (leaves;
+        with gradients in pass 2 or when ``grad``) and, in pass 2, its moments' stored rows there.  Resident
+        sets: views, moments None (fetched by the optimiser).  Offloaded: the next item's upload is issued
+        on ``streams`` before this one is handed out, so it overlaps this chunk's compute."""
+        if streams is None:
+            for p, (start, stop) in items:
+                yield synset.chunk(start, stop, self.device, requires_grad=grad or p == 2), None
+            return
+        count = len(synset.levels)
+
+        def issue(k: int):
+            p, (start, stop) = items[k]
+            host = [level[start:stop] for level in synset.levels] + (optim.stored_rows(start, stop) if p == 2 else [])
+            return streams.upload(host, (p, start))
+
+        pending = issue(0)
+        for k, (p, (start, _)) in enumerate(items):
+            tensors, ticket = pending
+            if k + 1 < len(items):
+                pending = issue(k + 1)
+            tensors = streams.take(tensors, ticket, (p, start))
+            yield [t.requires_grad_(grad or p == 2) for t in tensors[:count]], (tensors[count:] or None)
