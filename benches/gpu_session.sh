@@ -15,6 +15,7 @@
 #       IEEE on the real side and in the render/crop -> profile_step.json (which picks the defaults).
 # Call 2:  install; (c) SFM vs LGM at C = 100 (gpu_check "sfm vs lgm") -> sfm_vs_lgm/;
 #   (d) benches/bench_gca.py (fused vs dense GCA, rows 4096 and 16384, D 128) -> gca.json;
+#   (e) benches/profile_offload.py (offloaded vs resident chunked steps per optimizer state) -> the log;
 #   then every CUDA-only test, each under a time limit, results written as they finish -> tests/.
 # DIR gets session<call>.log and the parts' files: at most eight files, as the device tool returns.
 set -uo pipefail
@@ -70,6 +71,7 @@ second() {
     part "sfm vs lgm (c)" 90 "$py" benches/gpu_check.py "${smoke[@]}" --only "sfm vs lgm" \
         --budget 80 --out "$out/sfm_vs_lgm"
     part "gca (d)" 45 "$py" benches/bench_gca.py "${smoke[@]}" "${gca[@]}" --out "$out/gca.json"
+    part "offload streams (e)" 30 "$py" benches/profile_offload.py "${smoke[@]}"  # its table: in the log
     part "gpu tests" "$deadline" "$py" benches/gpu_check.py "${smoke[@]}" --only "pytest -m gpu" \
         --budget $((deadline - SECONDS - 15)) --out "$out/tests"
 }

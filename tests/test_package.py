@@ -9,7 +9,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "fastsfm"
-FOUNDATIONS = {"config", "io", "rng", "progress", "distributed", "signals"}
+FOUNDATIONS = {"config", "io", "rng", "progress", "distributed", "signals", "memory"}
 """The small modules at the top of ``fastsfm/``: they import only one another."""
 FLOORS = {
     "foundations": 1,

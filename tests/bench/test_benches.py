@@ -85,12 +85,13 @@ def test_profile_loss_host_part_runs_without_a_gpu(tmp_path):
 @pytest.mark.slow
 def test_gpu_session_rehearses_on_cpu_and_leaves_what_the_device_tool_returns(tmp_path):
     """``benches/gpu_session.sh`` (a GPU loan's two calls) with ``FASTSFM_SMOKE=1``: every part exits 0
-    inside its call's deadline, ``profile_loss.py``, ``profile_step.py`` and ``bench_gca.py`` report (only the shape of
+    inside its call's deadline, ``profile_loss.py``, ``profile_step.py``, ``bench_gca.py``,
+    ``profile_offload.py`` report (only the shape of
     the reports is checked; the numbers are a GPU's to give), the CUDA-only tests run under their
     limits, and each call's folder holds at most 8 files no more than 2 folders down -- what the
     device tool brings back."""
     env = {**os.environ, "FASTSFM_SMOKE": "1", "PYTHON": sys.executable}
-    for call, parts in (("1", 2), ("2", 3)):
+    for call, parts in (("1", 2), ("2", 4)):
         folder = tmp_path / call
         done = subprocess.run(
             ["bash", str(BENCHES / "gpu_session.sh"), str(folder), call],
@@ -107,6 +108,8 @@ def test_gpu_session_rehearses_on_cpu_and_leaves_what_the_device_tool_returns(tm
         assert len(files) <= 8 and all(len(f.relative_to(folder).parts) <= 3 for f in files), files
     assert json.loads((tmp_path / "1" / "loss.json").read_text())["device"]
     assert {r["method"] for r in json.loads((tmp_path / "2" / "gca.json").read_text())["rows"]} >= {"dense (eager)"}
+    offload = (tmp_path / "2" / "session2.log").read_text()
+    assert "offloaded vs resident chunked steps" in offload and all(f"| {m} |" in offload for m in ("bf16", "8bit"))
     result = json.loads((tmp_path / "1" / "profile_step.json").read_text())
     saved = result["saved for backward"]
     assert saved["saved MiB per image"] > 0 and saved["saved GiB at C = 4"] > 0
@@ -242,3 +245,11 @@ def test_bench_gca_runs_on_cpu_and_its_baseline_is_the_loss(tmp_path):
         want = gca_loss_torch(z.double(), options)
         assert abs(float(module.dense_formulation(z, options)) - float(want)) < 1e-5 * abs(float(want)), kind
     assert module.fused_flops(16384, 128, 10) == 2.0 * 16384**2 * (128 * 43 + 2 * 32)
+
+
+def test_bench_optimizer_state_compares_every_mode_with_fp32(tmp_path):
+    rows = bench("bench_optimizer_state").main(["--steps", "3", "--ipc", "1", "--out", str(tmp_path / "o.json")])
+    assert [r["optimizer_state"] for r in rows] == ["fp32", "bf16", "8bit"]
+    assert rows[0]["images: rel. distance to fp32"] == 0 and rows[0]["state vs fp32"] == 1
+    assert rows[1]["state vs fp32"] < 1 and rows[2]["state vs fp32"] < rows[1]["state vs fp32"]
+    assert json.loads((tmp_path / "o.json").read_text())["rows"] == rows
