@@ -284,7 +284,11 @@ class DistillConfig:
     noise_std: float = option(0.2, "augmentation noise std (0 disables the noise)")
     noise_mean: float = option(0.5, "augmentation noise mean (0.5: LGM's code when SFM forked it; 0.0: LGM's current)")
     chunk_size: int | None = option(None, "images per chunk of the exact two-pass step (default: from free memory)")
-    offload: bool = option(False, "keep the synthetic set and its Adam state in page-locked host memory")
+    offload: bool | None = option(
+        None,
+        "keep the synthetic set and its Adam state in page-locked host memory (--no-offload: on the GPU; "
+        "default: the plan's choice, on the GPU when it fits there)",
+    )
     optimizer_state: OptimizerState = option(
         "fp32",
         "storage of the two Adam moments between steps: fp32 (12 bytes/parameter with the image), bf16 (8), "

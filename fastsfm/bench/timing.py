@@ -77,7 +77,7 @@ def distill_setup(
     batch = config.ipc * config.effective_views * classes  # LGM's real batch: at least that many indices
     real = _Cycled(real, max(len(real), batch))
     storage = "cpu" if config.offload else device
-    synset = SyntheticSet(classes, config.ipc, res, extent=1, storage=storage, offload=config.offload, seed=seed)
+    synset = SyntheticSet(classes, config.ipc, res, extent=1, storage=storage, offload=bool(config.offload), seed=seed)
     step = 0
     while len(synset.levels) < len(synset.sizes):
         step += 1

@@ -80,11 +80,11 @@ def add_config_flags(parser: argparse.ArgumentParser, cls: type, title: str, man
         shown = " ".join(map(str, default)) if isinstance(default, tuple) else default
         several = "; several: one per backbone, in order" if name in many else ""
         common = {"dest": name, "default": argparse.SUPPRESS, "help": f"{text}{several} (default: {shown})"}
+        if typing.get_origin(kind) in (typing.Union, types.UnionType):  # X | None
+            kind = next(a for a in typing.get_args(kind) if a is not type(None))
         if kind is bool:
             group.add_argument(flag, action=argparse.BooleanOptionalAction, **common)
             continue
-        if typing.get_origin(kind) in (typing.Union, types.UnionType):  # X | None
-            kind = next(a for a in typing.get_args(kind) if a is not type(None))
         nargs = "+" if name in many else None
         if typing.get_origin(kind) is tuple:  # tuple[X, ...]: a list of values
             kind, nargs = typing.get_args(kind)[0], "+"

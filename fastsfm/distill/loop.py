@@ -31,6 +31,7 @@ shard (``synset.rank{r}of{w}.safetensors``) and rank 0 streams them into ``synse
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -136,7 +137,7 @@ def _build_synset(
         channels=config.channels,
         first_class=classes.start,
         storage=storage,
-        offload=config.offload,
+        offload=bool(config.offload),
     )
 
 
@@ -265,16 +266,18 @@ def _export(
     plot_loss(out / "metrics.jsonl", out / "loss.png", title=title)
 
 
-def _plan(objective: DistillStep, synset: SyntheticSet, num_classes: int, rank: int) -> None:
-    """Plan the run (:mod:`fastsfm.distill.plan`; it sets the chunk size) and log it in one line, or
+def _plan(objective: DistillStep, synset: SyntheticSet, num_classes: int, rank: int) -> Plan | None:
+    """Plan the run (:mod:`fastsfm.distill.plan`; it sets the chunk size and, with ``offload`` unset,
+    the placement: the set is drawn again in host memory when the plan offloads it) and log it in one line, or
     raise :class:`fastsfm.distill.plan.PlanError` naming what would fit.  Every rank plans for the
     largest shard on identical devices, so the ranks agree.  A custom objective without ``plan`` runs unplanned."""
     plan_of = getattr(objective, "plan", None)
     if plan_of is None:
-        return
+        return None
     plan = plan_of(synset, num_classes).check()
     if rank == 0:
         log.info("%s", plan.message)
+    return plan
 
 
 def _matched(
@@ -344,7 +347,9 @@ def distill(
         objective = build_objective(config, backbone, stats, device, real=real, group=group)
     classes = shard_classes(stats[0].num_classes, rank, world)
     synset = _build_synset(config, real, stats[0].num_classes, classes, device)
-    _plan(objective, synset, stats[0].num_classes, rank)  # before the run folder: a run that cannot fit writes nothing
+    plan = _plan(objective, synset, stats[0].num_classes, rank)  # before the run folder: nothing written if refused
+    if config.offload is None and plan is not None and plan.placement == "host-pinned":
+        synset = _build_synset(dataclasses.replace(config, offload=True), real, stats[0].num_classes, classes, device)
     state, stale = _open_run(out, ckpt, identity, resume, classes, stats[0].num_classes, config.ipc)
     optim = ChunkAdam(
         synset,

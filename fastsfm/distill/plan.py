@@ -5,7 +5,7 @@ A distillation's memory has two parts:
 * **the state** -- every image's pyramid levels (float32) and Adam's two moments in the run's
   ``optimizer_state`` (:mod:`fastsfm.distill.moments`), at the *final* pyramid (levels only ever
   grow, so the last growth is the peak); resident on the GPU, or in exact-size page-locked host
-  memory with ``offload``.  Exact arithmetic (:func:`state_bytes`).
+  memory with ``offload`` (unset: resident when that fits, else offloaded).  Exact arithmetic (:func:`state_bytes`).
 * **a chunk's step** -- per image: the backbone's forward+backward activations (``views`` crops),
   the render at the final pyramid, the chunk's copies of its levels, their gradient and the two
   float32 moments of the update (plus the 8-bit quantiser's temporaries); and a fixed part
@@ -18,14 +18,15 @@ A distillation's memory has two parts:
 (``torch.cuda.mem_get_info``, of which :data:`MEMORY_FRACTION` is planned), the host's memory
 (``psutil``, :data:`HOST_FRACTION`, shared by the node's ranks) and ``/dev/shm`` -- and returns a
 :class:`Plan`: the largest chunk that fits (one chunk: a single pass per step; else two), the GPU,
-host and pinned peaks, or a refusal that names what would fit (``--offload``, a compact
+host and pinned peaks, or a refusal that names what would fit (the other placement, a compact
 ``--optimizer-state``, more ranks, a lower IPC).  The loop logs the plan in one line or exits 2
 before step 1, so no run dies at a pyramid growth the planner could foresee; ``fastsfm distill
 --plan`` prints it for any machine (given figures, nothing allocated but the probes).
 
 **ImageNet-1k, IPC 50, 256 px, DINOv2-B/14, one 80 GB GPU and 128 GB of host memory**: the state
 is 3.15 MB per image in fp32, 157 GB: neither the GPU nor the host holds it (refused); with
-``--optimizer-state 8bit --offload`` it is 1.6 MB per image, 79 GB pinned: planned.  On 8 ranks the
+``--optimizer-state 8bit`` it is 1.6 MB per image, 79 GB pinned (offloaded: the planner's choice when
+``offload`` is left unset): planned.  On 8 ranks the
 fp32 state is 19.7 GB per rank, resident beside the chunks.
 """
 
@@ -191,7 +192,15 @@ def _size(nbytes: float) -> str:
 
 
 def _fit(config: DistillConfig, num_classes: int, cost: StepCost, machine: Machine) -> Plan:
-    """The plan of exactly these settings (no alternatives searched)."""
+    """The plan of exactly these settings (no alternatives searched); ``offload=None`` on CUDA: resident
+    when that fits, else host-pinned."""
+    if config.offload is None and machine.device == "cuda":
+        resident = _fit(dataclasses.replace(config, offload=False), num_classes, cost, machine)
+        return (
+            resident
+            if resident.feasible
+            else _fit(dataclasses.replace(config, offload=True), num_classes, cost, machine)
+        )
     images = len(shard_classes(num_classes, 0, machine.ranks)) * config.ipc  # rank 0 holds the largest shard
     levels, moments = state_bytes(config)
     state = images * (levels + moments)
@@ -221,15 +230,16 @@ def _fit(config: DistillConfig, num_classes: int, cost: StepCost, machine: Machi
 def _alternatives(config: DistillConfig, num_classes: int, cost: StepCost, machine: Machine) -> list[str]:
     """What would fit instead: the other placement, a compact optimiser state, more ranks, a lower IPC."""
     found = []
+    placements = (False, True) if machine.device == "cuda" and config.offload is not None else (config.offload,)
     for mode in choices(OptimizerState):
-        for offload in (False, True) if machine.device == "cuda" else (config.offload,):
+        for offload in placements:
             if (mode, offload) == (config.optimizer_state, config.offload):
                 continue
             option = dataclasses.replace(config, optimizer_state=mode, offload=offload)
             if (plan := _fit(option, num_classes, cost, machine)).feasible:
                 flags = " ".join(
                     [f"--optimizer-state {mode}"] * (mode != config.optimizer_state)
-                    + ["--offload" if offload else "no --offload"] * (offload != config.offload)
+                    + ["--offload" if offload else "--no-offload"] * (offload != config.offload)
                 )
                 found.append(f"{flags} ({plan.placement}, state {_size(plan.state)}/rank)")
     for ranks in (2, 4, 8, 16, 32, 64, 128):
@@ -250,6 +260,10 @@ def _alternatives(config: DistillConfig, num_classes: int, cost: StepCost, machi
     return found
 
 
+def _placement(config: DistillConfig) -> str:
+    return {None: "resident or offloaded", True: "offloaded", False: "resident"}[config.offload]
+
+
 def plan_run(config: DistillConfig, num_classes: int, cost: StepCost, machine: Machine) -> Plan:
     """The plan of a run of ``config`` over ``num_classes`` classes on ``machine`` (module docstring);
     infeasible plans carry the alternatives that would fit in their message."""
@@ -257,9 +271,8 @@ def plan_run(config: DistillConfig, num_classes: int, cost: StepCost, machine: M
     if plan.feasible:
         return plan
     if plan.chunk < 1:
-        where = (
-            "the host" if machine.device != "cuda" else "a rank's GPU" + (" beside the state" * (not config.offload))
-        )
+        beside = " beside the state" * (plan.placement == "GPU-resident")
+        where = "the host" if machine.device != "cuda" else f"a rank's GPU{beside}"
         why = f"not even one image's step fits {where}"
     else:
         why = f"{_size(plan.pinned)} pinned exceed the host's share"
@@ -269,7 +282,7 @@ def plan_run(config: DistillConfig, num_classes: int, cost: StepCost, machine: M
         plan,
         message=(
             f"plan: refused: IPC {config.ipc} x {num_classes} classes at {config.resolution} px, optimizer_state "
-            f"{config.optimizer_state}, {'offloaded' if config.offload else 'resident'}, on {machine.describe()}: "
+            f"{config.optimizer_state}, {_placement(config)}, on {machine.describe()}: "
             f"the state is {_size(plan.state)} per rank and {why}{instead}"
         ),
     )

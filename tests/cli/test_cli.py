@@ -419,7 +419,8 @@ BAD_NUMBERS = {
     | {"--pyramid-start": "0", "--pyramid-extent": "0", "--views": "0", "--alpha": "1.01"}
     | {"--nontarget-divisor": "0.99", "--noise-std": "-0.01", "--noise-mean": "nan", "--chunk-size": "0"}
     | {"--workers": "-1", "--seed": "-1", "--checkpoint-every": "0", "--backbone-weights": "-1"}
-    | {"--checkpoint-minutes": "-0.5"},
+    | {"--checkpoint-minutes": "-0.5", "--classes": "0", "--device-gib": "0", "--host-gib": "0", "--ranks": "0"}
+    | {"--ranks-per-host": "0"},
     "eval": {"--image-size": "0", "--resolution": "0", "--ipc": "0", "--workers": "-1", "--epochs": "0"}
     | {"--seeds": "0", "--batch": "0", "--probe-lr": "0", "--inherit-lr": "0", "--temperature": "0"}
     | {"--kd-weight": "1.01", "--checkpoint-every": "0"},
@@ -478,7 +479,7 @@ def test_cli_distill_plan_prints_the_plan_or_refuses_with_exit_2(capsys):
     out = capsys.readouterr().out
     assert out.startswith("plan: host-pinned, optimizer_state 8bit") and "an estimate for cuda" in out
     with pytest.raises(SystemExit) as exc:
-        main([*plan, "--device-gib", "0.05", "--host-gib", "64", "--ipc", "3000", "--ranks", "2"])
+        main([*plan, "--device-gib", "0.05", "--host-gib", "64", "--ipc", "3000", "--ranks", "2", "--no-offload"])
     out = capsys.readouterr().out
     assert (
         exc.value.code == 2 and out.startswith("plan: refused: IPC 3000 x 4 classes") and "would fit: --offload" in out

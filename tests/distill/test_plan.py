@@ -52,15 +52,22 @@ def test_imagenet1k_ipc50_on_one_80gb_gpu_is_refused_in_fp32_and_planned_in_8bit
     assert not refused.feasible and refused.state == pytest.approx(50_000 * 3 * 1_048_572)
     message = refused.message
     assert message.startswith("plan: refused") and "146.5 GiB per rank" in message
-    assert "--optimizer-state 8bit --offload" in message and "ranks" in message and "--ipc " in message
+    assert "--optimizer-state 8bit (host-pinned" in message and "ranks" in message and "--ipc " in message
     with pytest.raises(PlanError, match="would fit"):
         refused.check()
     offloaded = plan_run(dataclasses.replace(IN1K, offload=True), 1000, DINOV2_B14, ONE_GPU)
     assert not offloaded.feasible and "pinned exceed the host" in offloaded.message
-    compact = plan_run(dataclasses.replace(IN1K, offload=True, optimizer_state="8bit"), 1000, DINOV2_B14, ONE_GPU)
+    compact = plan_run(
+        dataclasses.replace(IN1K, optimizer_state="8bit"), 1000, DINOV2_B14, ONE_GPU
+    )  # placed by the plan
     assert compact.feasible and compact.placement == "host-pinned" and compact.passes == 2
     assert 70 * GIB < compact.pinned < 80 * GIB and compact.device_peak < 0.85 * 80 * GIB
     assert compact.message.startswith("plan: host-pinned") and "passes/step" in compact.message
+    assert compact == plan_run(
+        dataclasses.replace(IN1K, offload=True, optimizer_state="8bit"), 1000, DINOV2_B14, ONE_GPU
+    )
+    resident = plan_run(dataclasses.replace(IN1K, offload=False, optimizer_state="8bit"), 1000, DINOV2_B14, ONE_GPU)
+    assert not resident.feasible and "; --offload (host-pinned" in resident.message
     eight = plan_run(IN1K, 1000, DINOV2_B14, EIGHT_GPUS)
     assert eight.feasible and eight.placement == "GPU-resident" and eight.images == 125 * 50
     assert 18 * GIB < eight.state < 19 * GIB and 100 < eight.chunk < 6250 and eight.device_peak < 0.85 * 80 * GIB
@@ -118,3 +125,22 @@ def test_a_run_that_cannot_fit_is_refused_before_it_writes(tmp_path, monkeypatch
     with caplog.at_level(logging.INFO, logger="fastsfm"):
         distill(bb, stats, config, tmp_path / "ok", progress=False)
     assert any(r.getMessage().startswith("plan: host, optimizer_state fp32") for r in caplog.records)
+
+
+def test_an_unset_offload_is_the_plans_choice(tmp_path, monkeypatch):
+    """``offload`` unset: a set that fits the device stays there; one that does not is drawn in host
+    memory and offloaded (the plan says so); ``--no-offload`` then refuses."""
+    bb = tiny_backbone()
+    stats = toy_stats(bb, toy_data())
+    config = DistillConfig(ipc=2, steps=1, resolution=16)
+    roomy = Machine("cuda", 64 * GIB, 64 * GIB)
+    cost = StepCost(0.0, 1e3, "given")
+    assert plan_run(config, 3, cost, roomy).placement == "GPU-resident"
+    small = dataclasses.replace(roomy, device_bytes=plan_run(config, 3, cost, roomy).state / 0.85 * 0.9)
+    assert plan_run(config, 3, cost, small).placement == "host-pinned"
+    assert not plan_run(dataclasses.replace(config, offload=False), 3, cost, small).feasible
+    from fastsfm.distill import loop
+
+    monkeypatch.setattr(loop, "_plan", lambda *a: plan_run(config, 3, cost, small))
+    synset = distill(bb, stats, config, tmp_path / "auto", progress=False)
+    assert synset.offload and synset.storage.type == "cpu"
