@@ -46,6 +46,8 @@ __all__ = [
     "run_on_all",
     "barrier",
     "gather_to_rank0",
+    "all_gather",
+    "broadcast_from_rank0",
     "shutdown",
     "COLLECTIVE_MINUTES",
     "WAIT_HOURS",
@@ -170,6 +172,25 @@ def gather_to_rank0(obj: T) -> list[T] | None:
     out = [None] * world if rank == 0 else None
     dist.gather_object(obj, out, dst=0, group=control_group())
     return out
+
+
+def all_gather(obj: T) -> list[T]:
+    """Every rank's ``obj`` on every rank (in rank order) over the control group."""
+    world = rank_world()[1]
+    if world == 1:
+        return [obj]
+    out: list = [None] * world
+    dist.all_gather_object(out, obj, group=control_group())
+    return out
+
+
+def broadcast_from_rank0(obj: T | None) -> T:
+    """Rank 0's ``obj`` on every rank over the control group (the others pass anything, e.g. None)."""
+    if rank_world()[1] == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0, group=control_group())
+    return box[0]
 
 
 def shard_dataset(dataset: Dataset, rank: int, world: int) -> Subset:

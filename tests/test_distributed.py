@@ -3,6 +3,8 @@
 (In production the processes come from ``torchrun``; the code paths are the same.)
 """
 
+import dataclasses
+import json
 import logging
 import os
 import socket
@@ -181,6 +183,62 @@ def _grid_failure_job(rank, world, tmp):
     with pytest.raises(ValueError if rank == 0 else RuntimeError, match="evaluation cell failed"):
         run_grid(grid, progress=False)
     (tmp / f"grid{rank}").write_text("ok")
+
+
+def _toy_evaluation(journal):
+    """Two sets (one drawn per seed) x 3 seeds x probe and inheritance, with the full-data row, journaled."""
+    from fastsfm.config import EvalConfig
+    from fastsfm.evaluate.evaluator import Evaluator, FeatureCache, ImageSet, compare
+
+    bb = tiny_backbone()
+    data = toy_data(n_per_class=4)
+    stats = toy_stats(bb, data)
+    images, labels = torch.stack([x for x, _ in data]), torch.tensor([y for _, y in data])
+    fixed = ImageSet("fixed", images[::4], labels[::4])
+
+    def drawn(seed):
+        picks = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))[:6]
+        return ImageSet("drawn", images[picks], labels[picks])
+
+    config = EvalConfig(mode=("probe", "inherit"), epochs=3, seeds=3, batch=4)
+    evaluator = Evaluator(bb, stats, FeatureCache(toy_data(n_per_class=3, seed=5)), config)
+    return compare(evaluator, [fixed, drawn], 3, full_data=True, journal=journal)
+
+
+def _eval_job(rank, world, tmp):
+    scores = _toy_evaluation(tmp / "journal2")
+    torch.save([dataclasses.asdict(s) for s in scores], tmp / f"scores{rank}.pt")
+
+
+def _journal(folder):
+    entries = {}
+    for path in folder.glob("scores*.jsonl"):
+        entries.update((e["key"], e["scores"]) for e in map(json.loads, path.read_text().splitlines()))
+    return entries
+
+
+def test_two_rank_evaluation_equals_single_process_and_resumes_on_any_world(tmp_path):
+    """Seeds x sets x evaluators dealt over 2 ranks, the test features encoded half by each: every rank
+    returns the single process's scores in its order, the two ranks' journals hold the single
+    process's entries, and one process resumes from them with nothing redone."""
+    from fastsfm.evaluate import evaluator as evaluation
+
+    single = [dataclasses.asdict(s) for s in _toy_evaluation(tmp_path / "journal1")]
+    _spawn("_eval_job", tmp_path)
+    for rank in (0, 1):
+        ranked = torch.load(tmp_path / f"scores{rank}.pt")
+        assert [(s["set"], s["mode"], s["seed"]) for s in ranked] == [(s["set"], s["mode"], s["seed"]) for s in single]
+        for a, b in zip(ranked, single, strict=True):
+            assert a["top1"] == pytest.approx(b["top1"], abs=1e-4) and a["top5"] == pytest.approx(b["top5"], abs=1e-4)
+    assert sorted(p.name for p in (tmp_path / "journal2").glob("scores*")) == [
+        "scores.rank0.jsonl",
+        "scores.rank1.jsonl",
+    ]
+    one, two = _journal(tmp_path / "journal1"), _journal(tmp_path / "journal2")
+    assert one.keys() == two.keys() and len(one) == 6
+    with mock.patch.object(evaluation.Evaluator, "evaluate", side_effect=AssertionError("redone")):
+        resumed = [dataclasses.asdict(s) for s in _toy_evaluation(tmp_path / "journal2")]
+    assert [s["top1"] for s in resumed[:-1]] == [s["top1"] for s in torch.load(tmp_path / "scores0.pt")][:-1]
 
 
 def _spawn(job, tmp):

@@ -10,7 +10,7 @@
                     --backbone dinov2_vitb14
     fastsfm export  runs/x --out runs/x/images       # <class>/<image>.png + synset.json
     fastsfm pretrain --loss gca-uot --out DIR        # demo backbones pre-trained with a GCA loss
-    torchrun --nproc_per_node=8 -m fastsfm.cli distill ...   # stats and distill shard over ranks
+    torchrun --nproc_per_node=8 -m fastsfm.cli distill ...   # stats, distill and eval shard over ranks
 
 The distillation flags are derived from :class:`fastsfm.config.DistillConfig` (names, types,
 choices, defaults and help), so the Python API and the command line cannot drift apart.
@@ -176,7 +176,7 @@ def _image_sets(
     from ..evaluate.baselines import baseline_sources
     from ..evaluate.evaluator import load_image_set
     from ..evaluate.feature_store import stored_features
-    from ..models.backbones import encode
+    from ..models.backbones import encode_sharded
 
     synthetic = [load_image_set(path, stats, resolution) for path in args.synset]
     ipc = args.ipc or (int(torch.bincount(synthetic[0].labels).max()) if synthetic else 1)
@@ -185,7 +185,9 @@ def _image_sets(
     def features():
         def run():
             with distill_bb.using_precision(real_precision):
-                return encode(distill_bb, data.train_eval, device=args.device, workers=args.workers, progress=True)
+                return encode_sharded(
+                    distill_bb, data.train_eval, device=args.device, workers=args.workers, progress=True
+                )
 
         return stored_features(
             _feature_folder(args), data.train_eval, "train", distill_bb, resolution, real_precision, run
@@ -213,6 +215,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
     config = config_from_args(EvalConfig, args, dataset_defaults_of(args))
     options = backbone_config_of(args)
+    rank = _join_torchrun(args)  # under torchrun: features and evaluations shared among the ranks
     distill_bb = from_config(options, args.device)
     eval_bb = (
         from_config(options, args.device, args.eval_backbone, args.eval_weights) if args.eval_backbone else distill_bb
@@ -230,6 +233,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
     evaluator = Evaluator(distill_bb, stats, cache, config, [eval_bb], args.device)
     journal = Path(args.out) / "journal" if args.out else None  # a rerun of the command resumes
     scores = compare(evaluator, sets, config.seeds, full_data="full" in args.baselines, journal=journal)
+    if rank != 0:
+        return
     print(format_markdown(summarise(scores)))
     if args.out:
         meta = {
@@ -276,14 +281,16 @@ def cmd_demo(args: argparse.Namespace) -> None:
 def cmd_reproduce(args: argparse.Namespace) -> None:
     from ..distributed import init_from_env
     from ..reproduce import load_grid, run_grid
+    from ..reproduce.config import ProjectionConfig
 
+    projected = config_from_args(ProjectionConfig, args)
     grid = load_grid(args.config, root=args.root, out=args.out)
     device = init_from_env(grid.wait_hours)  # under torchrun: this rank's device
     if device is not None:
         grid.device = str(device)
     if args.device is not None:
         grid.device = args.device
-    outcome = run_grid(grid, dry_run=args.dry_run, rerun_stale=args.rerun_stale)
+    outcome = run_grid(grid, dry_run=args.dry_run, rerun_stale=args.rerun_stale, projected=projected)
     if outcome.report is not None:
         print(outcome.report)
 
@@ -402,12 +409,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--root", default=None, help="dataset root (overrides the config's `root`)")
     p.add_argument("--out", default=None, help="output folder (overrides the config's `out`)")
     p.add_argument("--device", default=None, help="overrides the config's `device`")
-    p.add_argument("--dry-run", action="store_true", help="print the plan with projected device hours; run nothing")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the plan with each cell's projected GPU-hours and wall time on the ranks; run nothing",
+    )
     p.add_argument(
         "--rerun-stale",
         action="store_true",
         help="discard and rerun done cells whose recorded settings differ from the grid file's (default: refuse)",
     )
+    from ..reproduce.config import ProjectionConfig
+
+    add_config_flags(p, ProjectionConfig, "projection (ProjectionConfig)")
     p.set_defaults(func=cmd_reproduce)
 
     p = sub.add_parser(

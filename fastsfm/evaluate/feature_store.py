@@ -24,7 +24,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from ..data.images import fingerprint
-from ..distributed import rank_world
+from ..distributed import broadcast_from_rank0, rank_world
 from ..io import atomic_save_safetensors, read_safetensors
 
 __all__ = ["default_folder", "stored_features"]
@@ -48,23 +48,48 @@ def stored_features(
     encode: Callable[[], Tensor],
 ) -> Tensor:
     """``dataset``'s features by ``backbone`` (N, D): read from ``folder`` when stored there, else
-    ``encode()``'d and stored (rank 0).  ``folder`` None: always encoded, nothing stored."""
+    ``encode()``'d and stored (rank 0).  ``folder`` None: always encoded, nothing stored.
+
+    Under ``torch.distributed`` every rank calls it: rank 0 reads the folder (which need not be
+    shared) and sends what it found to every rank, so all ranks agree on encoding -- ``encode`` may be
+    a collective (:func:`fastsfm.models.backbones.encode_sharded`)."""
     if folder is None:
         return encode()
-    parts = [split, fingerprint(dataset), len(dataset), backbone.identity, resolution, precision]
-    key = hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:24]
-    path = Path(folder) / f"{backbone.name}-{split}-{key}.safetensors"
-    if path.exists():
-        try:
-            features = read_safetensors(path)[0]["features"]
-            if features.shape[0] == len(dataset):
-                log.info("%s features of %s: reused %s", split, backbone.name, path)
-                return features
-            log.warning("%s holds %d rows, not %d: encoding again", path, features.shape[0], len(dataset))
-        except (OSError, SafetensorError, KeyError, ValueError) as err:
-            log.warning("%s is damaged (%s): encoding again", path, err)
+    stored = broadcast_from_rank0(
+        _read(folder, dataset, split, backbone, resolution, precision) if rank_world()[0] == 0 else None
+    )
+    if stored is not None:
+        return stored
     features = encode()
     if rank_world()[0] == 0:
         meta = {"split": split, "backbone": backbone.identity, "resolution": str(resolution), "precision": precision}
-        atomic_save_safetensors({"features": features.float().cpu().contiguous()}, path, meta)
+        atomic_save_safetensors(
+            {"features": features.float().cpu().contiguous()},
+            _path(folder, dataset, split, backbone, resolution, precision),
+            meta,
+        )
     return features
+
+
+def _path(folder: Path, dataset: Dataset, split: str, backbone, resolution: int | None, precision: str) -> Path:
+    parts = [split, fingerprint(dataset), len(dataset), backbone.identity, resolution, precision]
+    key = hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:24]
+    return Path(folder) / f"{backbone.name}-{split}-{key}.safetensors"
+
+
+def _read(
+    folder: Path, dataset: Dataset, split: str, backbone, resolution: int | None, precision: str
+) -> Tensor | None:
+    """The stored features, or None when absent, of another length or damaged (said in the log)."""
+    path = _path(folder, dataset, split, backbone, resolution, precision)
+    if not path.exists():
+        return None
+    try:
+        features = read_safetensors(path)[0]["features"]
+        if features.shape[0] == len(dataset):
+            log.info("%s features of %s: reused %s", split, backbone.name, path)
+            return features
+        log.warning("%s holds %d rows, not %d: encoding again", path, features.shape[0], len(dataset))
+    except (OSError, SafetensorError, KeyError, ValueError) as err:
+        log.warning("%s is damaged (%s): encoding again", path, err)
+    return None

@@ -54,6 +54,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..config import Attention, BackboneConfig, Precision, Preprocess, choices
 from ..data.images import loader_kwargs
+from ..distributed import all_gather, interleave_shards, rank_world, shard_dataset
 from ..progress import track
 from .cast_weights import CastWeights
 from .cls_only import use_cls_only_last_block
@@ -65,6 +66,7 @@ __all__ = [
     "Backbone",
     "BackboneSpec",
     "load_backbone",
+    "encode_sharded",
     "from_config",
     "encode",
     "DEFAULT_BACKBONE",
@@ -395,3 +397,22 @@ def encode(
             for x in track(batches, "encoding", total=total, enabled=progress, unit="batch")
         ]
     )
+
+
+def encode_sharded(
+    backbone: nn.Module,
+    dataset: Dataset,
+    batch_size: int = 256,
+    device: str | torch.device = "cpu",
+    workers: int | None = 0,
+    progress: bool = False,
+) -> Tensor:
+    """:func:`encode` of ``dataset`` with every rank of a ``torch.distributed`` run encoding every
+    ``world``-th image (each image once), the parts gathered to every rank in the dataset's order
+    over the control group: the features of one process, 1/world of its time.  Every rank must call
+    it.  ImageNet-1k's 50,000 test images at D = 768: 154 MB gathered once per backbone."""
+    rank, world = rank_world()
+    if world == 1:
+        return encode(backbone, dataset, batch_size, device, workers, progress)
+    part = encode(backbone, shard_dataset(dataset, rank, world), batch_size, device, workers, progress and rank == 0)
+    return interleave_shards(all_gather(part))

@@ -177,7 +177,8 @@ def run_eval(run: Run, cell: Cell) -> None:
         "ipc": cell.ipc,
         "scores": [dataclasses.asdict(s) for s in scores],
     }
-    atomic_write_json(cell.path, payload)
+    if run.rank == 0:
+        atomic_write_json(cell.path, payload)
 
 
 def run_full(run: Run, cell: Cell) -> None:
@@ -188,5 +189,6 @@ def run_full(run: Run, cell: Cell) -> None:
 
 
 RUNNERS = {"stats": run_stats, "distill": run_distill, "baseline": run_baseline, "eval": run_eval, "full": run_full}
-ALL_RANKS = ("stats",)
-"""Cells every rank runs (sharded); SFM distillations too (:func:`fastsfm.reproduce.run.run_grid`)."""
+ALL_RANKS = ("stats", "eval")
+"""Cells every rank runs (sharded: the statistics pass's images; an evaluation's test features and its
+seeds x evaluation backbones); SFM distillations too (:func:`fastsfm.reproduce.run.run_grid`)."""

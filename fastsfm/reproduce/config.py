@@ -16,6 +16,8 @@ from ..config import (
     EvalConfig,
     GridMethod,
     choices,
+    option,
+    require,
 )
 from ..data.datasets import DatasetSpec
 from ..distributed import WAIT_HOURS
@@ -28,6 +30,7 @@ except ModuleNotFoundError:  # Python 3.10
 
 __all__ = [
     "GridConfig",
+    "ProjectionConfig",
     "load_grid",
     "validate_grid",
     "input_size",
@@ -54,6 +57,17 @@ PER_CELL = {
     "views": "the top-level `views` table sets it per method (sfm, lgm)",
 }
 """``[distill]`` keys the grid sets per cell, and why a value there would be ignored."""
+
+
+@dataclass
+class ProjectionConfig:
+    """What ``fastsfm reproduce --dry-run`` projects for (:mod:`fastsfm.reproduce.projection`)."""
+
+    ranks: int | None = option(None, "--dry-run: ranks to project the wall time on (default: this torchrun's world)")
+    job_hours: float = option(24.0, "--dry-run: the job limit; longer cells are flagged with how they resume")
+
+    def __post_init__(self) -> None:
+        require(self, at_least={"ranks": 1}, above={"job_hours": 0.0})
 
 
 @dataclass

@@ -5,8 +5,9 @@ A done cell whose recorded settings differ from the grid's (:mod:`fastsfm.reprod
 the grid before any work, naming the cell and the settings, unless ``rerun_stale`` discards it
 (and every cell that read it: their settings differ too) to run again.
 
-Under ``torchrun``, statistics and SFM distillations shard over the ranks; rank 0 runs LGM cells,
-baselines, evaluations and the tables while the other ranks wait on the gloo control group
+Under ``torchrun``, statistics, SFM distillations and evaluations (test features, seeds and
+evaluation backbones) shard over the ranks; rank 0 runs LGM cells, baselines, the full-data cells
+and the tables while the other ranks wait on the gloo control group
 (never in an NCCL collective, whose watchdog would abort a long wait), and a failure on any rank
 ends every rank with its error (:mod:`fastsfm.distributed`).
 """
@@ -21,7 +22,7 @@ from pathlib import Path
 from ..distributed import run_on_all, run_on_rank0
 from ..io import atomic_write_json
 from .cells import ALL_RANKS, RUNNERS, Run
-from .config import GridConfig, validate_grid
+from .config import GridConfig, ProjectionConfig, validate_grid
 from .plan import Cell, plan_grid
 from .projection import projection
 from .settings import discard, record, settings_path, stale_cells
@@ -65,15 +66,22 @@ def _check_stale(grid: GridConfig, cells: list[Cell], rerun_stale: bool) -> None
     run_on_rank0(lambda: [discard(grid, c) for c, _ in stale])
 
 
-def run_grid(grid: GridConfig, dry_run: bool = False, progress: bool = True, rerun_stale: bool = False) -> GridOutcome:
+def run_grid(
+    grid: GridConfig,
+    dry_run: bool = False,
+    progress: bool = True,
+    rerun_stale: bool = False,
+    projected: ProjectionConfig | None = None,
+) -> GridOutcome:
     """Validate, log the plan, check the done cells' settings, then run every cell not yet done (or,
-    ``dry_run``, project its device hours instead); finally write the tables."""
+    ``dry_run``, project its GPU-hours and wall time instead, for ``projected``); finally write the tables."""
     validate_grid(grid)
     cells = plan_grid(grid)
     run = Run(grid, progress)
     _check_stale(grid, cells, rerun_stale and not dry_run)
     if dry_run:
-        return GridOutcome(cells, run_on_rank0(lambda: projection(run, cells)[0]))
+        options = projected or ProjectionConfig()
+        return GridOutcome(cells, run_on_rank0(lambda: projection(run, cells, options.ranks, options.job_hours)[0]))
     todo = [c for c in cells if not c.done()]
     if run.rank == 0:
         log.info("grid %s: %d cells, %d done, %d to run", grid.out, len(cells), len(cells) - len(todo), len(todo))

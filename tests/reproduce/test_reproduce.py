@@ -6,6 +6,7 @@ from helpers import imagenet_folder
 from fastsfm.config import BackboneConfig, EvalConfig
 from fastsfm.reproduce import GridConfig, load_grid, plan_grid, run_grid
 from fastsfm.reproduce import cells as cells_mod
+from fastsfm.reproduce.config import ProjectionConfig
 
 
 def _grid(tmp_path, data_root, **kw) -> GridConfig:
@@ -106,11 +107,20 @@ def _stale_cells_are_refused_or_rerun(grid, cells, calls):
 
 
 def test_dry_run_reports_the_plan_with_projected_hours(tmp_path):
+    """GPU-hours and wall time per cell on the projected ranks (sharded cells: statistics and SFM divide by
+    them; LGM, baselines and evaluations run on rank 0), cells over the job limit flagged with how they
+    resume; nothing written."""
     grid = _grid(tmp_path, imagenet_folder(tmp_path / "imagenet"), methods=["sfm", "lgm", "centroid"])
-    outcome = run_grid(grid, dry_run=True)
+    outcome = run_grid(grid, dry_run=True, projected=ProjectionConfig(ranks=4, job_hours=1e-9))
     cells, out = outcome.cells, outcome.report
-    assert "| distill imagenette vit_tiny_patch16_224 IPC=1 sfm | to run |" in out
-    assert "| distill imagenette test_vit IPC=1 lgm | to run |" in out and "projected device hours" in out
+    assert "on 4 x cpu" in out and "| cell | status | GPU-hours | wall h on 4 rank(s) | note |" in out
+    rows = {r.split(" | ")[0].strip("| "): r.split(" | ")[1:] for r in out.splitlines() if r.startswith("| ")}
+    sfm, lgm = rows["distill imagenette vit_tiny_patch16_224 IPC=1 sfm"], rows["distill imagenette test_vit IPC=1 lgm"]
+    assert sfm[0] == lgm[0] == "to run" and "projected GPU-hours" in out
+    assert float(sfm[2]) == pytest.approx(float(sfm[1]) / 4, rel=0.01) and float(lgm[2]) == float(lgm[1])
+    assert "over the 1e-09 h job: resumes from its checkpoint" in sfm[3]
+    evaluation = rows["eval imagenette vit_tiny_patch16_224 IPC=1 sfm"]
+    assert float(evaluation[2]) == float(evaluation[1]) > 0 and "resumes from its journal" in evaluation[3]
     assert len(cells) == len(plan_grid(grid)) and not (tmp_path / "grid").exists()
 
 
