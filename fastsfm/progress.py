@@ -1,8 +1,8 @@
 """Progress reporting that suits both a terminal and a log file.
 
 On a terminal: a ``tqdm`` bar.  Anywhere else (a batch job's log, CI, a pipe): one plain
-line every ``interval`` seconds and a last one at the end, so a 5000-step run writes a
-screenful of lines instead of megabytes of carriage-return updates.
+line every ``interval`` seconds -- count, elapsed time, ETA, rate -- and a last one at the end,
+so a 5000-step run writes a screenful of lines instead of megabytes of carriage-return updates.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import TypeVar
 
 from tqdm.auto import tqdm
 
-__all__ = ["Progress", "track"]
+__all__ = ["Progress", "track", "duration"]
 
 T = TypeVar("T")
 
@@ -56,9 +56,12 @@ class Progress:
         elapsed = self.last - self.start
         rate = (self.count - self.first) / elapsed if elapsed > 0 else 0.0
         of = f"/{self.total}" if self.total else ""
+        left = (self.total - self.count) / rate if self.total and rate > 0 else None
+        eta = f", ETA {duration(left)}" if left is not None and self.count < self.total else ""
         extra = "".join(f" {k}={_fmt(v)}" for k, v in self.postfix.items())
         print(
-            f"{self.desc}: {self.count}{of} {self.unit}, {elapsed:.0f} s, {rate:.3g} {self.unit}/s{extra}",
+            f"{self.desc}: {self.count}{of} {self.unit}, {duration(elapsed)} elapsed{eta}, "
+            f"{rate:.3g} {self.unit}/s{extra}",
             file=self.stream,
             flush=True,
         )
@@ -68,6 +71,18 @@ class Progress:
             self.bar.close()
         elif self.enabled and self.count > self.first:
             self._line()
+
+
+def duration(seconds: float) -> str:
+    """``seconds`` as ``42 s``, ``12m05s`` or ``3h07m``."""
+    seconds = max(0.0, seconds)
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    minutes, sec = divmod(int(seconds), 60)
+    if minutes < 60:
+        return f"{minutes}m{sec:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m"
 
 
 def _fmt(value: object) -> str:

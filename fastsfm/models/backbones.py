@@ -390,7 +390,7 @@ def encode(
     else:
         loader = DataLoader(images, batch_size=batch_size, **loader_kwargs(device, workers))
         batches = (x for x, _ in loader)
-        total = None
+        total = len(loader)
     return torch.cat(
         [
             backbone(x.to(device, non_blocking=True)).float().cpu()

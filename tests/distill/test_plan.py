@@ -118,6 +118,9 @@ def test_a_run_that_cannot_fit_is_refused_before_it_writes(tmp_path, monkeypatch
     host = (HOST_WORKING + 16 * MIB) / HOST_FRACTION  # 16 MiB beside the loop's working memory
     tiny = Machine("cpu", host, host)
     monkeypatch.setattr(Machine, "detect", classmethod(lambda cls, device, ranks=1, local_ranks=None: tiny))
+    from fastsfm.distill.objectives import step
+
+    monkeypatch.setattr(step, "probe_cost", lambda objective, synset: StepCost(2 * MIB, 4096, "given"))
     with pytest.raises(PlanError, match=r"plan: refused: IPC 2000 .*would fit: --ipc \d+"):
         distill(bb, stats, dataclasses.replace(config, ipc=2000), tmp_path / "big", progress=False)
     assert not (tmp_path / "big").exists()
