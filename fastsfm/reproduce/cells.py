@@ -185,10 +185,13 @@ def run_full(run: Run, cell: Cell) -> None:
     score = Evaluator(
         run.backbone(cell.backbone), run.stats(cell), run.cache(cell.dataset), run.grid.eval, device=run.device
     ).full_data()
-    atomic_write_json(cell.path, dataclasses.asdict(score))
+    if run.rank == 0:
+        atomic_write_json(cell.path, dataclasses.asdict(score))
 
 
 RUNNERS = {"stats": run_stats, "distill": run_distill, "baseline": run_baseline, "eval": run_eval, "full": run_full}
-ALL_RANKS = ("stats", "eval")
-"""Cells every rank runs (sharded: the statistics pass's images; an evaluation's test features and its
-seeds x evaluation backbones); SFM distillations too (:func:`fastsfm.reproduce.run.run_grid`)."""
+ALL_RANKS = ("stats", "eval", "full")
+"""Cells every rank runs (sharded: the statistics pass's images; an evaluation's and a full-data cell's
+test features, an evaluation's seeds x evaluation backbones); SFM distillations too
+(:func:`fastsfm.reproduce.run.run_grid`).  Rank 0 alone: LGM (one global gradient) and the baselines'
+selections (from the statistics pass's features: seconds)."""

@@ -12,10 +12,11 @@ files** (the dataset's own transform, per loader worker).  Passes over real imag
 are projected from the smaller of decode and encode throughput; LGM's steps include their real
 batches the same way.
 
-On ``ranks`` ranks (default: this torchrun's world): the statistics pass and SFM distillations are
-sharded (wall time / ranks, GPU-hours unchanged); the other cells run on rank 0 while the others
-wait (wall = GPU-hours).  A cell whose wall time exceeds the job limit (``job_hours``) is flagged
-with how it resumes in the next job.
+On ``ranks`` ranks (default: this torchrun's world): the statistics pass, SFM distillations and
+full-data cells are sharded (wall time / ranks, GPU-hours unchanged), an evaluation spreads its seeds
+(wall / min(ranks, seeds)); LGM and the baselines run on rank 0 while the others wait (wall =
+GPU-hours).  A cell whose wall time exceeds the job limit (``job_hours``) is flagged with how it
+resumes in the next job.
 """
 
 from __future__ import annotations
@@ -146,14 +147,14 @@ def projection(run: Run, cells: list[Cell], ranks: int | None = None, job_hours:
         data = run.dataset(cell.dataset)
         classes, n_train = len(data.class_names), len(data.train)
         evals = [backbone(b) for b in grid.eval_list(cell.backbone)]
-        sharded, note = False, ""
+        spread, note = 1, ""  # the ranks that share the cell's work
         if cell.kind == "stats":  # the dataset's first pending statistics cell encodes for every pending backbone
             pending = [] if cell.dataset in passed else pending_stats(grid, cell.dataset)
             passed.add(cell.dataset)
             hours = pass_hours(n_train, [backbone(b) for b in pending], cell.dataset) if pending else 0.0
-            sharded = True
+            spread = ranks
         elif cell.kind == "full":
-            hours = pass_hours(len(data.test), [bb], cell.dataset)
+            hours, spread = pass_hours(len(data.test), [bb], cell.dataset), ranks
         elif cell.kind == "baseline" and cell.name != "random":
             hours = 0.0  # the statistics pass's features are reused
         elif cell.kind == "distill":
@@ -161,19 +162,18 @@ def projection(run: Run, cells: list[Cell], ranks: int | None = None, job_hours:
             if key not in steps:
                 steps[key] = _step_hours(grid, bb, cell.name, classes, cell.ipc, ranks, device)
             per_rank, note = steps[key]
-            sharded = cell.name == "sfm"
+            spread = ranks if cell.name == "sfm" else 1
             real_batches = grid.views[cell.name] * cell.ipc * classes if cell.name == "lgm" else 0
-            hours = per_rank * (ranks if sharded else 1) + grid.distill.steps * pass_hours(
-                real_batches, [bb], cell.dataset
-            )
+            hours = per_rank * spread + grid.distill.steps * pass_hours(real_batches, [bb], cell.dataset)
         elif cell.kind == "eval":
             views = grid.eval.seeds * grid.eval.epochs * classes * cell.ipc
             encoders = {b.identity: b for b in evals + ([bb] if set(grid.eval.mode) - {"probe"} else [])}
             hours = views * sum(1 / rate(b) for b in encoders.values()) / 3600
             hours += pass_hours(len(data.test), evals, cell.dataset)
+            spread = min(ranks, grid.eval.seeds)  # one evaluation per seed (all evaluation backbones in it)
         else:
             hours = 0.0
-        wall = hours / ranks if sharded else hours
+        wall = hours / spread
         if wall > job_hours:
             note = "; ".join(filter(None, [note, f"over the {job_hours:g} h job: {RESUMES[cell.kind]}"]))
         status = "done" if cell.done() else "to run"

@@ -5,9 +5,9 @@ A done cell whose recorded settings differ from the grid's (:mod:`fastsfm.reprod
 the grid before any work, naming the cell and the settings, unless ``rerun_stale`` discards it
 (and every cell that read it: their settings differ too) to run again.
 
-Under ``torchrun``, statistics, SFM distillations and evaluations (test features, seeds and
-evaluation backbones) shard over the ranks; rank 0 runs LGM cells, baselines, the full-data cells
-and the tables while the other ranks wait on the gloo control group
+Under ``torchrun``, statistics, SFM distillations, evaluations (test features, seeds and
+evaluation backbones) and the full-data cells (test features) shard over the ranks; rank 0 runs
+LGM cells, the baselines' selections and the tables while the other ranks wait on the gloo control group
 (never in an NCCL collective, whose watchdog would abort a long wait), and a failure on any rank
 ends every rank with its error (:mod:`fastsfm.distributed`).
 """
