@@ -7,6 +7,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -183,6 +184,47 @@ def _grid_failure_job(rank, world, tmp):
     with pytest.raises(ValueError if rank == 0 else RuntimeError, match="evaluation cell failed"):
         run_grid(grid, progress=False)
     (tmp / f"grid{rank}").write_text("ok")
+
+
+def _digits_grid(out):
+    """A small digits grid: statistics, SFM, random and centroid reals, probe and inheritance (2 seeds), full data."""
+    from fastsfm.config import BackboneConfig, ClassifierConfig, DistillConfig, EvalConfig
+    from fastsfm.reproduce import GridConfig
+
+    return GridConfig(
+        out=str(out),
+        datasets=["digits"],
+        backbones=["test_vit"],
+        methods=["sfm", "random", "centroid"],
+        resolution=16,
+        backbone=BackboneConfig(image_size=16, random_init=True),
+        device="cpu",
+        workers=0,
+        eval_backbones="same",
+        distill=DistillConfig(steps=3, pyramid_extent=1),
+        eval=EvalConfig(mode=("probe", "inherit"), epochs=2, seeds=2),
+        classifier=ClassifierConfig(classifier_epochs=1),
+    )
+
+
+def _grid_job(rank, world, tmp):
+    from fastsfm.reproduce import run_grid
+
+    run_grid(_digits_grid(tmp / "grid2"), progress=False)
+
+
+def test_two_rank_grid_writes_the_single_process_tables(tmp_path):
+    """Every cell kind under 2 ranks (statistics, SFM, full data and evaluations sharded; baselines on
+    rank 0): the result tables equal one process's."""
+    from fastsfm.reproduce import run_grid
+
+    run_grid(_digits_grid(tmp_path / "grid1"), progress=False)
+    _spawn("_grid_job", tmp_path)
+    one, two = (json.loads((tmp_path / g / "digits" / "results_ipc1.json").read_text()) for g in ("grid1", "grid2"))
+    flat = [json.dumps(t, sort_keys=True) for t in (one, two)]
+    numbers = [[float(x) for x in re.findall(r"-?\d+\.\d+", f)] for f in flat]
+    assert re.sub(r"-?\d+\.\d+", "#", flat[0]) == re.sub(r"-?\d+\.\d+", "#", flat[1])  # the same cells
+    assert numbers[0] == pytest.approx(numbers[1], abs=1e-6)  # the same scores (on a CPU: bit for bit)
 
 
 def _toy_evaluation(journal):
