@@ -490,3 +490,21 @@ def test_cli_distill_plan_prints_the_plan_or_refuses_with_exit_2(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["distill", "--ipc", "3", *BACKBONE])
     assert exc.value.code == 2 and "--stats and --out are required" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_cli_plans_imagenet1k_ipc50_on_one_80gb_gpu_with_8bit_and_refuses_fp32(capsys):
+    """The issue's case end to end (DINOv2-B/14 at random weights, probed on this CPU in bf16 as an
+    estimate for the GPU; nothing else allocated): 8bit is planned offloaded, fp32 refused with what fits."""
+    plan = ["distill", "--plan", "--backbone", "dinov2_vitb14", "--random-init", "--device", "cpu", "--classes", "1000"]
+    plan += ["--ipc", "50", "--resolution", "256", "--device-gib", "80", "--host-gib", "128"]
+    main([*plan, "--optimizer-state", "8bit"])
+    out = capsys.readouterr().out
+    assert out.startswith("plan: host-pinned, optimizer_state 8bit, 50000 images/rank") and "73.6 GiB pinned" in out
+    with pytest.raises(SystemExit) as exc:
+        main(plan)
+    out = capsys.readouterr().out
+    assert exc.value.code == 2 and out.startswith(
+        "plan: refused: IPC 50 x 1000 classes at 256 px, optimizer_state fp32"
+    )
+    assert "--optimizer-state 8bit (host-pinned, state 73.6 GiB/rank)" in out
