@@ -2,8 +2,9 @@
 
 :func:`peak_bytes` is what the run planner's probes (:mod:`fastsfm.distill.plan`), the demo and the
 benchmarks measure: the bytes of tensors allocated beyond what was live before, at their peak --
-CUDA's allocator statistics, or on a CPU the largest running total (``Total Allocated``) of the
-profiler's allocation events.  Neither is the process's resident set: they count tensors.
+CUDA's allocator statistics, or on a CPU the largest running total (``Total Allocated``) of
+the profiler's allocation events, less the total before the first of them.  Neither is the
+process's resident set: they count tensors.
 """
 
 from __future__ import annotations
@@ -70,4 +71,10 @@ def peak_bytes(fn: Callable[[], object], device: torch.device) -> int:
         prof.export_chrome_trace(trace)
         with open(trace) as fh:
             events = json.load(fh)["traceEvents"]
-    return max([0, *(e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]")])
+    memory = [e["args"] for e in events if e.get("name") == "[memory]"]
+    if not memory:
+        return 0
+    before = (
+        memory[0]["Total Allocated"] - memory[0]["Bytes"]
+    )  # the running total also counts earlier profiles' tensors
+    return max(0, max(m["Total Allocated"] for m in memory) - before)

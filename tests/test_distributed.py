@@ -157,21 +157,21 @@ def _rank0_failure_job(rank, world, tmp):
 
 
 def _grid_failure_job(rank, world, tmp):
-    """A grid under two ranks whose rank-0-only evaluation cell fails: rank 0 raises the cell's error,
+    """A grid under two ranks whose rank-0-only baseline cell fails: rank 0 raises the cell's error,
     rank 1 -- which waited on the gloo control group -- raises it too, instead of hanging."""
     from fastsfm.config import BackboneConfig, ClassifierConfig, DistillConfig, EvalConfig
     from fastsfm.reproduce import GridConfig, run_grid
     from fastsfm.reproduce import cells as cells_mod
 
     def failing(run, cell):
-        raise ValueError("evaluation cell failed")
+        raise ValueError("baseline cell failed")
 
-    cells_mod.RUNNERS["eval"] = failing
+    cells_mod.RUNNERS["baseline"] = failing
     grid = GridConfig(
         out=str(tmp / "grid"),
         datasets=["digits"],
         backbones=["test_vit"],
-        methods=["sfm"],
+        methods=["sfm", "random"],
         resolution=16,
         backbone=BackboneConfig(image_size=16, random_init=True),
         device="cpu",
@@ -181,7 +181,7 @@ def _grid_failure_job(rank, world, tmp):
         eval=EvalConfig(epochs=1, seeds=1),
         classifier=ClassifierConfig(classifier_epochs=1),
     )
-    with pytest.raises(ValueError if rank == 0 else RuntimeError, match="evaluation cell failed"):
+    with pytest.raises(ValueError if rank == 0 else RuntimeError, match="baseline cell failed"):
         run_grid(grid, progress=False)
     (tmp / f"grid{rank}").write_text("ok")
 

@@ -427,6 +427,7 @@ BAD_NUMBERS = {
     "demo": {"--seeds": "0", "--steps": "0", "--ipc": "0", "--eval-epochs": "0"},
     "pretrain": {"--epochs": "0", "--batch": "1", "--lr": "0", "--weight-decay": "-1", "--temperature": "0"}
     | {"--epsilon": "0", "--projection": "0", "--colour-start": "-1", "--colour-ramp": "-1", "--seed": "-1"},
+    "reproduce": {"--ranks": "0", "--job-hours": "0"},
 }
 """Every numeric option of every subcommand, just outside its range."""
 
@@ -454,6 +455,7 @@ def test_bad_input_sweep_every_numeric_option_just_outside_its_range(tmp_path, c
         "eval": ["--data", "digits", "--stats", str(tmp_path / "s.safetensors"), "--out", str(tmp_path / "e")],
         "demo": ["--out", str(tmp_path / "demo")],
         "pretrain": ["--out", str(tmp_path / "weights")],
+        "reproduce": ["imagenet100-ipc1", "--out", str(tmp_path / "grid")],
     }
     for command, options in BAD_NUMBERS.items():
         for flag, value in options.items():
