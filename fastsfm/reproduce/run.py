@@ -19,7 +19,7 @@ import logging
 import time
 from pathlib import Path
 
-from ..distributed import run_on_all, run_on_rank0
+from ..distributed import broadcast_from_rank0, run_on_all, run_on_rank0
 from ..io import atomic_write_json
 from .cells import ALL_RANKS, RUNNERS, Run
 from .config import GridConfig, ProjectionConfig, validate_grid
@@ -87,7 +87,9 @@ def run_grid(
         log.info("grid %s: %d cells, %d done, %d to run", grid.out, len(cells), len(cells) - len(todo), len(todo))
         atomic_write_json(Path(grid.out) / "grid.json", dataclasses.asdict(grid))
     for cell in todo:
-        if cell.done():  # a statistics cell computes every pending backbone's statistics in its pass
+        # a statistics cell computes every pending backbone's statistics in its pass; rank 0 decides for all,
+        # since another rank could see the output of a rank-0 cell already written and skip the cell's wait
+        if broadcast_from_rank0(cell.done() if run.rank == 0 else None):
             continue
         if run.rank == 0:
             log.info("[%s] %s", time.strftime("%H:%M:%S"), cell.label())
