@@ -137,6 +137,32 @@ def _distill_job(rank, world, tmp):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+LGM = replace(CFG, method="lgm", views=2, steps=3, ipc=1, workers=0)
+
+
+def _lgm_job(rank, world, tmp):
+    """LGM on 2 ranks: each rank's classes' images, a piece of every real batch."""
+    bb, stats = tiny_backbone(), ClassStats.load(tmp / "stats.safetensors")
+    distill(bb, stats, replace(LGM, chunk_size=1), tmp / "lgm2", real=toy_data(n_per_class=4), progress=False)
+
+
+def test_two_rank_lgm_equals_single_process(tmp_path):
+    """The real batch split into pieces over the ranks, both head-gradient sums all-reduced: the images
+    equal one process's up to the order of float sums, every loss too."""
+    bb = tiny_backbone()
+    toy_stats(bb, toy_data()).save(tmp_path / "stats.safetensors")
+    stats = ClassStats.load(tmp_path / "stats.safetensors")
+    single = distill(bb, stats, LGM, tmp_path / "lgm1", real=toy_data(n_per_class=4), progress=False)
+    _spawn("_lgm_job", tmp_path)
+    merged = load_file(str(tmp_path / "lgm2" / "synset.safetensors"))
+    torch.testing.assert_close(merged["images"], single.render(), rtol=0, atol=1e-5)
+    losses = [
+        [json.loads(line)["loss"] for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        for run in ("lgm1", "lgm2")
+    ]
+    assert losses[0] == pytest.approx(losses[1], abs=1e-6) and len(losses[0]) == 3
+
+
 def _rank0_failure_job(rank, world, tmp):
     """Rank 0 raises inside rank-0-only work while rank 1 waits on the gloo control group: both leave
     with the error, neither hangs; a failure on rank 1 during all-rank work reaches rank 0 too."""

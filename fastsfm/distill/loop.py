@@ -311,7 +311,6 @@ def distill(
     device: str | torch.device = "cpu",
     progress: bool = True,
     objective: DistillStep | None = None,
-    local: bool = False,
 ) -> SyntheticSet:
     """Run (or resume) a distillation; returns this rank's :class:`SyntheticSet`.
 
@@ -325,12 +324,10 @@ def distill(
         real: real training images at the synthetic resolution (``init="real"``, LGM).
         resume: continue from the checkpoint; without it an existing checkpoint is an error.
         objective: a custom :class:`fastsfm.distill.objectives.DistillStep` (default: from ``config``).
-        local: run the whole set in this process even under ``torch.distributed`` (the grid
-            runner's LGM cells, which rank 0 runs alone).
     """
     device = torch.device(device)
     backbone, stats = _matched(backbone, stats)
-    rank, world = (0, 1) if local else rank_world()
+    rank, world = rank_world()
     group = dist.group.WORLD if world > 1 else None
     out = Path(out_dir)
     ckpt = _checkpoint_path(out, rank, world)

@@ -123,7 +123,6 @@ def run_distill(run: Run, cell: Cell) -> None:
         resume=any(folder.glob("checkpoint*.safetensors")),
         device=run.device,
         progress=run.progress,
-        local=cell.name == "lgm",  # LGM cannot be sharded: rank 0 runs it alone
     )
 
 
@@ -190,8 +189,7 @@ def run_full(run: Run, cell: Cell) -> None:
 
 
 RUNNERS = {"stats": run_stats, "distill": run_distill, "baseline": run_baseline, "eval": run_eval, "full": run_full}
-ALL_RANKS = ("stats", "eval", "full")
+ALL_RANKS = ("stats", "distill", "eval", "full")
 """Cells every rank runs (sharded: the statistics pass's images; an evaluation's and a full-data cell's
-test features, an evaluation's seeds x evaluation backbones); SFM distillations too
-(:func:`fastsfm.reproduce.run.run_grid`).  Rank 0 alone: LGM (one global gradient) and the baselines'
-selections (from the statistics pass's features: seconds)."""
+test features, an evaluation's seeds x evaluation backbones; a distillation's classes, and LGM's real
+batches).  Rank 0 alone: the baselines' selections (from the statistics pass's features: seconds)."""

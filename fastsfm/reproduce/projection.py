@@ -12,9 +12,9 @@ files** (the dataset's own transform, per loader worker).  Passes over real imag
 are projected from the smaller of decode and encode throughput; LGM's steps include their real
 batches the same way.
 
-On ``ranks`` ranks (default: this torchrun's world): the statistics pass, SFM distillations and
-full-data cells are sharded (wall time / ranks, GPU-hours unchanged), an evaluation spreads its seeds
-(wall / min(ranks, seeds)); LGM and the baselines run on rank 0 while the others wait (wall =
+On ``ranks`` ranks (default: this torchrun's world): the statistics pass, distillations (SFM and
+LGM) and full-data cells are sharded (wall time / ranks, GPU-hours unchanged), an evaluation spreads
+its seeds (wall / min(ranks, seeds)); the baselines run on rank 0 while the others wait (wall =
 GPU-hours).  A cell whose wall time exceeds the job limit (``job_hours``) is flagged with how it
 resumes in the next job.
 """
@@ -85,7 +85,7 @@ def _step_hours(
     from ..distill.plan import Machine
 
     config = grid.distill_config(method, ipc, len(members_of(backbone)))
-    shard = ranks if method == "sfm" else 1  # LGM runs on rank 0
+    shard = ranks
     images = -(-classes // shard) * ipc
     plan = plan_distill(backbone, config, classes, Machine.detect(device, shard), device)
     if not plan.feasible:
@@ -162,7 +162,7 @@ def projection(run: Run, cells: list[Cell], ranks: int | None = None, job_hours:
             if key not in steps:
                 steps[key] = _step_hours(grid, bb, cell.name, classes, cell.ipc, ranks, device)
             per_rank, note = steps[key]
-            spread = ranks if cell.name == "sfm" else 1
+            spread = ranks
             real_batches = grid.views[cell.name] * cell.ipc * classes if cell.name == "lgm" else 0
             hours = per_rank * spread + grid.distill.steps * pass_hours(real_batches, [bb], cell.dataset)
         elif cell.kind == "eval":

@@ -5,9 +5,10 @@ A done cell whose recorded settings differ from the grid's (:mod:`fastsfm.reprod
 the grid before any work, naming the cell and the settings, unless ``rerun_stale`` discards it
 (and every cell that read it: their settings differ too) to run again.
 
-Under ``torchrun``, statistics, SFM distillations, evaluations (test features, seeds and
+Under ``torchrun``, statistics, distillations (SFM and LGM), evaluations (test features, seeds and
 evaluation backbones) and the full-data cells (test features) shard over the ranks; rank 0 runs
-LGM cells, the baselines' selections and the tables while the other ranks wait on the gloo control group
+the baselines' selections (seconds, from the statistics pass's features) and the tables while the
+other ranks wait on the gloo control group
 (never in an NCCL collective, whose watchdog would abort a long wait), and a failure on any rank
 ends every rank with its error (:mod:`fastsfm.distributed`).
 """
@@ -34,7 +35,7 @@ log = logging.getLogger(__name__)
 
 
 def _everyone(cell: Cell) -> bool:
-    return cell.kind in ALL_RANKS or (cell.kind == "distill" and cell.name == "sfm")
+    return cell.kind in ALL_RANKS
 
 
 @dataclasses.dataclass

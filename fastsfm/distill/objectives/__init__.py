@@ -44,7 +44,7 @@ def build_objective(
 ) -> DistillStep:
     """The objective of ``config.method``: SFM (against one backbone or an ensemble, one statistics
     per member), or LGM (one backbone; needs ``real``: a dataset of real images at the synthetic
-    resolution; single process only)."""
+    resolution; sharded over ranks like SFM under ``group``)."""
     if config.method == "sfm":
         sfm = SFMObjective(backbone, stats, config, device, group)
         return GraphedStep(sfm) if config.cuda_graph else sfm
@@ -54,8 +54,6 @@ def build_objective(
             "give one --backbone, or use --method sfm for several"
         )
     stats = stats if isinstance(stats, ClassStats) else stats[0]
-    if group is not None:
-        raise ValueError("LGM runs in a single process (its loss matches one global gradient); drop torchrun")
     if real is None:
         raise ValueError("LGM needs the real training images (--data): it samples a real batch every step")
-    return LGMObjective(backbone, real, stats.num_classes, config, device)
+    return LGMObjective(backbone, real, stats.num_classes, config, device, group)
