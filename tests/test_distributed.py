@@ -183,14 +183,15 @@ def _rank0_failure_job(rank, world, tmp):
 
 
 def _grid_failure_job(rank, world, tmp):
-    """A grid under two ranks whose rank-0-only baseline cell fails: rank 0 raises the cell's error,
-    rank 1 -- which waited on the gloo control group -- raises it too, instead of hanging."""
+    """A grid under two ranks whose baseline cell fails on rank 0 only: rank 0 raises the cell's error,
+    rank 1 -- which finished its part and waits on the gloo control group -- raises it too, instead of hanging."""
     from fastsfm.config import BackboneConfig, ClassifierConfig, DistillConfig, EvalConfig
     from fastsfm.reproduce import GridConfig, run_grid
     from fastsfm.reproduce import cells as cells_mod
 
     def failing(run, cell):
-        raise ValueError("baseline cell failed")
+        if run.rank == 0:
+            raise ValueError("baseline cell failed")
 
     cells_mod.RUNNERS["baseline"] = failing
     grid = GridConfig(
@@ -213,7 +214,7 @@ def _grid_failure_job(rank, world, tmp):
 
 
 def _digits_grid(out):
-    """A small digits grid: statistics, SFM, random and centroid reals, probe and inheritance (2 seeds), full data."""
+    """A small digits grid: statistics, SFM, random, centroid and k-means reals, probe and inheritance, full data."""
     from fastsfm.config import BackboneConfig, ClassifierConfig, DistillConfig, EvalConfig
     from fastsfm.reproduce import GridConfig
 
@@ -221,7 +222,7 @@ def _digits_grid(out):
         out=str(out),
         datasets=["digits"],
         backbones=["test_vit"],
-        methods=["sfm", "random", "centroid"],
+        methods=["sfm", "random", "centroid", "kmeans"],
         resolution=16,
         backbone=BackboneConfig(image_size=16, random_init=True),
         device="cpu",

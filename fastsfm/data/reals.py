@@ -53,11 +53,18 @@ def centroid_reals(features: Tensor, labels: Tensor, means: Tensor, ipc: int) ->
 def kmeans_reals(features: Tensor, labels: Tensor, num_classes: int, ipc: int, seed: int = 0) -> Tensor:
     """Indices (C*IPC,), grouped by class: per class, scikit-learn's k-means (``ipc`` clusters,
     k-means++ initialisation, 10 restarts, ``random_state=seed``: deterministic) on the features, then
-    for each centre (in the order of their sizes, largest first) the nearest (L2) image not yet taken."""
+    for each centre (in the order of their sizes, largest first) the nearest (L2) image not yet taken.
+
+    Under ``torch.distributed`` every rank calls it: the classes are dealt over the ranks and the picks
+    gathered (each class is independent: the single process's indices).  ImageNet-1k, IPC 50: about a
+    second per class on a CPU core, 1000 classes split over the ranks."""
     from sklearn.cluster import KMeans
 
-    picks = []
-    for c in range(num_classes):
+    from ..distributed import all_gather, rank_world
+
+    rank, world = rank_world()
+    mine = {}
+    for c in range(rank, num_classes, world):
         idx = _class_indices(labels, c, ipc)
         x = features[idx].double().numpy()
         km = KMeans(n_clusters=ipc, n_init=10, random_state=seed).fit(x)
@@ -67,8 +74,9 @@ def kmeans_reals(features: Tensor, labels: Tensor, num_classes: int, ipc: int, s
             dist = torch.as_tensor(((x - km.cluster_centers_[k]) ** 2).sum(1))
             order = [int(i) for i in dist.argsort(stable=True) if int(i) not in taken]
             taken.append(order[0])
-        picks.append(idx[torch.tensor(taken)])
-    return torch.cat(picks)
+        mine[c] = idx[torch.tensor(taken)]
+    every = {c: picks for part in all_gather(mine) for c, picks in part.items()}
+    return torch.cat([every[c] for c in range(num_classes)])
 
 
 def neighbor_reals(syn_features: Tensor, syn_labels: Tensor, features: Tensor, labels: Tensor) -> Tensor:

@@ -18,7 +18,7 @@ from ..stats import ClassStats, dataset_stats_many
 from .config import GridConfig, input_size, members
 from .plan import DISTILLED, Cell, backbone_folder, canonical
 
-__all__ = ["Run", "RUNNERS", "ALL_RANKS", "FEATURES", "stats_path", "pending_stats"]
+__all__ = ["Run", "RUNNERS", "FEATURES", "stats_path", "pending_stats"]
 
 FEATURES = "train_features.safetensors"
 
@@ -144,7 +144,8 @@ def run_baseline(run: Run, cell: Cell) -> None:
         backbone=run.backbone(cell.backbone),
         device=run.device,
     )
-    chosen.save(cell.path)
+    if run.rank == 0:
+        chosen.save(cell.path)
 
 
 def _source(run: Run, cell: Cell):
@@ -189,7 +190,8 @@ def run_full(run: Run, cell: Cell) -> None:
 
 
 RUNNERS = {"stats": run_stats, "distill": run_distill, "baseline": run_baseline, "eval": run_eval, "full": run_full}
-ALL_RANKS = ("stats", "distill", "eval", "full")
-"""Cells every rank runs (sharded: the statistics pass's images; an evaluation's and a full-data cell's
-test features, an evaluation's seeds x evaluation backbones; a distillation's classes, and LGM's real
-batches).  Rank 0 alone: the baselines' selections (from the statistics pass's features: seconds)."""
+"""Every kind of cell, run by every rank (:func:`fastsfm.reproduce.run.run_grid`): the statistics pass's
+images, a distillation's classes (LGM's real batches too), an evaluation's and a full-data cell's test
+features and an evaluation's seeds, k-means' classes are shared among the ranks; the other selections
+(random, centroid, neighbors: seconds from the statistics pass's features) every rank computes alike.
+Rank 0 writes every cell's output."""

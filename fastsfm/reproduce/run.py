@@ -5,9 +5,8 @@ A done cell whose recorded settings differ from the grid's (:mod:`fastsfm.reprod
 the grid before any work, naming the cell and the settings, unless ``rerun_stale`` discards it
 (and every cell that read it: their settings differ too) to run again.
 
-Under ``torchrun``, statistics, distillations (SFM and LGM), evaluations (test features, seeds and
-evaluation backbones) and the full-data cells (test features) shard over the ranks; rank 0 runs
-the baselines' selections (seconds, from the statistics pass's features) and the tables while the
+Under ``torchrun``, every cell runs on every rank and shares its work among them
+(:data:`fastsfm.reproduce.cells.RUNNERS`); rank 0 writes the outputs and the tables while the
 other ranks wait on the gloo control group
 (never in an NCCL collective, whose watchdog would abort a long wait), and a failure on any rank
 ends every rank with its error (:mod:`fastsfm.distributed`).
@@ -22,7 +21,7 @@ from pathlib import Path
 
 from ..distributed import broadcast_from_rank0, run_on_all, run_on_rank0
 from ..io import atomic_write_json
-from .cells import ALL_RANKS, RUNNERS, Run
+from .cells import RUNNERS, Run
 from .config import GridConfig, ProjectionConfig, validate_grid
 from .plan import Cell, plan_grid
 from .projection import projection
@@ -32,10 +31,6 @@ from .tables import write_tables
 __all__ = ["run_grid", "GridOutcome"]
 
 log = logging.getLogger(__name__)
-
-
-def _everyone(cell: Cell) -> bool:
-    return cell.kind in ALL_RANKS
 
 
 @dataclasses.dataclass
@@ -95,7 +90,7 @@ def run_grid(
         if run.rank == 0:
             log.info("[%s] %s", time.strftime("%H:%M:%S"), cell.label())
         work = lambda cell=cell: RUNNERS[cell.kind](run, cell)  # noqa: E731
-        run_on_all(work) if _everyone(cell) else run_on_rank0(work)
+        run_on_all(work)
         if run.rank == 0:  # this cell, and the statistics cells its pass completed
             for finished in todo:
                 if finished.done() and not settings_path(finished).exists():
