@@ -141,6 +141,12 @@ def _build_synset(
     )
 
 
+def _probe_set(config: DistillConfig, num_classes: int, classes: range, device: torch.device) -> SyntheticSet:
+    """The set a plan probes: ``classes``' images at their first pyramid level (noise), on the device --
+    a few bytes per image, no real images read."""
+    return _build_synset(dataclasses.replace(config, init="noise", offload=False), None, num_classes, classes, device)
+
+
 def _save(ckpt: Path, synset: SyntheticSet, optim: ChunkAdam, step: int, identity: dict[str, str]) -> None:
     tensors = {**synset.state(), **optim.state()}
     check_free_space(ckpt, sum(t.numel() * t.element_size() for t in tensors.values()))
@@ -268,7 +274,7 @@ def _export(
 
 def _plan(objective: DistillStep, synset: SyntheticSet, num_classes: int, rank: int) -> Plan | None:
     """Plan the run (:mod:`fastsfm.distill.plan`; it sets the chunk size and, with ``offload`` unset,
-    the placement: the set is drawn again in host memory when the plan offloads it) and log it in one line, or
+    the placement) from probes of ``synset`` (:func:`_probe_set`) and log it in one line, or
     raise :class:`fastsfm.distill.plan.PlanError` naming what would fit.  Every rank plans for the
     largest shard on identical devices, so the ranks agree.  A custom objective without ``plan`` runs unplanned."""
     plan_of = getattr(objective, "plan", None)
@@ -343,10 +349,11 @@ def distill(
     if objective is None:  # before the run folder: a setting no objective takes writes nothing
         objective = build_objective(config, backbone, stats, device, real=real, group=group)
     classes = shard_classes(stats[0].num_classes, rank, world)
+    probes = _probe_set(config, stats[0].num_classes, classes, device)
+    plan = _plan(objective, probes, stats[0].num_classes, rank)  # before the run folder: nothing written if refused
+    if config.offload is None and plan is not None:
+        config = dataclasses.replace(config, offload=plan.placement == "host-pinned")
     synset = _build_synset(config, real, stats[0].num_classes, classes, device)
-    plan = _plan(objective, synset, stats[0].num_classes, rank)  # before the run folder: nothing written if refused
-    if config.offload is None and plan is not None and plan.placement == "host-pinned":
-        synset = _build_synset(dataclasses.replace(config, offload=True), real, stats[0].num_classes, classes, device)
     state, stale = _open_run(out, ckpt, identity, resume, classes, stats[0].num_classes, config.ipc)
     optim = ChunkAdam(
         synset,
@@ -384,9 +391,5 @@ def plan_distill(
     if isinstance(backbone, Sequence):
         backbone = backbone[0] if len(backbone) == 1 else BackboneEnsemble(list(backbone))
     device = torch.device(device)
-    classes = shard_classes(num_classes, 0, machine.ranks)
-    synset = SyntheticSet(
-        len(classes), config.ipc, config.resolution, config.param, "noise", None, config.pyramid_start,
-        config.pyramid_extent, config.decorrelate, config.seed, channels=config.channels, storage=device,
-    )  # fmt: skip
-    return TwoPassStep(backbone.to(device), config, device).plan(synset, num_classes, machine)
+    probes = _probe_set(config, num_classes, shard_classes(num_classes, 0, machine.ranks), device)
+    return TwoPassStep(backbone.to(device), config, device).plan(probes, num_classes, machine)

@@ -2,12 +2,13 @@
 
 :class:`fastsfm.distill.optim.ChunkAdam` steps a chunk of images at a time; for each level it
 asks the level's two :class:`Moment` stores for the chunk's moments as float32 tensors on the
-compute device (:meth:`Moment.load`), lets ``torch.optim.Adam`` update them, and hands them back
-(:meth:`Moment.save`).  Only the storage differs between modes (``DistillConfig.optimizer_state``):
+compute device (:meth:`Moment.fetch`, :meth:`Moment.decode`), lets ``torch.optim.Adam`` update
+them, and hands them back (:meth:`Moment.encode`, :meth:`Moment.put`).  Only the storage differs
+between modes (``DistillConfig.optimizer_state``):
 
 ``fp32``
-    The moments themselves: exact Adam.  Resident on the compute device, :meth:`load` returns
-    views and the step updates them in place.
+    The moments themselves: exact Adam.  Resident on the compute device, :meth:`fetch` and
+    :meth:`decode` return views and the step updates them in place.
 ``bf16``
     Rounded to nearest bfloat16 at every save (deterministic; no stochastic rounding).
 ``8bit``
@@ -140,14 +141,6 @@ class Moment:
         for dst, part in pairs:
             dst.copy_(part)
         return []
-
-    def load(self, start: int, stop: int, device: torch.device) -> Tensor:
-        """Images ``start:stop`` as float32 on ``device`` (:meth:`fetch`, :meth:`decode`)."""
-        return self.decode(self.fetch(start, stop, device))
-
-    def save(self, start: int, stop: int, value: Tensor) -> None:
-        """Store float32 moments ``value`` of images ``start:stop`` (:meth:`encode`, :meth:`put`)."""
-        self.put(start, stop, self.encode(value))
 
     def tensors(self, key: str) -> dict[str, Tensor]:
         """The stored tensors under ``key`` (fp32/bf16: ``key``; 8bit: ``key.codes``, ``key.scale``)."""

@@ -63,9 +63,9 @@ MEMORY_FRACTION = 0.85
 """Share of a rank's free device memory the plan may fill."""
 HOST_FRACTION = 0.85
 """Share of the host's available memory the node's ranks may fill together (pinned state included)."""
-PROBE_SIZES = {"cuda": (2, 6), "cpu": (2, 6)}
-"""Images of the first two probe forward+backward passes, per device type; the larger is doubled while
-the peak stays under twice the smaller's (a fixed transient, not the images, made it)."""
+PROBE_SIZES = (2, 6)
+"""Images of the first two probe forward+backward passes; the larger is doubled while the peak stays
+under twice the smaller's (a fixed transient, not the images, made it)."""
 HOST_WORKING = 512 * 2**20
 """Host bytes a rank needs beside its state (checkpoint streaming, buffers of the loop)."""
 GIB = 2**30
@@ -302,7 +302,7 @@ def probe_cost(objective, synset) -> StepCost:
         return float(peak_bytes(run, device))
 
     n = synset.num_images
-    sizes = sorted({min(s, n) for s in PROBE_SIZES["cuda" if device.type == "cuda" else "cpu"]})
+    sizes = sorted({min(s, n) for s in PROBE_SIZES})
     peaks = {s: probe(s) for s in sizes}
     while peaks[sizes[-1]] < 2 * peaks[sizes[0]] and sizes[-1] < n and len(sizes) < 6:
         sizes.append(min(2 * sizes[-1], n))  # until the images, not a fixed transient, make the peak

@@ -55,19 +55,14 @@ def stored_features(
     a collective (:func:`fastsfm.models.backbones.encode_sharded`)."""
     if folder is None:
         return encode()
-    stored = broadcast_from_rank0(
-        _read(folder, dataset, split, backbone, resolution, precision) if rank_world()[0] == 0 else None
-    )
+    path = _path(folder, dataset, split, backbone, resolution, precision) if rank_world()[0] == 0 else None
+    stored = broadcast_from_rank0(_read(path, len(dataset), split, backbone.name) if path is not None else None)
     if stored is not None:
         return stored
     features = encode()
-    if rank_world()[0] == 0:
+    if path is not None:
         meta = {"split": split, "backbone": backbone.identity, "resolution": str(resolution), "precision": precision}
-        atomic_save_safetensors(
-            {"features": features.float().cpu().contiguous()},
-            _path(folder, dataset, split, backbone, resolution, precision),
-            meta,
-        )
+        atomic_save_safetensors({"features": features.float().cpu().contiguous()}, path, meta)
     return features
 
 
@@ -77,19 +72,16 @@ def _path(folder: Path, dataset: Dataset, split: str, backbone, resolution: int 
     return Path(folder) / f"{backbone.name}-{split}-{key}.safetensors"
 
 
-def _read(
-    folder: Path, dataset: Dataset, split: str, backbone, resolution: int | None, precision: str
-) -> Tensor | None:
-    """The stored features, or None when absent, of another length or damaged (said in the log)."""
-    path = _path(folder, dataset, split, backbone, resolution, precision)
+def _read(path: Path, rows: int, split: str, name: str) -> Tensor | None:
+    """The features stored at ``path``, or None when absent, not of ``rows`` rows or damaged (said in the log)."""
     if not path.exists():
         return None
     try:
         features = read_safetensors(path)[0]["features"]
-        if features.shape[0] == len(dataset):
-            log.info("%s features of %s: reused %s", split, backbone.name, path)
+        if features.shape[0] == rows:
+            log.info("%s features of %s: reused %s", split, name, path)
             return features
-        log.warning("%s holds %d rows, not %d: encoding again", path, features.shape[0], len(dataset))
+        log.warning("%s holds %d rows, not %d: encoding again", path, features.shape[0], rows)
     except (OSError, SafetensorError, KeyError, ValueError) as err:
         log.warning("%s is damaged (%s): encoding again", path, err)
     return None

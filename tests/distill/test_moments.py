@@ -28,12 +28,12 @@ def test_8bit_codes_equal_torchao_optimstate8bit(shape, signed):
     x = x if signed else x.square()
     ours = Moment(shape, "8bit", signed, _allocate)
     assert ours.mode == "8bit" and ours.block == block_size(int(torch.Size(shape[1:]).numel()))
-    ours.save(0, shape[0], x)
+    ours.put(0, shape[0], ours.encode(x))
     theirs = OptimState8bit.zeros(shape, signed=signed, block_size=ours.block)
     theirs.copy_(x)
     assert torch.equal(ours.codes, theirs.codes) and torch.equal(ours.scale.reshape(-1), theirs.scale)
-    assert torch.equal(ours.load(0, shape[0], torch.device("cpu")), theirs.dequantize())
-    relative = (ours.load(0, shape[0], torch.device("cpu")) - x).norm() / x.norm()
+    assert torch.equal(ours.decode(ours.fetch(0, shape[0], torch.device("cpu"))), theirs.dequantize())
+    relative = (ours.decode(ours.fetch(0, shape[0], torch.device("cpu"))) - x).norm() / x.norm()
     assert 0 < relative < 0.05  # lossy, but close
 
 

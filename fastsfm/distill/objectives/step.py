@@ -87,6 +87,7 @@ class TwoPassStep:
         self.augment = BatchAugment(backbone.input_size, noise_std=config.noise_std, noise_mean=config.noise_mean)
         self.views, self.seed, self.chunk_size = config.effective_views, config.seed, config.chunk_size
         self.config = config
+        self._chunk_streams: ChunkStreams | None = None  # an offloaded set's copy streams, made at its first step
         self.dtype = backbone.autocast_dtype()
         self.scale = loss_scale(self.dtype)
         self.upstream = torch.full((1,), self.scale, device=self.device)
@@ -193,7 +194,7 @@ class TwoPassStep:
         """The upload/download streams of an offloaded set (made once), None for a resident one."""
         if not synset.offload:
             return None
-        if getattr(self, "_chunk_streams", None) is None:
+        if self._chunk_streams is None:
             self._chunk_streams = ChunkStreams(self.device)
         return self._chunk_streams
 
